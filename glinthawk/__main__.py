@@ -1,0 +1,3 @@
+from glinthawk.cli import main
+
+main()

@@ -1,0 +1,175 @@
+"""The ``glinthawk`` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from glinthawk.compute.config import ModelConfigError
+from glinthawk.compute.loader import CheckpointError, DTYPES, load_model
+from glinthawk.net.netem import parse_size
+from glinthawk.tokenizer import Tokenizer, TokenizerError
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
+
+
+def model_option(f):
+    return click.option(
+        "--model", "model_dir", type=click.Path(path_type=Path), default=DEFAULT_MODEL, show_default="bundled model",
+        help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json).",
+    )(f)
+
+
+def dtype_option(f):
+    return click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True)(f)
+
+
+def device_option(f):
+    return click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")(f)
+
+
+def load_checkpoint(model_dir: Path, dtype: str, device: str):
+    """Model + tokenizer, with every loading problem turned into a clean CLI error."""
+    try:
+        model = load_model(model_dir, dtype=dtype, device=device)
+        tokenizer = Tokenizer(model_dir, extra_eos_ids=model.config.eos_token_ids)
+    except (CheckpointError, ModelConfigError, TokenizerError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    return model, tokenizer
+
+
+def parse_kv_tokens(kv_memory: str | None, kv_tokens: int | None, bytes_per_token: int, default: int) -> int:
+    if kv_tokens is not None:
+        return kv_tokens
+    if kv_memory is not None:
+        try:
+            return max(1, parse_size(kv_memory) // bytes_per_token)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--kv-memory") from None
+    return default
+
+
+def open_input(path: str):
+    if path == "-":
+        return sys.stdin.buffer
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise click.ClickException(f"cannot read input file {path}: {exc.strerror}") from None
+
+
+@click.group()
+@click.version_option(package_name="glinthawk")
+def main() -> None:
+    """Glinthawk: two-tier offline LLM inference."""
+
+
+@main.command()
+@click.option("-i", "--input", "input_path", default="-", show_default=True, help="Prompts JSONL ('-' for stdin).")
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False), help="Results JSONL.")
+@model_option
+@dtype_option
+@device_option
+@click.option("--kv-tokens", type=click.IntRange(min=1), default=None, help="KV cache capacity in tokens.")
+@click.option("--kv-memory", default=None, help="KV cache capacity as a size, e.g. 2GiB (default: 65536 tokens).")
+@click.option("--max-batch-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Tokens (decode + prefill chunks) per forward pass.")
+@click.option("--max-seqs", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Sequences running at once.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+def generate(input_path, output_path, model_dir, dtype, device, kv_tokens, kv_memory, max_batch_tokens, max_seqs,
+             progress) -> None:
+    """Single-process generation: read prompts JSONL, write results JSONL."""
+    from glinthawk.engine import Engine
+    from glinthawk.outputs import ResultWriter, count_lines
+    from glinthawk.requests import parse_stream
+
+    model, tokenizer = load_checkpoint(model_dir, dtype, device)
+    capacity = parse_kv_tokens(kv_memory, kv_tokens, model.config.kv_bytes_per_token(model.embed_tokens.element_size()),
+                               65536)
+    engine = Engine(model, tokenizer, kv_tokens=capacity, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs,
+                    model_name=model_dir.name)
+    total = None if input_path == "-" else count_lines(input_path)
+    stream = open_input(input_path)
+    with ResultWriter(output_path, total=total, progress=progress) as writer:
+        engine.run(parse_stream(stream), writer.write)
+    click.echo(
+        f"{writer.done} done, {writer.failed} failed, {engine.stats.generated_tokens} tokens generated -> {output_path}",
+        err=True,
+    )
+    if writer.failed:
+        sys.exit(1)
+
+
+def _run_submit(input_path: str, host: str, port: int, output_path: str, progress: bool | None) -> None:
+    from glinthawk.client import SubmitError, submit
+    from glinthawk.net.connection import run
+
+    try:
+        summary = run(submit(input_path, host, port, output_path, progress=progress))
+    except SubmitError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{summary.done} done, {summary.failed} failed, {summary.generated_tokens} tokens generated "
+               f"-> {output_path}", err=True)
+    if summary.unsent:
+        raise click.ClickException("Tier 1 shut down before the whole file was sent; rerun to finish the rest")
+    if summary.failed:
+        sys.exit(1)
+
+
+@main.command("submit")
+@click.argument("input_path", metavar="PROMPTS.jsonl")
+@click.option("--to", "to", required=True, help="Tier 1 address, HOST:PORT.")
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False), help="Results JSONL.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+def submit_command(input_path, to, output_path, progress) -> None:
+    """Send a prompts file to a running Tier 1 and write the results as they arrive."""
+    from glinthawk.node.cli import parse_address
+
+    host, port = parse_address(to, "--to")
+    _run_submit(input_path, host, port, output_path, progress)
+
+
+@main.command("run")
+@click.argument("input_path", metavar="PROMPTS.jsonl")
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False), help="Results JSONL.")
+@model_option
+@dtype_option
+@device_option
+@click.option("--tier2-nodes", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--kv-memory", default="1GiB", show_default=True, help="KV cache per Tier 2 node.")
+@click.option("--kv-tokens", type=click.IntRange(min=1), default=None, help="KV cache per Tier 2 node, in tokens.")
+@click.option("--micro-batches", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--max-batch-tokens", type=click.IntRange(min=1), default=2048, show_default=True)
+@click.option("--max-seqs", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--inject-delay-ms", type=click.FloatRange(min=0), default=0.0, help="One-way delay between the tiers.")
+@click.option("--inject-jitter-ms", type=click.FloatRange(min=0), default=0.0)
+@click.option("--inject-bandwidth", default=None, help="Bandwidth cap per direction, e.g. 1Gbit.")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the nodes' logs go (default: a new temporary directory).")
+@click.option("--progress/--no-progress", default=None)
+def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, kv_memory, kv_tokens, micro_batches,
+                max_batch_tokens, max_seqs, inject_delay_ms, inject_jitter_ms, inject_bandwidth, log_dir,
+                progress) -> None:
+    """Start a two-tier cluster on loopback (N Tier 2 + 1 Tier 1), run the file through it, stop it."""
+    from glinthawk.cluster import ClusterError, LocalCluster
+
+    if not Path(input_path).is_file():
+        raise click.ClickException(f"cannot read input file {input_path}: no such file")
+    cluster = LocalCluster(model_dir, tier2_nodes=tier2_nodes, kv_memory=kv_memory, kv_tokens=kv_tokens,
+                           delay_ms=inject_delay_ms, jitter_ms=inject_jitter_ms, bandwidth=inject_bandwidth,
+                           dtype=dtype, device=device, micro_batches=micro_batches,
+                           max_batch_tokens=max_batch_tokens, max_seqs=max_seqs, log_dir=log_dir)
+    try:
+        with cluster:
+            click.echo(f"cluster up: {tier2_nodes} Tier 2 node(s), logs in {cluster.log_dir}", err=True)
+            host, port = cluster.tier1_address
+            _run_submit(input_path, host, port, output_path, progress)
+    except ClusterError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""A whole Glinthawk cluster on loopback: N Tier 2 processes and one Tier 1 process.
+
+Each child binds port 0 and reports its address through a ready file, so there is no
+port race. Children get SIGTERM when this process dies (PR_SET_PDEATHSIG) and on every
+exit path of the context manager, Tier 1 first so it can finish its work.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+
+
+class ClusterError(RuntimeError):
+    """A node failed to start or died; the message carries the tail of its log."""
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class NodeProcess:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    ready_file: Path
+    address: str | None = None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+@dataclass
+class LocalCluster:
+    model_dir: Path
+    tier2_nodes: int = 2
+    kv_memory: str | None = None
+    kv_tokens: int | None = None
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    bandwidth: str | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    micro_batches: int = 4
+    max_batch_tokens: int = 2048
+    max_seqs: int = 256
+    log_dir: Path | None = None
+    nodes: list[NodeProcess] = field(default_factory=list)
+
+    def __enter__(self) -> "LocalCluster":
+        if self.tier2_nodes < 1:
+            raise ValueError("a cluster needs at least one Tier 2 node")
+        self.log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="glinthawk-run-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            kv = ["--kv-tokens", str(self.kv_tokens)] if self.kv_tokens else ["--kv-memory", self.kv_memory or "1GiB"]
+            tier2 = [self._spawn(f"tier2-{i}", ["--role", "tier2", *kv]) for i in range(self.tier2_nodes)]
+            addresses = ",".join(self._wait_ready(node) for node in tier2)
+            tier1 = self._spawn("tier1", [
+                "--role", "tier1", "--model", str(self.model_dir), "--tier2", addresses, "--dtype", self.dtype,
+                "--device", self.device, "--micro-batches", str(self.micro_batches),
+                "--max-batch-tokens", str(self.max_batch_tokens), "--max-seqs", str(self.max_seqs),
+            ])
+            self._wait_ready(tier1)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def tier1_address(self) -> tuple[str, int]:
+        host, port = self.nodes[-1].address.rsplit(":", 1)
+        return host, int(port)
+
+    def _spawn(self, name: str, args: list[str]) -> NodeProcess:
+        ready = self.log_dir / f"{name}.addr"
+        ready.unlink(missing_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        netem = ["--inject-delay-ms", str(self.delay_ms), "--inject-jitter-ms", str(self.jitter_ms)]
+        if self.bandwidth:
+            netem += ["--inject-bandwidth", self.bandwidth]
+        command = [sys.executable, "-m", "glinthawk.node", *args, "--listen", "127.0.0.1:0",
+                   "--ready-file", str(ready), *netem]
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       preexec_fn=_die_with_parent, start_new_session=True)
+        node = NodeProcess(name, process, log_path, ready)
+        self.nodes.append(node)
+        return node
+
+    def _wait_ready(self, node: NodeProcess) -> str:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if node.ready_file.exists():
+                node.address = node.ready_file.read_text().strip()
+                return node.address
+            if node.process.poll() is not None:
+                raise ClusterError(
+                    f"{node.name} exited with code {node.process.returncode} before it was ready; "
+                    f"log {node.log_path}:\n{node.log_tail()}"
+                )
+            time.sleep(0.05)
+        raise ClusterError(f"{node.name} not ready after {READY_TIMEOUT_S:.0f} s; log {node.log_path}")
+
+    def stop(self) -> None:
+        """SIGTERM Tier 1, then the Tier 2 nodes; SIGKILL whatever outlives the timeout."""
+        for node in reversed(self.nodes):  # Tier 1 was started last
+            if node.process.poll() is None:
+                node.process.send_signal(signal.SIGTERM)
+                try:
+                    node.process.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    node.process.kill()
+                    node.process.wait()
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one node (for failure tests)."""
+        node = next(n for n in self.nodes if n.name == name)
+        os.kill(node.process.pid, signal.SIGKILL)
+        node.process.wait()

@@ -1,0 +1,173 @@
+"""The Tier 2 KV store: one preallocated slab per sequence, all layers.
+
+Each sequence reserves ``prompt + max_tokens`` token slots up front, as one contiguous
+run of a preallocated buffer. Contiguous K/V per sequence is what lets decode attention
+read the cache at memory bandwidth with no gather copy. Accounting is in tokens: a
+reservation succeeds whenever enough tokens are free in total; if the free room is
+fragmented the store compacts itself (moves the live slabs together) first, so callers
+never have to reason about fragmentation.
+
+Layout per layer: K and V are ``[kv_heads, capacity_tokens, head_dim]``, so a
+sequence's keys for one head are one contiguous ``[length, head_dim]`` matrix.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+
+
+class KVCapacityError(RuntimeError):
+    """A reservation asked for more tokens than the store has free."""
+
+
+class UnknownSequenceError(KeyError):
+    """A sequence id that holds no reservation in this store."""
+
+
+@dataclass
+class _Slab:
+    start: int
+    reserved: int
+    filled: int = 0  # high-water mark of written tokens (what compaction must move)
+
+
+class KVStore:
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity_tokens: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        if capacity_tokens <= 0:
+            raise ValueError(f"KV capacity must be at least one token, got {capacity_tokens}")
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.capacity_tokens = capacity_tokens
+        self.dtype = dtype
+        # torch.empty does not touch the pages: resident memory grows only as tokens are written.
+        shape = (num_layers, num_kv_heads, capacity_tokens, head_dim)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self._slabs: dict[object, _Slab] = {}
+        self._free: list[tuple[int, int]] = [(0, capacity_tokens)]  # (start, length), sorted, coalesced
+        self.compactions = 0
+
+    # -- accounting -------------------------------------------------------------------
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.keys.element_size()
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.capacity_tokens * self.bytes_per_token
+
+    @property
+    def free_tokens(self) -> int:
+        return sum(length for _, length in self._free)
+
+    @property
+    def used_tokens(self) -> int:
+        return self.capacity_tokens - self.free_tokens
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self._slabs)
+
+    def __contains__(self, seq_id: object) -> bool:
+        return seq_id in self._slabs
+
+    def reserved(self, seq_id: object) -> int:
+        return self._slab(seq_id).reserved
+
+    # -- reserve / free ---------------------------------------------------------------
+    def reserve(self, seq_id: object, tokens: int) -> None:
+        """Set aside room for ``tokens`` tokens of ``seq_id`` (all layers)."""
+        if seq_id in self._slabs:
+            raise ValueError(f"sequence {seq_id!r} already holds a KV reservation")
+        if tokens <= 0:
+            raise ValueError(f"a reservation needs at least one token, got {tokens}")
+        if tokens > self.free_tokens:
+            raise KVCapacityError(
+                f"KV store full: sequence {seq_id!r} needs {tokens} tokens, {self.free_tokens} of "
+                f"{self.capacity_tokens} are free"
+            )
+        index = self._best_fit(tokens)
+        if index is None:
+            self._compact()
+            index = 0
+        start, length = self._free[index]
+        if length == tokens:
+            del self._free[index]
+        else:
+            self._free[index] = (start + tokens, length - tokens)
+        self._slabs[seq_id] = _Slab(start, tokens)
+
+    def free(self, seq_id: object) -> None:
+        slab = self._slabs.pop(seq_id, None)
+        if slab is None:
+            raise UnknownSequenceError(f"sequence {seq_id!r} holds no KV reservation")
+        self._insert_free(slab.start, slab.reserved)
+
+    def _best_fit(self, tokens: int) -> int | None:
+        best = None
+        for i, (_, length) in enumerate(self._free):
+            if length >= tokens and (best is None or length < self._free[best][1]):
+                best = i
+        return best
+
+    def _insert_free(self, start: int, length: int) -> None:
+        i = bisect.bisect_left(self._free, (start, length))
+        self._free.insert(i, (start, length))
+        if i + 1 < len(self._free) and start + length == self._free[i + 1][0]:
+            self._free[i] = (start, length + self._free.pop(i + 1)[1])
+        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == start:
+            prev_start, prev_length = self._free[i - 1]
+            self._free[i - 1] = (prev_start, prev_length + self._free.pop(i)[1])
+
+    def _compact(self) -> None:
+        """Slide every slab to the front so all free room is one run at the end."""
+        cursor = 0
+        for slab in sorted(self._slabs.values(), key=lambda s: s.start):
+            if slab.start != cursor and slab.filled:
+                src = slice(slab.start, slab.start + slab.filled)
+                dst = slice(cursor, cursor + slab.filled)
+                # Moving left may overlap the source; clone makes the copy safe.
+                self.keys[:, :, dst] = self.keys[:, :, src].clone()
+                self.values[:, :, dst] = self.values[:, :, src].clone()
+            slab.start = cursor
+            cursor += slab.reserved
+        self._free = [(cursor, self.capacity_tokens - cursor)] if cursor < self.capacity_tokens else []
+        self.compactions += 1
+
+    # -- data -------------------------------------------------------------------------
+    def _slab(self, seq_id: object) -> _Slab:
+        try:
+            return self._slabs[seq_id]
+        except KeyError:
+            raise UnknownSequenceError(f"sequence {seq_id!r} holds no KV reservation") from None
+
+    def write(self, layer: int, seq_id: object, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v ([n, kv_heads, head_dim]) at token positions start..start+n."""
+        slab = self._slab(seq_id)
+        end = start + k.shape[0]
+        if start < 0 or end > slab.reserved:
+            raise KVCapacityError(
+                f"sequence {seq_id!r}: tokens {start}..{end} exceed its reservation of {slab.reserved}"
+            )
+        rows = slice(slab.start + start, slab.start + end)
+        self.keys[layer, :, rows] = k.transpose(0, 1)
+        self.values[layer, :, rows] = v.transpose(0, 1)
+        slab.filled = max(slab.filled, end)
+
+    def view(self, layer: int, seq_id: object, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the first ``length`` tokens: two [kv_heads, length, head_dim] views."""
+        slab = self._slab(seq_id)
+        if length > slab.filled:
+            raise ValueError(f"sequence {seq_id!r}: asked for {length} cached tokens, only {slab.filled} written")
+        rows = slice(slab.start, slab.start + length)
+        return self.keys[layer, :, rows], self.values[layer, :, rows]

@@ -1,0 +1,68 @@
+"""The transformer layer split into the pieces that Tier 1 runs.
+
+Attention over the cache is the only part missing here: it lives in ``attention.py``
+and runs on Tier 2 (or in-process for the single-process engine). Every function takes a
+packed batch: the tokens of all sequences concatenated, ``[tokens, hidden]``, no padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from glinthawk.compute.loader import LayerWeights, Model
+from glinthawk.compute.rope import Rotary, apply_rotary, rotary
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    return weight * (x.to(torch.float32) * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def embed(model: Model, token_ids: torch.Tensor) -> torch.Tensor:
+    """Token ids [tokens] -> residual stream [tokens, hidden]."""
+    return F.embedding(token_ids, model.embed_tokens)
+
+
+def pre_attention(
+    model: Model, layer: LayerWeights, x: torch.Tensor, rot: Rotary
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Norm, fused QKV projection and RoPE: q [T, heads, D], k and v [T, kv_heads, D]."""
+    cfg = model.config
+    h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
+    qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+    q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+    tokens = x.shape[0]
+    q = apply_rotary(q.view(tokens, cfg.num_heads, cfg.head_dim), rot)
+    k = apply_rotary(k.view(tokens, cfg.num_kv_heads, cfg.head_dim), rot)
+    return q, k, v.reshape(tokens, cfg.num_kv_heads, cfg.head_dim)
+
+
+def post_attention(model: Model, layer: LayerWeights, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    """Output projection + residual, then norm, SwiGLU MLP + residual. attn_out: [T, heads, D] or [T, heads*D]."""
+    h = x + F.linear(attn_out.reshape(x.shape[0], -1), layer.o_proj)
+    gate, up = F.linear(rms_norm(h, layer.post_norm, model.config.rms_norm_eps), layer.gate_up).chunk(2, dim=-1)
+    return h + F.linear(F.silu(gate) * up, layer.down)
+
+
+def head(model: Model, x: torch.Tensor) -> torch.Tensor:
+    """Final norm and LM head: [rows, hidden] -> float32 logits [rows, vocab]."""
+    return F.linear(rms_norm(x, model.norm, model.config.rms_norm_eps), model.lm_head).float()
+
+
+def forward(
+    model: Model,
+    token_ids: torch.Tensor,
+    positions: torch.Tensor,
+    attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """All layers in one go with ``attend(layer, q, k, v)`` in place of Tier 2; returns the final residual stream."""
+    rot = rotary(model.inv_freq, positions, model.dtype)
+    x = embed(model, token_ids)
+    for index, layer in enumerate(model.layers):
+        q, k, v = pre_attention(model, layer, x, rot)
+        x = post_attention(model, layer, x, attend(index, q, k, v))
+    return x

@@ -1,0 +1,212 @@
+"""Load a Hugging Face checkpoint directory into glinthawk's weight layout.
+
+Tensors are read one at a time from memory-mapped safetensors files and cast straight to
+the target dtype/device, so peak memory is the model plus one tensor, never two models.
+The q/k/v and gate/up projections are fused into one matrix each (one matmul instead of
+three or two on Tier 1's hot path).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from glinthawk.compute.config import ModelConfig, ModelConfigError
+from glinthawk.compute.rope import inverse_frequencies
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing a file, truncated or holds a tensor of the wrong shape."""
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]
+    qkv_bias: torch.Tensor | None
+    o_proj: torch.Tensor  # [hidden, heads * head_dim]
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    down: torch.Tensor  # [hidden, intermediate]
+
+
+@dataclass
+class Model:
+    config: ModelConfig
+    embed_tokens: torch.Tensor  # [vocab, hidden]
+    layers: list[LayerWeights]
+    norm: torch.Tensor  # [hidden]
+    lm_head: torch.Tensor  # [vocab, hidden]; the same storage as embed_tokens when tied
+    inv_freq: torch.Tensor  # [head_dim // 2], float32
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    def weight_bytes(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for tensor in self._tensors():
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                total += tensor.numel() * tensor.element_size()
+        return total
+
+    def _tensors(self) -> Iterator[torch.Tensor]:
+        yield from (self.embed_tokens, self.norm, self.lm_head)
+        for layer in self.layers:
+            yield from (t for t in vars(layer).values() if t is not None)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype '{name}' is not supported; choose one of {', '.join(DTYPES)}")
+    if name == "float16" and device.type != "cuda":
+        raise ValueError("dtype float16 is only supported on CUDA; use bfloat16 or float32 on CPU")
+    return DTYPES[name]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """'auto' (or None) picks CUDA when present, CPU otherwise."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    return device
+
+
+class _TensorSource:
+    """Finds each named tensor in a single or sharded safetensors checkpoint."""
+
+    def __init__(self, directory: Path, stack: ExitStack):
+        self.directory = directory
+        self._stack = stack
+        self._handles: dict[str, object] = {}
+        self.locations = self._index()
+
+    def _index(self) -> dict[str, str]:
+        index_path = self.directory / "model.safetensors.index.json"
+        single = self.directory / "model.safetensors"
+        if index_path.exists():
+            try:
+                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index_path}: not a valid safetensors index ({exc!r})") from None
+            return {name: str(file) for name, file in weight_map.items()}
+        if single.exists():
+            return {name: single.name for name in self._open(single.name).keys()}
+        raise CheckpointError(
+            f"{self.directory}: no weights found; expected model.safetensors or "
+            "model.safetensors.index.json with model-*.safetensors shards"
+        )
+
+    def _open(self, file_name: str):
+        if file_name not in self._handles:
+            path = self.directory / file_name
+            if not path.exists():
+                raise CheckpointError(f"{path}: weight file is missing (named by the checkpoint index)")
+            try:
+                self._handles[file_name] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(f"{path}: cannot read safetensors file, truncated or corrupt? ({exc})") from None
+        return self._handles[file_name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.locations
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if name not in self.locations:
+            raise CheckpointError(f"{self.directory}: tensor '{name}' is missing from the checkpoint")
+        file_name = self.locations[name]
+        handle = self._open(file_name)
+        try:
+            tensor = handle.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{self.directory / file_name}: cannot read tensor '{name}' ({exc})") from None
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(
+                f"{self.directory / file_name}: tensor '{name}' has shape {tuple(tensor.shape)}, "
+                f"config.json implies {shape}"
+            )
+        return tensor.to(device=device, dtype=dtype)
+
+
+def load_model(directory: str | Path, dtype: str = "float32", device: str | None = None) -> Model:
+    """Load config.json + safetensors weights from ``directory``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: model directory does not exist")
+    config = ModelConfig.from_file(directory / "config.json")
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    with ExitStack() as stack:
+        source = _TensorSource(directory, stack)
+        return _assemble(config, source, torch_dtype, torch_device)
+
+
+def _assemble(config: ModelConfig, source: _TensorSource, dtype: torch.dtype, device: torch.device) -> Model:
+    hidden, inter, dim = config.hidden_size, config.intermediate_size, config.head_dim
+    q_rows, kv_rows = config.num_heads * dim, config.num_kv_heads * dim
+
+    def get(name: str, *shape: int) -> torch.Tensor:
+        return source.get(name, tuple(shape), dtype, device)
+
+    layers = []
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        qkv = torch.cat([
+            get(p + "self_attn.q_proj.weight", q_rows, hidden),
+            get(p + "self_attn.k_proj.weight", kv_rows, hidden),
+            get(p + "self_attn.v_proj.weight", kv_rows, hidden),
+        ])
+        qkv_bias = None
+        if config.attention_bias:
+            qkv_bias = torch.cat([
+                get(p + "self_attn.q_proj.bias", q_rows),
+                get(p + "self_attn.k_proj.bias", kv_rows),
+                get(p + "self_attn.v_proj.bias", kv_rows),
+            ])
+        if config.mlp_bias or p + "self_attn.o_proj.bias" in source:
+            raise ModelConfigError(f"{source.directory}: mlp_bias / o_proj bias is not supported")
+        layers.append(LayerWeights(
+            input_norm=get(p + "input_layernorm.weight", hidden),
+            qkv=qkv,
+            qkv_bias=qkv_bias,
+            o_proj=get(p + "self_attn.o_proj.weight", hidden, q_rows),
+            post_norm=get(p + "post_attention_layernorm.weight", hidden),
+            gate_up=torch.cat([
+                get(p + "mlp.gate_proj.weight", inter, hidden),
+                get(p + "mlp.up_proj.weight", inter, hidden),
+            ]),
+            down=get(p + "mlp.down_proj.weight", hidden, inter),
+        ))
+    embed = get("model.embed_tokens.weight", config.vocab_size, hidden)
+    if config.tie_word_embeddings or "lm_head.weight" not in source:
+        if not config.tie_word_embeddings:
+            raise CheckpointError(
+                f"{source.directory}: tensor 'lm_head.weight' is missing and tie_word_embeddings is false"
+            )
+        lm_head = embed
+    else:
+        lm_head = get("lm_head.weight", config.vocab_size, hidden)
+    return Model(
+        config=config,
+        embed_tokens=embed,
+        layers=layers,
+        norm=get("model.norm.weight", hidden),
+        lm_head=lm_head,
+        inv_freq=inverse_frequencies(config.rope, config.head_dim).to(device),
+    )

@@ -1,0 +1,138 @@
+"""Token sampling for a batch of sequences, each with its own parameters.
+
+Randomness is counter-based: the uniform number a sequence uses at generation step ``s``
+is a hash of ``(seed, s)``. A seeded request therefore draws the same numbers no matter
+which other requests share its batch, which micro-batch it rides in, or how often it was
+rebuilt after a node failure. The draw is turned into a token by inverse-CDF over the
+filtered distribution, in vocabulary order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings (OpenAI/vLLM defaults)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            raise ValueError(f"top_k must be an integer >= -1 (0 or -1 disable it), got {self.top_k!r}")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return x ^ (x >> np.uint64(31))
+
+
+def uniforms(seeds: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
+    """One float64 in [0, 1) per (seed, step), independent of everything else in the batch."""
+    seed_arr = np.asarray([s & 0xFFFFFFFFFFFFFFFF for s in seeds], dtype=np.uint64)
+    step_arr = np.asarray(steps, dtype=np.uint64)
+    mixed = _splitmix64(_splitmix64(seed_arr) ^ step_arr)
+    return torch.from_numpy((mixed >> np.uint64(11)).astype(np.float64) * 2.0**-53)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    seeds: Sequence[int],
+    steps: Sequence[int],
+) -> torch.Tensor:
+    """Pick one token per row of float32 ``logits`` [rows, vocab]; returns int64 [rows] on CPU.
+
+    ``seeds[i]`` is row i's effective seed (the request's, or one drawn at admission),
+    ``steps[i]`` the index of the token being generated.
+    """
+    logits = logits.float()
+    tokens = torch.argmax(logits, dim=-1).cpu()
+    random_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not random_rows:
+        return tokens
+    rows = torch.tensor(random_rows, device=logits.device)
+    chosen = [params[i] for i in random_rows]
+    temperature = torch.tensor([p.temperature for p in chosen], device=logits.device)
+    scaled = logits.index_select(0, rows) / temperature[:, None]
+    probs = torch.softmax(_top_k_filter(scaled, [p.top_k for p in chosen]), dim=-1)
+    probs = _min_p_filter(probs, [p.min_p for p in chosen])
+    probs = _top_p_filter(probs, [p.top_p for p in chosen])
+    cdf = probs.double().cumsum(dim=-1).cpu()
+    draws = uniforms([seeds[i] for i in random_rows], [steps[i] for i in random_rows]) * cdf[:, -1]
+    picked = torch.searchsorted(cdf, draws[:, None], right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+    tokens[rows.cpu()] = picked
+    return tokens
+
+
+def _top_k_filter(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
+    ks = [k if 0 < k < logits.shape[1] else 0 for k in top_ks]
+    if not any(ks):
+        return logits
+    kmax = max(ks)
+    kth = torch.topk(logits, kmax, dim=-1).values
+    index = torch.tensor([max(k, 1) - 1 for k in ks], device=logits.device)
+    threshold = kth.gather(1, index[:, None])
+    threshold[torch.tensor([k == 0 for k in ks], device=logits.device)] = -math.inf
+    return logits.masked_fill(logits < threshold, -math.inf)
+
+
+def _min_p_filter(probs: torch.Tensor, min_ps: list[float]) -> torch.Tensor:
+    if not any(min_ps):
+        return probs
+    min_p = torch.tensor(min_ps, device=probs.device, dtype=probs.dtype)
+    threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+    return probs.masked_fill(probs < threshold, 0.0)
+
+
+def _top_p_filter(probs: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p."""
+    if all(p >= 1.0 for p in top_ps):
+        return probs
+    top_p = torch.tensor(top_ps, device=probs.device, dtype=probs.dtype)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    total = sorted_probs.sum(dim=-1, keepdim=True)
+    drop_sorted = mass_before >= top_p[:, None] * total
+    drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+    return probs.masked_fill(drop, 0.0)

@@ -1,0 +1,3 @@
+from glinthawk.node.cli import main
+
+main()

@@ -1,0 +1,390 @@
+"""Tier 1: weights, scheduling, sampling; attention is sent to the Tier 2 nodes.
+
+Structure:
+- ``Tier2Link``: one connection to a Tier 2 node, with Tier 1's own accounting of its
+  free KV tokens (placement never over-commits) and the futures of micro-batches whose
+  attention is out on that node.
+- ``MicroBatch``: a set of sequences living on one node that step together through the
+  layers. Several per node are in flight at once; each runs as its own coroutine.
+- ``StageMerger`` (merger.py): runs every micro-batch that is ready at the same stage as
+  one batch on the compute thread.
+- Client sessions: SUBMIT frames in, RESULT frames out as each request finishes.
+
+A node that is lost hands its sequences back to the queue: they are placed again and
+their KV rebuilt from prompt + tokens generated so far (sampling is counter-based, so the
+continuation is the same as without the failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from glinthawk.compute.loader import Model
+from glinthawk.engine import Intake
+from glinthawk.net.codec import ProtocolError
+from glinthawk.net.connection import (
+    Connection,
+    ConnectionClosed,
+    client_handshake,
+    open_connection,
+    server_handshake,
+    start_server,
+)
+from glinthawk.net.messages import MsgType
+from glinthawk.net.netem import NetEm
+from glinthawk.node.merger import StageMerger, StageWork
+from glinthawk.requests import RequestError, error_line, parse_line, result_line
+from glinthawk.sequence import Sequence, commit_step, pack_step, plan_step
+from glinthawk.tokenizer import Tokenizer
+
+log = logging.getLogger("glinthawk.tier1")
+
+
+class LinkLost(ConnectionError):
+    """The Tier 2 node of a micro-batch went away mid-step."""
+
+
+class Tier2Link:
+    def __init__(self, address: str, conn: Connection, capacity_tokens: int):
+        self.address, self.conn = address, conn
+        self.capacity_tokens = self.free_tokens = capacity_tokens
+        self.micro_batches: list[MicroBatch] = []
+        self.alive = True
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._reader = asyncio.get_running_loop().create_task(self._read(), name=f"tier2-link-{address}")
+
+    async def attend(self, mb: int, layer: int, header: dict, q, k, v) -> torch.Tensor:
+        if not self.alive:
+            raise LinkLost(f"Tier 2 node {self.address} is gone")
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[mb] = future
+        try:
+            await self.conn.send({"type": MsgType.ATTN, "mb": mb, "layer": layer, **header}, {"q": q, "k": k, "v": v})
+        except (ConnectionClosed, ConnectionError) as exc:
+            self._lost(f"send failed: {exc}")
+        return await future
+
+    async def release(self, seq_ids: list[int]) -> None:
+        if self.alive and seq_ids:
+            try:
+                await self.conn.send({"type": MsgType.RELEASE, "seqs": seq_ids})
+            except (ConnectionClosed, ConnectionError):
+                self._lost("connection closed")
+
+    async def _read(self) -> None:
+        reason = "connection closed"
+        try:
+            async for header, tensors in self.conn:
+                future = self._waiting.pop(header.get("mb"), None)
+                if header["type"] == MsgType.ATTN_OUT and future is not None:
+                    future.set_result(tensors["out"])
+                elif header["type"] == MsgType.ERROR and future is not None:
+                    future.set_exception(RuntimeError(f"Tier 2 {self.address}: {header.get('message')}"))
+                elif header["type"] == MsgType.ERROR:
+                    log.error("Tier 2 %s reports: %s", self.address, header.get("message"))
+        except (ConnectionClosed, ProtocolError) as exc:
+            reason = str(exc)
+        self._lost(reason)
+
+    def close(self) -> None:
+        """Deliberate shutdown: not a failure, so nothing is re-placed or logged as lost."""
+        self.alive = False
+        self._reader.cancel()
+        self.conn.close()
+
+    def _lost(self, reason: str) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        log.error("lost Tier 2 node %s (%s); its sequences will be rebuilt elsewhere", self.address, reason)
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(LinkLost(f"Tier 2 node {self.address} lost: {reason}"))
+        self._waiting.clear()
+        self.conn.close()
+
+
+@dataclass
+class ClientSession:
+    conn: Connection
+    intake: Intake
+    outstanding: int = 0
+    input_done: bool = False
+    done: int = 0
+    failed: int = 0
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def send_line(self, line: dict, failed: bool) -> None:
+        self.done += not failed
+        self.failed += failed
+        if not self.conn.closed:
+            try:
+                await self.conn.send({"type": MsgType.RESULT, "line": line})
+            except (ConnectionClosed, ConnectionError):
+                log.warning("client went away; a result was dropped")
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self.input_done and self.outstanding == 0:
+            self.finished.set()
+
+
+_mb_ids = itertools.count()
+
+
+class MicroBatch:
+    """Sequences on one Tier 2 node that go through the layers together, one step at a time."""
+
+    def __init__(self, node: "Tier1Node", link: Tier2Link):
+        self.id = next(_mb_ids)
+        self.node, self.link = node, link
+        self.seqs: list[Sequence] = []
+        self.incoming: list[Sequence] = []
+        self.on_node: set[int] = set()  # sequences with a reservation on the link's node
+        self._wake = asyncio.Event()
+
+    @property
+    def size(self) -> int:
+        return len(self.seqs) + len(self.incoming)
+
+    def add(self, seq: Sequence) -> None:
+        self.incoming.append(seq)
+        self._wake.set()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                if not self.size:
+                    await self._wake.wait()
+                    self._wake.clear()
+                    continue
+                self.seqs += self.incoming
+                self.incoming.clear()
+                await self._step()
+        except LinkLost as exc:
+            log.warning("micro-batch %d: %s", self.id, exc)
+            self.node.requeue(self.seqs + self.incoming)
+            self.seqs, self.incoming = [], []
+
+    async def _step(self) -> None:
+        node = self.node
+        batch = pack_step(plan_step(self.seqs, node.max_batch_tokens))
+        fresh = [s for s in batch.seqs if s.id not in self.on_node]
+        self.on_node.update(s.id for s in fresh)
+        header = {
+            "seqs": [[s.id, start, count] for s, start, count in zip(batch.seqs, batch.starts, batch.counts)],
+            "reserve": [[s.id, s.reserve_tokens] for s in fresh],
+        }
+        x, q, k, v = await node.merger.run(StageWork(0, batch.positions, token_ids=batch.token_ids))
+        for layer in range(node.num_layers):
+            out = await self.link.attend(self.id, layer, header if layer == 0 else {"seqs": header["seqs"]}, q, k, v)
+            if layer + 1 < node.num_layers:
+                x, q, k, v = await node.merger.run(StageWork(layer + 1, batch.positions, x=x, attn_out=out))
+        next_tokens = torch.empty(0, dtype=torch.int64)
+        if batch.sampled:
+            seqs = batch.sampled
+            next_tokens = await node.merger.run(StageWork(
+                node.num_layers, batch.positions, x=x, attn_out=out, sample_rows=batch.sample_rows,
+                params=[s.params for s in seqs], seeds=[s.seed for s in seqs], steps=[len(s.generated) for s in seqs],
+            ))
+        node.generated_tokens += len(batch.sampled)
+        finished = commit_step(batch, next_tokens, node.tokenizer)
+        if finished:
+            for seq in finished:
+                self.seqs.remove(seq)
+                self.on_node.discard(seq.id)
+                self.link.free_tokens += seq.reserve_tokens
+            await self.link.release([s.id for s in finished])
+            for seq in finished:
+                await node.finish(seq)
+            node.place_waiting()
+
+
+class Tier1Node:
+    def __init__(
+        self,
+        model: Model,
+        tokenizer: Tokenizer,
+        tier2_addresses: list[str],
+        *,
+        micro_batches: int = 4,
+        max_batch_tokens: int = 2048,
+        max_seqs: int = 256,
+        max_waiting: int = 4096,
+        netem: NetEm | None = None,
+        model_name: str = "glinthawk",
+        reconnect_seconds: float = 1.0,
+    ):
+        self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
+        self.num_layers = model.config.num_layers
+        self.tier2_addresses = tier2_addresses
+        self.micro_batches, self.max_batch_tokens, self.max_seqs = micro_batches, max_batch_tokens, max_seqs
+        self.max_waiting, self.netem, self.reconnect_seconds = max_waiting, netem, reconnect_seconds
+        self.links: dict[str, Tier2Link] = {}
+        self.waiting: deque[Sequence] = deque()
+        self.sessions: dict[int, ClientSession] = {}  # sequence id -> its client
+        self.generated_tokens = 0
+        self.merger: StageMerger | None = None
+        self._room = asyncio.Event()  # set when the waiting queue has room for more input
+        self._tasks: set[asyncio.Task] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._draining = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self, host: str, port: int) -> int:
+        self.merger = StageMerger(self.model)
+        self.merger.start()
+        for address in self.tier2_addresses:
+            await self._connect(address)
+        if not self.links:
+            raise ConnectionError(
+                f"no Tier 2 node reachable at {', '.join(self.tier2_addresses)}; start them first "
+                "(glinthawk-node --role tier2 --listen HOST:PORT)"
+            )
+        self._spawn(self._reconnect_loop())
+        self._server = await start_server(self._serve_client, host, port)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def drain(self) -> None:
+        """Stop taking input, finish every request already received, then return."""
+        self._draining = True
+        self._room.set()
+        while any(s.outstanding for s in set(self.sessions.values())) or self.waiting:
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        for link in self.links.values():
+            link.close()
+        if self.merger is not None:
+            await self.merger.close()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _connect(self, address: str) -> bool:
+        host, port = address.rsplit(":", 1)
+        cfg = self.model.config
+        try:
+            conn = await open_connection(host, int(port), netem=self.netem)
+            welcome = await client_handshake(conn, "tier1", {
+                "num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+                "dtype": str(self.model.dtype).removeprefix("torch."),
+            })
+        except (OSError, ConnectionClosed, ProtocolError) as exc:
+            log.warning("cannot reach Tier 2 node %s: %s", address, exc)
+            return False
+        link = Tier2Link(address, conn, int(welcome["capacity_tokens"]))
+        self.links[address] = link
+        per_node = max(1, math.ceil(self.micro_batches / len(self.tier2_addresses)))
+        for _ in range(per_node):
+            mb = MicroBatch(self, link)
+            link.micro_batches.append(mb)
+            self._spawn(mb.run())
+        log.info("Tier 2 node %s: %d KV tokens, %d micro-batches", address, link.capacity_tokens, per_node)
+        self.place_waiting()
+        return True
+
+    async def _reconnect_loop(self) -> None:
+        """Bring lost (or never reached) Tier 2 nodes back as soon as they answer."""
+        while True:
+            await asyncio.sleep(self.reconnect_seconds)
+            for address in self.tier2_addresses:
+                link = self.links.get(address)
+                if link is None or not link.alive:
+                    if await self._connect(address):
+                        log.info("Tier 2 node %s (re)joined", address)
+
+    @property
+    def capacity_per_node(self) -> int:
+        return max((link.capacity_tokens for link in self.links.values()), default=0)
+
+    # -- scheduling ---------------------------------------------------------------------
+    def place_waiting(self) -> None:
+        """Place queued sequences on the node with the most free KV room that can hold them."""
+        while self.waiting:
+            seq = self.waiting[0]
+            links = [l for l in self.links.values()
+                     if l.alive and l.free_tokens >= seq.reserve_tokens and l.micro_batches]
+            if not links:
+                break
+            link = max(links, key=lambda l: l.free_tokens)
+            mb = min(link.micro_batches, key=lambda m: m.size)
+            if mb.size >= self.max_seqs:
+                break
+            self.waiting.popleft()
+            link.free_tokens -= seq.reserve_tokens
+            mb.add(seq)
+        if len(self.waiting) < self.max_waiting:
+            self._room.set()
+        if self.waiting and not any(l.alive for l in self.links.values()):
+            log.error("no Tier 2 node is alive; %d requests wait until one (re)joins", len(self.waiting))
+
+    def requeue(self, seqs: list[Sequence]) -> None:
+        """Sequences whose node was lost: rebuild their KV from token history on another node."""
+        for seq in reversed(seqs):
+            seq.num_cached = 0
+            self.waiting.appendleft(seq)
+        self.place_waiting()
+
+    async def finish(self, seq: Sequence) -> None:
+        session = self.sessions.pop(seq.id)
+        session.outstanding -= 1
+        await session.send_line(result_line(seq.request, seq.completion(self.tokenizer), self.model_name), False)
+
+    # -- clients ------------------------------------------------------------------------
+    async def _serve_client(self, conn: Connection) -> None:
+        cfg = self.model.config
+        await server_handshake(conn, {"client"}, {"model": self.model_name, "max_context": cfg.max_position_embeddings})
+        session = ClientSession(conn, Intake(self.tokenizer, cfg.max_position_embeddings, cfg.vocab_size,
+                                             self.capacity_per_node or None))
+        try:
+            while not session.input_done:
+                while len(self.waiting) >= self.max_waiting and not self._draining:
+                    self._room.clear()
+                    await self._room.wait()  # back-pressure: stop reading until the queue drains
+                if self._draining:
+                    await conn.send({"type": MsgType.DRAIN, "message": "Tier 1 is shutting down; resubmit the rest"})
+                    session.input_done = True
+                    break
+                header, _ = await conn.recv()
+                if header["type"] == MsgType.SUBMIT:
+                    await self._accept_lines(session, header.get("lines", []))
+                elif header["type"] == MsgType.DONE:
+                    session.input_done = True
+                else:
+                    await conn.send({"type": MsgType.ERROR, "message": f"unexpected message {header['type']!r}"})
+            session._maybe_finish()
+            await session.finished.wait()
+            await conn.send({"type": MsgType.DONE, "done": session.done, "failed": session.failed})
+        except (ConnectionClosed, ProtocolError) as exc:
+            log.warning("client connection ended: %s", exc)
+
+    async def _accept_lines(self, session: ClientSession, lines: list) -> None:
+        for entry in lines:
+            try:
+                number, raw = entry
+                seq = session.intake.admit(parse_line(int(number), raw))
+            except RequestError as error:
+                await session.send_line(error_line(error), True)
+                continue
+            except (TypeError, ValueError):
+                await session.send_line(error_line(RequestError("malformed SUBMIT entry")), True)
+                continue
+            session.outstanding += 1
+            self.sessions[seq.id] = session
+            self.waiting.append(seq)
+        self.place_waiting()

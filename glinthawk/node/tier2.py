@@ -1,0 +1,135 @@
+"""Tier 2: owns a shard of the KV cache (whole sequences, all layers) and computes attention.
+
+Tier 1 introduces itself with the model's KV geometry; the node sizes its store from
+``--kv-memory``/``--kv-tokens`` and announces the capacity in tokens. Each ATTN frame
+carries one micro-batch at one layer: the node appends its k/v, attends, and answers
+ATTN_OUT as soon as that micro-batch is done. Compute runs on one worker thread (the
+store is touched by nothing else), so the event loop keeps reading and writing frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from glinthawk.compute.attention import attend
+from glinthawk.compute.kvcache import KVCapacityError, KVStore, UnknownSequenceError
+from glinthawk.compute.loader import DTYPES
+from glinthawk.net.codec import ProtocolError
+from glinthawk.net.connection import Connection, ConnectionClosed, server_handshake, start_server
+from glinthawk.net.messages import MsgType
+from glinthawk.net.netem import NetEm
+
+log = logging.getLogger("glinthawk.tier2")
+
+
+class Tier2Node:
+    def __init__(self, kv_memory: int | None = None, kv_tokens: int | None = None, netem: NetEm | None = None):
+        if (kv_memory is None) == (kv_tokens is None):
+            raise ValueError("give exactly one of kv_memory (bytes) or kv_tokens")
+        self.kv_memory, self.kv_tokens, self.netem = kv_memory, kv_tokens, netem
+        self.store: KVStore | None = None
+        self._owner: Connection | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier2-attention")
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen; returns the bound port (useful with port 0)."""
+        self._server = await start_server(self._serve, host, port, netem=self.netem)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def drain(self) -> None:
+        """Stop accepting connections and finish the attention work already queued."""
+        if self._server is not None:
+            self._server.close()
+        await asyncio.get_running_loop().run_in_executor(self._executor, lambda: None)
+
+    async def close(self) -> None:
+        if self._owner is not None:
+            self._owner.close()
+        self._executor.shutdown(wait=True)
+
+    # -- connection -------------------------------------------------------------------
+    def _welcome(self, hello: dict) -> dict:
+        try:
+            layers, kv_heads, head_dim = (int(hello[k]) for k in ("num_layers", "num_kv_heads", "head_dim"))
+            dtype = DTYPES[hello["dtype"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"HELLO from Tier 1 lacks a valid KV geometry ({exc!r})") from None
+        if min(layers, kv_heads, head_dim) <= 0:
+            raise ProtocolError("HELLO from Tier 1 has a non-positive KV geometry")
+        bytes_per_token = 2 * layers * kv_heads * head_dim * dtype.itemsize
+        tokens = self.kv_tokens if self.kv_tokens is not None else self.kv_memory // bytes_per_token
+        if tokens <= 0:
+            raise ProtocolError(f"--kv-memory {self.kv_memory} B holds no token of {bytes_per_token} B")
+        self.store = KVStore(layers, kv_heads, head_dim, tokens, dtype)
+        log.info("KV store: %d tokens, %.1f MiB, %d layers", tokens, tokens * bytes_per_token / 2**20, layers)
+        return {"capacity_tokens": tokens, "bytes_per_token": bytes_per_token}
+
+    async def _serve(self, conn: Connection) -> None:
+        if self._owner is not None and not self._owner.closed:
+            await conn.send({"type": MsgType.ERROR, "message": "this Tier 2 node already serves a Tier 1"})
+            conn.close()
+            return
+        await server_handshake(conn, {"tier1"}, self._welcome)
+        self._owner = conn
+        in_flight: set[asyncio.Task] = set()
+        try:
+            async for header, tensors in conn:
+                kind = header["type"]
+                if kind == MsgType.ATTN:
+                    task = asyncio.create_task(self._attend(conn, header, tensors))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                elif kind == MsgType.RELEASE:
+                    self._submit(self._release, list(header.get("seqs", ())))
+                elif kind == MsgType.PING:
+                    await conn.send({"type": MsgType.PONG, "nonce": header.get("nonce")})
+                else:
+                    await conn.send({"type": MsgType.ERROR, "message": f"unexpected message type {kind!r}"})
+        except (ConnectionClosed, ProtocolError) as exc:
+            log.warning("Tier 1 connection ended: %s", exc)
+        finally:
+            if in_flight:
+                await asyncio.gather(*in_flight, return_exceptions=True)
+            self._owner = None
+            self.store = None  # a new Tier 1 starts from an empty cache
+            log.info("Tier 1 disconnected; KV store dropped")
+
+    def _submit(self, fn, *args) -> asyncio.Future:
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _attend(self, conn: Connection, header: dict, tensors: dict[str, torch.Tensor]) -> None:
+        mb = header.get("mb")
+        try:
+            out = await self._submit(self._compute, header, tensors)
+        except (KVCapacityError, UnknownSequenceError, ValueError, KeyError, TypeError) as exc:
+            await conn.send({"type": MsgType.ERROR, "mb": mb, "message": f"attention failed: {exc}"})
+            return
+        await conn.send({"type": MsgType.ATTN_OUT, "mb": mb, "layer": header.get("layer")}, {"out": out})
+
+    def _compute(self, header: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        store = self.store
+        if store is None:
+            raise ValueError("no KV store (Tier 1 not introduced)")
+        for seq_id, tokens in header.get("reserve", ()):
+            if seq_id not in store:
+                store.reserve(seq_id, tokens)
+        seqs = header["seqs"]
+        ids = [s[0] for s in seqs]
+        starts = [int(s[1]) for s in seqs]
+        counts = [int(s[2]) for s in seqs]
+        layer = int(header["layer"])
+        if not 0 <= layer < store.num_layers:
+            raise ValueError(f"layer {layer} out of range")
+        return attend(store, layer, ids, starts, counts, tensors["q"], tensors["k"], tensors["v"])
+
+    def _release(self, seq_ids: list) -> None:
+        if self.store is None:
+            return
+        for seq_id in seq_ids:
+            if seq_id in self.store:
+                self.store.free(seq_id)

@@ -1,0 +1,260 @@
+"""Input and output lines: the plain JSONL form and the OpenAI Batch API form.
+
+Parsing is strict: an unknown field, a wrong type or an out-of-range value becomes a
+``RequestError`` for that line, never a silent default, and never stops the run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from glinthawk.compute.sampling import SamplingParams
+
+PLAIN, OPENAI = "plain", "openai"
+COMPLETIONS_URL, CHAT_URL = "/v1/completions", "/v1/chat/completions"
+MAX_LINE_BYTES = 16 * 1024 * 1024
+
+_SAMPLING_FIELDS = {
+    "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
+}
+_PLAIN_FIELDS = {"custom_id", "prompt", "messages"} | _SAMPLING_FIELDS
+_OPENAI_FIELDS = {"custom_id", "method", "url", "body"}
+# Fields an OpenAI body may carry that change nothing here, with the only value we honour.
+_OPENAI_NEUTRAL = {"model": None, "n": 1, "stream": False, "logprobs": None, "user": None}
+_OPENAI_BODY_FIELDS = {"prompt", "messages", "max_completion_tokens"} | _SAMPLING_FIELDS | set(_OPENAI_NEUTRAL)
+
+
+@dataclass
+class Request:
+    custom_id: str
+    line: int
+    form: str  # PLAIN or OPENAI
+    params: SamplingParams
+    prompt: str | list[int] | None = None
+    messages: list[dict[str, Any]] | None = None
+    url: str = COMPLETIONS_URL
+    model: str | None = None
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+
+class RequestError(ValueError):
+    """A request line that cannot be run; becomes an error line for its custom_id."""
+
+    def __init__(self, message: str, line: int | None = None, custom_id: str | None = None, form: str = PLAIN):
+        super().__init__(message)
+        self.message, self.line, self.custom_id, self.form = message, line, custom_id, form
+
+
+def read_lines(stream: BinaryIO, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
+    """Yield (line number, raw bytes) without holding more than one bounded line in memory.
+
+    A line over ``max_line_bytes`` is skipped to its end and yielded as ``None``.
+    """
+    number = 0
+    while True:
+        chunk = stream.readline(max_line_bytes + 1)
+        if not chunk:
+            return
+        number += 1
+        if len(chunk) > max_line_bytes and not chunk.endswith(b"\n"):
+            while chunk and not chunk.endswith(b"\n"):  # discard the rest of the line
+                chunk = stream.readline(1 << 20)
+            yield number, None
+            continue
+        if chunk.strip():
+            yield number, chunk
+
+
+def parse_line(number: int, raw: bytes | None, max_line_bytes: int = MAX_LINE_BYTES) -> Request:
+    """Parse one JSONL line into a Request, or raise RequestError naming the problem."""
+    if raw is None:
+        raise RequestError(f"line {number}: longer than the {max_line_bytes}-byte limit", number)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"line {number}: not valid UTF-8 ({exc.reason} at byte {exc.start})", number) from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"line {number}: invalid JSON ({exc.msg} at column {exc.colno})", number) from None
+    if not isinstance(obj, dict):
+        raise RequestError(f"line {number}: expected a JSON object, got {type(obj).__name__}", number)
+    form = OPENAI if ("body" in obj or "url" in obj) else PLAIN
+    custom_id = obj.get("custom_id")
+    if custom_id is None and form == PLAIN:
+        custom_id = f"line-{number}"
+    if not isinstance(custom_id, str) or not custom_id:
+        raise RequestError(f"line {number}: 'custom_id' must be a non-empty string", number, None, form)
+    try:
+        return _parse_openai(obj, number, custom_id) if form == OPENAI else _parse_plain(obj, number, custom_id)
+    except RequestError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise RequestError(f"line {number}: {exc}", number, custom_id, form) from None
+
+
+def parse_stream(stream: BinaryIO, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Request | RequestError]:
+    """Every line of a JSONL stream as a Request, or the RequestError that explains it."""
+    for number, raw in read_lines(stream, max_line_bytes):
+        try:
+            yield parse_line(number, raw, max_line_bytes)
+        except RequestError as error:
+            yield error
+
+
+def _check_fields(obj: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(unknown)} in {where}; supported: {', '.join(sorted(allowed))}")
+
+
+def _sampling(fields: dict[str, Any]) -> SamplingParams:
+    kwargs = {k: v for k, v in fields.items() if k in _SAMPLING_FIELDS and v is not None}
+    stop = kwargs.get("stop", ())
+    kwargs["stop"] = (stop,) if isinstance(stop, str) else tuple(_list_of(stop, str, "stop"))
+    kwargs["stop_token_ids"] = tuple(_list_of(kwargs.get("stop_token_ids", ()), int, "stop_token_ids"))
+    if not isinstance(kwargs.get("ignore_eos", False), bool):
+        raise ValueError("'ignore_eos' must be true or false")
+    return SamplingParams(**kwargs)
+
+
+def _list_of(value: Any, kind: type, name: str) -> list:
+    if not isinstance(value, (list, tuple)) or any(not isinstance(v, kind) or isinstance(v, bool) for v in value):
+        raise ValueError(f"'{name}' must be a list of {kind.__name__}")
+    return list(value)
+
+
+def _prompt(value: Any) -> str | list[int]:
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        value = value[0]
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("'prompt' is empty")
+        return value
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return value
+    raise ValueError("'prompt' must be a non-empty string or a non-empty list of token ids")
+
+
+def _messages(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("'messages' must be a non-empty list")
+    for message in value:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValueError("each message must be an object with a string 'role'")
+        if not isinstance(message.get("content"), str):
+            raise ValueError("each message needs a string 'content'")
+    return value
+
+
+def _parse_plain(obj: dict, number: int, custom_id: str) -> Request:
+    _check_fields(obj, _PLAIN_FIELDS, "the request")
+    if ("prompt" in obj) == ("messages" in obj):
+        raise ValueError("give exactly one of 'prompt' or 'messages'")
+    request = Request(custom_id, number, PLAIN, _sampling(obj))
+    if "prompt" in obj:
+        request.prompt = _prompt(obj["prompt"])
+    else:
+        request.messages, request.url = _messages(obj["messages"]), CHAT_URL
+    return request
+
+
+def _parse_openai(obj: dict, number: int, custom_id: str) -> Request:
+    _check_fields(obj, _OPENAI_FIELDS, "the batch line")
+    if obj.get("method", "POST") != "POST":
+        raise ValueError(f"'method' must be POST, got {obj.get('method')!r}")
+    url, body = obj.get("url"), obj.get("body")
+    if url not in (COMPLETIONS_URL, CHAT_URL):
+        raise ValueError(f"unsupported url {url!r}; use {COMPLETIONS_URL} or {CHAT_URL}")
+    if not isinstance(body, dict):
+        raise ValueError("'body' must be a JSON object")
+    _check_fields(body, _OPENAI_BODY_FIELDS, "'body'")
+    for name, honoured in _OPENAI_NEUTRAL.items():
+        if name in body and honoured is not None and body[name] != honoured:
+            raise ValueError(f"'{name}' must be {json.dumps(honoured)} (got {json.dumps(body[name])})")
+    fields = dict(body)
+    if "max_completion_tokens" in fields:
+        fields.setdefault("max_tokens", fields.pop("max_completion_tokens"))
+    model = body.get("model")
+    request = Request(custom_id, number, OPENAI, _sampling(fields), url=url,
+                      model=model if isinstance(model, str) else None)
+    if url == CHAT_URL:
+        if "prompt" in body:
+            raise ValueError(f"{CHAT_URL} takes 'messages', not 'prompt'")
+        request.messages = _messages(body.get("messages"))
+    else:
+        if "messages" in body:
+            raise ValueError(f"{COMPLETIONS_URL} takes 'prompt', not 'messages'")
+        request.prompt = _prompt(body.get("prompt"))
+    return request
+
+
+@dataclass
+class Completion:
+    """What the engine produced for one request."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+
+
+def result_line(request: Request, done: Completion, model_name: str) -> dict[str, Any]:
+    completion_tokens = len(done.token_ids)
+    if request.form == PLAIN:
+        return {
+            "custom_id": request.custom_id,
+            "text": done.text,
+            "token_ids": done.token_ids,
+            "finish_reason": done.finish_reason,
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": completion_tokens,
+        }
+    if request.is_chat:
+        obj, choice = "chat.completion", {"message": {"role": "assistant", "content": done.text}}
+    else:
+        obj, choice = "text_completion", {"text": done.text}
+    body = {
+        "id": ("chatcmpl-" if request.is_chat else "cmpl-") + uuid.uuid4().hex,
+        "object": obj,
+        "created": int(time.time()),
+        "model": request.model or model_name,
+        "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": done.finish_reason}],
+        "usage": {
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": done.prompt_tokens + completion_tokens,
+        },
+    }
+    return _openai_line(request.custom_id, 200, body)
+
+
+def error_line(error: RequestError) -> dict[str, Any]:
+    if error.form == OPENAI:
+        body = {"error": {"message": error.message, "type": "invalid_request_error", "param": None, "code": None}}
+        return _openai_line(error.custom_id, 400, body)
+    line: dict[str, Any] = {"custom_id": error.custom_id, "error": {"message": error.message}}
+    if error.line is not None:
+        line["line"] = error.line
+    return line
+
+
+def _openai_line(custom_id: str | None, status: int, body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": "batch_req_" + uuid.uuid4().hex,
+        "custom_id": custom_id,
+        "response": {"status_code": status, "request_id": "req_" + uuid.uuid4().hex, "body": body},
+        "error": None,
+    }
+
+
+def is_error(line: dict[str, Any]) -> bool:
+    return "error" in line and (line["error"] is not None or line.get("response", {}).get("status_code") != 200)

@@ -1,0 +1,181 @@
+"""A request's life as a sequence of tokens, and the packing of sequences into a step.
+
+Shared by the single-process engine and Tier 1: both plan a step the same way (decode
+tokens first, then prefill chunks up to a token budget), pack it the same way, and
+finish sequences with the same stop rules.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+
+from glinthawk.compute.sampling import SamplingParams
+from glinthawk.requests import Completion, Request, RequestError
+from glinthawk.tokenizer import Tokenizer, TokenizerError
+
+_ids = itertools.count()
+
+
+@dataclass
+class Sequence:
+    request: Request
+    prompt_ids: list[int]
+    seed: int
+    id: int = field(default_factory=lambda: next(_ids))
+    generated: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose K/V are in the cache
+    finish_reason: str | None = None
+    stop_text: str | None = None  # generated text cut before a stop string, once one is hit
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def reserve_tokens(self) -> int:
+        """KV room the whole life of the sequence needs (the last sampled token is never cached)."""
+        return len(self.prompt_ids) + self.params.max_tokens - 1
+
+    @property
+    def total_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.generated)
+
+    @property
+    def pending(self) -> int:
+        """Tokens that still have to go through the model before the next sample."""
+        return self.total_tokens - self.num_cached
+
+    def token_slice(self, start: int, count: int) -> list[int]:
+        prompt = len(self.prompt_ids)
+        if start + count <= prompt:
+            return self.prompt_ids[start:start + count]
+        return (self.prompt_ids + self.generated)[start:start + count]
+
+    def append(self, token: int, tokenizer: Tokenizer) -> bool:
+        """Record a sampled token; returns True when the sequence has finished."""
+        self.generated.append(token)
+        params = self.params
+        if (token in tokenizer.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            self.finish_reason = "stop"
+        elif params.stop and self._hit_stop_string(tokenizer):
+            self.finish_reason = "stop"
+        elif len(self.generated) >= params.max_tokens:
+            self.finish_reason = "length"
+        return self.finish_reason is not None
+
+    def _hit_stop_string(self, tokenizer: Tokenizer) -> bool:
+        text = tokenizer.decode(self.generated)
+        # Only the tail that the newest token can have completed needs a look.
+        window = max(len(s) for s in self.params.stop) + 16
+        tail_start = max(0, len(text) - window)
+        hits = [i for i in (text.find(s, tail_start) for s in self.params.stop) if i >= 0]
+        if hits:
+            self.stop_text = text[:min(hits)]
+        return bool(hits)
+
+    def completion(self, tokenizer: Tokenizer) -> Completion:
+        text = self.stop_text if self.stop_text is not None else tokenizer.decode(self.generated)
+        return Completion(text, list(self.generated), self.finish_reason or "length", len(self.prompt_ids))
+
+
+def new_sequence(request: Request, tokenizer: Tokenizer, max_context: int, vocab_size: int) -> Sequence:
+    """Tokenize and check a request against the model; raises RequestError."""
+    def fail(message: str) -> RequestError:
+        return RequestError(f"line {request.line}: {message}", request.line, request.custom_id, request.form)
+
+    try:
+        if request.messages is not None:
+            prompt_ids = tokenizer.encode_chat(request.messages)
+        elif isinstance(request.prompt, str):
+            prompt_ids = tokenizer.encode(request.prompt)
+        else:
+            prompt_ids = list(request.prompt or [])
+    except TokenizerError as exc:
+        raise fail(str(exc)) from None
+    if not prompt_ids:
+        raise fail("the prompt encodes to no tokens")
+    if any(not 0 <= t < vocab_size for t in prompt_ids):
+        raise fail(f"prompt token ids must lie in [0, {vocab_size})")
+    needed = len(prompt_ids) + request.params.max_tokens
+    if needed > max_context:
+        raise fail(
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.params.max_tokens}) = {needed} "
+            f"exceeds the model's context of {max_context} tokens"
+        )
+    seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
+    return Sequence(request, prompt_ids, seed)
+
+
+def plan_step(running: Seq[Sequence], budget: int) -> list[tuple[Sequence, int]]:
+    """Choose how many tokens each sequence feeds this step: decodes first, then prefill chunks."""
+    plan: list[tuple[Sequence, int]] = []
+    for seq in running:
+        if budget == 0:
+            break
+        if seq.pending == 1:
+            plan.append((seq, 1))
+            budget -= 1
+    for seq in running:
+        if budget == 0:
+            break
+        if seq.pending > 1:
+            count = min(seq.pending, budget)
+            plan.append((seq, count))
+            budget -= count
+    return plan
+
+
+@dataclass
+class StepBatch:
+    """One step's packed inputs: the tokens of all planned sequences, concatenated."""
+
+    seqs: list[Sequence]
+    starts: list[int]
+    counts: list[int]
+    token_ids: torch.Tensor  # [tokens] int64
+    positions: torch.Tensor  # [tokens] int64
+    sample_rows: torch.Tensor  # rows of the packed batch whose logits are sampled
+    sampled: list[Sequence]  # the sequences those rows belong to
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+
+def pack_step(plan: list[tuple[Sequence, int]], device: torch.device | str = "cpu") -> StepBatch:
+    tokens: list[int] = []
+    positions: list[int] = []
+    sample_rows: list[int] = []
+    sampled: list[Sequence] = []
+    for seq, count in plan:
+        start = seq.num_cached
+        tokens += seq.token_slice(start, count)
+        positions += range(start, start + count)
+        if start + count == seq.total_tokens:
+            sample_rows.append(len(tokens) - 1)
+            sampled.append(seq)
+    return StepBatch(
+        seqs=[seq for seq, _ in plan],
+        starts=[seq.num_cached for seq, _ in plan],
+        counts=[count for _, count in plan],
+        token_ids=torch.tensor(tokens, dtype=torch.int64, device=device),
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=device),
+        sampled=sampled,
+    )
+
+
+def commit_step(batch: StepBatch, next_tokens: torch.Tensor, tokenizer: Tokenizer) -> list[Sequence]:
+    """Advance every sequence of a finished step; returns the sequences that finished."""
+    for seq, count in zip(batch.seqs, batch.counts):
+        seq.num_cached += count
+    finished = []
+    for seq, token in zip(batch.sampled, next_tokens.tolist()):
+        if seq.append(token, tokenizer):
+            finished.append(seq)
+    return finished
