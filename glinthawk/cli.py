@@ -93,7 +93,11 @@ def generate(input_path, output_path, model_dir, dtype, device, kv_tokens, kv_me
                     model_name=model_dir.name)
     total = None if input_path == "-" else count_lines(input_path)
     stream = open_input(input_path)
-    with ResultWriter(output_path, total=total, progress=progress) as writer:
+    try:
+        writer = ResultWriter(output_path, total=total, progress=progress)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write output file {output_path}: {exc.strerror}") from None
+    with writer:
         engine.run(parse_stream(stream), writer.write)
     click.echo(
         f"{writer.done} done, {writer.failed} failed, {engine.stats.generated_tokens} tokens generated -> {output_path}",
@@ -103,18 +107,19 @@ def generate(input_path, output_path, model_dir, dtype, device, kv_tokens, kv_me
         sys.exit(1)
 
 
-def _run_submit(input_path: str, host: str, port: int, output_path: str, progress: bool | None) -> None:
+def _run_submit(input_path: str, host: str, port: int, output_path: str, progress: bool | None,
+                resume: bool = False) -> None:
     from glinthawk.client import SubmitError, submit
     from glinthawk.net.connection import run
 
     try:
-        summary = run(submit(input_path, host, port, output_path, progress=progress))
+        summary = run(submit(input_path, host, port, output_path, progress=progress, resume=resume))
     except SubmitError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{summary.done} done, {summary.failed} failed, {summary.generated_tokens} tokens generated "
                f"-> {output_path}", err=True)
     if summary.unsent:
-        raise click.ClickException("Tier 1 shut down before the whole file was sent; rerun to finish the rest")
+        raise click.ClickException("Tier 1 shut down before the whole file was sent; rerun with --resume")
     if summary.failed:
         sys.exit(1)
 
@@ -124,12 +129,13 @@ def _run_submit(input_path: str, host: str, port: int, output_path: str, progres
 @click.option("--to", "to", required=True, help="Tier 1 address, HOST:PORT.")
 @click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False), help="Results JSONL.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def submit_command(input_path, to, output_path, progress) -> None:
+@click.option("--resume", is_flag=True, help="Keep the output file; skip every custom_id already answered in it.")
+def submit_command(input_path, to, output_path, progress, resume) -> None:
     """Send a prompts file to a running Tier 1 and write the results as they arrive."""
     from glinthawk.node.cli import parse_address
 
     host, port = parse_address(to, "--to")
-    _run_submit(input_path, host, port, output_path, progress)
+    _run_submit(input_path, host, port, output_path, progress, resume)
 
 
 @main.command("run")
@@ -150,9 +156,10 @@ def submit_command(input_path, to, output_path, progress) -> None:
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the nodes' logs go (default: a new temporary directory).")
 @click.option("--progress/--no-progress", default=None)
+@click.option("--resume", is_flag=True, help="Keep the output file; skip every custom_id already answered in it.")
 def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, kv_memory, kv_tokens, micro_batches,
                 max_batch_tokens, max_seqs, inject_delay_ms, inject_jitter_ms, inject_bandwidth, log_dir,
-                progress) -> None:
+                progress, resume) -> None:
     """Start a two-tier cluster on loopback (N Tier 2 + 1 Tier 1), run the file through it, stop it."""
     from glinthawk.cluster import ClusterError, LocalCluster
 
@@ -166,7 +173,7 @@ def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, 
         with cluster:
             click.echo(f"cluster up: {tier2_nodes} Tier 2 node(s), logs in {cluster.log_dir}", err=True)
             host, port = cluster.tier1_address
-            _run_submit(input_path, host, port, output_path, progress)
+            _run_submit(input_path, host, port, output_path, progress, resume)
     except ClusterError as exc:
         raise click.ClickException(str(exc)) from None
 

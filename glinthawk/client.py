@@ -9,7 +9,9 @@ valid, partial output file.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,50 @@ class SubmitSummary:
     unsent: bool = False  # Tier 1 drained before the whole file was sent
 
 
+def answered(output_path: Path) -> tuple[set[str], set[int]]:
+    """custom_ids (and, for lines that had none, line numbers) already in an output file.
+
+    A last line cut off mid-write (no newline, or not JSON) is removed so appending
+    continues from a clean line boundary; that request simply runs again.
+    """
+    ids: set[str] = set()
+    lines: set[int] = set()
+    if not output_path.exists():
+        return ids, lines
+    good_bytes = 0
+    with open(output_path, "rb") as f:
+        for raw in f:
+            try:
+                record = json.loads(raw) if raw.endswith(b"\n") else None
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                break
+            good_bytes += len(raw)
+            if isinstance(record.get("custom_id"), str):
+                ids.add(record["custom_id"])
+            elif isinstance(record.get("line"), int):
+                lines.add(record["line"])
+    if good_bytes != output_path.stat().st_size:
+        log.warning("%s: dropping a half-written last line before resuming", output_path)
+        os.truncate(output_path, good_bytes)
+    return ids, lines
+
+
+def _line_custom_id(number: int, raw: bytes | None) -> str | None:
+    """The custom_id a line will be answered under, without judging the rest of it."""
+    try:
+        obj = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    custom_id = obj.get("custom_id")
+    if custom_id is None and "body" not in obj and "url" not in obj:
+        return f"line-{number}"
+    return custom_id if isinstance(custom_id, str) else None
+
+
 async def submit(
     input_path: str | Path,
     host: str,
@@ -43,8 +89,11 @@ async def submit(
     *,
     progress: bool | None = None,
     max_line_bytes: int = MAX_LINE_BYTES,
+    resume: bool = False,
 ) -> SubmitSummary:
-    input_path = Path(input_path)
+    """Run every line of ``input_path`` through Tier 1; with ``resume``, only those not yet in the output."""
+    input_path, output_path = Path(input_path), Path(output_path)
+    done_ids, done_lines = answered(output_path) if resume else (set(), set())
     try:
         source = open(input_path, "rb")
     except OSError as exc:
@@ -59,6 +108,10 @@ async def submit(
     async def send_all() -> None:
         chunk: list[list] = []
         for number, raw in read_lines(source, max_line_bytes):
+            if resume:
+                custom_id = _line_custom_id(number, raw)
+                if custom_id in done_ids or (custom_id is None and number in done_lines):
+                    continue
             chunk.append([number, raw])
             if len(chunk) >= LINES_PER_FRAME:
                 await conn.send({"type": MsgType.SUBMIT, "lines": chunk})
@@ -69,7 +122,10 @@ async def submit(
 
     unsent = False
     sender = asyncio.get_running_loop().create_task(send_all())
-    with source, ResultWriter(output_path, total=count_lines(input_path), progress=progress) as writer:
+    total = count_lines(input_path)
+    if total is not None and resume:
+        total = max(0, total - len(done_ids) - len(done_lines))
+    with source, ResultWriter(output_path, total=total, progress=progress, append=resume) as writer:
         try:
             while True:
                 if sender.done() and sender.exception() is not None:

@@ -31,6 +31,7 @@ class Sequence:
     num_cached: int = 0  # tokens whose K/V are in the cache
     finish_reason: str | None = None
     stop_text: str | None = None  # generated text cut before a stop string, once one is hit
+    stop_checked: int = 0  # length of the generated text the stop strings were last searched in
 
     @property
     def params(self) -> SamplingParams:
@@ -70,9 +71,13 @@ class Sequence:
 
     def _hit_stop_string(self, tokenizer: Tokenizer) -> bool:
         text = tokenizer.decode(self.generated)
-        # Only the tail that the newest token can have completed needs a look.
+        # Only text the newest token can have completed needs a look: everything after what
+        # was searched last time, plus a stop string's length back (and slack for a UTF-8
+        # character that an earlier token left incomplete). The newest token's own text may
+        # be long, so the window is anchored on the previous text, not on the end.
         window = max(len(s) for s in self.params.stop) + 16
-        tail_start = max(0, len(text) - window)
+        tail_start = max(0, self.stop_checked - window)
+        self.stop_checked = len(text)
         hits = [i for i in (text.find(s, tail_start) for s in self.params.stop) if i >= 0]
         if hits:
             self.stop_text = text[:min(hits)]

@@ -18,6 +18,13 @@ import torch.nn.functional as F
 from glinthawk.compute.kvcache import KVStore
 
 
+# Decode sequences whose context is at most this long are attended together, their K/V
+# gathered into one padded batch: a few large ops instead of a few small ones per sequence.
+# Longer contexts are bandwidth-bound, where the gather's extra copy would cost more than
+# the per-sequence call overhead it saves.
+BATCHED_DECODE_MAX_CONTEXT = 512
+
+
 def attend(
     store: KVStore,
     layer: int,
@@ -32,16 +39,49 @@ def attend(
     total = sum(counts)
     if not (q.shape[0] == k.shape[0] == v.shape[0] == total):
         raise ValueError(f"batch carries {q.shape[0]} query rows for {total} tokens")
+    store.write(layer, store.rows(seq_ids, starts, counts), k, v)
     out = torch.empty_like(q)
     scale = q.shape[-1] ** -0.5
-    offset = 0
-    for seq_id, start, count in zip(seq_ids, starts, counts):
-        rows = slice(offset, offset + count)
-        store.write(layer, seq_id, start, k[rows], v[rows])
+    first_rows = [0]
+    for count in counts[:-1]:
+        first_rows.append(first_rows[-1] + count)
+    short_decodes = [i for i, (start, count) in enumerate(zip(starts, counts))
+                     if count == 1 and start < BATCHED_DECODE_MAX_CONTEXT]
+    if len(short_decodes) > 1:
+        rows = torch.tensor([first_rows[i] for i in short_decodes], device=q.device)
+        lengths = [starts[i] + 1 for i in short_decodes]
+        out[rows] = _decode_batched(store, layer, [seq_ids[i] for i in short_decodes], lengths, q[rows], scale)
+    batched = set(short_decodes) if len(short_decodes) > 1 else set()
+    for i, (seq_id, start, count) in enumerate(zip(seq_ids, starts, counts)):
+        if i in batched:
+            continue
+        rows = slice(first_rows[i], first_rows[i] + count)
         keys, values = store.view(layer, seq_id, start + count)
         out[rows] = _attend_one(q[rows], keys, values, start, scale)
-        offset += count
     return out
+
+
+def _decode_batched(
+    store: KVStore, layer: int, seq_ids: list[object], lengths: list[int], q: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One query token per sequence (q: [B, heads, D]) over each one's own past, as one padded batch."""
+    batch, heads, dim = q.shape
+    kv_heads = store.num_kv_heads
+    group = heads // kv_heads
+    longest = max(lengths)
+    lens = torch.tensor(lengths)
+    bases = torch.tensor([store.start_of(s) for s in seq_ids])
+    positions = torch.arange(longest)
+    # Padding positions re-read a sequence's last row (always valid) and are masked below.
+    index = (bases[:, None] + torch.minimum(positions[None, :], lens[:, None] - 1)).reshape(-1).to(q.device)
+    keys = store.keys[layer].index_select(1, index).view(kv_heads, batch, longest, dim)
+    values = store.values[layer].index_select(1, index).view(kv_heads, batch, longest, dim)
+    q_grouped = q.view(batch, kv_heads, group, dim).transpose(0, 1)  # [kv_heads, B, group, D]
+    scores = torch.matmul(q_grouped, keys.transpose(-1, -2)).float() * scale  # [kv_heads, B, group, longest]
+    padding = (positions[None, :] >= lens[:, None]).to(q.device)
+    scores.masked_fill_(padding[None, :, None, :], float("-inf"))
+    attended = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)  # [kv_heads, B, group, D]
+    return attended.transpose(0, 1).reshape(batch, heads, dim)
 
 
 def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float) -> torch.Tensor:

@@ -169,9 +169,10 @@ def _sliding_window_limit(raw: dict[str, Any], architecture: str, source: str) -
 def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
     # transformers >= 5 writes "rope_parameters" (theta inside); older checkpoints write
     # "rope_theta" and "rope_scaling".
-    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     if not isinstance(params, dict):
-        raise ModelConfigError(f"{source}: rope_scaling must be an object or null")
+        raise ModelConfigError(f"{source}: rope_scaling / rope_parameters must be an object or null, got {params!r}")
+    params = dict(params)
     theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:

@@ -14,6 +14,7 @@ sequence's keys for one head are one contiguous ``[length, head_dim]`` matrix.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -151,18 +152,33 @@ class KVStore:
         except KeyError:
             raise UnknownSequenceError(f"sequence {seq_id!r} holds no KV reservation") from None
 
-    def write(self, layer: int, seq_id: object, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v ([n, kv_heads, head_dim]) at token positions start..start+n."""
-        slab = self._slab(seq_id)
-        end = start + k.shape[0]
-        if start < 0 or end > slab.reserved:
-            raise KVCapacityError(
-                f"sequence {seq_id!r}: tokens {start}..{end} exceed its reservation of {slab.reserved}"
-            )
-        rows = slice(slab.start + start, slab.start + end)
-        self.keys[layer, :, rows] = k.transpose(0, 1)
-        self.values[layer, :, rows] = v.transpose(0, 1)
-        slab.filled = max(slab.filled, end)
+    def rows(self, seq_ids: Sequence[object], starts: Sequence[int], counts: Sequence[int]) -> torch.Tensor:
+        """Buffer rows of tokens start..start+count of each sequence, packed in batch order.
+
+        Checks every range against its reservation and records the written high-water mark.
+        """
+        bases = []
+        for seq_id, start, count in zip(seq_ids, starts, counts):
+            slab = self._slab(seq_id)
+            end = start + count
+            if start < 0 or end > slab.reserved:
+                raise KVCapacityError(
+                    f"sequence {seq_id!r}: tokens {start}..{end} exceed its reservation of {slab.reserved}"
+                )
+            slab.filled = max(slab.filled, end)
+            bases.append(slab.start + start)
+        counts_t = torch.tensor(counts, dtype=torch.int64)
+        first = torch.cumsum(counts_t, 0) - counts_t  # index of each sequence's first token in the batch
+        offsets = torch.arange(int(counts_t.sum())) - torch.repeat_interleave(first, counts_t)
+        return (torch.repeat_interleave(torch.tensor(bases, dtype=torch.int64), counts_t) + offsets).to(self.keys.device)
+
+    def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v ([tokens, kv_heads, head_dim]) at buffer ``rows`` (from ``rows()``), one copy each."""
+        self.keys[layer].index_copy_(1, rows, k.transpose(0, 1).to(self.dtype))
+        self.values[layer].index_copy_(1, rows, v.transpose(0, 1).to(self.dtype))
+
+    def start_of(self, seq_id: object) -> int:
+        return self._slab(seq_id).start
 
     def view(self, layer: int, seq_id: object, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first ``length`` tokens: two [kv_heads, length, head_dim] views."""

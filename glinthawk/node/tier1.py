@@ -52,13 +52,30 @@ class LinkLost(ConnectionError):
 
 
 class Tier2Link:
-    def __init__(self, address: str, conn: Connection, capacity_tokens: int):
+    def __init__(self, address: str, conn: Connection, capacity_tokens: int, heartbeat_s: float = 2.0,
+                 timeout_s: float = 10.0):
         self.address, self.conn = address, conn
         self.capacity_tokens = self.free_tokens = capacity_tokens
         self.micro_batches: list[MicroBatch] = []
         self.alive = True
         self._waiting: dict[int, asyncio.Future] = {}
-        self._reader = asyncio.get_running_loop().create_task(self._read(), name=f"tier2-link-{address}")
+        loop = asyncio.get_running_loop()
+        self._last_heard = loop.time()
+        self._reader = loop.create_task(self._read(), name=f"tier2-link-{address}")
+        self._heartbeat = loop.create_task(self._ping(heartbeat_s, timeout_s), name=f"tier2-ping-{address}")
+
+    async def _ping(self, every_s: float, timeout_s: float) -> None:
+        """A node that stops answering (hung, partitioned) is lost even if its socket stays open."""
+        loop = asyncio.get_running_loop()
+        while self.alive:
+            await asyncio.sleep(every_s)
+            if loop.time() - self._last_heard > timeout_s:
+                self._lost(f"no answer for {timeout_s:.0f} s")
+                return
+            try:
+                await self.conn.send({"type": MsgType.PING})
+            except (ConnectionClosed, ConnectionError):
+                self._lost("connection closed")
 
     async def attend(self, mb: int, layer: int, header: dict, q, k, v) -> torch.Tensor:
         if not self.alive:
@@ -82,6 +99,7 @@ class Tier2Link:
         reason = "connection closed"
         try:
             async for header, tensors in self.conn:
+                self._last_heard = asyncio.get_running_loop().time()
                 future = self._waiting.pop(header.get("mb"), None)
                 if header["type"] == MsgType.ATTN_OUT and future is not None:
                     future.set_result(tensors["out"])
@@ -97,6 +115,7 @@ class Tier2Link:
         """Deliberate shutdown: not a failure, so nothing is re-placed or logged as lost."""
         self.alive = False
         self._reader.cancel()
+        self._heartbeat.cancel()
         self.conn.close()
 
     def _lost(self, reason: str) -> None:
@@ -108,6 +127,7 @@ class Tier2Link:
             if not future.done():
                 future.set_exception(LinkLost(f"Tier 2 node {self.address} lost: {reason}"))
         self._waiting.clear()
+        self._heartbeat.cancel()
         self.conn.close()
 
 
@@ -221,12 +241,15 @@ class Tier1Node:
         netem: NetEm | None = None,
         model_name: str = "glinthawk",
         reconnect_seconds: float = 1.0,
+        heartbeat_s: float = 2.0,
+        heartbeat_timeout_s: float = 10.0,
     ):
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.num_layers = model.config.num_layers
         self.tier2_addresses = tier2_addresses
         self.micro_batches, self.max_batch_tokens, self.max_seqs = micro_batches, max_batch_tokens, max_seqs
         self.max_waiting, self.netem, self.reconnect_seconds = max_waiting, netem, reconnect_seconds
+        self.heartbeat_s, self.heartbeat_timeout_s = heartbeat_s, heartbeat_timeout_s
         self.links: dict[str, Tier2Link] = {}
         self.waiting: deque[Sequence] = deque()
         self.sessions: dict[int, ClientSession] = {}  # sequence id -> its client
@@ -287,7 +310,7 @@ class Tier1Node:
         except (OSError, ConnectionClosed, ProtocolError) as exc:
             log.warning("cannot reach Tier 2 node %s: %s", address, exc)
             return False
-        link = Tier2Link(address, conn, int(welcome["capacity_tokens"]))
+        link = Tier2Link(address, conn, int(welcome["capacity_tokens"]), self.heartbeat_s, self.heartbeat_timeout_s)
         self.links[address] = link
         per_node = max(1, math.ceil(self.micro_batches / len(self.tier2_addresses)))
         for _ in range(per_node):

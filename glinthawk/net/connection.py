@@ -1,0 +1,457 @@
+"""Framed, tensor-carrying TCP connections on asyncio (uvloop when available).
+
+Reading uses ``asyncio.BufferedProtocol``: once a frame's 4-byte length is known, a
+bytearray of exactly that size is allocated and the socket reads straight into it;
+``decode_frame`` then wraps the tensors over that bytearray, so a received tensor is
+never copied in Python. Sending writes the prefix+header and then each tensor's own
+memory.
+"""
+
+import asyncio
+import collections
+import logging
+import random
+import socket
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, TypeVar
+
+import torch
+
+from .codec import DEFAULT_MAX_FRAME_BYTES, ProtocolError, decode_frame, encode_frame
+from .messages import PROTOCOL_VERSION, MsgType
+from .netem import NetEm
+
+log = logging.getLogger("glinthawk.net")
+
+T = TypeVar("T")
+Tensors = Mapping[str, torch.Tensor]
+
+_MAX_QUEUED_FRAMES = 64  # received but not yet recv()ed; beyond this, stop reading
+_MAX_DELAYED_FRAMES = 1024  # sent but held back by a NetEm; beyond this, send() waits
+_COALESCE_BYTES = 16 << 10  # smaller buffers are joined: a copy is cheaper than a syscall
+_LINGER_S = 2.0  # after a protocol error, how long to wait for the peer to hang up
+
+
+class ConnectionClosed(ConnectionError):
+    """The connection is closed: the peer hung up at a frame boundary, or we closed it."""
+
+
+class _FrameProtocol(asyncio.BufferedProtocol):
+    """Transport callbacks: cut the byte stream into frame bodies, track write flow control."""
+
+    def __init__(self, max_frame_bytes: int, on_made: Callable[["_FrameProtocol"], None]) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self._on_made = on_made
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.frames: collections.deque[bytearray] = collections.deque()
+        self.error: ProtocolError | None = None  # to raise once, after the queued frames
+        self.closed_reason: str | None = None  # set once no more frames can arrive
+        self._prefix = bytearray(4)
+        self._body: bytearray | None = None  # None while reading the length prefix
+        self._filled = 0
+        self._discard: bytearray | None = None  # after a protocol error: read into this, drop
+        self._reading_paused = False
+        self._frame_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+
+    # -- reading
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # uvloop's transports are not asyncio.Transport subclasses
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._on_made(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._discard is not None:
+            return memoryview(self._discard)
+        target = self._prefix if self._body is None else self._body
+        return memoryview(target)[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._discard is not None:
+            return
+        self._filled += nbytes
+        if self._body is None:
+            if self._filled < 4:
+                return
+            length = int.from_bytes(self._prefix, "big")
+            if length > self.max_frame_bytes:
+                self.fail(ProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_frame_bytes}"))
+                return
+            if length < 4:
+                self.fail(ProtocolError(f"frame of {length} bytes is too short to hold a header length"))
+                return
+            self._body = bytearray(length)
+            self._filled = 0
+        elif self._filled == len(self._body):
+            self.frames.append(self._body)
+            self._body = None
+            self._filled = 0
+            if len(self.frames) >= _MAX_QUEUED_FRAMES and self.transport is not None:
+                self.transport.pause_reading()
+                self._reading_paused = True
+            self._wake_reader()
+
+    def eof_received(self) -> bool:
+        return False  # let the transport close itself; connection_lost reports it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed_reason is None:
+            self.closed_reason = f"connection lost: {exc}" if exc else "peer closed the connection"
+            if self._body is not None or self._filled:
+                want = len(self._body) if self._body is not None else 4
+                self.error = ProtocolError(f"peer closed mid-frame, after {self._filled} of {want} bytes")
+        self._wake_reader()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+        self.lost.set_result(None)
+
+    async def receive(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Decode the next frame; at the end of the stream raise the pending
+        ProtocolError once, then ConnectionClosed."""
+        if self._frame_waiter is not None and not self._frame_waiter.done():
+            raise RuntimeError("another task is already waiting in recv() on this connection")
+        while True:
+            while not self.frames:
+                if self.error is not None:
+                    error, self.error = self.error, None
+                    raise error
+                if self.closed_reason is not None:
+                    raise ConnectionClosed(self.closed_reason)
+                self._frame_waiter = asyncio.get_running_loop().create_future()
+                await self._frame_waiter
+            body = self.frames.popleft()
+            if self._reading_paused and len(self.frames) < _MAX_QUEUED_FRAMES // 2:
+                self._reading_paused = False
+                if self.transport is not None and not self.transport.is_closing():
+                    self.transport.resume_reading()
+            try:
+                return decode_frame(body, max_tensor_bytes=self.max_frame_bytes)
+            except ProtocolError as exc:
+                self.fail(exc)
+
+    def _wake_reader(self) -> None:
+        if self._frame_waiter is not None and not self._frame_waiter.done():
+            self._frame_waiter.set_result(None)
+
+    def fail(self, error: ProtocolError) -> None:
+        """Stop the connection on a protocol violation and tell the peer why.
+
+        Closing a socket with unread input makes the kernel send a reset, which can
+        destroy the ERROR frame before the peer reads it. So this half-closes instead,
+        drops whatever still arrives, and closes when the peer hangs up or after
+        ``_LINGER_S``.
+        """
+        if self.closed_reason is None:
+            self.error = error
+            self.closed_reason = f"closed after a protocol error: {error}"
+        self.frames.clear()
+        self._body = None
+        self._filled = 0
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._discard is not None:
+            return
+        self._discard = bytearray(64 << 10)
+        self.write(encode_frame({"type": MsgType.ERROR, "message": str(error)}))
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        asyncio.get_running_loop().call_later(_LINGER_S, transport.close)
+
+    # -- writing
+
+    def write(self, buffers: list[memoryview | bytes]) -> None:
+        """Write buffers in order, joining small ones; large ones go as they are.
+
+        (Not ``writelines``: Python 3.11's joins everything into one copy.)
+        """
+        if self.transport is None or self.transport.is_closing():
+            return
+        small = bytearray()
+        for buffer in buffers:
+            if len(buffer) < _COALESCE_BYTES:
+                small += buffer
+                continue
+            if small:
+                self.transport.write(small)
+                small = bytearray()
+            self.transport.write(buffer)
+        if small:
+            self.transport.write(small)
+
+    def pause_writing(self) -> None:
+        self._drain_waiter = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+        self._drain_waiter = None
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is over its high-water mark."""
+        if self._drain_waiter is not None:
+            await asyncio.shield(self._drain_waiter)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _DelayedSender:
+    """Holds frames back to emulate a link's latency, jitter and bandwidth, in order.
+
+    A frame is due at ``max(previous due, transmitted + delay ± jitter)``. Without a
+    bandwidth cap it is transmitted when sent; with one, transmission starts once the
+    link has finished the frames before it and takes ``8 * size / bandwidth_bps``.
+    Every frame is scheduled when it is enqueued, and a task writes it when due, so
+    the caller of ``send`` never waits for the emulated delay.
+    """
+
+    def __init__(self, protocol: _FrameProtocol, netem: NetEm) -> None:
+        self._protocol = protocol
+        self._netem = netem
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[tuple[float, list[memoryview | bytes]] | None] = asyncio.Queue()
+        self._room = asyncio.Event()  # set while fewer than _MAX_DELAYED_FRAMES are queued
+        self._room.set()
+        self._last_due = 0.0
+        self._link_free = 0.0
+        self._task = self._loop.create_task(self._run())
+        protocol.lost.add_done_callback(self._on_lost)
+
+    def _on_lost(self, _: asyncio.Future[None]) -> None:
+        self._task.cancel()
+        self._room.set()  # wake senders waiting for room; they find the connection lost
+
+    async def put(self, buffers: list[memoryview | bytes]) -> None:
+        while self._queue.qsize() >= _MAX_DELAYED_FRAMES and not self._protocol.lost.done():
+            self._room.clear()
+            await self._room.wait()
+        if self._protocol.lost.done():
+            raise ConnectionClosed(self._protocol.closed_reason or "connection lost")
+        now = self._loop.time()
+        netem = self._netem
+        sent = now
+        if netem.bandwidth_bps is not None:
+            nbytes = sum(memoryview(b).nbytes for b in buffers)
+            sent = self._link_free = max(now, self._link_free) + 8 * nbytes / netem.bandwidth_bps
+        delay = netem.delay_ms + random.uniform(-netem.jitter_ms, netem.jitter_ms)
+        self._last_due = max(self._last_due, sent + max(delay, 0.0) / 1000)
+        self._queue.put_nowait((self._last_due, buffers))
+
+    def close(self) -> None:
+        """Close the transport once every frame already enqueued has been written."""
+        self._queue.put_nowait(None)
+
+    async def _run(self) -> None:
+        while (item := await self._queue.get()) is not None:
+            due, buffers = item
+            await asyncio.sleep(due - self._loop.time())
+            self._protocol.write(buffers)
+            self._room.set()
+            await self._protocol.drain()
+        self._protocol.close()
+
+
+class Connection:
+    """A framed connection carrying msgpack headers and tensors; see ``send`` and ``recv``.
+
+    Iterate with ``async for header, tensors in conn`` until the peer closes cleanly.
+    """
+
+    def __init__(self, protocol: _FrameProtocol, netem: NetEm | None = None) -> None:
+        self._protocol = protocol
+        self._sender = _DelayedSender(protocol, netem) if netem is not None and netem.active else None
+
+    @property
+    def peername(self) -> Any:
+        assert self._protocol.transport is not None
+        return self._protocol.transport.get_extra_info("peername")
+
+    @property
+    def closed(self) -> bool:
+        """Whether close() was called or the connection has ended; send() then fails."""
+        return self._protocol.closed_reason is not None
+
+    async def send(self, msg: Mapping, tensors: Tensors | None = None) -> None:
+        """Send one frame.
+
+        Without a NetEm this writes at once and waits only while the socket's write
+        buffer is full. With one, the frame is queued for its due time and this returns
+        at once. Either way the connection may keep references to the tensors' memory
+        until they are on the wire, so the caller must not modify them afterwards.
+        """
+        if self.closed:
+            raise ConnectionClosed("send on a closed connection")
+        buffers = encode_frame(msg, tensors)
+        if self._sender is not None:
+            await self._sender.put(buffers)
+        else:
+            self._protocol.write(buffers)
+            await self._protocol.drain()
+
+    async def recv(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Receive one frame as ``(header, tensors)``; tensors are views over its own buffer.
+
+        Raises ProtocolError on a malformed, oversized or truncated frame, after which the
+        connection is closed (the peer gets an ERROR frame saying why); ConnectionClosed
+        once the connection has ended (and on every call after that).
+        """
+        return await self._protocol.receive()
+
+    def __aiter__(self) -> "Connection":
+        return self
+
+    async def __anext__(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        try:
+            return await self.recv()
+        except ConnectionClosed:
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        """Close after writing what was already sent (including frames a NetEm holds back)."""
+        if self.closed:
+            return
+        self._protocol.closed_reason = "connection closed locally"
+        if self._sender is not None:
+            self._sender.close()
+        else:
+            self._protocol.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._protocol.lost)
+
+
+async def open_connection(
+    host: str,
+    port: int,
+    *,
+    netem: NetEm | None = None,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+) -> Connection:
+    loop = asyncio.get_running_loop()
+    _, protocol = await loop.create_connection(lambda: _FrameProtocol(max_frame_bytes, lambda _: None), host, port)
+    return Connection(protocol, netem)
+
+
+async def start_server(
+    on_connection: Callable[[Connection], Awaitable[None]],
+    host: str | None,
+    port: int,
+    *,
+    netem: NetEm | None = None,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    max_connections: int = 256,
+) -> asyncio.Server:
+    """Serve: run ``on_connection(conn)`` as a task for every accepted connection.
+
+    The connection is closed when its handler returns or raises; an exception is
+    logged and affects no other connection. Beyond ``max_connections`` open
+    connections, a new one gets an ERROR frame and is closed at once.
+    """
+    loop = asyncio.get_running_loop()
+    active: set[_FrameProtocol] = set()
+    handlers: set[asyncio.Task[None]] = set()  # strong references to running handlers
+
+    async def handle(conn: Connection) -> None:
+        try:
+            await on_connection(conn)
+        except (ProtocolError, ConnectionClosed) as exc:
+            log.warning("connection from %s ended: %s", conn.peername, exc)
+        except Exception:
+            log.exception("handler for connection from %s failed", conn.peername)
+        finally:
+            conn.close()
+
+    def accept(protocol: _FrameProtocol) -> None:
+        if len(active) >= max_connections:
+            log.warning("refusing connection: %d connections open", len(active))
+            protocol.fail(ProtocolError(f"server is at its limit of {max_connections} connections"))
+            return
+        active.add(protocol)
+        protocol.lost.add_done_callback(lambda _: active.discard(protocol))
+        task = loop.create_task(handle(Connection(protocol, netem)))
+        handlers.add(task)
+        task.add_done_callback(handlers.discard)
+
+    return await loop.create_server(lambda: _FrameProtocol(max_frame_bytes, accept), host, port)
+
+
+async def client_handshake(conn: Connection, role: str, info: Mapping[str, Any]) -> dict:
+    """Introduce ourselves with HELLO; return the server's WELCOME header.
+
+    Raises ProtocolError (and closes the connection) if the server refuses with an
+    ERROR or answers with anything but a WELCOME of our protocol version.
+    """
+    if clash := {"type", "version", "role"} & info.keys():
+        raise ValueError(f"handshake info may not set {sorted(clash)}")
+    await conn.send({**info, "type": MsgType.HELLO, "version": PROTOCOL_VERSION, "role": role})
+    reply, _ = await conn.recv()
+    if reply["type"] == MsgType.ERROR:
+        problem = f"server refused the handshake: {reply.get('message', 'no reason given')}"
+    elif reply["type"] != MsgType.WELCOME:
+        problem = f"expected WELCOME, got {reply['type']!r}"
+    elif reply.get("version") != PROTOCOL_VERSION:
+        problem = f"server speaks protocol version {reply.get('version')!r}, we speak {PROTOCOL_VERSION}"
+    else:
+        return reply
+    conn.close()
+    raise ProtocolError(problem)
+
+
+async def server_handshake(
+    conn: Connection,
+    allowed_roles: set[str],
+    welcome: Mapping[str, Any] | Callable[[dict], Mapping[str, Any]],
+) -> dict:
+    """Read the peer's HELLO, check version and role, answer WELCOME; return the HELLO.
+
+    ``welcome`` holds the fields to send back, or computes them from the HELLO. On a
+    mismatch the peer gets an ERROR frame whose "message" says what is wrong, the
+    connection is closed and ProtocolError is raised. (Authentication, when added, fits
+    here: a nonce sent before HELLO and an HMAC field checked in it.)
+    """
+    hello, _ = await conn.recv()
+    if hello["type"] != MsgType.HELLO:
+        problem = f"expected HELLO, got {hello['type']!r}"
+    elif hello.get("version") != PROTOCOL_VERSION:
+        problem = f"protocol version mismatch: server speaks {PROTOCOL_VERSION}, client sent {hello.get('version')!r}"
+    elif hello.get("role") not in allowed_roles:
+        problem = f"role {hello.get('role')!r} is not accepted here (accepted: {', '.join(sorted(allowed_roles))})"
+    else:
+        fields = welcome(hello) if callable(welcome) else welcome
+        await conn.send({**fields, "type": MsgType.WELCOME, "version": PROTOCOL_VERSION})
+        return hello
+    await conn.send({"type": MsgType.ERROR, "message": problem})
+    conn.close()
+    raise ProtocolError(problem)
+
+
+def _uvloop() -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop
+
+
+def install_event_loop_policy() -> bool:
+    """Make new event loops uvloop ones when uvloop is installed; return whether it is."""
+    if (uvloop := _uvloop()) is None:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on a uvloop event loop when uvloop is installed."""
+    uvloop = _uvloop()
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None) as runner:
+        return runner.run(main)

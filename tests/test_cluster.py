@@ -1,0 +1,246 @@
+"""The two-tier runtime against the single-process engine, on loopback.
+
+The matrix runs Tier 1 and Tier 2 nodes in this process (one event loop, real TCP
+sockets, real injected delays) so it stays fast; the `glinthawk run` tests at the end
+start real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from glinthawk.client import submit
+from glinthawk.compute.loader import load_model
+from glinthawk.engine import Engine
+from glinthawk.net.netem import NetEm
+from glinthawk.node.tier1 import Tier1Node
+from glinthawk.node.tier2 import Tier2Node
+from glinthawk.requests import parse_stream
+from glinthawk.tokenizer import Tokenizer
+
+from checkpoints import build_checkpoint
+
+PROMPTS = [
+    ("short", "The quick", 9),
+    ("medium", "Tier one holds the weights; tier two holds the key value cache.", 5),
+    ("long", "Offline batch inference runs millions of prompts through one model. " * 3, 12),
+    ("one", "A", 7),
+    ("numbers", "1 2 3 4 5", 10),
+    ("fox", "The quick brown fox jumps over the lazy dog.", 3),
+]
+
+
+def write_requests(path: Path, sampling: dict, prompts=PROMPTS) -> Path:
+    with open(path, "w") as f:
+        for custom_id, prompt, max_tokens in prompts:
+            f.write(json.dumps({"custom_id": custom_id, "prompt": prompt, "max_tokens": max_tokens,
+                                "ignore_eos": True, **sampling}) + "\n")
+    return path
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    ids = [line["custom_id"] for line in lines]
+    assert len(ids) == len(set(ids)), "a request was answered twice"
+    return {line["custom_id"]: line for line in lines}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("cluster") / "llama", "llama_gqa")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model_dir):
+    model = load_model(model_dir)
+    return model, Tokenizer(model_dir, extra_eos_ids=model.config.eos_token_ids)
+
+
+def single_process(checkpoint, requests: Path, max_batch_tokens: int = 64) -> dict[str, dict]:
+    model, tokenizer = checkpoint
+    lines: list[dict] = []
+    with open(requests, "rb") as f:
+        Engine(model, tokenizer, kv_tokens=4096, max_batch_tokens=max_batch_tokens).run(parse_stream(f), lines.append)
+    return {line["custom_id"]: line for line in lines}
+
+
+async def distributed(checkpoint, requests: Path, out: Path, *, nodes: int, micro_batches: int,
+                      netem: NetEm | None = None, kv_tokens: int = 4096, max_batch_tokens: int = 64):
+    model, tokenizer = checkpoint
+    tier2 = [Tier2Node(kv_tokens=kv_tokens, netem=netem) for _ in range(nodes)]
+    ports = [await node.start("127.0.0.1", 0) for node in tier2]
+    tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{p}" for p in ports], micro_batches=micro_batches,
+                      max_batch_tokens=max_batch_tokens, netem=netem)
+    try:
+        port = await tier1.start("127.0.0.1", 0)
+        summary = await submit(requests, "127.0.0.1", port, out, progress=False)
+    finally:
+        await tier1.close()
+        for node in tier2:
+            await node.close()
+    return summary, out
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 3])
+@pytest.mark.parametrize("micro_batches", [1, 4])
+@pytest.mark.parametrize("delay", [None, NetEm(delay_ms=20, jitter_ms=5)], ids=["0ms", "20ms+-5"])
+async def test_distributed_greedy_equals_single_process(checkpoint, tmp_path, nodes, micro_batches, delay):
+    requests = write_requests(tmp_path / "in.jsonl", {"temperature": 0})
+    expected = single_process(checkpoint, requests)
+    summary, out = await distributed(checkpoint, requests, tmp_path / "out.jsonl", nodes=nodes,
+                                     micro_batches=micro_batches, netem=delay)
+    got = read_results(out)
+    assert summary.failed == 0 and summary.done == len(PROMPTS)
+    assert set(got) == set(expected)
+    for custom_id, line in expected.items():
+        assert got[custom_id]["token_ids"] == line["token_ids"], custom_id
+        assert got[custom_id]["text"] == line["text"]
+        assert got[custom_id]["completion_tokens"] == dict((p[0], p[2]) for p in PROMPTS)[custom_id]
+
+
+async def test_seeded_sampling_distributed_equals_single_process(checkpoint, tmp_path):
+    requests = write_requests(tmp_path / "in.jsonl", {"temperature": 0.9, "top_p": 0.9, "top_k": 40, "seed": 1234})
+    expected = single_process(checkpoint, requests, max_batch_tokens=16)
+    _, out = await distributed(checkpoint, requests, tmp_path / "out.jsonl", nodes=2, micro_batches=3)
+    got = read_results(out)
+    assert {k: v["token_ids"] for k, v in got.items()} == {k: v["token_ids"] for k, v in expected.items()}
+
+
+async def test_more_requests_than_kv_capacity_all_complete(checkpoint, tmp_path):
+    prompts = [(f"r{i}", f"Request number {i} says hello", 6 + i % 5) for i in range(24)]
+    requests = write_requests(tmp_path / "in.jsonl", {"temperature": 0}, prompts)
+    expected = single_process(checkpoint, requests)
+    # Each sequence needs ~15-20 KV tokens: a node of 40 holds two at a time.
+    summary, out = await distributed(checkpoint, requests, tmp_path / "out.jsonl", nodes=2, micro_batches=2,
+                                     kv_tokens=40)
+    got = read_results(out)
+    assert summary.done == len(prompts) and summary.failed == 0
+    assert {k: v["token_ids"] for k, v in got.items()} == {k: v["token_ids"] for k, v in expected.items()}
+
+
+async def test_bad_lines_get_errors_and_the_rest_runs(checkpoint, tmp_path):
+    requests = tmp_path / "in.jsonl"
+    requests.write_bytes(
+        b'{"custom_id": "ok1", "prompt": "Hello", "max_tokens": 3, "temperature": 0}\n'
+        b'{"custom_id": "broken", "prompt": \n'
+        b'\xff\xfe not utf-8\n'
+        b'{"custom_id": "ok1", "prompt": "Duplicate", "max_tokens": 3}\n'
+        b'{"custom_id": "big", "prompt": "Hello", "max_tokens": 100000}\n'
+        b'{"custom_id": "ok2", "prompt": "World", "max_tokens": 3, "temperature": 0}\n'
+    )
+    summary, out = await distributed(checkpoint, requests, tmp_path / "out.jsonl", nodes=1, micro_batches=2)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary.done == 2 and summary.failed == 4
+    errors = [line["error"]["message"] for line in lines if "error" in line]
+    assert any("invalid JSON" in e and "line 2" in e for e in errors)
+    assert any("UTF-8" in e and "line 3" in e for e in errors)
+    assert any("duplicate custom_id 'ok1'" in e for e in errors)
+    assert any("exceeds the model's context" in e for e in errors)
+
+
+# -- OpenAI Batch form -----------------------------------------------------------------
+def check_openai_batch_output(line: dict, custom_id: str) -> dict:
+    """The fields and types of an OpenAI Batch API output line; returns the response body."""
+    assert set(line) == {"id", "custom_id", "response", "error"}
+    assert isinstance(line["id"], str) and line["custom_id"] == custom_id and line["error"] is None
+    response = line["response"]
+    assert set(response) == {"status_code", "request_id", "body"} and response["status_code"] == 200
+    body = response["body"]
+    assert {"id", "object", "created", "model", "choices", "usage"} <= set(body)
+    assert isinstance(body["created"], int) and isinstance(body["model"], str)
+    (choice,) = body["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    return body
+
+
+async def test_openai_batch_form(checkpoint, tmp_path):
+    model, tokenizer = checkpoint
+    requests = tmp_path / "in.jsonl"
+    chat = [{"role": "user", "content": "The quick brown fox"}]
+    requests.write_text("\n".join(json.dumps(r) for r in [
+        {"custom_id": "c1", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "tiny", "prompt": "Tier one holds", "max_tokens": 5, "temperature": 0}},
+        {"custom_id": "c2", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": chat, "max_tokens": 4, "temperature": 0}},
+        {"custom_id": "c3", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
+    ]) + "\n")
+    _, out = await distributed(checkpoint, requests, tmp_path / "out.jsonl", nodes=2, micro_batches=2)
+    got = read_results(out)
+    completion = check_openai_batch_output(got["c1"], "c1")
+    assert completion["object"] == "text_completion" and completion["model"] == "tiny"
+    assert completion["usage"]["prompt_tokens"] == len(tokenizer.encode("Tier one holds"))
+    assert completion["usage"]["completion_tokens"] <= 5
+    expected = single_process(checkpoint, requests)["c1"]["response"]["body"]["choices"][0]["text"]
+    assert completion["choices"][0]["text"] == expected
+    chat_body = check_openai_batch_output(got["c2"], "c2")
+    assert chat_body["object"] == "chat.completion"
+    assert chat_body["choices"][0]["message"]["role"] == "assistant"
+    assert chat_body["usage"]["prompt_tokens"] == len(tokenizer.encode_chat(chat))
+    error = got["c3"]
+    assert error["response"]["status_code"] == 400
+    assert "/v1/embeddings" in error["response"]["body"]["error"]["message"]
+
+
+# -- real processes ----------------------------------------------------------------------
+def glinthawk(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "glinthawk", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def node_processes(log_dir: Path) -> list[int]:
+    """Pids of live processes whose command line names ``log_dir`` (the cluster's children)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+                state = (entry / "stat").read_text().split()[2]
+            except OSError:
+                continue
+            if str(log_dir) in cmdline and state != "Z":
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_glinthawk_run_end_to_end_on_bundled_model(tmp_path):
+    out, logs = tmp_path / "out.jsonl", tmp_path / "logs"
+    proc = glinthawk("run", "examples/prompts.jsonl", "-o", str(out), "--tier2-nodes", "2", "--log-dir", str(logs),
+                     "--no-progress", cwd=Path(__file__).resolve().parent.parent)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr
+    results = read_results(out)
+    expected = [json.loads(line)["custom_id"] for line in open("examples/prompts.jsonl")]
+    assert sorted(results) == sorted(expected)
+    assert all(line.get("error") is None for line in results.values())
+    assert node_processes(logs) == []
+
+
+def test_ctrl_c_leaves_valid_partial_output_and_no_children(tmp_path, model_dir):
+    requests = tmp_path / "in.jsonl"
+    write_requests(requests, {"temperature": 0}, [(f"r{i}", "Count with me: 1 2 3", 60) for i in range(40)])
+    out, logs = tmp_path / "out.jsonl", tmp_path / "logs"
+    proc = glinthawk("run", str(requests), "-o", str(out), "--model", str(model_dir), "--tier2-nodes", "2",
+                     "--max-seqs", "2", "--micro-batches", "2", "--log-dir", str(logs), "--no-progress")
+    deadline = time.monotonic() + 120
+    while not (out.exists() and out.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    partial = read_results(out)  # every line is whole JSON
+    assert 2 <= len(partial) < 40
+    deadline = time.monotonic() + 30
+    while node_processes(logs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert node_processes(logs) == []

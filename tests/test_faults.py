@@ -1,0 +1,117 @@
+"""Surviving failures: a Tier 2 node killed mid-run, a hung node, a killed client resumed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from glinthawk.client import answered, submit
+from glinthawk.cluster import LocalCluster
+from glinthawk.net.connection import server_handshake, start_server
+from glinthawk.node.tier1 import Tier1Node
+from glinthawk.node.tier2 import Tier2Node
+
+from test_cluster import checkpoint, model_dir, read_results, single_process, write_requests  # noqa: F401
+
+FAULT_PROMPTS = [(f"r{i}", f"Request {i}: the quick brown fox", 30 + i % 7) for i in range(18)]
+
+
+def mixed_requests(path: Path) -> Path:
+    """Greedy and seeded-sampling requests, all of fixed length."""
+    with open(path, "w") as f:
+        for i, (custom_id, prompt, max_tokens) in enumerate(FAULT_PROMPTS):
+            sampling = {"temperature": 0} if i % 2 else {"temperature": 0.8, "top_p": 0.95, "seed": i}
+            f.write(json.dumps({"custom_id": custom_id, "prompt": prompt, "max_tokens": max_tokens,
+                                "ignore_eos": True, **sampling}) + "\n")
+    return path
+
+
+def tokens_by_id(results: dict[str, dict]) -> dict[str, list[int]]:
+    return {k: v["token_ids"] for k, v in results.items()}
+
+
+def wait_for_lines(path: Path, count: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().count("\n") >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not reach {count} lines")
+
+
+def test_sigkill_one_of_three_tier2_nodes_mid_run(checkpoint, model_dir, tmp_path):
+    requests = mixed_requests(tmp_path / "in.jsonl")
+    expected = single_process(checkpoint, requests)
+    out = tmp_path / "out.jsonl"
+    with LocalCluster(model_dir, tier2_nodes=3, kv_tokens=4096, micro_batches=3, max_seqs=2,
+                      max_batch_tokens=64, log_dir=tmp_path / "logs") as cluster:
+        host, port = cluster.tier1_address
+        client = subprocess.Popen([sys.executable, "-m", "glinthawk", "submit", str(requests), "--to", f"{host}:{port}",
+                                   "-o", str(out), "--no-progress"], stderr=subprocess.PIPE, text=True)
+        wait_for_lines(out, 2)
+        cluster.kill("tier2-1")
+        _, stderr = client.communicate(timeout=300)
+        assert client.returncode == 0, stderr
+        tier1_log = (tmp_path / "logs" / "tier1.log").read_text()
+    assert "lost Tier 2 node" in tier1_log
+    got = read_results(out)
+    assert len(got) == len(FAULT_PROMPTS)
+    assert tokens_by_id(got) == tokens_by_id(expected)
+
+
+async def test_hung_tier2_node_is_dropped_by_heartbeat(checkpoint, tmp_path):
+    """A node that completes the handshake and then never answers is lost after the timeout."""
+    model, tokenizer = checkpoint
+
+    async def hung(conn):
+        await server_handshake(conn, {"tier1"}, {"capacity_tokens": 100000, "bytes_per_token": 1})
+        await asyncio.sleep(3600)
+
+    hung_server = await start_server(hung, "127.0.0.1", 0)
+    healthy = Tier2Node(kv_tokens=4096)
+    healthy_port = await healthy.start("127.0.0.1", 0)
+    addresses = [f"127.0.0.1:{hung_server.sockets[0].getsockname()[1]}", f"127.0.0.1:{healthy_port}"]
+    # The hung node reports more free room, so placement sends work there first.
+    tier1 = Tier1Node(model, tokenizer, addresses, micro_batches=2, heartbeat_s=0.2, heartbeat_timeout_s=1.0,
+                      reconnect_seconds=3600)
+    requests = mixed_requests(tmp_path / "in.jsonl")
+    try:
+        port = await tier1.start("127.0.0.1", 0)
+        summary = await asyncio.wait_for(submit(requests, "127.0.0.1", port, tmp_path / "out.jsonl", progress=False),
+                                         timeout=240)
+    finally:
+        await tier1.close()
+        await healthy.close()
+        hung_server.close()
+    assert summary.done == len(FAULT_PROMPTS) and summary.failed == 0
+    assert tokens_by_id(read_results(tmp_path / "out.jsonl")) == tokens_by_id(single_process(checkpoint, requests))
+
+
+def test_client_killed_then_resumed_equals_undisturbed_run(checkpoint, model_dir, tmp_path):
+    requests = mixed_requests(tmp_path / "in.jsonl")
+    expected = single_process(checkpoint, requests)
+    out = tmp_path / "out.jsonl"
+    with LocalCluster(model_dir, tier2_nodes=2, kv_tokens=4096, micro_batches=2, max_seqs=2,
+                      max_batch_tokens=64, log_dir=tmp_path / "logs") as cluster:
+        host, port = cluster.tier1_address
+        command = [sys.executable, "-m", "glinthawk", "submit", str(requests), "--to", f"{host}:{port}", "-o", str(out),
+                   "--no-progress"]
+        client = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+        wait_for_lines(out, 3)
+        client.send_signal(signal.SIGKILL)
+        client.wait()
+        with open(out, "a") as f:  # as if killed in the middle of writing a line
+            f.write('{"custom_id": "r17", "text": "half a li')
+        first_pass = answered(out)[0]
+        assert 3 <= len(first_pass) < len(FAULT_PROMPTS)
+        resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr
+    got = read_results(out)  # also checks every line is whole JSON and no custom_id twice
+    assert tokens_by_id(got) == tokens_by_id(expected)
