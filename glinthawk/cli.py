@@ -108,12 +108,14 @@ def generate(input_path, output_path, model_dir, dtype, device, kv_tokens, kv_me
 
 
 def _run_submit(input_path: str, host: str, port: int, output_path: str, progress: bool | None,
-                resume: bool = False) -> None:
+                resume: bool = False, secret_file: Path | None = None) -> None:
     from glinthawk.client import SubmitError, submit
     from glinthawk.net.connection import run
+    from glinthawk.node.cli import read_secret
 
+    secret = read_secret(secret_file)
     try:
-        summary = run(submit(input_path, host, port, output_path, progress=progress, resume=resume))
+        summary = run(submit(input_path, host, port, output_path, progress=progress, resume=resume, secret=secret))
     except SubmitError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{summary.done} done, {summary.failed} failed, {summary.generated_tokens} tokens generated "
@@ -130,12 +132,14 @@ def _run_submit(input_path: str, host: str, port: int, output_path: str, progres
 @click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False), help="Results JSONL.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @click.option("--resume", is_flag=True, help="Keep the output file; skip every custom_id already answered in it.")
-def submit_command(input_path, to, output_path, progress, resume) -> None:
+@click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Shared secret of the cluster (default: $GLINTHAWK_SECRET if set).")
+def submit_command(input_path, to, output_path, progress, resume, secret_file) -> None:
     """Send a prompts file to a running Tier 1 and write the results as they arrive."""
     from glinthawk.node.cli import parse_address
 
     host, port = parse_address(to, "--to")
-    _run_submit(input_path, host, port, output_path, progress, resume)
+    _run_submit(input_path, host, port, output_path, progress, resume, secret_file)
 
 
 @main.command("run")
@@ -157,9 +161,11 @@ def submit_command(input_path, to, output_path, progress, resume) -> None:
               help="Where the nodes' logs go (default: a new temporary directory).")
 @click.option("--progress/--no-progress", default=None)
 @click.option("--resume", is_flag=True, help="Keep the output file; skip every custom_id already answered in it.")
+@click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Shared secret the nodes authenticate each other with (optional on loopback).")
 def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, kv_memory, kv_tokens, micro_batches,
                 max_batch_tokens, max_seqs, inject_delay_ms, inject_jitter_ms, inject_bandwidth, log_dir,
-                progress, resume) -> None:
+                progress, resume, secret_file) -> None:
     """Start a two-tier cluster on loopback (N Tier 2 + 1 Tier 1), run the file through it, stop it."""
     from glinthawk.cluster import ClusterError, LocalCluster
 
@@ -168,12 +174,13 @@ def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, 
     cluster = LocalCluster(model_dir, tier2_nodes=tier2_nodes, kv_memory=kv_memory, kv_tokens=kv_tokens,
                            delay_ms=inject_delay_ms, jitter_ms=inject_jitter_ms, bandwidth=inject_bandwidth,
                            dtype=dtype, device=device, micro_batches=micro_batches,
-                           max_batch_tokens=max_batch_tokens, max_seqs=max_seqs, log_dir=log_dir)
+                           max_batch_tokens=max_batch_tokens, max_seqs=max_seqs, log_dir=log_dir,
+                           secret_file=secret_file)
     try:
         with cluster:
             click.echo(f"cluster up: {tier2_nodes} Tier 2 node(s), logs in {cluster.log_dir}", err=True)
             host, port = cluster.tier1_address
-            _run_submit(input_path, host, port, output_path, progress, resume)
+            _run_submit(input_path, host, port, output_path, progress, resume, secret_file)
     except ClusterError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -90,6 +90,7 @@ async def submit(
     progress: bool | None = None,
     max_line_bytes: int = MAX_LINE_BYTES,
     resume: bool = False,
+    secret: bytes | None = None,
 ) -> SubmitSummary:
     """Run every line of ``input_path`` through Tier 1; with ``resume``, only those not yet in the output."""
     input_path, output_path = Path(input_path), Path(output_path)
@@ -100,7 +101,7 @@ async def submit(
         raise SubmitError(f"cannot read input file {input_path}: {exc.strerror}") from None
     try:
         conn = await open_connection(host, port)
-        await client_handshake(conn, "client", {})
+        await client_handshake(conn, "client", {}, secret=secret)
     except (OSError, ConnectionClosed, ProtocolError) as exc:
         source.close()
         raise SubmitError(f"cannot reach Tier 1 at {host}:{port}: {exc}") from None

@@ -60,6 +60,7 @@ class LocalCluster:
     max_batch_tokens: int = 2048
     max_seqs: int = 256
     log_dir: Path | None = None
+    secret_file: Path | None = None
     nodes: list[NodeProcess] = field(default_factory=list)
 
     def __enter__(self) -> "LocalCluster":
@@ -97,6 +98,8 @@ class LocalCluster:
         netem = ["--inject-delay-ms", str(self.delay_ms), "--inject-jitter-ms", str(self.jitter_ms)]
         if self.bandwidth:
             netem += ["--inject-bandwidth", self.bandwidth]
+        if self.secret_file:
+            netem += ["--secret-file", str(self.secret_file)]
         command = [sys.executable, "-m", "glinthawk.node", *args, "--listen", "127.0.0.1:0",
                    "--ready-file", str(ready), *netem]
         with open(log_path, "wb") as log:

@@ -72,6 +72,14 @@ def build_checkpoint(directory: Path, variant: str = "llama_gqa", *, layers: int
     )
     torch.manual_seed(seed)
     model = model_class(config).eval()
+    # transformers initialises norm weights to 1 and biases to 0; randomise them too, so a
+    # swapped or missing norm weight or a dropped q/k/v bias changes the logits.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                param.normal_(0.0, 0.5)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)
     return directory

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from . import auth
 from .codec import DEFAULT_MAX_FRAME_BYTES, ProtocolError, decode_frame, encode_frame
 from .messages import PROTOCOL_VERSION, MsgType
 from .netem import NetEm
@@ -384,24 +385,57 @@ async def start_server(
     return await loop.create_server(lambda: _FrameProtocol(max_frame_bytes, accept), host, port)
 
 
-async def client_handshake(conn: Connection, role: str, info: Mapping[str, Any]) -> dict:
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+async def _recv_within(conn: Connection, timeout_s: float, what: str) -> dict:
+    """A peer that stalls mid-handshake is dropped instead of holding a connection slot."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            header, _ = await conn.recv()
+    except TimeoutError:
+        conn.close()
+        raise ProtocolError(f"no {what} within {timeout_s:.0f} s") from None
+    return header
+
+
+async def client_handshake(
+    conn: Connection, role: str, info: Mapping[str, Any], *, secret: bytes | None = None,
+    timeout_s: float = HANDSHAKE_TIMEOUT_S,
+) -> dict:
     """Introduce ourselves with HELLO; return the server's WELCOME header.
 
-    Raises ProtocolError (and closes the connection) if the server refuses with an
-    ERROR or answers with anything but a WELCOME of our protocol version.
+    With a ``secret``, the server must prove it knows it too (mutual HMAC). Raises
+    ProtocolError (and closes the connection) if the server refuses with an ERROR,
+    fails authentication, or answers with anything but a WELCOME of our version.
     """
-    if clash := {"type", "version", "role"} & info.keys():
+    if clash := {"type", "version", "role", "nonce"} & info.keys():
         raise ValueError(f"handshake info may not set {sorted(clash)}")
-    await conn.send({**info, "type": MsgType.HELLO, "version": PROTOCOL_VERSION, "role": role})
-    reply, _ = await conn.recv()
-    if reply["type"] == MsgType.ERROR:
-        problem = f"server refused the handshake: {reply.get('message', 'no reason given')}"
-    elif reply["type"] != MsgType.WELCOME:
-        problem = f"expected WELCOME, got {reply['type']!r}"
-    elif reply.get("version") != PROTOCOL_VERSION:
-        problem = f"server speaks protocol version {reply.get('version')!r}, we speak {PROTOCOL_VERSION}"
-    else:
-        return reply
+    nonce = auth.new_nonce()
+    await conn.send({**info, "type": MsgType.HELLO, "version": PROTOCOL_VERSION, "role": role, "nonce": nonce})
+    reply = await _recv_within(conn, timeout_s, "handshake reply")
+    problem = None
+    if reply["type"] == MsgType.CHALLENGE:
+        server_nonce = reply.get("nonce")
+        if secret is None:
+            problem = f"server requires a shared secret; pass --secret-file or set ${auth.SECRET_ENV}"
+        elif not isinstance(server_nonce, bytes) or not auth.verify(
+                auth.proof(secret, b"server", nonce, server_nonce), reply.get("proof")):
+            problem = "server failed authentication: its secret differs from ours"
+        else:
+            await conn.send({"type": MsgType.AUTH, "proof": auth.proof(secret, b"client", server_nonce, nonce)})
+            reply = await _recv_within(conn, timeout_s, "WELCOME")
+    elif secret is not None and reply["type"] == MsgType.WELCOME:
+        problem = "server did not authenticate itself although we have a shared secret; refusing it"
+    if problem is None:
+        if reply["type"] == MsgType.ERROR:
+            problem = f"server refused the handshake: {reply.get('message', 'no reason given')}"
+        elif reply["type"] != MsgType.WELCOME:
+            problem = f"expected WELCOME, got {reply['type']!r}"
+        elif reply.get("version") != PROTOCOL_VERSION:
+            problem = f"server speaks protocol version {reply.get('version')!r}, we speak {PROTOCOL_VERSION}"
+        else:
+            return reply
     conn.close()
     raise ProtocolError(problem)
 
@@ -410,28 +444,48 @@ async def server_handshake(
     conn: Connection,
     allowed_roles: set[str],
     welcome: Mapping[str, Any] | Callable[[dict], Mapping[str, Any]],
+    *,
+    secret: bytes | None = None,
+    timeout_s: float = HANDSHAKE_TIMEOUT_S,
 ) -> dict:
-    """Read the peer's HELLO, check version and role, answer WELCOME; return the HELLO.
+    """Read the peer's HELLO, check version and role, authenticate, answer WELCOME; return the HELLO.
 
-    ``welcome`` holds the fields to send back, or computes them from the HELLO. On a
-    mismatch the peer gets an ERROR frame whose "message" says what is wrong, the
-    connection is closed and ProtocolError is raised. (Authentication, when added, fits
-    here: a nonce sent before HELLO and an HMAC field checked in it.)
+    ``welcome`` holds the fields to send back, or computes them from the HELLO. With a
+    ``secret`` the peer must answer an HMAC challenge before anything else is read. On
+    any mismatch the peer gets an ERROR frame whose "message" says what is wrong, the
+    connection is closed and ProtocolError is raised.
     """
-    hello, _ = await conn.recv()
+    hello = await _recv_within(conn, timeout_s, "HELLO")
+    client_nonce = hello.get("nonce")
     if hello["type"] != MsgType.HELLO:
         problem = f"expected HELLO, got {hello['type']!r}"
     elif hello.get("version") != PROTOCOL_VERSION:
         problem = f"protocol version mismatch: server speaks {PROTOCOL_VERSION}, client sent {hello.get('version')!r}"
     elif hello.get("role") not in allowed_roles:
         problem = f"role {hello.get('role')!r} is not accepted here (accepted: {', '.join(sorted(allowed_roles))})"
+    elif secret is not None and not isinstance(client_nonce, bytes):
+        problem = "HELLO carries no nonce; this server requires authentication"
     else:
-        fields = welcome(hello) if callable(welcome) else welcome
-        await conn.send({**fields, "type": MsgType.WELCOME, "version": PROTOCOL_VERSION})
-        return hello
+        problem = await _challenge(conn, secret, client_nonce, timeout_s) if secret is not None else None
+        if problem is None:
+            fields = welcome(hello) if callable(welcome) else welcome
+            await conn.send({**fields, "type": MsgType.WELCOME, "version": PROTOCOL_VERSION})
+            return hello
     await conn.send({"type": MsgType.ERROR, "message": problem})
     conn.close()
     raise ProtocolError(problem)
+
+
+async def _challenge(conn: Connection, secret: bytes, client_nonce: bytes, timeout_s: float) -> str | None:
+    """Prove ourselves and check the peer's proof; returns the problem, or None when authenticated."""
+    nonce = auth.new_nonce()
+    await conn.send({"type": MsgType.CHALLENGE, "nonce": nonce,
+                     "proof": auth.proof(secret, b"server", client_nonce, nonce)})
+    answer = await _recv_within(conn, timeout_s, "AUTH")
+    if answer["type"] != MsgType.AUTH or not auth.verify(auth.proof(secret, b"client", nonce, client_nonce),
+                                                          answer.get("proof")):
+        return "authentication failed: wrong or missing shared secret"
+    return None
 
 
 def _uvloop() -> Any:

@@ -13,6 +13,8 @@ class MsgType(StrEnum):
     """
 
     HELLO = "hello"
+    CHALLENGE = "challenge"
+    AUTH = "auth"
     WELCOME = "welcome"
     CAPACITY = "capacity"
     ATTN = "attn"

@@ -11,6 +11,7 @@ import click
 
 from glinthawk.cli import device_option, dtype_option, load_checkpoint, model_option
 from glinthawk.net.connection import run
+from glinthawk.net.auth import SECRET_ENV, SecretError, is_loopback, load_secret
 from glinthawk.net.netem import NetEm, parse_bandwidth, parse_size
 
 log = logging.getLogger("glinthawk.node")
@@ -31,6 +32,20 @@ def netem_from_options(delay_ms: float, jitter_ms: float, bandwidth: str | None)
     return netem if netem.active else None
 
 
+def secret_option(f):
+    return click.option(
+        "--secret-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+        help=f"Shared secret for the HMAC handshake (default: ${SECRET_ENV} if set).",
+    )(f)
+
+
+def read_secret(secret_file: Path | None) -> bytes | None:
+    try:
+        return load_secret(secret_file)
+    except SecretError as exc:
+        raise click.BadParameter(str(exc), param_hint="--secret-file") from None
+
+
 def netem_options(f):
     f = click.option("--inject-bandwidth", default=None, help="Cap on what this node sends, e.g. 1Gbit.")(f)
     f = click.option("--inject-jitter-ms", type=click.FloatRange(min=0), default=0.0, help="± jitter on that delay.")(f)
@@ -45,6 +60,8 @@ def netem_options(f):
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the bound HOST:PORT here once listening (for supervisors).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@secret_option
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --listen without a shared secret.")
 @netem_options
 @model_option
 @dtype_option
@@ -58,11 +75,17 @@ def netem_options(f):
               help="tier1: sequences per micro-batch.")
 @click.option("--kv-memory", default=None, help="tier2: KV cache size, e.g. 8GiB.")
 @click.option("--kv-tokens", type=click.IntRange(min=1), default=None, help="tier2: KV cache size in tokens.")
-def main(role, listen, ready_file, log_level, inject_delay_ms, inject_jitter_ms, inject_bandwidth, model_dir, dtype,
+def main(role, listen, ready_file, log_level, secret_file, insecure, inject_delay_ms, inject_jitter_ms, inject_bandwidth, model_dir, dtype,
          device, tier2_nodes, micro_batches, max_batch_tokens, max_seqs, kv_memory, kv_tokens) -> None:
     """Run a Glinthawk node: Tier 1 (weights, scheduling) or Tier 2 (KV cache + attention)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = parse_address(listen)
+    secret = read_secret(secret_file)
+    if secret is None and not insecure and not is_loopback(host):
+        raise click.UsageError(
+            f"--listen {listen} is reachable from other machines but no shared secret is set; "
+            f"give --secret-file (or ${SECRET_ENV}), or --insecure to accept any peer"
+        )
     netem = netem_from_options(inject_delay_ms, inject_jitter_ms, inject_bandwidth)
     if role == "tier2":
         if kv_memory is None and kv_tokens is None:
@@ -73,7 +96,7 @@ def main(role, listen, ready_file, log_level, inject_delay_ms, inject_jitter_ms,
             raise click.BadParameter(str(exc), param_hint="--kv-memory") from None
         from glinthawk.node.tier2 import Tier2Node
 
-        node = Tier2Node(kv_memory=memory, kv_tokens=kv_tokens, netem=netem)
+        node = Tier2Node(kv_memory=memory, kv_tokens=kv_tokens, netem=netem, secret=secret)
         run(_serve(node, host, port, ready_file))
         return
     if not tier2_nodes:
@@ -85,7 +108,7 @@ def main(role, listen, ready_file, log_level, inject_delay_ms, inject_jitter_ms,
     from glinthawk.node.tier1 import Tier1Node
 
     node = Tier1Node(model, tokenizer, addresses, micro_batches=micro_batches, max_batch_tokens=max_batch_tokens,
-                     max_seqs=max_seqs, netem=netem, model_name=model_dir.name)
+                     max_seqs=max_seqs, netem=netem, model_name=model_dir.name, secret=secret)
     try:
         run(_serve(node, host, port, ready_file))
     except ConnectionError as exc:

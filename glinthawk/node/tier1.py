@@ -243,6 +243,7 @@ class Tier1Node:
         reconnect_seconds: float = 1.0,
         heartbeat_s: float = 2.0,
         heartbeat_timeout_s: float = 10.0,
+        secret: bytes | None = None,
     ):
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.num_layers = model.config.num_layers
@@ -250,6 +251,7 @@ class Tier1Node:
         self.micro_batches, self.max_batch_tokens, self.max_seqs = micro_batches, max_batch_tokens, max_seqs
         self.max_waiting, self.netem, self.reconnect_seconds = max_waiting, netem, reconnect_seconds
         self.heartbeat_s, self.heartbeat_timeout_s = heartbeat_s, heartbeat_timeout_s
+        self.secret = secret
         self.links: dict[str, Tier2Link] = {}
         self.waiting: deque[Sequence] = deque()
         self.sessions: dict[int, ClientSession] = {}  # sequence id -> its client
@@ -306,7 +308,7 @@ class Tier1Node:
             welcome = await client_handshake(conn, "tier1", {
                 "num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
                 "dtype": str(self.model.dtype).removeprefix("torch."),
-            })
+            }, secret=self.secret)
         except (OSError, ConnectionClosed, ProtocolError) as exc:
             log.warning("cannot reach Tier 2 node %s: %s", address, exc)
             return False
@@ -371,7 +373,8 @@ class Tier1Node:
     # -- clients ------------------------------------------------------------------------
     async def _serve_client(self, conn: Connection) -> None:
         cfg = self.model.config
-        await server_handshake(conn, {"client"}, {"model": self.model_name, "max_context": cfg.max_position_embeddings})
+        await server_handshake(conn, {"client"}, {"model": self.model_name, "max_context": cfg.max_position_embeddings},
+                               secret=self.secret)
         session = ClientSession(conn, Intake(self.tokenizer, cfg.max_position_embeddings, cfg.vocab_size,
                                              self.capacity_per_node or None))
         try:
@@ -397,15 +400,16 @@ class Tier1Node:
             log.warning("client connection ended: %s", exc)
 
     async def _accept_lines(self, session: ClientSession, lines: list) -> None:
+        if not isinstance(lines, list):
+            lines = [None]
         for entry in lines:
             try:
-                number, raw = entry
-                seq = session.intake.admit(parse_line(int(number), raw))
+                if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)
+                        and isinstance(entry[1], (bytes, type(None)))):
+                    raise RequestError("malformed SUBMIT entry: expected [line number, bytes]")
+                seq = session.intake.admit(parse_line(entry[0], entry[1]))
             except RequestError as error:
                 await session.send_line(error_line(error), True)
-                continue
-            except (TypeError, ValueError):
-                await session.send_line(error_line(RequestError("malformed SUBMIT entry")), True)
                 continue
             session.outstanding += 1
             self.sessions[seq.id] = session

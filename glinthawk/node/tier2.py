@@ -27,10 +27,11 @@ log = logging.getLogger("glinthawk.tier2")
 
 
 class Tier2Node:
-    def __init__(self, kv_memory: int | None = None, kv_tokens: int | None = None, netem: NetEm | None = None):
+    def __init__(self, kv_memory: int | None = None, kv_tokens: int | None = None, netem: NetEm | None = None,
+                 secret: bytes | None = None):
         if (kv_memory is None) == (kv_tokens is None):
             raise ValueError("give exactly one of kv_memory (bytes) or kv_tokens")
-        self.kv_memory, self.kv_tokens, self.netem = kv_memory, kv_tokens, netem
+        self.kv_memory, self.kv_tokens, self.netem, self.secret = kv_memory, kv_tokens, netem, secret
         self.store: KVStore | None = None
         self._owner: Connection | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier2-attention")
@@ -74,7 +75,7 @@ class Tier2Node:
             await conn.send({"type": MsgType.ERROR, "message": "this Tier 2 node already serves a Tier 1"})
             conn.close()
             return
-        await server_handshake(conn, {"tier1"}, self._welcome)
+        await server_handshake(conn, {"tier1"}, self._welcome, secret=self.secret)
         self._owner = conn
         in_flight: set[asyncio.Task] = set()
         try:
@@ -84,8 +85,8 @@ class Tier2Node:
                     task = asyncio.create_task(self._attend(conn, header, tensors))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
-                elif kind == MsgType.RELEASE:
-                    self._submit(self._release, list(header.get("seqs", ())))
+                elif kind == MsgType.RELEASE and isinstance(header.get("seqs"), list):
+                    self._submit(self._release, header["seqs"])
                 elif kind == MsgType.PING:
                     await conn.send({"type": MsgType.PONG, "nonce": header.get("nonce")})
                 else:
@@ -106,7 +107,9 @@ class Tier2Node:
         mb = header.get("mb")
         try:
             out = await self._submit(self._compute, header, tensors)
-        except (KVCapacityError, UnknownSequenceError, ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # a malformed request fails alone; the node keeps serving
+            if not isinstance(exc, (KVCapacityError, UnknownSequenceError)):
+                log.warning("bad ATTN frame: %r", exc)
             await conn.send({"type": MsgType.ERROR, "mb": mb, "message": f"attention failed: {exc}"})
             return
         await conn.send({"type": MsgType.ATTN_OUT, "mb": mb, "layer": header.get("layer")}, {"out": out})
@@ -131,5 +134,5 @@ class Tier2Node:
         if self.store is None:
             return
         for seq_id in seq_ids:
-            if seq_id in self.store:
+            if isinstance(seq_id, (int, str)) and seq_id in self.store:
                 self.store.free(seq_id)
