@@ -9,6 +9,7 @@ valid, partial output file.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -67,6 +68,12 @@ def answered(output_path: Path) -> tuple[set[str], set[int]]:
     return ids, lines
 
 
+def batch_id(input_path: Path, output_path: Path) -> str:
+    """Names a submission so a resumed client finds the results Tier 1 kept for it."""
+    key = f"{input_path.resolve()}\0{output_path.resolve()}".encode()
+    return hashlib.sha256(key).hexdigest()[:32]
+
+
 def _line_custom_id(number: int, raw: bytes | None) -> str | None:
     """The custom_id a line will be answered under, without judging the rest of it."""
     try:
@@ -101,7 +108,8 @@ async def submit(
         raise SubmitError(f"cannot read input file {input_path}: {exc.strerror}") from None
     try:
         conn = await open_connection(host, port)
-        await client_handshake(conn, "client", {}, secret=secret)
+        await client_handshake(conn, "client", {"batch_id": batch_id(input_path, output_path), "resume": resume},
+                               secret=secret)
     except (OSError, ConnectionClosed, ProtocolError) as exc:
         source.close()
         raise SubmitError(f"cannot reach Tier 1 at {host}:{port}: {exc}") from None
@@ -121,20 +129,24 @@ async def submit(
             await conn.send({"type": MsgType.SUBMIT, "lines": chunk})
         await conn.send({"type": MsgType.DONE})
 
-    unsent = False
-    sender = asyncio.get_running_loop().create_task(send_all())
     total = count_lines(input_path)
     if total is not None and resume:
         total = max(0, total - len(done_ids) - len(done_lines))
+    unsent = False
+    sender: asyncio.Task | None = None
     with source, ResultWriter(output_path, total=total, progress=progress, append=resume) as writer:
         try:
             while True:
-                if sender.done() and sender.exception() is not None:
+                if sender is not None and sender.done() and sender.exception() is not None:
                     raise SubmitError(f"sending to Tier 1 failed: {sender.exception()}")
                 header, _ = await conn.recv()
                 kind = header["type"]
                 if kind == MsgType.RESULT:
                     writer.write(header["line"])
+                    if sender is None:  # kept by Tier 1 while we were away: not to be sent again
+                        done_ids.add(header["line"].get("custom_id"))
+                elif kind == MsgType.CAPACITY and sender is None:
+                    sender = asyncio.get_running_loop().create_task(send_all())
                 elif kind == MsgType.DRAIN:
                     unsent = True
                     log.warning("%s", header.get("message"))
@@ -147,6 +159,8 @@ async def submit(
                 f"lost the connection to Tier 1 ({exc}); {writer.done + writer.failed} results were written"
             ) from None
         finally:
-            sender.cancel()
+            if sender is not None:
+                sender.cancel()
             conn.close()
-        return SubmitSummary(writer.done, writer.failed, writer.generated_tokens, unsent or not sender.done())
+        return SubmitSummary(writer.done, writer.failed, writer.generated_tokens,
+                             unsent or sender is None or not sender.done())

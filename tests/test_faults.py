@@ -115,3 +115,36 @@ def test_client_killed_then_resumed_equals_undisturbed_run(checkpoint, model_dir
         assert resumed.returncode == 0, resumed.stderr
     got = read_results(out)  # also checks every line is whole JSON and no custom_id twice
     assert tokens_by_id(got) == tokens_by_id(expected)
+
+
+async def test_results_of_a_vanished_client_are_kept_and_handed_over(checkpoint, tmp_path):
+    """The client disconnects mid-run; Tier 1 finishes its requests, spools their results and
+    hands them to the resumed client, which does not make Tier 1 generate them again."""
+    model, tokenizer = checkpoint
+    requests = mixed_requests(tmp_path / "in.jsonl")
+    expected = single_process(checkpoint, requests)
+    out = tmp_path / "out.jsonl"
+    tier2 = Tier2Node(kv_tokens=4096)
+    tier2_port = await tier2.start("127.0.0.1", 0)
+    tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{tier2_port}"], micro_batches=2, spool_dir=tmp_path / "spool")
+    try:
+        port = await tier1.start("127.0.0.1", 0)
+        first = asyncio.create_task(submit(requests, "127.0.0.1", port, out, progress=False))
+        while not (out.exists() and out.read_text().count("\n") >= 2):
+            await asyncio.sleep(0.01)
+        first.cancel()  # the client vanishes; its connection closes
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        while tier1.batch_of:  # Tier 1 carries on without it
+            await asyncio.sleep(0.05)
+        assert list((tmp_path / "spool").glob("*.jsonl")), "finished results were not spooled"
+        generated = tier1.generated_tokens
+        summary = await submit(requests, "127.0.0.1", port, out, progress=False, resume=True)
+        # Mostly handed over from the spool; only results lost on the wire as the client died run again.
+        assert tier1.generated_tokens - generated < generated / 2
+        assert summary.failed == 0
+    finally:
+        await tier1.close()
+        await tier2.close()
+    assert tokens_by_id(read_results(out)) == tokens_by_id(expected)
+    assert not list((tmp_path / "spool").glob("*.jsonl"))

@@ -8,7 +8,8 @@ Structure:
   layers. Several per node are in flight at once; each runs as its own coroutine.
 - ``StageMerger`` (merger.py): runs every micro-batch that is ready at the same stage as
   one batch on the compute thread.
-- Client sessions: SUBMIT frames in, RESULT frames out as each request finishes.
+- ``Batch``: a client's submission; SUBMIT frames in, RESULT frames out as each request
+  finishes, spooled to disk while no client is attached.
 
 A node that is lost hands its sequences back to the queue: they are placed again and
 their KV rebuilt from prompt + tokens generated so far (sampling is counter-based, so the
@@ -19,10 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import math
+import tempfile
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -132,27 +137,48 @@ class Tier2Link:
 
 
 @dataclass
-class ClientSession:
-    conn: Connection
+class Batch:
+    """One client's submission. It outlives the client's connection: results that finish
+    while no client is attached go to a spool file, handed over when a client with the
+    same batch id reconnects (``glinthawk submit --resume``)."""
+
+    id: str
     intake: Intake
-    outstanding: int = 0
+    spool_path: Path
+    conn: Connection | None = None
+    running: dict[str, Sequence] = field(default_factory=dict)  # custom_id -> sequence in flight
+    carried_over: set[str] = field(default_factory=set)  # running when a resuming client attached
     input_done: bool = False
     done: int = 0
     failed: int = 0
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def send_line(self, line: dict, failed: bool) -> None:
+    async def deliver(self, line: dict, failed: bool) -> None:
         self.done += not failed
         self.failed += failed
-        if not self.conn.closed:
+        sent = False
+        if self.conn is not None and not self.conn.closed:
             try:
                 await self.conn.send({"type": MsgType.RESULT, "line": line})
+                sent = True
             except (ConnectionClosed, ConnectionError):
-                log.warning("client went away; a result was dropped")
-        self._maybe_finish()
+                pass
+        if not sent:
+            with open(self.spool_path, "a", encoding="utf-8") as spool:
+                spool.write(json.dumps(line, ensure_ascii=False) + "\n")
+        self.maybe_finish()
 
-    def _maybe_finish(self) -> None:
-        if self.input_done and self.outstanding == 0:
+    async def hand_over_spool(self) -> None:
+        """Send what finished while no client was attached, then forget it."""
+        if not self.spool_path.exists():
+            return
+        with open(self.spool_path, encoding="utf-8") as spool:
+            for text in spool:
+                await self.conn.send({"type": MsgType.RESULT, "line": json.loads(text)})
+        self.spool_path.unlink()
+
+    def maybe_finish(self) -> None:
+        if self.input_done and not self.running:
             self.finished.set()
 
 
@@ -244,6 +270,7 @@ class Tier1Node:
         heartbeat_s: float = 2.0,
         heartbeat_timeout_s: float = 10.0,
         secret: bytes | None = None,
+        spool_dir: Path | None = None,
     ):
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.num_layers = model.config.num_layers
@@ -254,7 +281,10 @@ class Tier1Node:
         self.secret = secret
         self.links: dict[str, Tier2Link] = {}
         self.waiting: deque[Sequence] = deque()
-        self.sessions: dict[int, ClientSession] = {}  # sequence id -> its client
+        self.batches: dict[str, Batch] = {}
+        self.batch_of: dict[int, Batch] = {}  # sequence id -> its batch
+        self.spool_dir = Path(spool_dir or tempfile.mkdtemp(prefix="glinthawk-spool-"))
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.generated_tokens = 0
         self.merger: StageMerger | None = None
         self._room = asyncio.Event()  # set when the waiting queue has room for more input
@@ -281,7 +311,7 @@ class Tier1Node:
         """Stop taking input, finish every request already received, then return."""
         self._draining = True
         self._room.set()
-        while any(s.outstanding for s in set(self.sessions.values())) or self.waiting:
+        while self.batch_of or self.waiting:
             await asyncio.sleep(0.05)
 
     async def close(self) -> None:
@@ -366,40 +396,77 @@ class Tier1Node:
         self.place_waiting()
 
     async def finish(self, seq: Sequence) -> None:
-        session = self.sessions.pop(seq.id)
-        session.outstanding -= 1
-        await session.send_line(result_line(seq.request, seq.completion(self.tokenizer), self.model_name), False)
+        batch = self.batch_of.pop(seq.id)
+        del batch.running[seq.request.custom_id]
+        await batch.deliver(result_line(seq.request, seq.completion(self.tokenizer), self.model_name), False)
 
     # -- clients ------------------------------------------------------------------------
+    def _batch_for(self, hello: dict) -> Batch:
+        """The batch a client continues (same batch id, no client attached) or a new one."""
+        cfg = self.model.config
+        batch_id = hello.get("batch_id")
+        if not isinstance(batch_id, str) or not batch_id.isalnum() or len(batch_id) > 128:
+            batch_id = uuid.uuid4().hex
+        batch = self.batches.get(batch_id)
+        if batch is not None and batch.conn is not None and not batch.conn.closed:
+            raise ProtocolError(f"batch {batch_id} already has a client attached")
+        intake = Intake(self.tokenizer, cfg.max_position_embeddings, cfg.vocab_size, self.capacity_per_node or None)
+        if batch is None:
+            batch = Batch(batch_id, intake, self.spool_dir / f"{batch_id}.jsonl")
+            self.batches[batch_id] = batch
+        else:
+            # A result sent just as the old client died may never have reached its file: the
+            # resumed client sends such lines again, and they run again rather than count as
+            # duplicates. Lines still running are attached to, not rerun.
+            batch.intake = intake
+        batch.input_done = False
+        batch.finished.clear()
+        batch.carried_over = set(batch.running)
+        return batch
+
     async def _serve_client(self, conn: Connection) -> None:
         cfg = self.model.config
-        await server_handshake(conn, {"client"}, {"model": self.model_name, "max_context": cfg.max_position_embeddings},
-                               secret=self.secret)
-        session = ClientSession(conn, Intake(self.tokenizer, cfg.max_position_embeddings, cfg.vocab_size,
-                                             self.capacity_per_node or None))
+        hello = await server_handshake(conn, {"client"}, {"model": self.model_name,
+                                                          "max_context": cfg.max_position_embeddings},
+                                       secret=self.secret)
         try:
-            while not session.input_done:
+            batch = self._batch_for(hello)
+        except ProtocolError as exc:
+            await conn.send({"type": MsgType.ERROR, "message": str(exc)})
+            return
+        batch.conn = conn
+        try:
+            if hello.get("resume"):
+                await batch.hand_over_spool()
+            else:
+                batch.spool_path.unlink(missing_ok=True)
+            await conn.send({"type": MsgType.CAPACITY, "batch_id": batch.id, "running": sorted(batch.running)})
+            while not batch.input_done:
                 while len(self.waiting) >= self.max_waiting and not self._draining:
                     self._room.clear()
                     await self._room.wait()  # back-pressure: stop reading until the queue drains
                 if self._draining:
                     await conn.send({"type": MsgType.DRAIN, "message": "Tier 1 is shutting down; resubmit the rest"})
-                    session.input_done = True
+                    batch.input_done = True
                     break
                 header, _ = await conn.recv()
                 if header["type"] == MsgType.SUBMIT:
-                    await self._accept_lines(session, header.get("lines", []))
+                    await self._accept_lines(batch, header.get("lines", []))
                 elif header["type"] == MsgType.DONE:
-                    session.input_done = True
+                    batch.input_done = True
                 else:
                     await conn.send({"type": MsgType.ERROR, "message": f"unexpected message {header['type']!r}"})
-            session._maybe_finish()
-            await session.finished.wait()
-            await conn.send({"type": MsgType.DONE, "done": session.done, "failed": session.failed})
+            batch.maybe_finish()
+            await batch.finished.wait()
+            await conn.send({"type": MsgType.DONE, "done": batch.done, "failed": batch.failed})
+            del self.batches[batch.id]
         except (ConnectionClosed, ProtocolError) as exc:
-            log.warning("client connection ended: %s", exc)
+            log.warning("client of batch %s went away (%s); its %d running requests go on, results spooled to %s",
+                        batch.id, exc, len(batch.running), batch.spool_path)
+        finally:
+            batch.conn = None
 
-    async def _accept_lines(self, session: ClientSession, lines: list) -> None:
+    async def _accept_lines(self, batch: Batch, lines: list) -> None:
         if not isinstance(lines, list):
             lines = [None]
         for entry in lines:
@@ -407,11 +474,15 @@ class Tier1Node:
                 if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)
                         and isinstance(entry[1], (bytes, type(None)))):
                     raise RequestError("malformed SUBMIT entry: expected [line number, bytes]")
-                seq = session.intake.admit(parse_line(entry[0], entry[1]))
+                request = parse_line(entry[0], entry[1])
+                if request.custom_id in batch.carried_over:
+                    batch.carried_over.discard(request.custom_id)
+                    continue  # still running from before the client reconnected: its result will come
+                seq = batch.intake.admit(request)
             except RequestError as error:
-                await session.send_line(error_line(error), True)
+                await batch.deliver(error_line(error), True)
                 continue
-            session.outstanding += 1
-            self.sessions[seq.id] = session
+            batch.running[seq.request.custom_id] = seq
+            self.batch_of[seq.id] = batch
             self.waiting.append(seq)
         self.place_waiting()
