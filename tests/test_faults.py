@@ -148,3 +148,38 @@ async def test_results_of_a_vanished_client_are_kept_and_handed_over(checkpoint,
         await tier2.close()
     assert tokens_by_id(read_results(out)) == tokens_by_id(expected)
     assert not list((tmp_path / "spool").glob("*.jsonl"))
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def _bulk_run(model_dir: Path, tmp_path: Path, lines: int) -> tuple[int, int]:
+    """Submit ``lines`` one-token requests; returns (answered lines, Tier 1 peak RSS in KiB)."""
+    requests = tmp_path / f"bulk-{lines}.jsonl"
+    with open(requests, "w") as f:
+        for i in range(lines):
+            f.write(f'{{"custom_id": "b{i}", "prompt": "Request {i}", "max_tokens": 1}}\n')
+    out = tmp_path / f"bulk-{lines}.out.jsonl"
+    with LocalCluster(model_dir, tier2_nodes=1, kv_tokens=8192, micro_batches=2, max_seqs=256,
+                      max_batch_tokens=1024, log_dir=tmp_path / f"logs-{lines}") as cluster:
+        host, port = cluster.tier1_address
+        subprocess.run([sys.executable, "-m", "glinthawk", "submit", str(requests), "--to", f"{host}:{port}",
+                        "-o", str(out), "--no-progress"], check=True, timeout=1800)
+        peak = _peak_rss_kib(cluster.nodes[-1].process.pid)
+    with open(out) as f:
+        answered_lines = sum(1 for _ in f)
+    return answered_lines, peak
+
+
+@pytest.mark.slow
+def test_100k_line_submission_keeps_tier1_memory_bounded(model_dir, tmp_path):
+    small_lines, small_peak = _bulk_run(model_dir, tmp_path, 2_000)
+    big_lines, big_peak = _bulk_run(model_dir, tmp_path, 100_000)
+    assert (small_lines, big_lines) == (2_000, 100_000)
+    # The queue is bounded (max_waiting) and input is read as room frees: 50x the lines
+    # must not mean a Tier 1 that grows with the file. 64 MiB covers allocator noise.
+    assert big_peak - small_peak < 64 * 1024, (small_peak, big_peak)

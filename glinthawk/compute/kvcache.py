@@ -157,15 +157,15 @@ class KVStore:
 
         Checks every range against its reservation and records the written high-water mark.
         """
-        bases = []
-        for seq_id, start, count in zip(seq_ids, starts, counts):
-            slab = self._slab(seq_id)
-            end = start + count
-            if start < 0 or end > slab.reserved:
+        slabs = [self._slab(seq_id) for seq_id in seq_ids]
+        for seq_id, slab, start, count in zip(seq_ids, slabs, starts, counts):
+            if start < 0 or count < 0 or start + count > slab.reserved:
                 raise KVCapacityError(
-                    f"sequence {seq_id!r}: tokens {start}..{end} exceed its reservation of {slab.reserved}"
+                    f"sequence {seq_id!r}: tokens {start}..{start + count} exceed its reservation of {slab.reserved}"
                 )
-            slab.filled = max(slab.filled, end)
+        bases = []
+        for slab, start, count in zip(slabs, starts, counts):  # all checked: nothing half-recorded
+            slab.filled = max(slab.filled, start + count)
             bases.append(slab.start + start)
         counts_t = torch.tensor(counts, dtype=torch.int64)
         first = torch.cumsum(counts_t, 0) - counts_t  # index of each sequence's first token in the batch

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random checkpoints built once per session, and what loads from them.
+
+Everything here is lazy and cached for the session: a checkpoint is written the first
+time a test asks for it, a model is loaded once per (variant, dtype).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# The test models are tiny: one thread is as fast as several on an idle machine, and on a
+# busy one (CI, a training job beside us) a multi-threaded pool spins and slows tests 3-10x.
+torch.set_num_threads(1)
+
+from checkpoints import VARIANTS, build_checkpoint, load_reference  # noqa: E402
+from engine_util import SHARD_SIZE, SHARDED_VARIANT  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """``tiny_checkpoint(variant) -> Path``: a checkpoint directory, built on first use.
+
+    Each variant gets its own weight seed, so no two variants share weights.
+    """
+    root = tmp_path_factory.mktemp("checkpoints")
+    built: dict[str, Path] = {}
+
+    def get(variant: str = "llama_gqa") -> Path:
+        if variant not in built:
+            seed = list(VARIANTS).index(variant)
+            shard = SHARD_SIZE if variant == SHARDED_VARIANT else None
+            built[variant] = build_checkpoint(root / variant, variant, max_shard_size=shard, seed=seed)
+        return built[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    """``tiny_model(variant, dtype) -> (Model, Tokenizer)`` loaded by glinthawk, on CPU."""
+    from glinthawk.compute.loader import load_model
+    from glinthawk.tokenizer import Tokenizer
+
+    loaded: dict[tuple[str, str], tuple] = {}
+
+    def get(variant: str = "llama_gqa", dtype: str = "float32"):
+        key = (variant, dtype)
+        if key not in loaded:
+            directory = tiny_checkpoint(variant)
+            model = load_model(directory, dtype=dtype, device="cpu")
+            loaded[key] = (model, Tokenizer(directory, extra_eos_ids=model.config.eos_token_ids))
+        return loaded[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_checkpoint):
+    """``hf_model(variant, torch_dtype)``: the transformers reference model, in eval mode."""
+    loaded: dict = {}
+
+    def get(variant: str = "llama_gqa", dtype=None):
+        dtype = dtype or torch.float32
+        if (variant, dtype) not in loaded:
+            loaded[(variant, dtype)] = load_reference(tiny_checkpoint(variant), dtype)
+        return loaded[(variant, dtype)]
+
+    return get

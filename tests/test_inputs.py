@@ -1,0 +1,439 @@
+"""Request lines (plain and OpenAI Batch forms), bad input, and the ``glinthawk generate`` CLI's errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from glinthawk.cli import main
+from glinthawk.engine import Intake
+from glinthawk.requests import (
+    CHAT_URL, COMPLETIONS_URL, OPENAI, PLAIN, RequestError, error_line, is_error, parse_line, parse_stream,
+)
+
+
+def parse(obj, number: int = 3):
+    raw = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    return parse_line(number, raw)
+
+
+def parse_error(obj, *fragments: str, number: int = 3) -> RequestError:
+    with pytest.raises(RequestError) as info:
+        parse(obj, number)
+    error = info.value
+    assert error.line == number
+    assert error.message.startswith(f"line {number}: ")
+    for fragment in fragments:
+        assert fragment in error.message
+    return error
+
+
+# -- plain form -------------------------------------------------------------------------
+
+
+def test_plain_request_parses():
+    req = parse({"custom_id": "a", "prompt": "Hello", "max_tokens": 7, "temperature": 0.5, "top_p": 0.9,
+                 "top_k": 4, "min_p": 0.1, "seed": 3, "stop": "\n", "stop_token_ids": [5], "ignore_eos": True})
+    assert (req.custom_id, req.line, req.form, req.prompt, req.url) == ("a", 3, PLAIN, "Hello", COMPLETIONS_URL)
+    p = req.params
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.seed) == (7, 0.5, 0.9, 4, 0.1, 3)
+    assert (p.stop, p.stop_token_ids, p.ignore_eos) == (("\n",), (5,), True)
+    assert parse({"prompt": "x", "stop": ["a", "b"]}).params.stop == ("a", "b")
+    # Defaults, and a custom_id made from the line number when none is given.
+    req = parse({"prompt": "Hello", "temperature": None}, number=9)
+    assert req.custom_id == "line-9" and req.params.max_tokens == 16 and req.params.temperature == 1.0
+    assert parse({"prompt": [0, 5, 6]}).prompt == [0, 5, 6]
+    assert parse({"prompt": ["just one"]}).prompt == "just one"
+    chat = parse({"custom_id": "c", "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.is_chat and chat.url == CHAT_URL and chat.prompt is None
+
+
+@pytest.mark.parametrize("raw,fragment", [
+    (b'{"prompt": "x",', "invalid JSON"),
+    (b'{"prompt": "caf\xe9"}', "not valid UTF-8"),
+    (b'{"prompt": "\xff\xfe"}', "not valid UTF-8"),
+    (b'[1, 2]', "expected a JSON object, got list"),
+    (b'"just a string"', "expected a JSON object, got str"),
+    (b'42', "expected a JSON object, got int"),
+])
+def test_unreadable_lines(raw, fragment):
+    error = parse_error(raw, fragment)
+    assert error.custom_id is None
+    line = error_line(error)
+    assert line == {"custom_id": None, "error": {"message": error.message}, "line": 3}
+    assert is_error(line)
+
+
+@pytest.mark.parametrize("obj,fragments", [
+    ({"custom_id": "a", "max_tokens": 3}, ["exactly one of 'prompt' or 'messages'"]),
+    ({"custom_id": "a", "prompt": "x", "messages": [{"role": "user", "content": "y"}]}, ["exactly one of"]),
+    ({"custom_id": "a", "prompt": ""}, ["'prompt' is empty"]),
+    ({"custom_id": "a", "prompt": []}, ["'prompt' must be"]),
+    ({"custom_id": "a", "prompt": 12}, ["'prompt' must be"]),
+    ({"custom_id": "a", "prompt": [1, "two"]}, ["'prompt' must be"]),
+    ({"custom_id": "a", "prompt": "x", "max_tokens": "5"}, ["max_tokens"]),
+    ({"custom_id": "a", "prompt": "x", "max_tokens": 2.5}, ["max_tokens"]),
+    ({"custom_id": "a", "prompt": "x", "max_tokens": 0}, ["max_tokens", "positive"]),
+    ({"custom_id": "a", "prompt": "x", "max_tokens": -4}, ["max_tokens"]),
+    ({"custom_id": "a", "prompt": "x", "temperature": -0.5}, ["temperature", ">= 0"]),
+    ({"custom_id": "a", "prompt": "x", "temperature": "hot"}, ["temperature"]),
+    ({"custom_id": "a", "prompt": "x", "top_p": 0}, ["top_p", "(0, 1]"]),
+    ({"custom_id": "a", "prompt": "x", "top_p": 1.5}, ["top_p"]),
+    ({"custom_id": "a", "prompt": "x", "top_k": 2.5}, ["top_k"]),
+    ({"custom_id": "a", "prompt": "x", "top_k": -3}, ["top_k"]),
+    ({"custom_id": "a", "prompt": "x", "seed": "7"}, ["seed"]),
+    ({"custom_id": "a", "prompt": "x", "stop": 5}, ["'stop'"]),
+    ({"custom_id": "a", "prompt": "x", "stop": [""]}, ["stop"]),
+    ({"custom_id": "a", "prompt": "x", "stop_token_ids": ["a"]}, ["'stop_token_ids'"]),
+    ({"custom_id": "a", "prompt": "x", "stop_token_ids": [True]}, ["'stop_token_ids'"]),
+    ({"custom_id": "a", "prompt": "x", "ignore_eos": "yes"}, ["'ignore_eos'"]),
+    ({"custom_id": "a", "prompt": "x", "temprature": 0.5}, ["unknown field(s) temprature", "supported:"]),
+    ({"custom_id": "a", "messages": "hi"}, ["'messages' must be a non-empty list"]),
+    ({"custom_id": "a", "messages": [{"content": "hi"}]}, ["'role'"]),
+    ({"custom_id": "a", "messages": [{"role": "user", "content": 3}]}, ["'content'"]),
+])
+def test_bad_fields_name_the_problem_and_keep_the_custom_id(obj, fragments):
+    error = parse_error(obj, *fragments)
+    assert error.custom_id == "a" and error.form == PLAIN
+    assert error_line(error)["custom_id"] == "a"
+
+
+@pytest.mark.parametrize("custom_id", [5, "", ["a"], True])
+def test_bad_custom_id(custom_id):
+    parse_error({"custom_id": custom_id, "prompt": "x"}, "'custom_id' must be a non-empty string")
+
+
+# -- OpenAI Batch form ------------------------------------------------------------------
+
+
+def test_openai_forms_parse():
+    req = parse({"custom_id": "c1", "method": "POST", "url": COMPLETIONS_URL,
+                 "body": {"model": "tiny", "prompt": "Hello", "max_tokens": 5, "temperature": 0, "n": 1,
+                          "stream": False, "stop": ["\n"]}})
+    assert (req.form, req.url, req.prompt, req.model, req.is_chat) == (OPENAI, COMPLETIONS_URL, "Hello", "tiny", False)
+    assert (req.params.max_tokens, req.params.temperature, req.params.stop) == (5, 0, ("\n",))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    req = parse({"custom_id": "c2", "method": "POST", "url": CHAT_URL,
+                 "body": {"model": "tiny", "messages": messages, "max_completion_tokens": 9, "top_p": 0.5}})
+    assert (req.form, req.url, req.messages, req.is_chat) == (OPENAI, CHAT_URL, messages, True)
+    assert (req.params.max_tokens, req.params.top_p) == (9, 0.5)
+
+
+@pytest.mark.parametrize("obj,fragments", [
+    ({"custom_id": "o", "url": "/v1/embeddings", "body": {"input": "x"}}, ["unsupported url '/v1/embeddings'"]),
+    ({"custom_id": "o", "method": "GET", "url": COMPLETIONS_URL, "body": {"prompt": "x"}}, ["'method' must be POST"]),
+    ({"custom_id": "o", "url": COMPLETIONS_URL, "body": "prompt"}, ["'body' must be a JSON object"]),
+    ({"custom_id": "o", "url": COMPLETIONS_URL, "body": {"prompt": "x", "n": 2}}, ["'n' must be 1"]),
+    ({"custom_id": "o", "url": COMPLETIONS_URL, "body": {"prompt": "x", "stream": True}}, ["'stream' must be false"]),
+    ({"custom_id": "o", "url": COMPLETIONS_URL, "body": {"prompt": "x", "echo": True}}, ["unknown field(s) echo"]),
+    ({"custom_id": "o", "url": COMPLETIONS_URL, "body": {"prompt": "x"}, "extra": 1}, ["unknown field(s) extra"]),
+    ({"custom_id": "o", "url": COMPLETIONS_URL, "body": {"messages": [{"role": "user", "content": "x"}]}},
+     ["takes 'prompt', not 'messages'"]),
+    ({"custom_id": "o", "url": CHAT_URL, "body": {"prompt": "x"}}, ["takes 'messages', not 'prompt'"]),
+    ({"custom_id": "o", "url": COMPLETIONS_URL, "body": {"prompt": "x", "top_p": 2}}, ["top_p"]),
+])
+def test_bad_openai_lines(obj, fragments):
+    error = parse_error(obj, *fragments)
+    assert (error.custom_id, error.form) == ("o", OPENAI)
+    line = error_line(error)
+    assert line["custom_id"] == "o" and line["response"]["status_code"] == 400
+    assert line["response"]["body"]["error"]["message"] == error.message
+    assert is_error(line)
+
+
+def test_openai_line_without_custom_id_is_an_error():
+    error = parse_error({"url": COMPLETIONS_URL, "body": {"prompt": "x"}}, "'custom_id'")
+    assert error.form == OPENAI and error.custom_id is None
+
+
+# -- streams ----------------------------------------------------------------------------
+
+
+def test_over_long_line_is_skipped_and_the_next_line_still_parses():
+    long_line = json.dumps({"custom_id": "long", "prompt": "x" * 200}).encode()
+    fits = json.dumps({"custom_id": "fits", "prompt": "y" * 20}).encode()
+    assert len(fits) <= 64 < len(long_line)
+    data = b"\n".join([
+        b'{"custom_id": "first", "prompt": "a"}', long_line, fits, b"", b"  ", b'{"prompt": "b"}', long_line,
+    ])  # the last line is over-long and has no newline
+    items = list(parse_stream(io.BytesIO(data), max_line_bytes=64))
+    assert [type(item).__name__ for item in items] == ["Request", "RequestError", "Request", "Request", "RequestError"]
+    assert items[0].custom_id == "first" and items[2].custom_id == "fits"
+    assert items[1].line == 2 and "longer than the 64-byte limit" in items[1].message
+    assert items[3].custom_id == "line-6"  # blank lines are skipped but still counted
+    assert items[4].line == 7
+
+
+def test_line_of_exactly_the_limit_is_accepted():
+    line = json.dumps({"custom_id": "x", "prompt": "z" * 30}).encode()
+    items = list(parse_stream(io.BytesIO(line + b"\n" + line), max_line_bytes=len(line)))
+    assert [getattr(item, "custom_id", None) for item in items] == ["x", "x"]
+
+
+# -- checks that need the model ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def intake_parts(tiny_model):
+    model, tok = tiny_model("llama_gqa")
+    return tok, model.config.max_position_embeddings, model.config.vocab_size
+
+
+def test_duplicate_custom_id(intake_parts):
+    intake = Intake(*intake_parts, capacity_tokens=None)
+    intake.admit(parse({"custom_id": "same", "prompt": "a"}, number=1))
+    with pytest.raises(RequestError, match="line 2: duplicate custom_id 'same'") as info:
+        intake.admit(parse({"custom_id": "same", "prompt": "b"}, number=2))
+    assert info.value.custom_id == "same"
+    intake.admit(parse({"custom_id": "other", "prompt": "b"}, number=3))
+
+
+def test_prompt_plus_max_tokens_over_the_context(intake_parts):
+    tok, context, vocab = intake_parts
+    assert context == 256
+    intake = Intake(tok, context, vocab, capacity_tokens=None)
+    seq = intake.admit(parse({"custom_id": "fits", "prompt": [5] * 250, "max_tokens": 6}))
+    assert seq.reserve_tokens == 255
+    with pytest.raises(RequestError, match=r"prompt \(250 tokens\) \+ max_tokens \(7\) = 257 exceeds the model's "
+                                           r"context of 256 tokens"):
+        intake.admit(parse({"custom_id": "over", "prompt": [5] * 250, "max_tokens": 7}))
+
+
+def test_prompt_token_ids_out_of_the_vocabulary(intake_parts):
+    intake = Intake(*intake_parts, capacity_tokens=None)
+    with pytest.raises(RequestError, match=r"prompt token ids must lie in \[0, 320\)"):
+        intake.admit(parse({"custom_id": "v", "prompt": [5, 320]}))
+
+
+def test_request_bigger_than_the_kv_cache(intake_parts):
+    intake = Intake(*intake_parts, capacity_tokens=20)
+    with pytest.raises(RequestError, match="needs 24 KV tokens but the cache holds only 20"):
+        intake.admit(parse({"custom_id": "big", "prompt": [5] * 10, "max_tokens": 15}))
+
+
+def test_chat_without_a_template(intake_parts, tiny_checkpoint, tmp_path):
+    source = tiny_checkpoint("llama_gqa")
+    shutil.copy(source / "tokenizer.json", tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    from glinthawk.tokenizer import Tokenizer
+
+    _, context, vocab = intake_parts
+    intake = Intake(Tokenizer(tmp_path), context, vocab, capacity_tokens=None)
+    with pytest.raises(RequestError, match="no chat template"):
+        intake.admit(parse({"custom_id": "chat", "messages": [{"role": "user", "content": "hi"}]}))
+
+
+# -- the CLI ----------------------------------------------------------------------------
+
+GOOD_PROMPT = json.dumps({"custom_id": "ok", "prompt": "Once", "max_tokens": 2}) + "\n"
+
+
+def generate(model_dir: Path, tmp_path: Path, input_text: str = GOOD_PROMPT, *extra: str):
+    inputs, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inputs.write_text(input_text)
+    result = CliRunner().invoke(main, ["generate", "--model", str(model_dir), "-i", str(inputs), "-o", str(output),
+                                       "--device", "cpu", "--no-progress", *extra])
+    return result, output
+
+
+def assert_clean_failure(result, *fragments: str) -> None:
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), result.exception  # handled, not a crash
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+@pytest.fixture
+def checkpoint_copy(tiny_checkpoint, tmp_path):
+    def copy(variant: str = "llama_gqa") -> Path:
+        target = tmp_path / f"model-{variant}"
+        shutil.copytree(tiny_checkpoint(variant), target)
+        return target
+
+    return copy
+
+
+def test_cli_end_to_end_with_bad_lines(tiny_checkpoint, tmp_path):
+    lines = [
+        {"custom_id": "a", "prompt": "The quick brown fox", "max_tokens": 4, "temperature": 0, "ignore_eos": True},
+        '{"custom_id": "broken", "prompt": ',
+        {"custom_id": "b", "method": "POST", "url": COMPLETIONS_URL,
+         "body": {"prompt": "Once", "max_tokens": 3, "ignore_eos": True}},
+        "[1, 2, 3]",
+        "",
+        {"custom_id": "c", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "ignore_eos": True},
+        {"custom_id": "d", "prompt": "x", "colour": "red"},
+        {"custom_id": "a", "prompt": "again"},
+    ]
+    inputs, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inputs.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    # A real process, as a user runs it.
+    glinthawk = Path(sys.executable).with_name("glinthawk")
+    command = [str(glinthawk)] if glinthawk.exists() else [sys.executable, "-m", "glinthawk.cli"]
+    proc = subprocess.run(
+        command + ["generate", "--model", str(tiny_checkpoint("llama_gqa")), "-i", str(inputs), "-o", str(output),
+                   "--device", "cpu", "--no-progress", "--max-batch-tokens", "4"],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "3 done, 4 failed" in proc.stderr
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(records) == 7
+    good = {r["custom_id"]: r for r in records if not is_error(r)}
+    errors = [r for r in records if is_error(r)]
+    assert set(good) == {"a", "b", "c"}
+    assert good["a"]["completion_tokens"] == 4 and good["a"]["finish_reason"] == "length"
+    assert good["b"]["response"]["body"]["usage"]["completion_tokens"] == 3
+    assert good["c"]["completion_tokens"] == 2
+    by_line = {r.get("line"): r for r in errors if r.get("custom_id") is None}
+    assert "line 2: invalid JSON" in by_line[2]["error"]["message"]
+    assert "line 4: expected a JSON object" in by_line[4]["error"]["message"]
+    named = {r["custom_id"]: r["error"]["message"] for r in errors if r.get("custom_id")}
+    assert "unknown field(s) colour" in named["d"]
+    assert "line 8: duplicate custom_id 'a'" in named["a"]
+
+
+def test_cli_generates_in_process(tiny_checkpoint, tmp_path):
+    result, output = generate(tiny_checkpoint("llama_gqa"), tmp_path, GOOD_PROMPT, "--kv-tokens", "64")
+    assert result.exit_code == 0, result.output
+    assert "1 done, 0 failed" in result.output
+    (record,) = [json.loads(line) for line in output.read_text().splitlines()]
+    assert record["custom_id"] == "ok" and record["completion_tokens"] >= 1
+
+
+def test_cli_missing_input_file(tiny_checkpoint, tmp_path):
+    output = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(main, ["generate", "--model", str(tiny_checkpoint("llama_gqa")),
+                                       "-i", str(tmp_path / "nope.jsonl"), "-o", str(output), "--device", "cpu"])
+    assert_clean_failure(result, "cannot read input file", "nope.jsonl", "No such file")
+
+
+def test_cli_unwritable_output(tiny_checkpoint, tmp_path):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(GOOD_PROMPT)
+    result = CliRunner().invoke(main, ["generate", "--model", str(tiny_checkpoint("llama_gqa")), "-i", str(inputs),
+                                       "-o", str(tmp_path / "no-such-dir" / "out.jsonl"), "--device", "cpu"])
+    assert_clean_failure(result, "cannot write output file", "no-such-dir")
+
+
+def edit_config(directory: Path, **changes) -> None:
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_cli_missing_model_directory(tmp_path):
+    result, _ = generate(tmp_path / "no-model", tmp_path)
+    assert_clean_failure(result, "no-model", "model directory does not exist")
+
+
+def test_cli_missing_config(checkpoint_copy, tmp_path):
+    model = checkpoint_copy()
+    (model / "config.json").unlink()
+    result, output = generate(model, tmp_path)
+    assert_clean_failure(result, "config.json: missing")
+    assert not output.exists()
+
+
+def test_cli_unsupported_architecture(checkpoint_copy, tmp_path):
+    model = checkpoint_copy()
+    edit_config(model, architectures=["GPT2LMHeadModel"])
+    result, _ = generate(model, tmp_path)
+    assert_clean_failure(result, "config.json", "architecture 'GPT2LMHeadModel' is not supported", "LlamaForCausalLM")
+
+
+def test_cli_unsupported_rope_type(checkpoint_copy, tmp_path):
+    model = checkpoint_copy("llama3_tied_mqa")
+    config = json.loads((model / "config.json").read_text())
+    key = "rope_parameters" if "rope_parameters" in config else "rope_scaling"
+    edit_config(model, **{key: {**config[key], "rope_type": "yarn"}})
+    result, _ = generate(model, tmp_path)
+    assert_clean_failure(result, "config.json", "rope type 'yarn' is not supported")
+
+
+@pytest.mark.parametrize("rope", ["linear-ish", 5])
+def test_cli_malformed_rope_settings(checkpoint_copy, tmp_path, rope):
+    model = checkpoint_copy()
+    edit_config(model, rope_parameters=None, rope_scaling=rope)
+    result, _ = generate(model, tmp_path)
+    assert_clean_failure(result, "config.json", "rope_scaling")
+
+
+def test_cli_bad_config_value(checkpoint_copy, tmp_path):
+    model = checkpoint_copy()
+    edit_config(model, num_key_value_heads=3)
+    result, _ = generate(model, tmp_path)
+    assert_clean_failure(result, "num_key_value_heads=3", "divisor of num_attention_heads=4")
+    edit_config(model, num_key_value_heads=2, hidden_size="64")
+    result, _ = generate(model, tmp_path)
+    assert_clean_failure(result, "'hidden_size' must be a positive integer")
+
+
+def test_cli_truncated_safetensors(checkpoint_copy, tmp_path):
+    model = checkpoint_copy()
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2])
+    result, _ = generate(model, tmp_path)
+    assert_clean_failure(result, "model.safetensors", "truncated or corrupt")
+
+
+def test_cli_tensor_of_the_wrong_shape(checkpoint_copy, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = checkpoint_copy()
+    weights = model / "model.safetensors"
+    tensors = load_file(weights)
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert tuple(tensors[name].shape) == (64, 128)
+    tensors[name] = torch.zeros(64, 100)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    result, _ = generate(model, tmp_path)
+    assert_clean_failure(result, "model.safetensors", f"'{name}' has shape (64, 100)", "implies (64, 128)")
+
+
+def test_cli_missing_tensor(checkpoint_copy, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = checkpoint_copy()
+    weights = model / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors["model.norm.weight"]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    result, _ = generate(model, tmp_path)
+    assert_clean_failure(result, "tensor 'model.norm.weight' is missing")
+
+
+def test_cli_missing_tokenizer(checkpoint_copy, tmp_path):
+    model = checkpoint_copy()
+    (model / "tokenizer.json").unlink()
+    result, _ = generate(model, tmp_path)
+    assert_clean_failure(result, "tokenizer.json: missing")
+
+
+def test_cli_missing_shard(checkpoint_copy, tmp_path):
+    model = checkpoint_copy("mistral")
+    weight_map = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = weight_map["model.norm.weight"]
+    (model / shard).unlink()
+    result, _ = generate(model, tmp_path)
+    assert_clean_failure(result, shard, "weight file is missing (named by the checkpoint index)")
+
+
+def test_cli_no_weights_at_all(checkpoint_copy, tmp_path):
+    model = checkpoint_copy()
+    (model / "model.safetensors").unlink()
+    result, _ = generate(model, tmp_path)
+    assert_clean_failure(result, "no weights found", "model.safetensors")

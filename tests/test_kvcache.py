@@ -1,0 +1,244 @@
+"""The Tier 2 KV store (reservation accounting, compaction) and ragged batched attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glinthawk.compute import attention
+from glinthawk.compute.attention import attend
+from glinthawk.compute.config import ModelConfig
+from glinthawk.compute.kvcache import KVCapacityError, KVStore, UnknownSequenceError
+
+LAYERS, KV_HEADS, DIM = 2, 2, 4
+
+
+def store(capacity: int, dtype=torch.float32, kv_heads: int = KV_HEADS) -> KVStore:
+    return KVStore(LAYERS, kv_heads, DIM, capacity, dtype=dtype)
+
+
+def kv(n: int, seed: int, kv_heads: int = KV_HEADS) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, kv_heads, DIM, generator=g), torch.randn(n, kv_heads, DIM, generator=g)
+
+
+def put(s: KVStore, layer: int, seq_id, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write k, v of tokens start.. of one sequence, the way attention does."""
+    s.write(layer, s.rows([seq_id], [start], [k.shape[0]]), k, v)
+
+
+def fill(s: KVStore, seq_id, n: int, seed: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Write n tokens of distinct data to every layer; returns what was written, by layer."""
+    written = {}
+    for layer in range(s.num_layers):
+        k, v = kv(n, seed * 100 + layer)
+        put(s, layer, seq_id, 0, k, v)
+        written[layer] = (k, v)
+    return written
+
+
+def assert_holds(s: KVStore, seq_id, written) -> None:
+    for layer, (k, v) in written.items():
+        keys, values = s.view(layer, seq_id, k.shape[0])
+        assert torch.equal(keys, k.transpose(0, 1))
+        assert torch.equal(values, v.transpose(0, 1))
+
+
+def test_accounting_in_tokens_and_bytes():
+    s = store(32)
+    # K and V, every layer, every KV head, float32.
+    assert s.bytes_per_token == 2 * LAYERS * KV_HEADS * DIM * 4 == 128
+    assert s.capacity_bytes == 32 * 128
+    assert store(32, torch.bfloat16).bytes_per_token == 64
+    cfg = ModelConfig.from_dict({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 16, "intermediate_size": 32,
+        "num_hidden_layers": LAYERS, "num_attention_heads": 4, "num_key_value_heads": KV_HEADS, "head_dim": DIM,
+        "max_position_embeddings": 64,
+    })
+    assert cfg.kv_bytes_per_token(4) == s.bytes_per_token
+
+    assert (s.free_tokens, s.used_tokens, s.num_sequences) == (32, 0, 0)
+    s.reserve("a", 10)
+    s.reserve("b", 5)
+    assert (s.free_tokens, s.used_tokens, s.num_sequences) == (17, 15, 2)
+    assert "a" in s and "zz" not in s
+    assert s.reserved("a") == 10 and s.reserved("b") == 5
+
+
+def test_free_returns_room_and_freed_room_is_reused():
+    s = store(30)
+    for name in "abc":
+        s.reserve(name, 10)
+    assert s.free_tokens == 0
+    with pytest.raises(KVCapacityError):
+        s.reserve("d", 1)
+    written = fill(s, "c", 10, seed=3)
+    s.free("b")
+    assert (s.free_tokens, s.num_sequences) == (10, 2) and "b" not in s
+    s.reserve("d", 10)  # fits exactly in b's old slot, no compaction needed
+    assert s.compactions == 0 and s.free_tokens == 0
+    assert_holds(s, "c", written)
+    for name in "acd":
+        s.free(name)
+    assert (s.free_tokens, s.num_sequences) == (30, 0)
+    s.reserve("all", 30)  # freed runs coalesced back into one
+    assert s.compactions == 0
+
+
+def test_fragmentation_compacts_and_data_survives():
+    s = store(30)
+    s.reserve("a", 4)
+    s.reserve("b", 10)
+    s.reserve("c", 10)  # 6 free at the end
+    data_b = fill(s, "b", 10, seed=1)
+    data_c = {}
+    for layer in range(LAYERS):  # c only partly written, in two pieces
+        k, v = kv(7, seed=50 + layer)
+        put(s, layer, "c", 0, k[:3], v[:3])
+        put(s, layer, "c", 3, k[3:], v[3:])
+        data_c[layer] = (k, v)
+    s.free("a")  # free: 4 at the front + 6 at the end = 10, largest run 6
+    assert s.free_tokens == 10
+    s.reserve("d", 8)  # needs compaction; b and c slide left over their own old rows
+    assert s.compactions == 1
+    assert (s.free_tokens, s.used_tokens) == (2, 28)
+    assert_holds(s, "b", data_b)
+    assert_holds(s, "c", data_c)
+    data_d = fill(s, "d", 8, seed=4)
+    assert_holds(s, "b", data_b)
+    assert_holds(s, "c", data_c)
+    # c can still grow up to its reservation after the move, without touching d.
+    for layer in range(LAYERS):
+        k, v = kv(3, seed=70 + layer)
+        put(s, layer, "c", 7, k, v)
+        full_k, full_v = data_c[layer]
+        data_c[layer] = (torch.cat([full_k, k]), torch.cat([full_v, v]))
+    assert_holds(s, "c", data_c)
+    assert_holds(s, "d", data_d)
+    assert_holds(s, "b", data_b)
+
+
+def test_refusal_when_full_is_clear_and_changes_nothing():
+    s = store(16)
+    s.reserve("a", 10)
+    with pytest.raises(KVCapacityError, match=r"KV store full: sequence 'b' needs 7 tokens, 6 of 16 are free"):
+        s.reserve("b", 7)
+    assert (s.free_tokens, s.num_sequences) == (6, 1) and "b" not in s
+    s.reserve("b", 6)
+    assert s.free_tokens == 0
+
+
+def test_bad_reservations():
+    s = store(16)
+    s.reserve("a", 4)
+    with pytest.raises(ValueError, match="already holds"):
+        s.reserve("a", 2)
+    with pytest.raises(ValueError, match="at least one token"):
+        s.reserve("b", 0)
+    with pytest.raises(ValueError, match="at least one token"):
+        KVStore(1, 1, 2, 0)
+    assert s.free_tokens == 12
+
+
+def test_writing_past_the_reservation_is_refused():
+    s = store(32)
+    s.reserve("a", 5)
+    s.reserve("b", 5)
+    data_b = fill(s, "b", 5, seed=2)
+    k, v = kv(2, seed=9)
+    with pytest.raises(KVCapacityError, match=r"tokens 4\.\.6 exceed its reservation of 5"):
+        put(s, 0, "a", 4, k, v)
+    with pytest.raises(KVCapacityError):
+        put(s, 0, "a", -1, k, v)
+    with pytest.raises(KVCapacityError, match="'a'"):  # in a batch with a sequence that fits
+        s.rows(["b", "a"], [0, 4], [1, 2])
+    assert_holds(s, "b", data_b)  # the neighbour was not overwritten
+    put(s, 0, "a", 3, k, v)  # the last two slots are fine
+    with pytest.raises(ValueError, match="only 5 written"):
+        s.view(0, "a", 6)
+
+
+def test_rows_pack_a_ragged_batch():
+    s = store(32)
+    s.reserve("a", 6)
+    s.reserve("b", 6)
+    base_a, base_b = s.start_of("a"), s.start_of("b")
+    rows = s.rows(["b", "a"], [2, 0], [1, 3])
+    assert rows.tolist() == [base_b + 2, base_a, base_a + 1, base_a + 2]
+
+
+def test_unknown_sequence():
+    s = store(8)
+    k, v = kv(1, seed=0)
+    for call in (lambda: s.free("ghost"), lambda: put(s, 0, "ghost", 0, k, v),
+                 lambda: s.view(0, "ghost", 1), lambda: s.reserved("ghost")):
+        with pytest.raises(UnknownSequenceError, match="'ghost' holds no KV reservation"):
+            call()
+    s.reserve("a", 2)
+    s.free("a")
+    with pytest.raises(UnknownSequenceError):
+        s.free("a")  # not twice
+
+
+def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+    """Naive attention: q [n, heads, D] at positions start.., keys/values [start+n, kv_heads, D]."""
+    n, heads, dim = q.shape
+    group = heads // keys.shape[1]
+    k = keys.repeat_interleave(group, dim=1)  # [L, heads, D], as transformers' repeat_kv
+    v = values.repeat_interleave(group, dim=1)
+    out = torch.empty_like(q)
+    for i in range(n):
+        visible = start + i + 1  # causal: a query sees itself and everything before
+        for h in range(heads):
+            scores = (k[:visible, h] @ q[i, h]) / dim**0.5
+            out[i, h] = torch.softmax(scores, dim=0) @ v[:visible, h]
+    return out
+
+
+@pytest.mark.parametrize("batched_decode_limit", [None, 8])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1), (2, 2)])
+def test_ragged_attention_matches_naive_reference(heads, kv_heads, batched_decode_limit, monkeypatch):
+    if batched_decode_limit is not None:
+        # Short decode contexts may be attended as one padded batch: with a low limit some
+        # decodes here take that path and some the per-sequence one.
+        monkeypatch.setattr(attention, "BATCHED_DECODE_MAX_CONTEXT", batched_decode_limit, raising=False)
+    s = store(64, kv_heads=kv_heads)
+    g = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    # Each sequence: tokens already cached, tokens in this batch (decode 1, prefill chunk > 1).
+    plan = {"dec_a": (7, 1), "chunk": (5, 4), "fresh": (0, 6), "dec_b": (12, 1), "first": (0, 1), "dec_c": (3, 1)}
+    full = {}  # every token's q, k, v for each sequence, per layer
+    for name, (past, new) in plan.items():
+        s.reserve(name, past + new + 2)
+        full[name] = [(torch.randn(past + new, heads, DIM, generator=g),
+                       torch.randn(past + new, kv_heads, DIM, generator=g),
+                       torch.randn(past + new, kv_heads, DIM, generator=g)) for _ in range(LAYERS)]
+    # Build each past through attend itself, in uneven chunks.
+    for name, (past, _) in plan.items():
+        done = 0
+        while done < past:
+            count = min(3, past - done)
+            for layer in range(LAYERS):
+                q, k, v = (t[done:done + count] for t in full[name][layer])
+                attend(s, layer, [name], [done], [count], q, k, v)
+            done += count
+    names = list(plan)
+    starts = [plan[n][0] for n in names]
+    counts = [plan[n][1] for n in names]
+    for layer in range(LAYERS):
+        q, k, v = (torch.cat([full[n][layer][i][plan[n][0]:] for n in names]) for i in range(3))
+        out = attend(s, layer, names, starts, counts, q, k, v)
+        assert out.shape == q.shape
+        offset = 0
+        for name, start, count in zip(names, starts, counts):
+            fq, fk, fv = full[name][layer]
+            expected = reference_attention(fq[start:], fk, fv, start)
+            torch.testing.assert_close(out[offset:offset + count], expected, atol=1e-5, rtol=1e-5)
+            offset += count
+
+
+def test_attend_rejects_mismatched_rows():
+    s = store(8)
+    s.reserve("a", 4)
+    q, k, v = torch.randn(3, 4, DIM), torch.randn(3, KV_HEADS, DIM), torch.randn(3, KV_HEADS, DIM)
+    with pytest.raises(ValueError, match="3 query rows for 2 tokens"):
+        attend(s, 0, ["a"], [0], [2], q, k, v)

@@ -1,0 +1,168 @@
+"""Token sampling: greedy, temperature, top-k / top-p / min-p, counter-based seeded draws."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from glinthawk.compute.sampling import SamplingParams, sample, uniforms
+
+VOCAB = 50
+
+
+def random_logits(rows: int, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def draw(logits: torch.Tensor, params: SamplingParams, seeds, step: int = 0) -> torch.Tensor:
+    """Sample one row of logits under many seeds (one batch row per seed)."""
+    rows = logits.expand(len(seeds), -1)
+    return sample(rows, [params] * len(seeds), list(seeds), [step] * len(seeds))
+
+
+def test_greedy_is_argmax():
+    logits = random_logits(6)
+    tokens = sample(logits, [SamplingParams(temperature=0)] * 6, [1] * 6, list(range(6)))
+    assert tokens.dtype == torch.int64 and tokens.device.type == "cpu"
+    assert torch.equal(tokens, logits.argmax(-1))
+
+
+def test_filters_that_leave_one_token_equal_greedy():
+    logits = random_logits(8, seed=1)
+    greedy = logits.argmax(-1)
+    for params in (SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.5, top_p=1e-6),
+                   SamplingParams(temperature=2.0, min_p=1.0)):
+        for step in range(5):
+            tokens = sample(logits, [params] * 8, list(range(100, 108)), [step] * 8)
+            assert torch.equal(tokens, greedy), params
+
+
+def test_top_k_keeps_exactly_the_k_most_likely():
+    logits = random_logits(1, seed=2)[0]
+    allowed = set(logits.topk(5).indices.tolist())
+    picked = draw(logits, SamplingParams(temperature=3.0, top_k=5), range(400)).tolist()
+    assert set(picked) == allowed  # never outside, and every one of them reachable
+
+
+def test_top_k_at_or_above_vocab_and_minus_one_disable_it():
+    logits = random_logits(1, seed=3)[0]
+    seeds = range(200)
+    plain = draw(logits, SamplingParams(temperature=1.0), seeds)
+    for top_k in (-1, 0, VOCAB, VOCAB + 10):
+        assert torch.equal(draw(logits, SamplingParams(temperature=1.0, top_k=top_k), seeds), plain)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])  # sorted: 0.5 (1), 0.3 (3), 0.15 (2), 0.05 (0)
+    logits = probs.log()
+    seeds = range(600)
+    assert set(draw(logits, SamplingParams(temperature=1.0, top_p=0.75), seeds).tolist()) == {1, 3}
+    assert set(draw(logits, SamplingParams(temperature=1.0, top_p=0.9), seeds).tolist()) == {1, 3, 2}
+    assert set(draw(logits, SamplingParams(temperature=1.0, top_p=1.0), seeds).tolist()) == {0, 1, 2, 3}
+    assert set(draw(logits, SamplingParams(temperature=1.0, top_p=0.4), seeds).tolist()) == {1}
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_best():
+    probs = torch.tensor([0.40, 0.25, 0.21, 0.10, 0.04])
+    logits = probs.log()
+    seeds = range(600)
+    # min_p 0.5: keep p >= 0.2 (= 0.5 * 0.40).
+    assert set(draw(logits, SamplingParams(temperature=1.0, min_p=0.5), seeds).tolist()) == {0, 1, 2}
+    assert set(draw(logits, SamplingParams(temperature=1.0, min_p=0.2), seeds).tolist()) == {0, 1, 2, 3}
+
+
+def test_greedy_rows_mixed_with_random_rows():
+    logits = random_logits(6, seed=4)
+    greedy, rand = SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=10)
+    params = [greedy, rand, greedy, rand, rand, greedy]
+    seeds, steps = [11, 12, 13, 14, 15, 16], [0, 1, 2, 3, 4, 5]
+    tokens = sample(logits, params, seeds, steps)
+    for i in (0, 2, 5):
+        assert tokens[i] == logits[i].argmax()
+    for i in (1, 3, 4):
+        alone = sample(logits[i:i + 1], [rand], [seeds[i]], [steps[i]])
+        assert tokens[i] == alone[0]
+        assert tokens[i].item() in logits[i].topk(10).indices.tolist()
+
+
+def test_same_seed_and_step_same_token_whatever_the_other_rows():
+    logits = random_logits(1, seed=5)[0] / 3  # flat enough that the draws spread
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=20)
+    alone = [sample(logits[None], [params], [1234], [step]).item() for step in range(20)]
+    for step in range(20):
+        others = random_logits(5, seed=50 + step)
+        batch = torch.cat([others[:2], logits[None], others[2:]])
+        mixed = [SamplingParams(temperature=0), SamplingParams(temperature=1.3, top_k=3), params,
+                 SamplingParams(temperature=0.5, min_p=0.1), SamplingParams(temperature=1.0)]
+        tokens = sample(batch, mixed, [7, 8, 1234, 9, 1234], [3, step, step, 0, step + 1])
+        assert tokens[2].item() == alone[step]
+    # ... and the draws do depend on the step and on the seed.
+    assert len(set(alone)) > 3
+    other_seed = [sample(logits[None], [params], [4321], [step]).item() for step in range(20)]
+    assert other_seed != alone
+
+
+def test_uniforms_are_deterministic_and_uniform():
+    seeds, steps = [s % 97 for s in range(20000)], [s // 97 for s in range(20000)]
+    u = uniforms(seeds, steps)
+    assert u.dtype == torch.float64
+    assert torch.equal(u, uniforms(seeds, steps))
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.01
+    counts = torch.histc(u.float(), bins=10, min=0, max=1)
+    assert counts.min() > 1800 and counts.max() < 2200
+    assert uniforms([-1], [0]).item() == uniforms([2**64 - 1], [0]).item()  # seeds are taken mod 2**64
+    assert uniforms([5], [0]).item() != uniforms([5], [1]).item()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_empirical_distribution_follows_softmax(temperature):
+    logits = torch.tensor([1.0, 0.2, -0.5, 1.5, 0.0, -1.0])
+    expected = torch.softmax(logits / temperature, dim=0)
+    n = 6000
+    # One row per (seed, step): spread over both counters.
+    seeds = [i % 300 for i in range(n)]
+    steps = [i // 300 for i in range(n)]
+    tokens = sample(logits.expand(n, -1), [SamplingParams(temperature=temperature)] * n, seeds, steps)
+    observed = torch.bincount(tokens, minlength=len(logits)).double()
+    chi2 = float(((observed - n * expected) ** 2 / (n * expected)).sum())
+    # 5 degrees of freedom: P(chi2 > 30) ~ 1.5e-5 for a correct sampler; fixed seeds make it
+    # deterministic. A sampler off by a few percent in any bucket lands far above.
+    assert chi2 < 30, (observed / n, expected)
+
+
+def test_temperature_sharpens():
+    logits = torch.tensor([1.0, 0.0, -1.0, 0.5])
+    n = 2000
+    seeds = list(range(n))
+    hot = sample(logits.expand(n, -1), [SamplingParams(temperature=2.0)] * n, seeds, [0] * n)
+    cold = sample(logits.expand(n, -1), [SamplingParams(temperature=0.25)] * n, seeds, [0] * n)
+    assert (cold == 0).sum() > (hot == 0).sum() + 300
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -0.1), ("temperature", math.nan), ("temperature", "hot"), ("temperature", True),
+    ("top_p", 0), ("top_p", 0.0), ("top_p", 1.01), ("top_p", -0.5), ("top_p", None),
+    ("max_tokens", 0), ("max_tokens", -3), ("max_tokens", 2.5), ("max_tokens", True),
+    ("top_k", -2), ("top_k", 1.5), ("top_k", True), ("top_k", "5"),
+    ("min_p", -0.1), ("min_p", 1.5),
+    ("seed", 1.5), ("seed", "7"),
+])
+def test_invalid_params_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_invalid_stop_strings():
+    with pytest.raises(ValueError, match="stop"):
+        SamplingParams(stop=("",))
+    with pytest.raises(ValueError, match="stop"):
+        SamplingParams(stop=(3,))
+
+
+def test_valid_edges_are_accepted():
+    SamplingParams(temperature=0, top_p=1.0, top_k=-1, min_p=0.0, max_tokens=1, seed=-5)
+    SamplingParams(temperature=100.0, top_p=1e-9, top_k=1, min_p=1.0, seed=2**70)
+    assert SamplingParams(temperature=0).greedy and not SamplingParams(temperature=1e-3).greedy
