@@ -155,6 +155,8 @@ async def submit(
                 elif kind == MsgType.ERROR:
                     raise SubmitError(f"Tier 1 error: {header.get('message')}")
         except (ConnectionClosed, ProtocolError) as exc:
+            if unsent:  # Tier 1 announced its shutdown: what we have is whole, the rest is resumable
+                return SubmitSummary(writer.done, writer.failed, writer.generated_tokens, True)
             raise SubmitError(
                 f"lost the connection to Tier 1 ({exc}); {writer.done + writer.failed} results were written"
             ) from None

@@ -100,8 +100,11 @@ class LocalCluster:
             netem += ["--inject-bandwidth", self.bandwidth]
         if self.secret_file:
             netem += ["--secret-file", str(self.secret_file)]
+        # All nodes share this machine's cores: one thread pool each of full width would
+        # oversubscribe them, and spinning pools slow every node several times over.
+        threads = max(1, (os.cpu_count() or 1) // (self.tier2_nodes + 1))
         command = [sys.executable, "-m", "glinthawk.node", *args, "--listen", "127.0.0.1:0",
-                   "--ready-file", str(ready), *netem]
+                   "--ready-file", str(ready), "--threads", str(threads), *netem]
         with open(log_path, "wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        preexec_fn=_die_with_parent, start_new_session=True)

@@ -72,3 +72,15 @@ def hf_model(tiny_checkpoint):
         return loaded[(variant, dtype)]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_checkpoint) -> Path:
+    """The checkpoint the two-tier tests run (Llama with GQA)."""
+    return tiny_checkpoint("llama_gqa")
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tiny_model):
+    """(Model, Tokenizer) of ``model_dir``, loaded once."""
+    return tiny_model("llama_gqa")

@@ -8,7 +8,6 @@ start real processes.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,77 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from glinthawk.client import submit
-from glinthawk.compute.loader import load_model
-from glinthawk.engine import Engine
 from glinthawk.net.netem import NetEm
-from glinthawk.node.tier1 import Tier1Node
-from glinthawk.node.tier2 import Tier2Node
-from glinthawk.requests import parse_stream
-from glinthawk.tokenizer import Tokenizer
 
-from checkpoints import build_checkpoint
-
-PROMPTS = [
-    ("short", "The quick", 9),
-    ("medium", "Tier one holds the weights; tier two holds the key value cache.", 5),
-    ("long", "Offline batch inference runs millions of prompts through one model. " * 3, 12),
-    ("one", "A", 7),
-    ("numbers", "1 2 3 4 5", 10),
-    ("fox", "The quick brown fox jumps over the lazy dog.", 3),
-]
-
-
-def write_requests(path: Path, sampling: dict, prompts=PROMPTS) -> Path:
-    with open(path, "w") as f:
-        for custom_id, prompt, max_tokens in prompts:
-            f.write(json.dumps({"custom_id": custom_id, "prompt": prompt, "max_tokens": max_tokens,
-                                "ignore_eos": True, **sampling}) + "\n")
-    return path
-
-
-def read_results(path: Path) -> dict[str, dict]:
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    ids = [line["custom_id"] for line in lines]
-    assert len(ids) == len(set(ids)), "a request was answered twice"
-    return {line["custom_id"]: line for line in lines}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return build_checkpoint(tmp_path_factory.mktemp("cluster") / "llama", "llama_gqa")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(model_dir):
-    model = load_model(model_dir)
-    return model, Tokenizer(model_dir, extra_eos_ids=model.config.eos_token_ids)
-
-
-def single_process(checkpoint, requests: Path, max_batch_tokens: int = 64) -> dict[str, dict]:
-    model, tokenizer = checkpoint
-    lines: list[dict] = []
-    with open(requests, "rb") as f:
-        Engine(model, tokenizer, kv_tokens=4096, max_batch_tokens=max_batch_tokens).run(parse_stream(f), lines.append)
-    return {line["custom_id"]: line for line in lines}
-
-
-async def distributed(checkpoint, requests: Path, out: Path, *, nodes: int, micro_batches: int,
-                      netem: NetEm | None = None, kv_tokens: int = 4096, max_batch_tokens: int = 64):
-    model, tokenizer = checkpoint
-    tier2 = [Tier2Node(kv_tokens=kv_tokens, netem=netem) for _ in range(nodes)]
-    ports = [await node.start("127.0.0.1", 0) for node in tier2]
-    tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{p}" for p in ports], micro_batches=micro_batches,
-                      max_batch_tokens=max_batch_tokens, netem=netem)
-    try:
-        port = await tier1.start("127.0.0.1", 0)
-        summary = await submit(requests, "127.0.0.1", port, out, progress=False)
-    finally:
-        await tier1.close()
-        for node in tier2:
-            await node.close()
-    return summary, out
-
+from cluster_util import PROMPTS, distributed, read_results, single_process, write_requests
 
 @pytest.mark.parametrize("nodes", [1, 2, 3])
 @pytest.mark.parametrize("micro_batches", [1, 4])

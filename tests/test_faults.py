@@ -18,7 +18,7 @@ from glinthawk.net.connection import server_handshake, start_server
 from glinthawk.node.tier1 import Tier1Node
 from glinthawk.node.tier2 import Tier2Node
 
-from test_cluster import checkpoint, model_dir, read_results, single_process, write_requests  # noqa: F401
+from cluster_util import read_results, single_process
 
 FAULT_PROMPTS = [(f"r{i}", f"Request {i}: the quick brown fox", 30 + i % 7) for i in range(18)]
 

@@ -22,13 +22,13 @@ from glinthawk.client import submit
 from glinthawk.compute.attention import attend
 from glinthawk.compute.kvcache import KVStore
 from glinthawk.net.codec import ProtocolError, encode_frame
-from glinthawk.net.connection import ConnectionClosed, client_handshake, open_connection, server_handshake, start_server
+from glinthawk.net.connection import client_handshake, open_connection, server_handshake, start_server
 from glinthawk.net.messages import MsgType
 from glinthawk.node.cli import main as node_main
 from glinthawk.node.tier1 import Tier1Node
 from glinthawk.node.tier2 import Tier2Node
 
-from test_cluster import checkpoint, model_dir, read_results  # noqa: F401
+from cluster_util import read_results
 
 FUZZ_EXAMPLES = int(os.environ.get("GLINTHAWK_FUZZ_EXAMPLES", "100"))
 FRAMES_PER_EXAMPLE = 40

@@ -60,6 +60,8 @@ def netem_options(f):
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the bound HOST:PORT here once listening (for supervisors).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch compute threads (default: torch's choice, all cores).")
 @secret_option
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --listen without a shared secret.")
 @netem_options
@@ -75,11 +77,15 @@ def netem_options(f):
               help="tier1: sequences per micro-batch.")
 @click.option("--kv-memory", default=None, help="tier2: KV cache size, e.g. 8GiB.")
 @click.option("--kv-tokens", type=click.IntRange(min=1), default=None, help="tier2: KV cache size in tokens.")
-def main(role, listen, ready_file, log_level, secret_file, insecure, inject_delay_ms, inject_jitter_ms, inject_bandwidth, model_dir, dtype,
+def main(role, listen, ready_file, log_level, threads, secret_file, insecure, inject_delay_ms, inject_jitter_ms, inject_bandwidth, model_dir, dtype,
          device, tier2_nodes, micro_batches, max_batch_tokens, max_seqs, kv_memory, kv_tokens) -> None:
     """Run a Glinthawk node: Tier 1 (weights, scheduling) or Tier 2 (KV cache + attention)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = parse_address(listen)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     secret = read_secret(secret_file)
     if secret is None and not insecure and not is_loopback(host):
         raise click.UsageError(

@@ -307,12 +307,30 @@ class Tier1Node:
         self._server = await start_server(self._serve_client, host, port)
         return self._server.sockets[0].getsockname()[1]
 
-    async def drain(self) -> None:
-        """Stop taking input, finish every request already received, then return."""
+    async def drain(self, timeout_s: float = 60.0) -> None:
+        """Stop taking input and hand back what has not started; finish what runs, for up to ``timeout_s``.
+
+        Handed-back requests simply get no result line: ``glinthawk submit --resume`` runs them.
+        """
         self._draining = True
         self._room.set()
-        while self.batch_of or self.waiting:
+        for batch in list(self.batches.values()):
+            if batch.conn is not None and not batch.conn.closed:
+                try:
+                    await batch.conn.send({"type": MsgType.DRAIN, "message": "Tier 1 is shutting down; "
+                                           "requests not yet started are handed back (rerun with --resume)"})
+                except (ConnectionClosed, ConnectionError):
+                    pass
+        for seq in self.waiting:
+            batch = self.batch_of.pop(seq.id)
+            del batch.running[seq.request.custom_id]
+            batch.maybe_finish()
+        self.waiting.clear()
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.batch_of and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
+        if self.batch_of:
+            log.warning("drain timed out; %d running requests handed back", len(self.batch_of))
 
     async def close(self) -> None:
         if self._server is not None:
