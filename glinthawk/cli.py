@@ -7,12 +7,12 @@ from pathlib import Path
 
 import click
 
+from glinthawk import DEFAULT_MODEL
 from glinthawk.compute.config import ModelConfigError
 from glinthawk.compute.loader import CheckpointError, DTYPES, load_model
 from glinthawk.net.netem import parse_size
 from glinthawk.tokenizer import Tokenizer, TokenizerError
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
 
 
 def model_option(f):

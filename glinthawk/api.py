@@ -1,0 +1,121 @@
+"""The Python API, shaped like vLLM's offline one::
+
+    from glinthawk import LLM, SamplingParams
+    with LLM(model="path/to/checkpoint", tier2_nodes=2) as llm:
+        outputs = llm.generate(["Once upon a time"], SamplingParams(temperature=0.8, max_tokens=64))
+        print(outputs[0].outputs[0].text)
+
+``LLM`` starts a local two-tier cluster (or talks to a running Tier 1 given
+``endpoint="host:port"``), streams the prompts through it and returns the results in
+input order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from glinthawk import DEFAULT_MODEL
+from glinthawk.client import submit
+from glinthawk.cluster import LocalCluster
+from glinthawk.compute.sampling import SamplingParams
+from glinthawk.net.connection import run
+
+class GenerationError(RuntimeError):
+    """A request of the batch failed; the message says which and why."""
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | list[dict[str, Any]]
+    prompt_token_count: int
+    outputs: list[CompletionOutput]
+
+
+class LLM:
+    def __init__(self, model: str | Path = DEFAULT_MODEL, *, tier2_nodes: int = 2, endpoint: str | None = None,
+                 secret: bytes | None = None, **cluster_options: Any):
+        """Start a local cluster on ``model`` (``cluster_options`` go to LocalCluster: kv_memory,
+        dtype, micro_batches, ...), or use the running Tier 1 at ``endpoint``."""
+        self._cluster: LocalCluster | None = None
+        self._secret = secret
+        if endpoint is not None:
+            host, _, port = endpoint.rpartition(":")
+            self._address = (host or "127.0.0.1", int(port))
+        else:
+            self._cluster = LocalCluster(Path(model), tier2_nodes=tier2_nodes, **cluster_options).__enter__()
+            self._address = self._cluster.tier1_address
+        self._workdir = tempfile.TemporaryDirectory(prefix="glinthawk-api-")
+
+    def generate(self, prompts: str | Sequence[str], sampling_params: SamplingParams | None = None
+                 ) -> list[RequestOutput]:
+        """Complete each prompt; results in the order of ``prompts``."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return self._run([{"prompt": p} for p in prompts], prompts, sampling_params)
+
+    def chat(self, messages: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
+             sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Answer one conversation (a list of {"role", "content"}) or a list of them, with the chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        return self._run([{"messages": c} for c in conversations], conversations, sampling_params)
+
+    def _run(self, bodies: list[dict], prompts: list, params: SamplingParams | None) -> list[RequestOutput]:
+        fields = _sampling_fields(params or SamplingParams())
+        workdir = Path(self._workdir.name)
+        requests, results = workdir / "requests.jsonl", workdir / "results.jsonl"
+        with open(requests, "w", encoding="utf-8") as f:
+            for index, body in enumerate(bodies):
+                f.write(json.dumps({"custom_id": str(index), **body, **fields}) + "\n")
+        host, port = self._address
+        run(submit(requests, host, port, results, progress=False, secret=self._secret))
+        lines = {}
+        with open(results, encoding="utf-8") as f:
+            for text in f:
+                line = json.loads(text)
+                lines[line["custom_id"]] = line
+        outputs = []
+        for index, prompt in enumerate(prompts):
+            line = lines.get(str(index))
+            if line is None or "error" in line:
+                reason = line["error"]["message"] if line else "no result"
+                raise GenerationError(f"request {index} failed: {reason}")
+            completion = CompletionOutput(0, line["text"], line["token_ids"], line["finish_reason"])
+            outputs.append(RequestOutput(str(index), prompt, line["prompt_tokens"], [completion]))
+        return outputs
+
+    def close(self) -> None:
+        if self._cluster is not None:
+            self._cluster.stop()
+            self._cluster = None
+        self._workdir.cleanup()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _sampling_fields(params: SamplingParams) -> dict[str, Any]:
+    """The request fields that differ from the defaults (so the request line stays small)."""
+    defaults = SamplingParams()
+    fields = {}
+    for item in dataclasses.fields(params):
+        value = getattr(params, item.name)
+        if value != getattr(defaults, item.name):
+            fields[item.name] = list(value) if isinstance(value, tuple) else value
+    return fields
