@@ -185,5 +185,38 @@ def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, 
         raise click.ClickException(str(exc)) from None
 
 
+@main.command("status")
+@click.argument("address", metavar="HOST:PORT")
+@click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Shared secret of the cluster (default: $GLINTHAWK_SECRET if set).")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+def status_command(address, secret_file, as_json) -> None:
+    """Show a running cluster as its Tier 1 sees it: nodes, KV use, work in flight, throughput."""
+    import json
+
+    from glinthawk.client import SubmitError, fetch_status
+    from glinthawk.net.connection import run
+    from glinthawk.node.cli import parse_address, read_secret
+
+    host, port = parse_address(address, "HOST:PORT")
+    try:
+        status = run(fetch_status(host, port, secret=read_secret(secret_file)))
+    except SubmitError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+        return
+    requests = status["requests"]
+    click.echo(f"model {status['model']}  up {status['uptime_s']:.0f} s  {status['tokens_per_s']:.1f} tok/s  "
+               f"Tier 1 busy {100 * status['busy_fraction']:.0f}%")
+    click.echo(f"requests: {requests['running']} running, {requests['waiting']} waiting, {requests['finished']} "
+               f"finished, {requests['failed']} failed ({status['batches']} batches)")
+    click.echo(f"{'TIER 2 NODE':<24}{'STATE':<7}{'KV USED':>18}{'SEQS':>7}{'MICRO-BATCHES':>15}")
+    for node in status["tier2"]:
+        kv = f"{node['kv_tokens_used']}/{node['kv_tokens']}"
+        click.echo(f"{node['address']:<24}{'up' if node['alive'] else 'DOWN':<7}{kv:>18}{node['sequences']:>7}"
+                   f"{node['micro_batches']:>15}")
+
+
 if __name__ == "__main__":
     main()

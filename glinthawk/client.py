@@ -68,6 +68,19 @@ def answered(output_path: Path) -> tuple[set[str], set[int]]:
     return ids, lines
 
 
+async def fetch_status(host: str, port: int, *, secret: bytes | None = None) -> dict:
+    """Ask Tier 1 for its live status."""
+    try:
+        conn = await open_connection(host, port)
+        await client_handshake(conn, "status", {}, secret=secret)
+        header, _ = await conn.recv()
+    except (OSError, ConnectionClosed, ProtocolError) as exc:
+        raise SubmitError(f"cannot get status from Tier 1 at {host}:{port}: {exc}") from None
+    conn.close()
+    header.pop("type", None)
+    return header
+
+
 def batch_id(input_path: Path, output_path: Path) -> str:
     """Names a submission so a resumed client finds the results Tier 1 kept for it."""
     key = f"{input_path.resolve()}\0{output_path.resolve()}".encode()

@@ -54,6 +54,7 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         self._discard: bytearray | None = None  # after a protocol error: read into this, drop
         self._reading_paused = False
         self._frame_waiter: asyncio.Future[None] | None = None
+        self.last_frame_bytes = 0
         self._drain_waiter: asyncio.Future[None] | None = None
 
     # -- reading
@@ -125,6 +126,7 @@ class _FrameProtocol(asyncio.BufferedProtocol):
                 self._frame_waiter = asyncio.get_running_loop().create_future()
                 await self._frame_waiter
             body = self.frames.popleft()
+            self.last_frame_bytes = len(body) + 4
             if self._reading_paused and len(self.frames) < _MAX_QUEUED_FRAMES // 2:
                 self._reading_paused = False
                 if self.transport is not None and not self.transport.is_closing():
@@ -269,6 +271,8 @@ class Connection:
 
     def __init__(self, protocol: _FrameProtocol, netem: NetEm | None = None) -> None:
         self._protocol = protocol
+        self.bytes_sent = 0  # frame bytes handed to the transport (for metrics)
+        self.bytes_received = 0
         self._sender = _DelayedSender(protocol, netem) if netem is not None and netem.active else None
 
     @property
@@ -292,6 +296,7 @@ class Connection:
         if self.closed:
             raise ConnectionClosed("send on a closed connection")
         buffers = encode_frame(msg, tensors)
+        self.bytes_sent += sum(memoryview(b).nbytes for b in buffers)
         if self._sender is not None:
             await self._sender.put(buffers)
         else:
@@ -305,7 +310,9 @@ class Connection:
         connection is closed (the peer gets an ERROR frame saying why); ConnectionClosed
         once the connection has ended (and on every call after that).
         """
-        return await self._protocol.receive()
+        header, tensors = await self._protocol.receive()
+        self.bytes_received += self._protocol.last_frame_bytes
+        return header, tensors
 
     def __aiter__(self) -> "Connection":
         return self

@@ -27,6 +27,7 @@ class MsgType(StrEnum):
     PONG = "pong"
     DRAIN = "drain"
     DONE = "done"
+    STATUS = "status"
 
 
 KNOWN_TYPES: frozenset[str] = frozenset(t.value for t in MsgType)

@@ -11,6 +11,8 @@ import click
 
 from glinthawk.cli import device_option, dtype_option, load_checkpoint, model_option
 from glinthawk.net.connection import run
+from glinthawk.logs import configure as configure_logging
+from glinthawk.metrics import serve as serve_metrics
 from glinthawk.net.auth import SECRET_ENV, SecretError, is_loopback, load_secret
 from glinthawk.net.netem import NetEm, parse_bandwidth, parse_size
 
@@ -60,6 +62,9 @@ def netem_options(f):
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the bound HOST:PORT here once listening (for supervisors).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", help="json: one object per line.")
+@click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
+              help="Serve Prometheus metrics on this port (same host as --listen).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch compute threads (default: torch's choice, all cores).")
 @secret_option
@@ -77,10 +82,10 @@ def netem_options(f):
               help="tier1: sequences per micro-batch.")
 @click.option("--kv-memory", default=None, help="tier2: KV cache size, e.g. 8GiB.")
 @click.option("--kv-tokens", type=click.IntRange(min=1), default=None, help="tier2: KV cache size in tokens.")
-def main(role, listen, ready_file, log_level, threads, secret_file, insecure, inject_delay_ms, inject_jitter_ms, inject_bandwidth, model_dir, dtype,
+def main(role, listen, ready_file, log_level, log_format, metrics_port, threads, secret_file, insecure, inject_delay_ms, inject_jitter_ms, inject_bandwidth, model_dir, dtype,
          device, tier2_nodes, micro_batches, max_batch_tokens, max_seqs, kv_memory, kv_tokens) -> None:
     """Run a Glinthawk node: Tier 1 (weights, scheduling) or Tier 2 (KV cache + attention)."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level, log_format)
     host, port = parse_address(listen)
     if threads is not None:
         import torch
@@ -103,7 +108,7 @@ def main(role, listen, ready_file, log_level, threads, secret_file, insecure, in
         from glinthawk.node.tier2 import Tier2Node
 
         node = Tier2Node(kv_memory=memory, kv_tokens=kv_tokens, netem=netem, secret=secret)
-        run(_serve(node, host, port, ready_file))
+        run(_serve(node, host, port, ready_file, metrics_port))
         return
     if not tier2_nodes:
         raise click.UsageError("tier1 needs --tier2 HOST:PORT[,HOST:PORT...]")
@@ -116,15 +121,17 @@ def main(role, listen, ready_file, log_level, threads, secret_file, insecure, in
     node = Tier1Node(model, tokenizer, addresses, micro_batches=micro_batches, max_batch_tokens=max_batch_tokens,
                      max_seqs=max_seqs, netem=netem, model_name=model_dir.name, secret=secret)
     try:
-        run(_serve(node, host, port, ready_file))
+        run(_serve(node, host, port, ready_file, metrics_port))
     except ConnectionError as exc:
         raise click.ClickException(str(exc)) from None
 
 
-async def _serve(node, host: str, port: int, ready_file: Path | None) -> None:
+async def _serve(node, host: str, port: int, ready_file: Path | None, metrics_port: int | None) -> None:
     """Start ``node``, announce readiness, and run until SIGTERM/SIGINT, then shut down cleanly."""
     bound = await node.start(host, port)
     log.info("listening on %s:%d", host, bound)
+    if metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", host, serve_metrics(node.metrics.registry, host, metrics_port))
     if ready_file is not None:
         tmp = ready_file.with_suffix(".tmp")
         tmp.write_text(f"{host}:{bound}\n")

@@ -24,15 +24,18 @@ import json
 import logging
 import math
 import tempfile
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from prometheus_client import Histogram
 
 from glinthawk.compute.loader import Model
 from glinthawk.engine import Intake
+from glinthawk.metrics import Tier1Metrics
 from glinthawk.net.codec import ProtocolError
 from glinthawk.net.connection import (
     Connection,
@@ -52,14 +55,21 @@ from glinthawk.tokenizer import Tokenizer
 log = logging.getLogger("glinthawk.tier1")
 
 
+@dataclass
+class Tier1Stats:
+    admitted: int = 0
+    finished: int = 0
+    failed: int = 0
+
+
 class LinkLost(ConnectionError):
     """The Tier 2 node of a micro-batch went away mid-step."""
 
 
 class Tier2Link:
     def __init__(self, address: str, conn: Connection, capacity_tokens: int, heartbeat_s: float = 2.0,
-                 timeout_s: float = 10.0):
-        self.address, self.conn = address, conn
+                 timeout_s: float = 10.0, round_trip: Histogram | None = None):
+        self.address, self.conn, self.round_trip = address, conn, round_trip
         self.capacity_tokens = self.free_tokens = capacity_tokens
         self.micro_batches: list[MicroBatch] = []
         self.alive = True
@@ -85,13 +95,18 @@ class Tier2Link:
     async def attend(self, mb: int, layer: int, header: dict, q, k, v) -> torch.Tensor:
         if not self.alive:
             raise LinkLost(f"Tier 2 node {self.address} is gone")
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._waiting[mb] = future
+        sent_at = loop.time()
         try:
             await self.conn.send({"type": MsgType.ATTN, "mb": mb, "layer": layer, **header}, {"q": q, "k": k, "v": v})
         except (ConnectionClosed, ConnectionError) as exc:
             self._lost(f"send failed: {exc}")
-        return await future
+        out = await future
+        if self.round_trip is not None:
+            self.round_trip.observe(loop.time() - sent_at)
+        return out
 
     async def release(self, seq_ids: list[int]) -> None:
         if self.alive and seq_ids:
@@ -286,6 +301,10 @@ class Tier1Node:
         self.spool_dir = Path(spool_dir or tempfile.mkdtemp(prefix="glinthawk-spool-"))
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.generated_tokens = 0
+        self.stats = Tier1Stats()
+        self.metrics = Tier1Metrics(self)
+        self._started = time.monotonic()
+        self._token_samples: deque[tuple[float, int]] = deque(maxlen=11)  # (time, tokens) once a second
         self.merger: StageMerger | None = None
         self._room = asyncio.Event()  # set when the waiting queue has room for more input
         self._tasks: set[asyncio.Task] = set()
@@ -304,6 +323,7 @@ class Tier1Node:
                 "(glinthawk-node --role tier2 --listen HOST:PORT)"
             )
         self._spawn(self._reconnect_loop())
+        self._spawn(self._sample_throughput())
         self._server = await start_server(self._serve_client, host, port)
         return self._server.sockets[0].getsockname()[1]
 
@@ -360,7 +380,8 @@ class Tier1Node:
         except (OSError, ConnectionClosed, ProtocolError) as exc:
             log.warning("cannot reach Tier 2 node %s: %s", address, exc)
             return False
-        link = Tier2Link(address, conn, int(welcome["capacity_tokens"]), self.heartbeat_s, self.heartbeat_timeout_s)
+        link = Tier2Link(address, conn, int(welcome["capacity_tokens"]), self.heartbeat_s, self.heartbeat_timeout_s,
+                         self.metrics.attention_round_trip)
         self.links[address] = link
         per_node = max(1, math.ceil(self.micro_batches / len(self.tier2_addresses)))
         for _ in range(per_node):
@@ -380,6 +401,33 @@ class Tier1Node:
                 if link is None or not link.alive:
                     if await self._connect(address):
                         log.info("Tier 2 node %s (re)joined", address)
+
+    async def _sample_throughput(self) -> None:
+        while True:
+            self._token_samples.append((time.monotonic(), self.generated_tokens))
+            await asyncio.sleep(1.0)
+
+    def status(self) -> dict:
+        """The live state of the cluster as Tier 1 sees it (for ``glinthawk status``)."""
+        samples = list(self._token_samples) + [(time.monotonic(), self.generated_tokens)]
+        (t0, n0), (t1, n1) = samples[0], samples[-1]
+        uptime = time.monotonic() - self._started
+        return {
+            "model": self.model_name,
+            "uptime_s": round(uptime, 1),
+            "busy_fraction": round(self.merger.stats.busy_seconds / max(uptime, 1e-9), 3) if self.merger else 0.0,
+            "tokens_per_s": round((n1 - n0) / max(t1 - t0, 1e-9), 1),
+            "generated_tokens": self.generated_tokens,
+            "requests": {"admitted": self.stats.admitted, "finished": self.stats.finished,
+                         "failed": self.stats.failed, "waiting": len(self.waiting), "running": len(self.batch_of)},
+            "batches": len(self.batches),
+            "tier2": [{
+                "address": link.address, "alive": link.alive, "kv_tokens": link.capacity_tokens,
+                "kv_tokens_used": link.capacity_tokens - link.free_tokens,
+                "micro_batches": len(link.micro_batches),
+                "sequences": sum(mb.size for mb in link.micro_batches),
+            } for link in self.links.values()],
+        }
 
     @property
     def capacity_per_node(self) -> int:
@@ -416,6 +464,7 @@ class Tier1Node:
     async def finish(self, seq: Sequence) -> None:
         batch = self.batch_of.pop(seq.id)
         del batch.running[seq.request.custom_id]
+        self.stats.finished += 1
         await batch.deliver(result_line(seq.request, seq.completion(self.tokenizer), self.model_name), False)
 
     # -- clients ------------------------------------------------------------------------
@@ -444,9 +493,12 @@ class Tier1Node:
 
     async def _serve_client(self, conn: Connection) -> None:
         cfg = self.model.config
-        hello = await server_handshake(conn, {"client"}, {"model": self.model_name,
+        hello = await server_handshake(conn, {"client", "status"}, {"model": self.model_name,
                                                           "max_context": cfg.max_position_embeddings},
                                        secret=self.secret)
+        if hello["role"] == "status":
+            await conn.send({"type": MsgType.STATUS, **self.status()})
+            return
         try:
             batch = self._batch_for(hello)
         except ProtocolError as exc:
@@ -498,8 +550,10 @@ class Tier1Node:
                     continue  # still running from before the client reconnected: its result will come
                 seq = batch.intake.admit(request)
             except RequestError as error:
+                self.stats.failed += 1
                 await batch.deliver(error_line(error), True)
                 continue
+            self.stats.admitted += 1
             batch.running[seq.request.custom_id] = seq
             self.batch_of[seq.id] = batch
             self.waiting.append(seq)

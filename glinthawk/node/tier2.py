@@ -18,6 +18,7 @@ import torch
 from glinthawk.compute.attention import attend
 from glinthawk.compute.kvcache import KVCapacityError, KVStore, UnknownSequenceError
 from glinthawk.compute.loader import DTYPES
+from glinthawk.metrics import Tier2Metrics
 from glinthawk.net.codec import ProtocolError
 from glinthawk.net.connection import Connection, ConnectionClosed, server_handshake, start_server
 from glinthawk.net.messages import MsgType
@@ -33,7 +34,8 @@ class Tier2Node:
             raise ValueError("give exactly one of kv_memory (bytes) or kv_tokens")
         self.kv_memory, self.kv_tokens, self.netem, self.secret = kv_memory, kv_tokens, netem, secret
         self.store: KVStore | None = None
-        self._owner: Connection | None = None
+        self.metrics = Tier2Metrics(self)
+        self.owner: Connection | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier2-attention")
         self._server: asyncio.AbstractServer | None = None
 
@@ -49,8 +51,8 @@ class Tier2Node:
         await asyncio.get_running_loop().run_in_executor(self._executor, lambda: None)
 
     async def close(self) -> None:
-        if self._owner is not None:
-            self._owner.close()
+        if self.owner is not None:
+            self.owner.close()
         self._executor.shutdown(wait=True)
 
     # -- connection -------------------------------------------------------------------
@@ -71,12 +73,12 @@ class Tier2Node:
         return {"capacity_tokens": tokens, "bytes_per_token": bytes_per_token}
 
     async def _serve(self, conn: Connection) -> None:
-        if self._owner is not None and not self._owner.closed:
+        if self.owner is not None and not self.owner.closed:
             await conn.send({"type": MsgType.ERROR, "message": "this Tier 2 node already serves a Tier 1"})
             conn.close()
             return
         await server_handshake(conn, {"tier1"}, self._welcome, secret=self.secret)
-        self._owner = conn
+        self.owner = conn
         in_flight: set[asyncio.Task] = set()
         try:
             async for header, tensors in conn:
@@ -96,7 +98,7 @@ class Tier2Node:
         finally:
             if in_flight:
                 await asyncio.gather(*in_flight, return_exceptions=True)
-            self._owner = None
+            self.owner = None
             self.store = None  # a new Tier 1 starts from an empty cache
             log.info("Tier 1 disconnected; KV store dropped")
 
@@ -128,7 +130,8 @@ class Tier2Node:
         layer = int(header["layer"])
         if not 0 <= layer < store.num_layers:
             raise ValueError(f"layer {layer} out of range")
-        return attend(store, layer, ids, starts, counts, tensors["q"], tensors["k"], tensors["v"])
+        with self.metrics.attention_seconds.labels(layer=str(layer)).time():
+            return attend(store, layer, ids, starts, counts, tensors["q"], tensors["k"], tensors["v"])
 
     def _release(self, seq_ids: list) -> None:
         if self.store is None:
