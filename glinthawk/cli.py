@@ -92,13 +92,13 @@ def generate(input_path, output_path, model_dir, dtype, device, kv_tokens, kv_me
     engine = Engine(model, tokenizer, kv_tokens=capacity, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs,
                     model_name=model_dir.name)
     total = None if input_path == "-" else count_lines(input_path)
-    stream = open_input(input_path)
-    try:
-        writer = ResultWriter(output_path, total=total, progress=progress)
-    except OSError as exc:
-        raise click.ClickException(f"cannot write output file {output_path}: {exc.strerror}") from None
-    with writer:
-        engine.run(parse_stream(stream), writer.write)
+    with open_input(input_path) as stream:
+        try:
+            writer = ResultWriter(output_path, total=total, progress=progress)
+        except OSError as exc:
+            raise click.ClickException(f"cannot write output file {output_path}: {exc.strerror}") from None
+        with writer:
+            engine.run(parse_stream(stream), writer.write)
     click.echo(
         f"{writer.done} done, {writer.failed} failed, {engine.stats.generated_tokens} tokens generated -> {output_path}",
         err=True,

@@ -150,7 +150,8 @@ def test_glinthawk_run_end_to_end_on_bundled_model(tmp_path):
     _, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr
     results = read_results(out)
-    expected = [json.loads(line)["custom_id"] for line in open("examples/prompts.jsonl")]
+    examples = Path(__file__).resolve().parent.parent / "examples" / "prompts.jsonl"
+    expected = [json.loads(line)["custom_id"] for line in examples.read_text().splitlines()]
     assert sorted(results) == sorted(expected)
     assert all(line.get("error") is None for line in results.values())
     assert node_processes(logs) == []

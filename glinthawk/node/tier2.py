@@ -51,6 +51,8 @@ class Tier2Node:
         await asyncio.get_running_loop().run_in_executor(self._executor, lambda: None)
 
     async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
         if self.owner is not None:
             self.owner.close()
         self._executor.shutdown(wait=True)
