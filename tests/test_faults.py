@@ -183,3 +183,31 @@ def test_100k_line_submission_keeps_tier1_memory_bounded(model_dir, tmp_path):
     # The queue is bounded (max_waiting) and input is read as room frees: 50x the lines
     # must not mean a Tier 1 that grows with the file. 64 MiB covers allocator noise.
     assert big_peak - small_peak < 64 * 1024, (small_peak, big_peak)
+
+
+async def test_tier2_refuses_work_beyond_its_capacity():
+    """A reservation larger than the free KV room gets an ERROR, not an allocation."""
+    import torch
+
+    from glinthawk.net.connection import client_handshake, open_connection
+    from glinthawk.net.messages import MsgType
+
+    node = Tier2Node(kv_tokens=32)
+    port = await node.start("127.0.0.1", 0)
+    try:
+        conn = await open_connection("127.0.0.1", port)
+        welcome = await client_handshake(conn, "tier1", {"num_layers": 1, "num_kv_heads": 1, "head_dim": 8,
+                                                         "dtype": "float32"})
+        assert welcome["capacity_tokens"] == 32
+        q = k = v = torch.zeros(1, 1, 8)
+        await conn.send({"type": "attn", "mb": 1, "layer": 0, "seqs": [[1, 0, 1]], "reserve": [[1, 33]]},
+                        {"q": q, "k": k, "v": v})
+        reply, _ = await conn.recv()
+        assert reply["type"] == MsgType.ERROR and "KV store full" in reply["message"]
+        await conn.send({"type": "attn", "mb": 2, "layer": 0, "seqs": [[2, 0, 1]], "reserve": [[2, 32]]},
+                        {"q": q, "k": k, "v": v})
+        reply, _ = await conn.recv()
+        assert reply["type"] == MsgType.ATTN_OUT  # the node still serves what fits
+        conn.close()
+    finally:
+        await node.close()
