@@ -1,9 +1,15 @@
-# Glinthawk node image. CPU torch by default; build with --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124
-# (and a matching TORCH_VERSION) for a CUDA Tier 1.
+# Glinthawk node image; the entrypoint is glinthawk-node, and `glinthawk` (submit, run, ...) is on PATH too.
+#
+# CPU torch by default (Tier 2 nodes never need more). For a CUDA Tier 1, pick a PyTorch wheel variant:
+#   docker build --build-arg TORCH_VARIANT=cu128 -t glinthawk:cuda .
+# (TORCH_VERSION must exist for that variant; TORCH_INDEX overrides the whole index URL.)
 FROM python:3.11-slim
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_VARIANT=cpu
+ARG TORCH_INDEX=https://download.pytorch.org/whl/${TORCH_VARIANT}
+ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /opt/glinthawk
+# torch first, in its own layer: it is by far the largest and changes least.
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 COPY pyproject.toml README.md ./
 COPY glinthawk ./glinthawk

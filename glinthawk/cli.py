@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from glinthawk import DEFAULT_MODEL
+from glinthawk.cluster_options import run_cluster_option
 from glinthawk.compute.config import ModelConfigError
 from glinthawk.compute.loader import CheckpointError, DTYPES, load_model
 from glinthawk.net.netem import parse_size
@@ -145,6 +146,7 @@ def submit_command(input_path, to, output_path, progress, resume, secret_file) -
 @main.command("run")
 @click.argument("input_path", metavar="PROMPTS.jsonl")
 @click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False), help="Results JSONL.")
+@run_cluster_option
 @model_option
 @dtype_option
 @device_option

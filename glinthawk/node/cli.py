@@ -11,6 +11,7 @@ import click
 
 from glinthawk.cli import device_option, dtype_option, load_checkpoint, model_option
 from glinthawk.net.connection import run
+from glinthawk.cluster_options import node_cluster_options
 from glinthawk.logs import configure as configure_logging
 from glinthawk.metrics import serve as serve_metrics
 from glinthawk.net.auth import SECRET_ENV, SecretError, is_loopback, load_secret
@@ -57,6 +58,7 @@ def netem_options(f):
 
 
 @click.command()
+@node_cluster_options
 @click.option("--role", type=click.Choice(["tier1", "tier2"]), required=True)
 @click.option("--listen", default="127.0.0.1:0", show_default=True, help="HOST:PORT to listen on (port 0: any).")
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -1,0 +1,342 @@
+"""``cluster.toml``: one file that describes a whole cluster, so every machine starts its node from it.
+
+It names the model, the Tier 1 node, the Tier 2 nodes, the shared secret and any injected link delay;
+``examples/cluster.toml`` shows every key and docs/DEPLOYMENT.md explains them. An optional key left out
+means the node's own default, so a file never restates, and cannot drift from, the command line's defaults.
+Relative paths (model, secret file) are relative to the cluster file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from glinthawk import DEFAULT_MODEL
+from glinthawk.compute.loader import DTYPES
+from glinthawk.net.auth import is_loopback
+from glinthawk.net.netem import parse_bandwidth, parse_size
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+class ClusterFileError(ValueError):
+    """The cluster file cannot be read or does not describe a valid cluster; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: Path | None = None  # None: the bundled model
+    dtype: str | None = None
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    host: str  # the address the other nodes and the clients connect to
+    port: int
+    listen: str  # the address to bind: ``host`` unless the file says otherwise (e.g. 0.0.0.0)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Tier1Spec(NodeSpec):
+    micro_batches: int | None = None
+    max_batch_tokens: int | None = None
+    max_seqs: int | None = None
+
+
+@dataclass(frozen=True)
+class Tier2Spec(NodeSpec):
+    kv_memory: str | None = None
+    kv_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class InjectSpec:
+    delay_ms: float | None = None
+    jitter_ms: float | None = None
+    bandwidth: str | None = None
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    source: Path
+    model: ModelSpec
+    tier1: Tier1Spec
+    tier2: tuple[Tier2Spec, ...]
+    inject: InjectSpec
+    secret_file: Path | None = None
+    insecure: bool = False
+
+    @property
+    def nodes(self) -> tuple[NodeSpec, ...]:
+        return (self.tier1, *self.tier2)
+
+    def node(self, name: str) -> NodeSpec:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        known = ", ".join(node.name for node in self.nodes)
+        raise ClusterFileError(f"{self.source}: no node named {json.dumps(name)}; the nodes are: {known}")
+
+
+def load_cluster_file(path: str | Path, *, for_node: str | None = None) -> ClusterSpec:
+    """Read and validate a cluster file; every problem is a :class:`ClusterFileError` naming file and key.
+
+    ``for_node``: the node this machine is about to run. Tier 2 machines never read the weights, so the
+    model directory is only required to exist here when ``for_node`` is None or names the Tier 1 node.
+    """
+    source = Path(path)
+    try:
+        with open(source, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ClusterFileError(f"cannot read cluster file {source}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ClusterFileError(f"{source}: not a valid TOML file: {exc}") from None
+    base = source.parent
+    top = _Table(source, "", data)
+    secret_file = top.path("secret_file", base)
+    if secret_file is not None and not secret_file.is_file():
+        raise top.error(f"no such file {secret_file}", "secret_file")
+    insecure = bool(top.flag("insecure"))
+    tier1 = _tier1(top.table("tier1", required=True))
+    model = _model(top.table("model"), base, check_dir=for_node is None or for_node == tier1.name)
+    tier2 = tuple(_tier2(table) for table in top.tables("tier2"))
+    inject = _inject(top.table("inject"))
+    top.finish()
+    spec = ClusterSpec(source, model, tier1, tier2, inject, secret_file, insecure)
+    _check_unique(spec)
+    _check_exposure(spec)
+    return spec
+
+
+def node_args(spec: ClusterSpec, name: str) -> list[str]:
+    """The ``glinthawk-node`` arguments that run node ``name`` of ``spec``."""
+    node = spec.node(name)
+    if isinstance(node, Tier1Spec):
+        role = ["--role", "tier1", "--tier2", ",".join(t.address for t in spec.tier2), *_flags(
+            model=spec.model.path, dtype=spec.model.dtype, device=spec.model.device,
+            micro_batches=node.micro_batches, max_batch_tokens=node.max_batch_tokens, max_seqs=node.max_seqs)]
+    else:
+        role = ["--role", "tier2", *_flags(kv_memory=node.kv_memory, kv_tokens=node.kv_tokens)]
+    common = _flags(secret_file=spec.secret_file, inject_delay_ms=spec.inject.delay_ms,
+                    inject_jitter_ms=spec.inject.jitter_ms, inject_bandwidth=spec.inject.bandwidth)
+    return [*role, "--listen", f"{node.listen}:{node.port}", *common, *(["--insecure"] if spec.insecure else [])]
+
+
+def local_cluster_kwargs(spec: ClusterSpec) -> dict[str, Any]:
+    """Keyword arguments for :class:`glinthawk.cluster.LocalCluster` that run ``spec`` on loopback.
+
+    The same model, sizes, secret and delays; names, hosts and ports are not used (a local cluster binds
+    free loopback ports). Settings the file leaves out are left out here too, so LocalCluster's defaults apply.
+    """
+    sizes = {(t.kv_memory, t.kv_tokens) for t in spec.tier2}
+    if len(sizes) > 1:
+        raise ClusterFileError(
+            f"{spec.source}: a local cluster gives every Tier 2 node the same KV cache size, but the [[tier2]] "
+            "nodes differ in kv_memory / kv_tokens; give them all the same size to run this file on loopback"
+        )
+    [(kv_memory, kv_tokens)] = sizes
+    settings = {
+        "model_dir": spec.model.path or DEFAULT_MODEL, "dtype": spec.model.dtype, "device": spec.model.device,
+        "tier2_nodes": len(spec.tier2), "kv_memory": kv_memory, "kv_tokens": kv_tokens,
+        "micro_batches": spec.tier1.micro_batches, "max_batch_tokens": spec.tier1.max_batch_tokens,
+        "max_seqs": spec.tier1.max_seqs, "delay_ms": spec.inject.delay_ms, "jitter_ms": spec.inject.jitter_ms,
+        "bandwidth": spec.inject.bandwidth, "secret_file": spec.secret_file,
+    }
+    return {key: value for key, value in settings.items() if value is not None}
+
+
+def _flags(**options: object) -> list[str]:
+    """``--some-option VALUE`` for each option that is set; an unset one keeps the node's default."""
+    return [arg for key, value in options.items() if value is not None
+            for arg in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def _model(t: _Table, base: Path, check_dir: bool) -> ModelSpec:
+    path = t.path("path", base)
+    if path is not None and check_dir and not path.is_dir():
+        raise t.error(f"no such directory {path} (a relative path is relative to the cluster file)", "path")
+    dtype = t.text("dtype", expected=f"one of {', '.join(DTYPES)}", check=lambda v: v in DTYPES)
+    device = t.text("device", expected="cpu, cuda, cuda:N or auto", check=_DEVICE.fullmatch)
+    t.finish()
+    return ModelSpec(path, dtype, device)
+
+
+def _node(t: _Table) -> dict[str, Any]:
+    """The keys every node has; the caller reads its role's own keys, then calls ``t.finish()``."""
+    name = t.text("name", required=True, expected="a name of letters, digits, '-', '_' and '.'",
+                  check=_NAME.fullmatch)
+    address = "an address the other nodes can connect to (bind to all interfaces with listen = \"0.0.0.0\")"
+    host = t.text("host", required=True, expected=address, check=lambda v: v not in _WILDCARD_HOSTS)
+    port = t.integer("port", required=True, minimum=1, maximum=65535)
+    listen = t.text("listen", expected="an address to bind, like \"0.0.0.0\"")
+    return {"name": name, "host": host, "port": port, "listen": listen or host}
+
+
+def _tier1(t: _Table) -> Tier1Spec:
+    spec = Tier1Spec(**_node(t), micro_batches=t.integer("micro_batches", minimum=1),
+                     max_batch_tokens=t.integer("max_batch_tokens", minimum=1),
+                     max_seqs=t.integer("max_seqs", minimum=1))
+    t.finish()
+    return spec
+
+
+def _tier2(t: _Table) -> Tier2Spec:
+    spec = Tier2Spec(**_node(t), kv_memory=t.size("kv_memory"), kv_tokens=t.integer("kv_tokens", minimum=1))
+    if spec.kv_memory is not None and spec.kv_tokens is not None:
+        raise t.error("give kv_memory or kv_tokens, not both")
+    t.finish()
+    return spec
+
+
+def _inject(t: _Table) -> InjectSpec:
+    spec = InjectSpec(delay_ms=t.number("delay_ms"), jitter_ms=t.number("jitter_ms"),
+                      bandwidth=t.bandwidth("bandwidth"))
+    t.finish()
+    return spec
+
+
+def _check_unique(spec: ClusterSpec) -> None:
+    names: dict[str, str] = {}
+    addresses: dict[tuple[str, int], str] = {}
+    for where, node in _labelled(spec):
+        if node.name in names:
+            raise ClusterFileError(f"{spec.source}: {where}.name: {json.dumps(node.name)} is already the name "
+                                   f"of {names[node.name]}; node names must be unique")
+        key = (node.host.lower(), node.port)
+        if key in addresses:
+            raise ClusterFileError(f"{spec.source}: {where}: {node.address} is already the address of "
+                                   f"{addresses[key]}; every node needs its own host and port")
+        names[node.name], addresses[key] = where, where
+
+
+def _check_exposure(spec: ClusterSpec) -> None:
+    """A node reachable from other machines must authenticate its peers, unless the file opts out."""
+    if spec.secret_file is not None or spec.insecure:
+        return
+    for where, node in _labelled(spec):
+        exposed = next((h for h in (node.host, node.listen) if not is_loopback(h)), None)
+        if exposed is not None:
+            raise ClusterFileError(
+                f"{spec.source}: {where} ({node.name}) is reachable from other machines at {exposed} but the file "
+                "sets no secret_file; add secret_file = \"PATH\" (the shared secret, the same on every machine), "
+                "or insecure = true on a trusted network only"
+            )
+
+
+def _labelled(spec: ClusterSpec) -> list[tuple[str, NodeSpec]]:
+    return [("tier1", spec.tier1), *((f"tier2[{i}]", node) for i, node in enumerate(spec.tier2))]
+
+
+def _show(value: object) -> str:
+    """A value as the TOML file spells it, for error messages."""
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, (bool, str)):
+        return json.dumps(value)
+    return str(value)
+
+
+class _Table:
+    """One TOML table, read key by key, with errors in the file's own terms (file, table, key, expectation)."""
+
+    def __init__(self, source: Path, where: str, data: dict[str, Any]) -> None:
+        self.source, self.where, self.data = source, where, data
+        self.known: list[str] = []
+
+    def error(self, message: str, key: str | None = None) -> ClusterFileError:
+        at = ".".join(part for part in (self.where, key) if part)
+        return ClusterFileError(f"{self.source}: {at}: {message}" if at else f"{self.source}: {message}")
+
+    def finish(self) -> None:
+        """Reject every key that no reader asked for: a typo must not silently become a default."""
+        unknown = [key for key in self.data if key not in self.known]
+        if unknown:
+            raise self.error(f"unknown key {json.dumps(unknown[0])}; the keys here are: {', '.join(self.known)}")
+
+    def _take(self, key: str, types: tuple[type, ...], expected: str, required: bool = False) -> Any:
+        self.known.append(key)
+        if key not in self.data:
+            if required:
+                raise self.error(f"missing; expected {expected}", key)
+            return None
+        value = self.data[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise self.error(f"expected {expected}, got {_show(value)}", key)
+        return value
+
+    def text(self, key: str, *, required: bool = False, expected: str = "a string",
+             check: Callable[[str], object] = bool) -> str | None:
+        value = self._take(key, (str,), expected, required)
+        if value is not None and not check(value):
+            raise self.error(f"expected {expected}, got {_show(value)}", key)
+        return value
+
+    def integer(self, key: str, *, required: bool = False, minimum: int, maximum: int | None = None) -> int | None:
+        expected = f"an integer from {minimum} to {maximum}" if maximum is not None else f"an integer >= {minimum}"
+        value = self._take(key, (int,), expected, required)
+        if value is not None and not (minimum <= value and (maximum is None or value <= maximum)):
+            raise self.error(f"expected {expected}, got {value}", key)
+        return value
+
+    def number(self, key: str) -> float | None:
+        expected = "a number >= 0"
+        value = self._take(key, (int, float), expected)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise self.error(f"expected {expected}, got {value}", key)
+        return None if value is None else float(value)
+
+    def flag(self, key: str) -> bool | None:
+        return self._take(key, (bool,), "true or false")
+
+    def path(self, key: str, base: Path) -> Path | None:
+        value = self.text(key, expected="a path")
+        return None if value is None else (base / Path(value).expanduser()).resolve()
+
+    def size(self, key: str) -> str | None:
+        return self._parsed(key, parse_size, (str, int), "a size > 0 like \"8GiB\", or a number of bytes")
+
+    def bandwidth(self, key: str) -> str | None:
+        return self._parsed(key, parse_bandwidth, (str, int, float), "a bandwidth like \"1Gbit\" or \"100MB/s\"")
+
+    def _parsed(self, key: str, parse: Callable[[Any], float], types: tuple[type, ...], expected: str) -> str | None:
+        """Checked with the parser the nodes use, and kept as text, which is how the command line takes it."""
+        value = self._take(key, types, expected)
+        if value is None:
+            return None
+        try:
+            positive = parse(value) > 0
+        except ValueError as exc:
+            raise self.error(str(exc), key) from None
+        if not positive:
+            raise self.error(f"expected {expected}, got {_show(value)}", key)
+        return str(value)
+
+    def table(self, key: str, *, required: bool = False) -> _Table:
+        """The sub-table ``[key]``; an empty one when it is optional and absent."""
+        value = self._take(key, (dict,), f"a table [{key}]", required)
+        return _Table(self.source, key, value or {})
+
+    def tables(self, key: str) -> list[_Table]:
+        """The array of tables ``[[key]]``: at least one."""
+        expected = f"at least one [[{key}]] table"
+        value = self._take(key, (list,), expected, required=True)
+        if not value or not all(isinstance(item, dict) for item in value):
+            raise self.error(f"expected {expected}, got {_show(value)}", key)
+        return [_Table(self.source, f"{key}[{i}]", item) for i, item in enumerate(value)]
