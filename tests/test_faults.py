@@ -211,3 +211,37 @@ async def test_tier2_refuses_work_beyond_its_capacity():
         conn.close()
     finally:
         await node.close()
+
+
+async def test_a_step_that_fails_fails_its_requests_and_the_node_goes_on(checkpoint, tmp_path, monkeypatch):
+    """An error inside one step (here: the compute) gives those requests error lines; later work still runs."""
+    from glinthawk.node import merger
+
+    model, tokenizer = checkpoint
+    real_final = merger.final_stage
+    calls = {"n": 0}
+
+    def flaky_final(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated device fault")
+        return real_final(*args, **kwargs)
+
+    monkeypatch.setattr(merger, "final_stage", flaky_final)
+    tier2 = Tier2Node(kv_tokens=4096)
+    tier2_port = await tier2.start("127.0.0.1", 0)
+    tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{tier2_port}"], micro_batches=1, max_seqs=1)
+    requests = tmp_path / "in.jsonl"
+    requests.write_text("".join(json.dumps({"custom_id": f"r{i}", "prompt": "The quick", "max_tokens": 3,
+                                            "temperature": 0}) + "\n" for i in range(3)))
+    try:
+        port = await tier1.start("127.0.0.1", 0)
+        summary = await asyncio.wait_for(submit(requests, "127.0.0.1", port, tmp_path / "out.jsonl",
+                                                progress=False), timeout=120)
+    finally:
+        await tier1.close()
+        await tier2.close()
+    lines = read_results(tmp_path / "out.jsonl")
+    assert (summary.done, summary.failed) == (2, 1)
+    assert "simulated device fault" in lines["r0"]["error"]["message"]
+    assert lines["r1"]["completion_tokens"] == lines["r2"]["completion_tokens"] == 3

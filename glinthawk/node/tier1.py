@@ -220,19 +220,33 @@ class MicroBatch:
         self._wake.set()
 
     async def run(self) -> None:
-        try:
-            while True:
-                if not self.size:
-                    await self._wake.wait()
-                    self._wake.clear()
-                    continue
-                self.seqs += self.incoming
-                self.incoming.clear()
+        while True:
+            if not self.size:
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            self.seqs += self.incoming
+            self.incoming.clear()
+            try:
                 await self._step()
-        except LinkLost as exc:
-            log.warning("micro-batch %d: %s", self.id, exc)
-            self.node.requeue(self.seqs + self.incoming)
-            self.seqs, self.incoming = [], []
+            except LinkLost as exc:
+                log.warning("micro-batch %d: %s", self.id, exc)
+                self.node.requeue(self.seqs + self.incoming)
+                self.seqs, self.incoming = [], []
+                return
+            except Exception as exc:  # a step that cannot be computed fails its requests, not the node
+                log.exception("micro-batch %d failed", self.id)
+                await self._fail_all(f"internal error while generating: {exc}")
+
+    async def _fail_all(self, message: str) -> None:
+        failed, self.seqs = self.seqs, []
+        for seq in failed:
+            self.on_node.discard(seq.id)
+            self.link.free_tokens += seq.reserve_tokens
+        await self.link.release([s.id for s in failed])
+        for seq in failed:
+            await self.node.finish(seq, error=message)
+        self.node.place_waiting()
 
     async def _step(self) -> None:
         node = self.node
@@ -461,9 +475,15 @@ class Tier1Node:
             self.waiting.appendleft(seq)
         self.place_waiting()
 
-    async def finish(self, seq: Sequence) -> None:
+    async def finish(self, seq: Sequence, error: str | None = None) -> None:
+        """Deliver a sequence's result (or, with ``error``, an error line in its request's form)."""
         batch = self.batch_of.pop(seq.id)
         del batch.running[seq.request.custom_id]
+        if error is not None:
+            self.stats.failed += 1
+            request = seq.request
+            await batch.deliver(error_line(RequestError(error, request.line, request.custom_id, request.form)), True)
+            return
         self.stats.finished += 1
         await batch.deliver(result_line(seq.request, seq.completion(self.tokenizer), self.model_name), False)
 
