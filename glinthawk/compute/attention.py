@@ -89,17 +89,20 @@ def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start
     n, heads, dim = q.shape
     kv_heads = keys.shape[0]
     group = heads // kv_heads
-    # [n, heads, D] -> [kv_heads, group * n, D]: rows ordered (g, i).
-    q_rows = q.view(n, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(kv_heads, group * n, dim)
     if n == 1:
-        # Decode: one query per head sees the whole past; plain matmuls beat the fused
-        # kernel here (it parallelises over query blocks, of which there is one).
-        scores = torch.matmul(q_rows, keys.transpose(1, 2)).float() * scale
+        # Decode: the group's query heads become rows of one [group, D] matrix per KV head.
+        # Plain matmuls beat the fused kernel here (it parallelises over query blocks, of
+        # which there is one).
+        scores = torch.matmul(q.view(kv_heads, group, dim), keys.transpose(1, 2)).float() * scale
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
-        attended = torch.matmul(probs, values)
-    else:
-        positions = torch.arange(start, start + n, device=q.device).repeat(group)
+        return torch.matmul(probs, values).view(1, heads, dim)
+    # Prefill chunk: the fused kernel, which maps query heads to their KV head itself (no
+    # repeated K/V). A chunk that starts the sequence is plainly causal; a later chunk
+    # also sees the whole cached past.
+    mask = None
+    if start > 0:
+        positions = torch.arange(start, start + n, device=q.device)
         mask = torch.arange(start + n, device=q.device)[None, :] <= positions[:, None]
-        attended = F.scaled_dot_product_attention(q_rows, keys, values, attn_mask=mask, scale=scale)
-    # [kv_heads, group * n, D] -> [n, heads, D]
-    return attended.view(kv_heads, group, n, dim).permute(2, 0, 1, 3).reshape(n, heads, dim)
+    attended = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
+                                              is_causal=mask is None, scale=scale, enable_gqa=True)
+    return attended[0].transpose(0, 1)
