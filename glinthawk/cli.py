@@ -220,5 +220,13 @@ def status_command(address, secret_file, as_json) -> None:
                    f"{node['micro_batches']:>15}")
 
 
+def _register_bench() -> None:
+    from glinthawk.bench.cli import bench
+
+    main.add_command(bench)
+
+
+_register_bench()
+
 if __name__ == "__main__":
     main()

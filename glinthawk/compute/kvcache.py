@@ -76,6 +76,12 @@ class KVStore:
         return self.capacity_tokens - self.free_tokens
 
     @property
+    def filled_tokens(self) -> int:
+        """Tokens whose K/V have been written (what actually occupies memory)."""
+        # list() copies the values in one step under the GIL: safe beside the attention thread.
+        return sum(slab.filled for slab in list(self._slabs.values()))
+
+    @property
     def num_sequences(self) -> int:
         return len(self._slabs)
 

@@ -38,6 +38,7 @@ class Tier2Node:
         self.owner: Connection | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier2-attention")
         self._server: asyncio.AbstractServer | None = None
+        self._closing = False
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port (useful with port 0)."""
@@ -51,6 +52,7 @@ class Tier2Node:
         await asyncio.get_running_loop().run_in_executor(self._executor, lambda: None)
 
     async def close(self) -> None:
+        self._closing = True  # frames still arriving are dropped, not handed to a stopped pool
         if self._server is not None:
             self._server.close()
         if self.owner is not None:
@@ -84,6 +86,8 @@ class Tier2Node:
         in_flight: set[asyncio.Task] = set()
         try:
             async for header, tensors in conn:
+                if self._closing:
+                    break
                 kind = header["type"]
                 if kind == MsgType.ATTN:
                     task = asyncio.create_task(self._attend(conn, header, tensors))

@@ -1,0 +1,68 @@
+"""The ``glinthawk bench`` command."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import click
+
+from glinthawk.bench import SUITES
+
+
+def _knob_help() -> str:
+    lines = []
+    for name in SUITES:
+        module = importlib.import_module(f"glinthawk.bench.{name}")
+        knobs = ", ".join(f"{k}={_show(v)}" for k, v in module.DEFAULTS.items())
+        lines.append(f"{name}: {knobs}")
+    return ("\b\nKnobs: --set SUITE.KEY=VALUE, or --set KEY=VALUE for every suite that has KEY; lists are "
+            "comma-separated. Full-size defaults:\n") + \
+        "\n".join(lines)
+
+
+def _show(value) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+class _BenchCommand(click.Command):
+    def format_epilog(self, ctx, formatter) -> None:
+        formatter.write_paragraph()
+        formatter.write_text(_knob_help())
+
+
+@click.command("bench", cls=_BenchCommand)
+@click.argument("suite", type=click.Choice([*SUITES, "all"]))
+@click.option("--quick", is_flag=True, help="Tiny model and sizes: every suite in seconds (for tests and CI).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-out"),
+              show_default=True, help="Where SUITE.json and SUITE.png go.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--model", "model_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Benchmark this checkpoint instead of the generated random Llama-125M.")
+@click.option("--repeats", type=click.IntRange(min=1), default=None,
+              help="Best-of-N repeats for micro-benchmarks (default 7, 2 with --quick).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads here and in the node processes started (OMP_NUM_THREADS); default: torch's.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override a suite knob (see below).")
+def bench(suite, quick, out_dir, dtype, model_dir, repeats, threads, settings) -> None:
+    """Run benchmark SUITE (or all of them): print a table, write OUT/SUITE.json and OUT/SUITE.png."""
+    from glinthawk.bench.common import BenchContext, run_suite, set_threads
+
+    overrides = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {setting!r}", param_hint="--set")
+        overrides[key.strip()] = value.strip()
+    known = {k for name in SUITES for k in importlib.import_module(f"glinthawk.bench.{name}").DEFAULTS}
+    known |= {f"{name}.{k}" for name in SUITES for k in importlib.import_module(f"glinthawk.bench.{name}").DEFAULTS}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise click.BadParameter(f"unknown knob(s) {', '.join(unknown)}; see glinthawk bench --help",
+                                 param_hint="--set")
+    if threads is not None:
+        set_threads(threads)
+    ctx = BenchContext(out_dir=out_dir, quick=quick, dtype=dtype, repeats=repeats, model_dir=model_dir,
+                       overrides=overrides)
+    for name in SUITES if suite == "all" else (suite,):
+        run_suite(name, ctx)

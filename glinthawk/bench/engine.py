@@ -1,0 +1,162 @@
+"""engine: the single-process Engine against Hugging Face ``generate`` and the roofline.
+
+Both run the same checkpoint, prompts (token ids), batch, lengths and dtype, greedy, with
+exactly ``new_tokens`` generated per request (``ignore_eos`` / ``min_new_tokens``).
+
+- tok/s: generated tokens / wall time of the whole run (prefill included);
+- decode tok/s: ours from the decode-only steps of the run; HF's as
+  ``batch * (new - 1) / (t(new) - t(1))`` (a second, prefill-only generate call);
+- roofline: per decode step, bytes = weights + K/V read, FLOPs = 2 per weight per token
+  + attention; the step's floor is max(bytes / read bandwidth, FLOPs / matmul peak), both
+  measured in this run; roofline tok/s = decode tokens / sum of floors.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from glinthawk.bench import limits
+from glinthawk.bench.common import (
+    EOS_ID,
+    BenchContext,
+    Roofline,
+    decode_summary,
+    ratio,
+    request_lines,
+    run_engine,
+    target,
+    token_prompts,
+)
+
+DEFAULTS = {
+    "batch": 128, "prompt": 16, "new_tokens": 128,
+    "long_batch": 2, "long_prompt": 2048, "long_new_tokens": 32,
+    "max_batch_tokens": 2048, "hf": True,
+}
+QUICK = {"batch": 8, "prompt": 8, "new_tokens": 8, "long_batch": 2, "long_prompt": 128, "long_new_tokens": 4}
+
+
+def _load_hf(ctx: BenchContext):
+    try:
+        import transformers
+    except ImportError:
+        return None
+    dtype = limits.DTYPES[ctx.dtype]
+    return transformers.AutoModelForCausalLM.from_pretrained(ctx.checkpoint(), dtype=dtype).eval()
+
+
+@torch.inference_mode()
+def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> tuple[float, torch.Tensor]:
+    ids = torch.tensor(prompts, dtype=torch.int64)
+    started = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=EOS_ID)
+    seconds = time.perf_counter() - started
+    if out.shape[1] != ids.shape[1] + new_tokens:
+        raise RuntimeError(f"HF generated {out.shape[1] - ids.shape[1]} tokens, expected {new_tokens}")
+    return seconds, out[:, ids.shape[1]:]
+
+
+def measure_point(ctx: BenchContext, label: str, batch: int, prompt: int, new_tokens: int, roofline: Roofline,
+                  hf_model, max_batch_tokens: int) -> dict:
+    model, tokenizer = ctx.load()
+    prompts = token_prompts(batch, prompt, model.config.vocab_size, seed=1)
+    lines = request_lines(prompts, new_tokens)
+    kv_tokens = batch * (prompt + new_tokens)
+    ctx.echo(f"  {label}: glinthawk Engine, batch {batch}, prompt {prompt}, {new_tokens} new tokens")
+    ours = run_engine(model, tokenizer, lines, kv_tokens=kv_tokens, max_batch_tokens=max_batch_tokens,
+                      max_seqs=batch, roofline=roofline)
+    decode = decode_summary(ours.extra["steps"])
+    row = {
+        "point": label, "batch": batch, "prompt": prompt, "new_tokens": new_tokens,
+        "context": prompt + new_tokens, "seconds": ours.seconds, "tok_s": ours.tokens_per_s,
+        **decode,
+    }
+    row["fraction_of_roofline"] = ratio(row["decode_tok_s"], row["roofline_tok_s"])
+    if hf_model is not None:
+        ctx.echo(f"  {label}: transformers generate")
+        hf_seconds, hf_tokens = hf_generate(hf_model, prompts, new_tokens)
+        hf_prefill, _ = hf_generate(hf_model, prompts, 1)
+        hf_decode = batch * (new_tokens - 1) / (hf_seconds - hf_prefill) if hf_seconds > hf_prefill else None
+        outputs = ours.extra["outputs"]
+        same = sum(outputs[f"r{i}"] == hf_tokens[i].tolist() for i in range(batch))
+        row.update({
+            "hf_seconds": hf_seconds, "hf_tok_s": batch * new_tokens / hf_seconds, "hf_prefill_seconds": hf_prefill,
+            "hf_decode_tok_s": hf_decode, "hf_fraction_of_roofline": ratio(hf_decode, row["roofline_tok_s"]),
+            "greedy_agreement": same / batch,
+        })
+        row["ratio_ours_to_hf"] = ratio(row["tok_s"], row["hf_tok_s"])
+        row["decode_ratio_ours_to_hf"] = ratio(row["decode_tok_s"], hf_decode)
+    return row
+
+
+def run(ctx: BenchContext) -> dict:
+    knobs = ctx.knobs("engine", DEFAULTS, QUICK)
+    model, tokenizer = ctx.load()
+    ctx.echo("  calibrating read bandwidth and matmul peak")
+    calib = limits.calibrate(ctx)
+    roofline = Roofline.of(model, calib["read_bandwidth"], calib["matmul_peak"])
+    hf_model = _load_hf(ctx) if knobs["hf"] else None
+    warm = request_lines(token_prompts(2, 4, model.config.vocab_size), 2)
+    run_engine(model, tokenizer, warm, kv_tokens=64)
+    if hf_model is not None:
+        hf_generate(hf_model, [w["prompt"] for w in warm], 2)
+    rows = [measure_point(ctx, "throughput", knobs["batch"], knobs["prompt"], knobs["new_tokens"], roofline,
+                          hf_model, knobs["max_batch_tokens"])]
+    if knobs["long_batch"] > 0:
+        rows.append(measure_point(ctx, "long-context", knobs["long_batch"], knobs["long_prompt"],
+                                  knobs["long_new_tokens"], roofline, hf_model, knobs["max_batch_tokens"]))
+    main = rows[0]
+    notes = [
+        "tok_s counts generated tokens over the whole run (prefill included); decode_tok_s only decode steps",
+        "roofline uses the read bandwidth and matmul peak measured at the start of this run (see calibration)",
+        "HF decode tok/s = batch*(new-1) / (t(generate new) - t(generate 1))",
+    ]
+    if hf_model is None:
+        notes.append("transformers not installed or hf=false: no Hugging Face comparison")
+    return {
+        "config": {**knobs, "kv_tokens": "batch * (prompt + new_tokens)"},
+        "model": ctx.model_info(),
+        "calibration": calib,
+        "roofline_model": {"weight_bytes_per_step": roofline.weight_bytes, "linear_params": roofline.linear_params,
+                           "kv_bytes_per_token": roofline.kv_bytes_per_token},
+        "baseline": {"speed": "Hugging Face transformers generate, same run; roofline from this run's limits"},
+        "results": [{k: v for k, v in row.items()} for row in rows],
+        "summary": {"tok_s": main["tok_s"], "decode_tok_s": main["decode_tok_s"],
+                    "fraction_of_roofline": main["fraction_of_roofline"],
+                    "ratio_ours_to_hf": main.get("ratio_ours_to_hf")},
+        "targets": {
+            "roofline": target(">= 80% of roofline (decode, batch 128/prompt 16/128 new)",
+                               main["fraction_of_roofline"], 0.8),
+            "vs_hf": target(">= 1.5x HF generate (batch 128/prompt 16/128 new)", main.get("ratio_ours_to_hf"), 1.5),
+        },
+        "notes": notes,
+        "table": ([("point", "point"), ("batch", "batch"), ("prompt", "prompt"), ("new_tokens", "new"),
+                   ("tok_s", "ours tok/s"), ("decode_tok_s", "ours decode tok/s"),
+                   ("roofline_tok_s", "roofline tok/s"), ("fraction_of_roofline", "of roofline"),
+                   ("hf_tok_s", "HF tok/s"), ("hf_decode_tok_s", "HF decode tok/s"),
+                   ("ratio_ours_to_hf", "ours/HF"), ("greedy_agreement", "same tokens")], rows),
+    }
+
+
+def plot(result: dict, figure) -> None:
+    rows = result["results"]
+    axes = figure.subplots(1, len(rows))
+    axes = list(axes) if len(rows) > 1 else [axes]
+    for ax, row in zip(axes, rows):
+        names = ["glinthawk", "glinthawk\ndecode", "roofline\ndecode", "HF", "HF\ndecode"]
+        values = [row.get("tok_s"), row.get("decode_tok_s"), row.get("roofline_tok_s"), row.get("hf_tok_s"),
+                  row.get("hf_decode_tok_s")]
+        colors = ["tab:blue", "tab:blue", "tab:gray", "tab:orange", "tab:orange"]
+        bars = ax.bar(names, [v or 0 for v in values], color=colors)
+        for bar, value in zip(bars, values):
+            if value:
+                ax.annotate(f"{value:.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                            va="bottom", fontsize=8)
+        ax.set_ylabel("generated tok/s")
+        frac = row.get("fraction_of_roofline")
+        vs = row.get("ratio_ours_to_hf")
+        ax.set_title(f"{row['point']}: batch {row['batch']}, prompt {row['prompt']}, new {row['new_tokens']}\n"
+                     f"{(frac or 0):.0%} of roofline, {(vs or 0):.2f}x HF", fontsize=9)

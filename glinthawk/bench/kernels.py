@@ -1,0 +1,151 @@
+"""kernels: the two hot paths against this machine's limits, measured in the same run.
+
+- Tier 2 decode attention (``glinthawk.compute.attention.attend`` on a ``KVStore``): one new
+  token for each of ``attn_batch`` sequences whose context is already cached, one layer
+  of the benchmark model's geometry; figure of merit = K/V bytes read per second, as a
+  fraction of the measured read bandwidth.
+- Tier 1 projections + MLP (``glinthawk.compute.stages.layer_stage``, stage 1: layer 0's
+  output projection, norm, SwiGLU MLP, then layer 1's norm, QKV projection and RoPE) on the
+  benchmark model; figure of merit = FLOP/s as a fraction of the measured matmul peak.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from glinthawk.bench import limits
+from glinthawk.bench.common import BenchContext, best_of, ratio, target
+
+DEFAULTS = {"contexts": [256, 512, 1024, 2048, 4096, 8192], "attn_batch": 64,
+            "tokens": [1, 8, 32, 64, 128, 256, 512]}
+QUICK = {"contexts": [32, 64, 128], "attn_batch": 4, "tokens": [1, 8, 64]}
+
+
+def fill_store(store, layer: int, seq_ids: list, length: int) -> None:
+    """Write ``length`` tokens of random K/V for every sequence (content is irrelevant to speed)."""
+    k = torch.randn(length, store.num_kv_heads, store.head_dim).to(store.dtype)
+    v = torch.randn(length, store.num_kv_heads, store.head_dim).to(store.dtype)
+    for seq_id in seq_ids:
+        if hasattr(store, "rows"):  # write(layer, rows, k, v) with rows from rows(ids, starts, counts)
+            store.write(layer, store.rows([seq_id], [0], [length]), k, v)
+        else:  # write(layer, seq_id, start, k, v)
+            store.write(layer, seq_id, 0, k, v)
+
+
+def attention_point(model, batch: int, context: int, repeats: int) -> dict:
+    from glinthawk.compute.attention import attend
+    from glinthawk.compute.kvcache import KVStore
+
+    cfg = model.config
+    store = KVStore(1, cfg.num_kv_heads, cfg.head_dim, batch * (context + 1), model.dtype)
+    ids = list(range(batch))
+    for seq_id in ids:
+        store.reserve(seq_id, context + 1)
+    fill_store(store, 0, ids, context)
+    q = torch.randn(batch, cfg.num_heads, cfg.head_dim).to(model.dtype)
+    k = torch.randn(batch, cfg.num_kv_heads, cfg.head_dim).to(model.dtype)
+    v = torch.randn(batch, cfg.num_kv_heads, cfg.head_dim).to(model.dtype)
+    starts, counts = [context] * batch, [1] * batch
+    with torch.inference_mode():
+        best, samples = best_of(lambda: attend(store, 0, ids, starts, counts, q, k, v), repeats)
+    itemsize = store.keys.element_size()
+    kv_bytes = batch * (context + 1) * 2 * cfg.num_kv_heads * cfg.head_dim * itemsize
+    flops = 4 * batch * cfg.num_heads * cfg.head_dim * (context + 1)
+    return {"kernel": "decode attention", "batch": batch, "context": context, "seconds": best,
+            "kv_bytes": kv_bytes, "bytes_per_s": kv_bytes / best, "flops_per_s": flops / best,
+            "samples": samples}
+
+
+def layer_point(model, tokens: int, repeats: int) -> dict:
+    from glinthawk.compute.stages import layer_stage
+
+    cfg = model.config
+    stage = 1 if cfg.num_layers > 1 else 0
+    positions = torch.arange(tokens)
+    x = torch.randn(tokens, cfg.hidden_size).to(model.dtype) * 0.1
+    attn_out = torch.randn(tokens, cfg.num_heads, cfg.head_dim).to(model.dtype) * 0.1
+    with torch.inference_mode():
+        best, samples = best_of(lambda: layer_stage(model, stage, positions, x=x, attn_out=attn_out), repeats)
+    previous, current = model.layers[stage - 1], model.layers[stage]
+    weights = current.qkv.numel()
+    if stage:
+        weights += previous.o_proj.numel() + previous.gate_up.numel() + previous.down.numel()
+    flops = 2 * tokens * weights
+    return {"kernel": "layer_stage (o_proj+MLP+QKV)", "tokens": tokens, "seconds": best, "flops": flops,
+            "flops_per_s": flops / best, "weight_bytes": weights * model.embed_tokens.element_size(),
+            "samples": samples}
+
+
+def run(ctx: BenchContext) -> dict:
+    knobs = ctx.knobs("kernels", DEFAULTS, QUICK)
+    model, _ = ctx.load()
+    repeats = ctx.best_of
+    ctx.echo("  calibrating read bandwidth and matmul peak")
+    calib = limits.calibrate(ctx)
+    bandwidth, peak = calib["read_bandwidth"], calib["matmul_peak"]
+    rows = []
+    for context in knobs["contexts"]:
+        ctx.echo(f"  decode attention, batch {knobs['attn_batch']}, context {context}")
+        row = attention_point(model, knobs["attn_batch"], context, repeats)
+        row["fraction_of_read_bandwidth"] = ratio(row["bytes_per_s"], bandwidth)
+        rows.append(row)
+    for tokens in knobs["tokens"]:
+        ctx.echo(f"  layer_stage, {tokens} tokens")
+        row = layer_point(model, tokens, repeats)
+        row["fraction_of_matmul_peak"] = ratio(row["flops_per_s"], peak)
+        rows.append(row)
+    attn = [r for r in rows if r["kernel"] == "decode attention"]
+    layer = [r for r in rows if "tokens" in r]
+    long_attn = [r["fraction_of_read_bandwidth"] for r in attn if r["context"] >= 1024]
+    big_layer = [r["fraction_of_matmul_peak"] for r in layer if r["tokens"] >= 64]
+    table = [{"kernel": "attention", "size": f"batch {r['batch']} ctx {r['context']}",
+              "rate": r["bytes_per_s"] / 1e9, "unit": "GB/s", "fraction": r["fraction_of_read_bandwidth"],
+              "ms": r["seconds"] * 1e3} for r in attn]
+    table += [{"kernel": "layer_stage", "size": f"{r['tokens']} tokens", "rate": r["flops_per_s"] / 1e9,
+               "unit": "GFLOP/s", "fraction": r["fraction_of_matmul_peak"], "ms": r["seconds"] * 1e3}
+              for r in layer]
+    return {
+        "config": {**knobs, "repeats": repeats, "layer_stage": "stage 1 of the benchmark model"},
+        "model": ctx.model_info(),
+        "calibration": calib,
+        "baseline": {"attention": "read bandwidth (limits.read_bandwidth, this run)",
+                     "layer_stage": f"matmul peak in {ctx.dtype} (limits.matmul_peak, this run)"},
+        "results": rows,
+        "summary": {"read_bandwidth": bandwidth, "matmul_peak": peak,
+                    "attention_min_fraction_ctx_ge_1024": min(long_attn) if long_attn else None,
+                    "layer_min_fraction_tokens_ge_64": min(big_layer) if big_layer else None},
+        "targets": {
+            "attention": target("decode attention >= 60% of read bandwidth for context >= 1024",
+                                min(long_attn) if long_attn else None, 0.6),
+            "linear": target("projections + MLP >= 70% of matmul peak at batch >= 64",
+                             min(big_layer) if big_layer else None, 0.7),
+        },
+        "notes": ["attention bytes = K and V of every cached token read once per decode step (one layer)",
+                  "layer_stage FLOPs = 2 x tokens x weights of o_proj, gate_up, down and the next qkv"],
+        "table": ([("kernel", "kernel"), ("size", "size"), ("ms", "ms (best)"), ("rate", "rate"), ("unit", "unit"),
+                   ("fraction", "of limit")], table),
+    }
+
+
+def plot(result: dict, figure) -> None:
+    left, right = figure.subplots(1, 2)
+    summary = result["summary"]
+    attn = [r for r in result["results"] if r["kernel"] == "decode attention"]
+    left.plot([r["context"] for r in attn], [r["bytes_per_s"] / 1e9 for r in attn], marker="o", label="attend()")
+    left.axhline(summary["read_bandwidth"] / 1e9, color="tab:gray", linestyle="--", label="read bandwidth")
+    left.axhline(0.6 * summary["read_bandwidth"] / 1e9, color="tab:red", linestyle=":", label="60% target")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("context (tokens)")
+    left.set_ylabel("K/V GB/s")
+    left.set_title(f"Tier 2 decode attention, batch {attn[0]['batch'] if attn else '?'}")
+    left.legend(fontsize=8)
+    layer = [r for r in result["results"] if "tokens" in r]
+    right.plot([r["tokens"] for r in layer], [r["flops_per_s"] / 1e9 for r in layer], marker="o",
+               label="layer_stage")
+    right.axhline(summary["matmul_peak"] / 1e9, color="tab:gray", linestyle="--", label="matmul peak")
+    right.axhline(0.7 * summary["matmul_peak"] / 1e9, color="tab:red", linestyle=":", label="70% target")
+    right.set_xscale("log", base=2)
+    right.set_xlabel("tokens in batch")
+    right.set_ylabel("GFLOP/s")
+    right.set_title("Tier 1 projections + MLP")
+    right.legend(fontsize=8)

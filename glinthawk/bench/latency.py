@@ -1,0 +1,109 @@
+"""latency: two-tier throughput with an injected one-way delay between the tiers.
+
+Tier 1 and one Tier 2 node run in this process (one event loop, real TCP on loopback);
+every frame either way is held back by ``delay`` ms (``glinthawk.net.netem``), so a layer's
+round trip costs at least ``2 * delay``. The same requests run at each (delay,
+micro-batches in flight) point; with enough micro-batches in flight Tier 1 keeps
+computing while others are on the wire, and the delay disappears from the throughput.
+
+Ratios: to the 0 ms point with the same number of micro-batches, and to the best 0 ms
+point. ``tier1_busy`` is the fraction of the wall time Tier 1's compute thread was busy.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from glinthawk.bench.common import (
+    BenchContext,
+    ratio,
+    request_lines,
+    run_two_tier_inprocess,
+    target,
+    token_prompts,
+)
+
+DEFAULTS = {"delays_ms": [0, 1, 5, 10, 20, 50], "in_flight": [1, 2, 4, 8, 16], "batch": 256, "prompt": 4,
+            "new_tokens": 4, "max_batch_tokens": 2048}
+QUICK = {"delays_ms": [0, 5, 20], "in_flight": [1, 4], "batch": 16, "prompt": 4, "new_tokens": 3}
+
+
+def run(ctx: BenchContext) -> dict:
+    knobs = ctx.knobs("latency", DEFAULTS, QUICK)
+    model, tokenizer = ctx.load()
+    batch, prompt, new = knobs["batch"], knobs["prompt"], knobs["new_tokens"]
+    lines = request_lines(token_prompts(batch, prompt, model.config.vocab_size, seed=3), new)
+    kv_tokens = batch * (prompt + new)
+
+    def point(delay: float, in_flight: int, work: list[dict]):
+        with tempfile.TemporaryDirectory(prefix="glinthawk-bench-latency-") as tmp:
+            return run_two_tier_inprocess(model, tokenizer, work, Path(tmp), nodes=1, micro_batches=in_flight,
+                                          delay_ms=delay, kv_tokens=kv_tokens,
+                                          max_batch_tokens=knobs["max_batch_tokens"], max_seqs=batch)
+
+    point(0, 2, lines[:4])  # warm-up
+    rows = []
+    # In-flight counts outermost, delays (0 ms first) inside: each point's own 0 ms baseline is
+    # measured minutes, not the whole sweep, before it.
+    for in_flight in knobs["in_flight"]:
+        for delay in sorted(knobs["delays_ms"]):
+            ctx.echo(f"  delay {delay} ms, {in_flight} micro-batch(es) in flight")
+            result = point(delay, in_flight, lines)
+            rows.append({"delay_ms": delay, "in_flight": in_flight, "seconds": result.seconds,
+                         "tok_s": result.tokens_per_s,
+                         "tier1_busy": ratio(result.extra["tier1_busy_seconds"], result.seconds),
+                         "micro_batches_per_job": result.extra["tier1_micro_batches_per_job"]})
+    zero = {r["in_flight"]: r["tok_s"] for r in rows if r["delay_ms"] == 0}
+    best_zero = max(zero.values(), default=None)
+    for row in rows:
+        row["ratio_to_0ms_same_in_flight"] = ratio(row["tok_s"], zero.get(row["in_flight"]))
+        row["ratio_to_best_0ms"] = ratio(row["tok_s"], best_zero)
+
+    def best_at(delay: float) -> float | None:
+        values = [r["ratio_to_best_0ms"] for r in rows if r["delay_ms"] == delay and r["ratio_to_best_0ms"]]
+        return max(values) if values else None
+
+    return {
+        "config": {**knobs, "tier2_nodes": 1, "kv_tokens": kv_tokens,
+                   "mode": "inprocess: Tier1Node + Tier2Node in this process, real TCP on loopback",
+                   "delay": "one-way, each direction (round trip per layer >= 2 x delay)"},
+        "model": ctx.model_info(),
+        "baseline": {"name": "0 ms point, same run", "best_0ms_tok_s": best_zero, "per_in_flight": zero},
+        "results": rows,
+        "summary": {f"best_ratio_at_{d}ms": best_at(d) for d in knobs["delays_ms"]},
+        "targets": {
+            "10ms": target(">= 90% of the best 0 ms throughput at 10 ms (best micro-batch count)", best_at(10), 0.9),
+            "50ms": target(">= 80% of the best 0 ms throughput at 50 ms (best micro-batch count)", best_at(50), 0.8),
+        },
+        "notes": ["the same requests at every point; tok/s = generated tokens / time of the whole submit",
+                  "a target is n/a when its delay is not in delays_ms"],
+        "table": ([("delay_ms", "delay ms"), ("in_flight", "in flight"), ("tok_s", "tok/s"),
+                   ("ratio_to_0ms_same_in_flight", "vs 0ms same"), ("ratio_to_best_0ms", "vs best 0ms"),
+                   ("tier1_busy", "Tier 1 busy"), ("micro_batches_per_job", "mb/job")], rows),
+    }
+
+
+def plot(result: dict, figure) -> None:
+    left, right = figure.subplots(1, 2)
+    rows = result["results"]
+    delays = sorted({r["delay_ms"] for r in rows})
+    in_flight = sorted({r["in_flight"] for r in rows})
+    for count in in_flight:
+        points = sorted((r["delay_ms"], r["tok_s"]) for r in rows if r["in_flight"] == count)
+        left.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{count} in flight")
+    left.set_xscale("symlog", linthresh=1)
+    left.set_xlabel("injected one-way delay (ms)")
+    left.set_ylabel("generated tok/s")
+    left.set_title("throughput vs delay")
+    left.legend(fontsize=8)
+    for delay in delays:
+        points = sorted((r["in_flight"], r["ratio_to_best_0ms"] or 0) for r in rows if r["delay_ms"] == delay)
+        right.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{delay} ms")
+    right.axhline(1.0, color="tab:gray", linestyle="--")
+    right.axhline(0.8, color="tab:red", linestyle=":")
+    right.set_xscale("log", base=2)
+    right.set_xlabel("micro-batches in flight")
+    right.set_ylabel("throughput / best 0 ms")
+    right.set_title("delay hidden by micro-batches in flight")
+    right.legend(fontsize=8)
