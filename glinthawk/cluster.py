@@ -25,6 +25,17 @@ class ClusterError(RuntimeError):
     """A node failed to start or died; the message carries the tail of its log."""
 
 
+def stop_process(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM (a node's clean shutdown), then SIGKILL if it outlives ``timeout_s``."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -129,13 +140,7 @@ class LocalCluster:
     def stop(self) -> None:
         """SIGTERM Tier 1, then the Tier 2 nodes; SIGKILL whatever outlives the timeout."""
         for node in reversed(self.nodes):  # Tier 1 was started last
-            if node.process.poll() is None:
-                node.process.send_signal(signal.SIGTERM)
-                try:
-                    node.process.wait(STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    node.process.kill()
-                    node.process.wait()
+            stop_process(node.process)
 
     def kill(self, name: str) -> None:
         """SIGKILL one node (for failure tests)."""

@@ -23,7 +23,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ from typing import Any
 
 import click
 import torch
+
+from glinthawk.cluster import stop_process
 
 SCHEMA_VERSION = 1
 
@@ -611,13 +612,7 @@ class Child:
     address: str | None = None
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout)
 
 
 def spawn_ready(name: str, argv: list[str], work_dir: Path, timeout: float = 120.0) -> Child:
