@@ -175,7 +175,6 @@ def _bulk_run(model_dir: Path, tmp_path: Path, lines: int) -> tuple[int, int]:
     return answered_lines, peak
 
 
-@pytest.mark.slow
 def test_100k_line_submission_keeps_tier1_memory_bounded(model_dir, tmp_path):
     small_lines, small_peak = _bulk_run(model_dir, tmp_path, 2_000)
     big_lines, big_peak = _bulk_run(model_dir, tmp_path, 100_000)

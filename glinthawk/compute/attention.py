@@ -10,7 +10,9 @@ the query-row dimension, so one matmul per KV head serves them all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -52,13 +54,29 @@ def attend(
         lengths = [starts[i] + 1 for i in short_decodes]
         out[rows] = _decode_batched(store, layer, [seq_ids[i] for i in short_decodes], lengths, q[rows], scale)
     batched = set(short_decodes) if len(short_decodes) > 1 else set()
-    for i, (seq_id, start, count) in enumerate(zip(seq_ids, starts, counts)):
-        if i in batched:
-            continue
-        rows = slice(first_rows[i], first_rows[i] + count)
-        keys, values = store.view(layer, seq_id, start + count)
-        out[rows] = _attend_one(q[rows], keys, values, start, scale)
+
+    def attend_each(indices: Iterable[int]) -> None:
+        for i in indices:
+            rows = slice(first_rows[i], first_rows[i] + counts[i])
+            keys, values = store.view(layer, seq_ids[i], starts[i] + counts[i])
+            out[rows] = _attend_one(q[rows], keys, values, starts[i], scale)
+
+    rest = [i for i in range(len(counts)) if i not in batched]
+    long_decodes = [i for i in rest if counts[i] == 1]
+    attend_each(i for i in rest if counts[i] > 1)  # prefill: the fused kernel uses every core itself
+    workers = min(torch.get_num_threads(), len(long_decodes))
+    if workers > 1:
+        # One small kernel chain per sequence cannot use several cores; several sequences
+        # at once can (torch releases the GIL, and each writes only its own rows of out).
+        list(_pool(workers).map(attend_each, [long_decodes[w::workers] for w in range(workers)]))
+    else:
+        attend_each(long_decodes)
     return out
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode-attention")
 
 
 def _decode_batched(
