@@ -242,3 +242,32 @@ def test_attend_rejects_mismatched_rows():
     q, k, v = torch.randn(3, 4, DIM), torch.randn(3, KV_HEADS, DIM), torch.randn(3, KV_HEADS, DIM)
     with pytest.raises(ValueError, match="3 query rows for 2 tokens"):
         attend(s, 0, ["a"], [0], [2], q, k, v)
+
+
+def test_long_decodes_on_several_threads_match_one_thread():
+    """Contexts past the batched path are spread over threads; results must not change, in or out of inference mode."""
+    import torch
+
+    from glinthawk.compute.attention import BATCHED_DECODE_MAX_CONTEXT, attend
+    from glinthawk.compute.kvcache import KVStore
+
+    torch.manual_seed(0)
+    length, batch = BATCHED_DECODE_MAX_CONTEXT + 8, 5
+    store = KVStore(1, 2, 8, batch * (length + 1))
+    for i in range(batch):
+        store.reserve(i, length + 1)
+    k = torch.randn(batch * length, 2, 8)
+    attend(store, 0, list(range(batch)), [0] * batch, [length] * batch, torch.randn(batch * length, 4, 8), k, k)
+    q, kv = torch.randn(batch, 4, 8), torch.randn(batch, 2, 8)
+    args = (store, 0, list(range(batch)), [length] * batch, [1] * batch, q, kv, kv)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = attend(*args)
+        torch.set_num_threads(3)
+        parallel = attend(*args)
+        with torch.inference_mode():
+            parallel_inference = attend(*args)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(serial, parallel) and torch.equal(serial, parallel_inference)

@@ -55,11 +55,14 @@ def attend(
         out[rows] = _decode_batched(store, layer, [seq_ids[i] for i in short_decodes], lengths, q[rows], scale)
     batched = set(short_decodes) if len(short_decodes) > 1 else set()
 
+    inference = torch.is_inference_mode_enabled()  # thread-local: worker threads must match the caller
+
     def attend_each(indices: Iterable[int]) -> None:
-        for i in indices:
-            rows = slice(first_rows[i], first_rows[i] + counts[i])
-            keys, values = store.view(layer, seq_ids[i], starts[i] + counts[i])
-            out[rows] = _attend_one(q[rows], keys, values, starts[i], scale)
+        with torch.inference_mode(inference):
+            for i in indices:
+                rows = slice(first_rows[i], first_rows[i] + counts[i])
+                keys, values = store.view(layer, seq_ids[i], starts[i] + counts[i])
+                out[rows] = _attend_one(q[rows], keys, values, starts[i], scale)
 
     rest = [i for i in range(len(counts)) if i not in batched]
     long_decodes = [i for i in rest if counts[i] == 1]
