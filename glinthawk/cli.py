@@ -212,12 +212,12 @@ def status_command(address, secret_file, as_json) -> None:
     click.echo(f"model {status['model']}  up {status['uptime_s']:.0f} s  {status['tokens_per_s']:.1f} tok/s  "
                f"Tier 1 busy {100 * status['busy_fraction']:.0f}%")
     click.echo(f"requests: {requests['running']} running, {requests['waiting']} waiting, {requests['finished']} "
-               f"finished, {requests['failed']} failed ({status['batches']} batches)")
-    click.echo(f"{'TIER 2 NODE':<24}{'STATE':<7}{'KV USED':>18}{'SEQS':>7}{'MICRO-BATCHES':>15}")
+               f"finished, {requests['failed']} failed ({status['batches']} batches, "
+               f"{status['micro_batches_in_flight']} micro-batches in flight)")
+    click.echo(f"{'TIER 2 NODE':<24}{'STATE':<7}{'KV USED':>18}{'SEQS':>7}")
     for node in status["tier2"]:
         kv = f"{node['kv_tokens_used']}/{node['kv_tokens']}"
-        click.echo(f"{node['address']:<24}{'up' if node['alive'] else 'DOWN':<7}{kv:>18}{node['sequences']:>7}"
-                   f"{node['micro_batches']:>15}")
+        click.echo(f"{node['address']:<24}{'up' if node['alive'] else 'DOWN':<7}{kv:>18}{node['sequences']:>7}")
 
 
 def _register_bench() -> None:

@@ -58,7 +58,7 @@ class Tier1Metrics(Collector):
                        node.merger.stats.busy_seconds if node.merger else 0.0)
         yield _gauge("glinthawk_requests_waiting", "Requests queued for KV room", len(node.waiting))
         yield _gauge("glinthawk_micro_batches_in_flight", "Micro-batches holding sequences",
-                     sum(1 for link in node.links.values() for mb in link.micro_batches if mb.size))
+                     sum(1 for mb in node.micro_batch_list if mb.size))
         links = {a: l for a, l in node.links.items() if l.alive}
         yield _per_node("glinthawk_kv_tokens_used", "KV tokens reserved on each Tier 2 node",
                         {a: l.capacity_tokens - l.free_tokens for a, l in links.items()})

@@ -21,7 +21,7 @@ from glinthawk.tokenizer import Tokenizer, TokenizerError
 _ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a sequence is itself, however its fields compare
 class Sequence:
     request: Request
     prompt_ids: list[int]

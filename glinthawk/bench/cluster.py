@@ -28,7 +28,7 @@ from glinthawk.bench.common import (
     token_prompts,
 )
 
-DEFAULTS = {"batch": 64, "prompt": 16, "new_tokens": 32, "tier2_nodes": [1, 2, 3], "micro_batches_per_node": 2,
+DEFAULTS = {"batch": 64, "prompt": 16, "new_tokens": 32, "tier2_nodes": [1, 2, 3], "micro_batches": 2,
             "max_batch_tokens": 2048, "mode": "processes"}
 QUICK = {"batch": 8, "prompt": 8, "new_tokens": 4, "tier2_nodes": [2]}
 
@@ -53,7 +53,7 @@ def run(ctx: BenchContext) -> dict:
     singles = [single()]
     rows = []
     for nodes in knobs["tier2_nodes"]:
-        micro_batches = nodes * knobs["micro_batches_per_node"]
+        micro_batches = knobs["micro_batches"]  # each spans every Tier 2 node
         ctx.echo(f"  two-tier ({knobs['mode']}): {nodes} Tier 2 node(s), {micro_batches} micro-batches")
         with tempfile.TemporaryDirectory(prefix="glinthawk-bench-cluster-") as tmp:
             if knobs["mode"] == "processes":

@@ -510,10 +510,9 @@ async def _two_tier(model, tokenizer, requests_path: Path, out_path: Path, *, no
 
         def alive():
             yield from tier1.waiting
-            for link in tier1.links.values():
-                for mb in link.micro_batches:
-                    yield from mb.seqs
-                    yield from mb.incoming
+            for mb in tier1.micro_batch_list:
+                yield from mb.seqs
+                yield from mb.incoming
 
         async def poll() -> None:
             # A sequence is seen with its first token while it is alive (it lives for at least

@@ -77,7 +77,7 @@ def netem_options(f):
 @device_option
 @click.option("--tier2", "tier2_nodes", default=None, help="tier1: Tier 2 nodes, HOST:PORT[,HOST:PORT...].")
 @click.option("--micro-batches", type=click.IntRange(min=1), default=4, show_default=True,
-              help="tier1: micro-batches in flight (spread over the Tier 2 nodes).")
+              help="tier1: micro-batches in flight (each may span every Tier 2 node).")
 @click.option("--max-batch-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
               help="tier1: tokens per micro-batch step.")
 @click.option("--max-seqs", type=click.IntRange(min=1), default=256, show_default=True,

@@ -22,7 +22,6 @@ import asyncio
 import itertools
 import json
 import logging
-import math
 import tempfile
 import time
 import uuid
@@ -71,7 +70,7 @@ class Tier2Link:
                  timeout_s: float = 10.0, round_trip: Histogram | None = None):
         self.address, self.conn, self.round_trip = address, conn, round_trip
         self.capacity_tokens = self.free_tokens = capacity_tokens
-        self.micro_batches: list[MicroBatch] = []
+        self.sequences = 0  # sequences placed here (all micro-batches)
         self.alive = True
         self._waiting: dict[int, asyncio.Future] = {}
         loop = asyncio.get_running_loop()
@@ -201,23 +200,42 @@ _mb_ids = itertools.count()
 
 
 class MicroBatch:
-    """Sequences on one Tier 2 node that go through the layers together, one step at a time."""
+    """Sequences that go through the layers together, one step at a time.
 
-    def __init__(self, node: "Tier1Node", link: Tier2Link):
+    Its sequences may live on several Tier 2 nodes: at each layer the batch is split by
+    node, the parts go out at once, and the outputs are joined back in order (so one
+    micro-batch can be as large as the whole cluster's KV room allows).
+    """
+
+    def __init__(self, node: "Tier1Node"):
         self.id = next(_mb_ids)
-        self.node, self.link = node, link
+        self.node = node
         self.seqs: list[Sequence] = []
         self.incoming: list[Sequence] = []
-        self.on_node: set[int] = set()  # sequences with a reservation on the link's node
+        self.link_of: dict[int, Tier2Link] = {}  # sequence id -> the node holding its KV
+        self.on_node: set[int] = set()  # sequences whose reservation has been sent
         self._wake = asyncio.Event()
 
     @property
     def size(self) -> int:
         return len(self.seqs) + len(self.incoming)
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, link: Tier2Link) -> None:
+        self.link_of[seq.id] = link
+        link.sequences += 1
         self.incoming.append(seq)
         self._wake.set()
+
+    def _forget(self, seqs: list[Sequence]) -> dict[Tier2Link, list[int]]:
+        """Drop ``seqs`` from this micro-batch and give back their KV room; returns the ids per node."""
+        released: dict[Tier2Link, list[int]] = {}
+        for seq in seqs:
+            link = self.link_of.pop(seq.id)
+            link.free_tokens += seq.reserve_tokens
+            link.sequences -= 1
+            self.on_node.discard(seq.id)
+            released.setdefault(link, []).append(seq.id)
+        return released
 
     async def run(self) -> None:
         while True:
@@ -229,37 +247,60 @@ class MicroBatch:
             self.incoming.clear()
             try:
                 await self._step()
-            except LinkLost as exc:
-                log.warning("micro-batch %d: %s", self.id, exc)
-                self.node.requeue(self.seqs + self.incoming)
-                self.seqs, self.incoming = [], []
-                return
+            except LinkLost:
+                self._requeue_lost()
             except Exception as exc:  # a step that cannot be computed fails its requests, not the node
                 log.exception("micro-batch %d failed", self.id)
                 await self._fail_all(f"internal error while generating: {exc}")
 
+    def _requeue_lost(self) -> None:
+        """Sequences on a lost node go back to the queue (their KV is rebuilt elsewhere); the
+        others simply redo this step, which rewrites the same KV positions."""
+        lost = [s for s in self.seqs + self.incoming if not self.link_of[s.id].alive]
+        self.seqs = [s for s in self.seqs if s not in lost]
+        self.incoming = [s for s in self.incoming if s not in lost]
+        self._forget(lost)
+        log.warning("micro-batch %d: %d sequences on a lost Tier 2 node go back to the queue", self.id, len(lost))
+        self.node.requeue(lost)
+
     async def _fail_all(self, message: str) -> None:
         failed, self.seqs = self.seqs, []
-        for seq in failed:
-            self.on_node.discard(seq.id)
-            self.link.free_tokens += seq.reserve_tokens
-        await self.link.release([s.id for s in failed])
+        for link, ids in self._forget(failed).items():
+            await link.release(ids)
         for seq in failed:
             await self.node.finish(seq, error=message)
         self.node.place_waiting()
 
     async def _step(self) -> None:
         node = self.node
-        batch = pack_step(plan_step(self.seqs, node.max_batch_tokens))
-        fresh = [s for s in batch.seqs if s.id not in self.on_node]
-        self.on_node.update(s.id for s in fresh)
-        header = {
-            "seqs": [[s.id, start, count] for s, start, count in zip(batch.seqs, batch.starts, batch.counts)],
-            "reserve": [[s.id, s.reserve_tokens] for s in fresh],
-        }
+        # Group the step's sequences by node so each node's rows are one contiguous slice.
+        plan = sorted(plan_step(self.seqs, node.max_batch_tokens), key=lambda item: id(self.link_of[item[0].id]))
+        batch = pack_step(plan)
+        parts: list[tuple[Tier2Link, slice, dict]] = []
+        row = 0
+        for link, group in itertools.groupby(zip(batch.seqs, batch.starts, batch.counts),
+                                             key=lambda item: self.link_of[item[0].id]):
+            group = list(group)
+            tokens = sum(count for _, _, count in group)
+            fresh = [s for s, _, _ in group if s.id not in self.on_node]
+            parts.append((link, slice(row, row + tokens), {
+                "seqs": [[s.id, start, count] for s, start, count in group],
+                "reserve": [[s.id, s.reserve_tokens] for s in fresh],
+            }))
+            row += tokens
         x, q, k, v = await node.merger.run(StageWork(0, batch.positions, token_ids=batch.token_ids))
         for layer in range(node.num_layers):
-            out = await self.link.attend(self.id, layer, header if layer == 0 else {"seqs": header["seqs"]}, q, k, v)
+            outs = await asyncio.gather(*(
+                link.attend(self.id, layer, header if layer == 0 else {"seqs": header["seqs"]},
+                            q[rows], k[rows], v[rows])
+                for link, rows, header in parts
+            ), return_exceptions=True)
+            for result in outs:
+                if isinstance(result, BaseException):
+                    raise result
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
+            if layer == 0:
+                self.on_node.update(s.id for s in batch.seqs)
             if layer + 1 < node.num_layers:
                 x, q, k, v = await node.merger.run(StageWork(layer + 1, batch.positions, x=x, attn_out=out))
         next_tokens = torch.empty(0, dtype=torch.int64)
@@ -274,9 +315,8 @@ class MicroBatch:
         if finished:
             for seq in finished:
                 self.seqs.remove(seq)
-                self.on_node.discard(seq.id)
-                self.link.free_tokens += seq.reserve_tokens
-            await self.link.release([s.id for s in finished])
+            for link, ids in self._forget(finished).items():
+                await link.release(ids)
             for seq in finished:
                 await node.finish(seq)
             node.place_waiting()
@@ -320,6 +360,7 @@ class Tier1Node:
         self._started = time.monotonic()
         self._token_samples: deque[tuple[float, int]] = deque(maxlen=11)  # (time, tokens) once a second
         self.merger: StageMerger | None = None
+        self.micro_batch_list: list[MicroBatch] = []
         self._room = asyncio.Event()  # set when the waiting queue has room for more input
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -329,6 +370,9 @@ class Tier1Node:
     async def start(self, host: str, port: int) -> int:
         self.merger = StageMerger(self.model)
         self.merger.start()
+        self.micro_batch_list = [MicroBatch(self) for _ in range(self.micro_batches)]
+        for mb in self.micro_batch_list:
+            self._spawn(mb.run())
         for address in self.tier2_addresses:
             await self._connect(address)
         if not self.links:
@@ -397,12 +441,7 @@ class Tier1Node:
         link = Tier2Link(address, conn, int(welcome["capacity_tokens"]), self.heartbeat_s, self.heartbeat_timeout_s,
                          self.metrics.attention_round_trip)
         self.links[address] = link
-        per_node = max(1, math.ceil(self.micro_batches / len(self.tier2_addresses)))
-        for _ in range(per_node):
-            mb = MicroBatch(self, link)
-            link.micro_batches.append(mb)
-            self._spawn(mb.run())
-        log.info("Tier 2 node %s: %d KV tokens, %d micro-batches", address, link.capacity_tokens, per_node)
+        log.info("Tier 2 node %s: %d KV tokens", address, link.capacity_tokens)
         self.place_waiting()
         return True
 
@@ -435,11 +474,11 @@ class Tier1Node:
             "requests": {"admitted": self.stats.admitted, "finished": self.stats.finished,
                          "failed": self.stats.failed, "waiting": len(self.waiting), "running": len(self.batch_of)},
             "batches": len(self.batches),
+            "micro_batches_in_flight": sum(1 for mb in self.micro_batch_list if mb.size),
             "tier2": [{
                 "address": link.address, "alive": link.alive, "kv_tokens": link.capacity_tokens,
                 "kv_tokens_used": link.capacity_tokens - link.free_tokens,
-                "micro_batches": len(link.micro_batches),
-                "sequences": sum(mb.size for mb in link.micro_batches),
+                "sequences": link.sequences,
             } for link in self.links.values()],
         }
 
@@ -449,20 +488,18 @@ class Tier1Node:
 
     # -- scheduling ---------------------------------------------------------------------
     def place_waiting(self) -> None:
-        """Place queued sequences on the node with the most free KV room that can hold them."""
+        """Place queued sequences on the node with the most free KV room that can hold them,
+        in the micro-batch with the fewest sequences."""
         while self.waiting:
             seq = self.waiting[0]
-            links = [l for l in self.links.values()
-                     if l.alive and l.free_tokens >= seq.reserve_tokens and l.micro_batches]
-            if not links:
+            links = [link for link in self.links.values() if link.alive and link.free_tokens >= seq.reserve_tokens]
+            mb = min(self.micro_batch_list, key=lambda m: m.size)
+            if not links or mb.size >= self.max_seqs:
                 break
             link = max(links, key=lambda l: l.free_tokens)
-            mb = min(link.micro_batches, key=lambda m: m.size)
-            if mb.size >= self.max_seqs:
-                break
             self.waiting.popleft()
             link.free_tokens -= seq.reserve_tokens
-            mb.add(seq)
+            mb.add(seq, link)
         if len(self.waiting) < self.max_waiting:
             self._room.set()
         if self.waiting and not any(l.alive for l in self.links.values()):
