@@ -153,7 +153,9 @@ def submit_command(input_path, to, output_path, progress, resume, secret_file) -
 @click.option("--tier2-nodes", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--kv-memory", default="1GiB", show_default=True, help="KV cache per Tier 2 node.")
 @click.option("--kv-tokens", type=click.IntRange(min=1), default=None, help="KV cache per Tier 2 node, in tokens.")
-@click.option("--micro-batches", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--micro-batches", type=click.IntRange(min=1), default=None,
+              help="Micro-batches in flight (default: 1 without injected delay, the largest batch; 4 with it, "
+                   "to hide the delay).")
 @click.option("--max-batch-tokens", type=click.IntRange(min=1), default=2048, show_default=True)
 @click.option("--max-seqs", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--inject-delay-ms", type=click.FloatRange(min=0), default=0.0, help="One-way delay between the tiers.")

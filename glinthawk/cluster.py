@@ -67,7 +67,7 @@ class LocalCluster:
     bandwidth: str | None = None
     dtype: str = "float32"
     device: str = "auto"
-    micro_batches: int = 4
+    micro_batches: int | None = None  # default: 1 on a plain loopback (largest batch), 4 with injected delay
     max_batch_tokens: int = 2048
     max_seqs: int = 256
     log_dir: Path | None = None
@@ -85,7 +85,7 @@ class LocalCluster:
             addresses = ",".join(self._wait_ready(node) for node in tier2)
             tier1 = self._spawn("tier1", [
                 "--role", "tier1", "--model", str(self.model_dir), "--tier2", addresses, "--dtype", self.dtype,
-                "--device", self.device, "--micro-batches", str(self.micro_batches),
+                "--device", self.device, "--micro-batches", str(self.in_flight),
                 "--max-batch-tokens", str(self.max_batch_tokens), "--max-seqs", str(self.max_seqs),
             ])
             self._wait_ready(tier1)
@@ -96,6 +96,11 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    @property
+    def in_flight(self) -> int:
+        """Micro-batches for Tier 1: hiding latency needs several; without any, one batch is largest."""
+        return self.micro_batches or (4 if self.delay_ms or self.jitter_ms else 1)
 
     @property
     def tier1_address(self) -> tuple[str, int]:

@@ -28,7 +28,7 @@ from glinthawk.bench.common import (
     token_prompts,
 )
 
-DEFAULTS = {"batch": 64, "prompt": 16, "new_tokens": 32, "tier2_nodes": [1, 2, 3], "micro_batches": 2,
+DEFAULTS = {"batch": 64, "prompt": 16, "new_tokens": 32, "tier2_nodes": [1, 2, 3], "micro_batches": 1,
             "max_batch_tokens": 2048, "mode": "processes"}
 QUICK = {"batch": 8, "prompt": 8, "new_tokens": 4, "tier2_nodes": [2]}
 
