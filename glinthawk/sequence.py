@@ -147,10 +147,6 @@ class StepBatch:
     sample_rows: torch.Tensor  # rows of the packed batch whose logits are sampled
     sampled: list[Sequence]  # the sequences those rows belong to
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.token_ids.shape[0])
-
 
 def pack_step(plan: list[tuple[Sequence, int]], device: torch.device | str = "cpu") -> StepBatch:
     tokens: list[int] = []
