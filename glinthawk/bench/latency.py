@@ -24,8 +24,10 @@ from glinthawk.bench.common import (
     token_prompts,
 )
 
-DEFAULTS = {"delays_ms": [0, 1, 5, 10, 20, 50], "in_flight": [1, 2, 4, 8, 16], "batch": 256, "prompt": 4,
-            "new_tokens": 4, "max_batch_tokens": 2048}
+# Hiding a 100 ms round trip per layer needs at least that much Tier 1 work per layer in
+# flight: a batch of ~1500 on this 2-core machine. (At batch 256 a step is all waiting.)
+DEFAULTS = {"delays_ms": [0, 1, 5, 10, 20, 50], "in_flight": [1, 2, 4, 8, 16], "batch": 1536, "prompt": 4,
+            "new_tokens": 8, "max_batch_tokens": 2048}
 QUICK = {"delays_ms": [0, 5, 20], "in_flight": [1, 4], "batch": 16, "prompt": 4, "new_tokens": 3}
 
 
