@@ -189,3 +189,13 @@ def test_ctrl_c_leaves_valid_partial_output_and_no_children(tmp_path, model_dir)
     while node_processes(logs) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert node_processes(logs) == []
+
+
+def test_local_cluster_picks_micro_batches_by_delay(model_dir):
+    """No delay to hide: one micro-batch (the largest batch). Injected delay: several in flight."""
+    from glinthawk.cluster import LocalCluster
+
+    assert LocalCluster(model_dir).in_flight == 1
+    assert LocalCluster(model_dir, delay_ms=20).in_flight == 4
+    assert LocalCluster(model_dir, jitter_ms=5).in_flight == 4
+    assert LocalCluster(model_dir, delay_ms=20, micro_batches=9).in_flight == 9

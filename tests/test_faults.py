@@ -37,6 +37,12 @@ def tokens_by_id(results: dict[str, dict]) -> dict[str, list[int]]:
     return {k: v["token_ids"] for k, v in results.items()}
 
 
+def small_cluster(model_dir: Path, tmp_path: Path, *, tier2_nodes: int, micro_batches: int) -> LocalCluster:
+    """Real processes, with steps small enough (2 sequences per micro-batch) for a failure to land mid-run."""
+    return LocalCluster(model_dir, tier2_nodes=tier2_nodes, kv_tokens=4096, micro_batches=micro_batches, max_seqs=2,
+                        max_batch_tokens=64, log_dir=tmp_path / "logs")
+
+
 def wait_for_lines(path: Path, count: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -50,8 +56,7 @@ def test_sigkill_one_of_three_tier2_nodes_mid_run(checkpoint, model_dir, tmp_pat
     requests = mixed_requests(tmp_path / "in.jsonl")
     expected = single_process(checkpoint, requests)
     out = tmp_path / "out.jsonl"
-    with LocalCluster(model_dir, tier2_nodes=3, kv_tokens=4096, micro_batches=3, max_seqs=2,
-                      max_batch_tokens=64, log_dir=tmp_path / "logs") as cluster:
+    with small_cluster(model_dir, tmp_path, tier2_nodes=3, micro_batches=3) as cluster:
         host, port = cluster.tier1_address
         client = subprocess.Popen([sys.executable, "-m", "glinthawk", "submit", str(requests), "--to", f"{host}:{port}",
                                    "-o", str(out), "--no-progress"], stderr=subprocess.PIPE, text=True)
@@ -98,8 +103,7 @@ def test_client_killed_then_resumed_equals_undisturbed_run(checkpoint, model_dir
     requests = mixed_requests(tmp_path / "in.jsonl")
     expected = single_process(checkpoint, requests)
     out = tmp_path / "out.jsonl"
-    with LocalCluster(model_dir, tier2_nodes=2, kv_tokens=4096, micro_batches=2, max_seqs=2,
-                      max_batch_tokens=64, log_dir=tmp_path / "logs") as cluster:
+    with small_cluster(model_dir, tmp_path, tier2_nodes=2, micro_batches=2) as cluster:
         host, port = cluster.tier1_address
         command = [sys.executable, "-m", "glinthawk", "submit", str(requests), "--to", f"{host}:{port}", "-o", str(out),
                    "--no-progress"]

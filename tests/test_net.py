@@ -298,8 +298,8 @@ async def test_many_unread_frames_pause_and_resume_reading() -> None:
         conn.close()
 
 
-@pytest.mark.asyncio
-async def test_oversized_frame_is_refused_and_server_keeps_serving() -> None:
+def echo_recording_errors() -> tuple[Callable[[Connection], Awaitable[None]], asyncio.Future[BaseException]]:
+    """An echo handler, and a future that gets the ProtocolError that ends it."""
     outcome: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
 
     async def handler(conn: Connection) -> None:
@@ -308,6 +308,13 @@ async def test_oversized_frame_is_refused_and_server_keeps_serving() -> None:
         except ProtocolError as exc:
             outcome.set_result(exc)
             raise
+
+    return handler, outcome
+
+
+@pytest.mark.asyncio
+async def test_oversized_frame_is_refused_and_server_keeps_serving() -> None:
+    handler, outcome = echo_recording_errors()
 
     async with serving(handler, max_frame_bytes=64 * 1024) as port:
         reader, writer = await asyncio.open_connection(HOST, port)
@@ -321,14 +328,7 @@ async def test_oversized_frame_is_refused_and_server_keeps_serving() -> None:
 
 @pytest.mark.asyncio
 async def test_truncated_frame_is_an_error_and_server_keeps_serving(caplog: pytest.LogCaptureFixture) -> None:
-    outcome: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
-
-    async def handler(conn: Connection) -> None:
-        try:
-            await echo(conn)
-        except ProtocolError as exc:
-            outcome.set_result(exc)
-            raise
+    handler, outcome = echo_recording_errors()
 
     async with serving(handler) as port:
         other = await open_connection(HOST, port)
