@@ -38,11 +38,18 @@ def _per_node(name: str, doc: str, values: dict[str, float], kind=GaugeMetricFam
     return family
 
 
-class Tier1Metrics(Collector):
+class _NodeMetrics(Collector):
+    """A node's own registry, with this collector (reading the node at scrape time) in it."""
+
     def __init__(self, node) -> None:
         self.node = node
         self.registry = CollectorRegistry()
         self.registry.register(self)
+
+
+class Tier1Metrics(_NodeMetrics):
+    def __init__(self, node) -> None:
+        super().__init__(node)
         self.attention_round_trip = Histogram(
             "glinthawk_attention_round_trip_seconds", "Send of q/k/v to receipt of the attention output, per layer",
             buckets=LATENCY_BUCKETS, registry=self.registry,
@@ -58,10 +65,10 @@ class Tier1Metrics(Collector):
                        node.merger.stats.busy_seconds if node.merger else 0.0)
         yield _gauge("glinthawk_requests_waiting", "Requests queued for KV room", len(node.waiting))
         yield _gauge("glinthawk_micro_batches_in_flight", "Micro-batches holding sequences",
-                     sum(1 for mb in node.micro_batch_list if mb.size))
+                     node.micro_batches_in_flight)
         links = {a: l for a, l in node.links.items() if l.alive}
         yield _per_node("glinthawk_kv_tokens_used", "KV tokens reserved on each Tier 2 node",
-                        {a: l.capacity_tokens - l.free_tokens for a, l in links.items()})
+                        {a: l.used_tokens for a, l in links.items()})
         yield _per_node("glinthawk_kv_tokens_free", "KV tokens free on each Tier 2 node",
                         {a: l.free_tokens for a, l in links.items()})
         yield _per_node("glinthawk_network_sent_bytes", "Frame bytes sent to each Tier 2 node",
@@ -70,11 +77,9 @@ class Tier1Metrics(Collector):
                         {a: l.conn.bytes_received for a, l in links.items()}, CounterMetricFamily)
 
 
-class Tier2Metrics(Collector):
+class Tier2Metrics(_NodeMetrics):
     def __init__(self, node) -> None:
-        self.node = node
-        self.registry = CollectorRegistry()
-        self.registry.register(self)
+        super().__init__(node)
         self.attention_seconds = Histogram(
             "glinthawk_tier2_attention_seconds", "Append + attention time of one micro-batch at one layer",
             labelnames=["layer"], buckets=LATENCY_BUCKETS, registry=self.registry,

@@ -52,10 +52,12 @@ class Sequence:
         return self.total_tokens - self.num_cached
 
     def token_slice(self, start: int, count: int) -> list[int]:
+        """Tokens start..start+count of prompt + generated, without joining the two lists (a hot path)."""
         prompt = len(self.prompt_ids)
-        if start + count <= prompt:
-            return self.prompt_ids[start:start + count]
-        return (self.prompt_ids + self.generated)[start:start + count]
+        tokens = self.prompt_ids[start:start + count]
+        if start + count > prompt:
+            tokens += self.generated[max(0, start - prompt):start + count - prompt]
+        return tokens
 
     def append(self, token: int, tokenizer: Tokenizer) -> bool:
         """Record a sampled token; returns True when the sequence has finished."""

@@ -78,6 +78,10 @@ class Tier2Link:
         self._reader = loop.create_task(self._read(), name=f"tier2-link-{address}")
         self._heartbeat = loop.create_task(self._ping(heartbeat_s, timeout_s), name=f"tier2-ping-{address}")
 
+    @property
+    def used_tokens(self) -> int:
+        return self.capacity_tokens - self.free_tokens
+
     async def _ping(self, every_s: float, timeout_s: float) -> None:
         """A node that stops answering (hung, partitioned) is lost even if its socket stays open."""
         loop = asyncio.get_running_loop()
@@ -474,13 +478,17 @@ class Tier1Node:
             "requests": {"admitted": self.stats.admitted, "finished": self.stats.finished,
                          "failed": self.stats.failed, "waiting": len(self.waiting), "running": len(self.batch_of)},
             "batches": len(self.batches),
-            "micro_batches_in_flight": sum(1 for mb in self.micro_batch_list if mb.size),
+            "micro_batches_in_flight": self.micro_batches_in_flight,
             "tier2": [{
                 "address": link.address, "alive": link.alive, "kv_tokens": link.capacity_tokens,
-                "kv_tokens_used": link.capacity_tokens - link.free_tokens,
+                "kv_tokens_used": link.used_tokens,
                 "sequences": link.sequences,
             } for link in self.links.values()],
         }
+
+    @property
+    def micro_batches_in_flight(self) -> int:
+        return sum(1 for mb in self.micro_batch_list if mb.size)
 
     @property
     def capacity_per_node(self) -> int:
