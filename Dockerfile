@@ -11,9 +11,13 @@ ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /opt/glinthawk
 # torch first, in its own layer: it is by far the largest and changes least.
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY glinthawk ./glinthawk
-RUN pip install --no-cache-dir .
+# The C decode-attention kernel needs a compiler to build; it leaves in the same layer.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install --no-cache-dir . \
+    && (cd / && python -c "from glinthawk.compute import _decode_attention") \
+    && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 EXPOSE 7700 7701
 ENTRYPOINT ["glinthawk-node"]
 CMD ["--help"]

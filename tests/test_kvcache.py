@@ -195,23 +195,34 @@ def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     return out
 
 
-@pytest.mark.parametrize("batched_decode_limit", [None, 8])
-@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1), (2, 2)])
-def test_ragged_attention_matches_naive_reference(heads, kv_heads, batched_decode_limit, monkeypatch):
-    if batched_decode_limit is not None:
-        # Short decode contexts may be attended as one padded batch: with a low limit some
-        # decodes here take that path and some the per-sequence one.
-        monkeypatch.setattr(attention, "BATCHED_DECODE_MAX_CONTEXT", batched_decode_limit, raising=False)
-    s = store(64, kv_heads=kv_heads)
+@pytest.fixture(params=["fused", "torch", "torch-batched"])
+def attention_path(request, monkeypatch):
+    """Each way decode rows can be attended: the C kernel, torch per sequence, torch padded batch."""
+    if request.param == "fused":
+        if attention._decode_attention is None:
+            pytest.skip("the C decode-attention kernel is not built (no C compiler at install time)")
+    else:
+        monkeypatch.setattr(attention, "_decode_attention", None)
+        # With a low limit some decodes take the padded-batch path and some the per-sequence one.
+        monkeypatch.setattr(attention, "BATCHED_DECODE_MAX_CONTEXT", 8 if request.param == "torch-batched" else 0)
+    return request.param
+
+
+@pytest.mark.parametrize("dim", [4, 64, 128])  # 64 and 128 have their own compiled variants
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1), (2, 2), (6, 2)])
+def test_ragged_attention_matches_naive_reference(heads, kv_heads, dim, attention_path):
+    s = KVStore(LAYERS, kv_heads, dim, 128)
     g = torch.Generator().manual_seed(heads * 10 + kv_heads)
     # Each sequence: tokens already cached, tokens in this batch (decode 1, prefill chunk > 1).
-    plan = {"dec_a": (7, 1), "chunk": (5, 4), "fresh": (0, 6), "dec_b": (12, 1), "first": (0, 1), "dec_c": (3, 1)}
+    # dec_long spans several of the kernel's token blocks.
+    plan = {"dec_a": (7, 1), "chunk": (5, 4), "fresh": (0, 6), "dec_b": (12, 1), "first": (0, 1), "dec_c": (3, 1),
+            "dec_long": (70, 1)}
     full = {}  # every token's q, k, v for each sequence, per layer
     for name, (past, new) in plan.items():
         s.reserve(name, past + new + 2)
-        full[name] = [(torch.randn(past + new, heads, DIM, generator=g),
-                       torch.randn(past + new, kv_heads, DIM, generator=g),
-                       torch.randn(past + new, kv_heads, DIM, generator=g)) for _ in range(LAYERS)]
+        full[name] = [(torch.randn(past + new, heads, dim, generator=g),
+                       torch.randn(past + new, kv_heads, dim, generator=g),
+                       torch.randn(past + new, kv_heads, dim, generator=g)) for _ in range(LAYERS)]
     # Build each past through attend itself, in uneven chunks.
     for name, (past, _) in plan.items():
         done = 0
@@ -236,6 +247,39 @@ def test_ragged_attention_matches_naive_reference(heads, kv_heads, batched_decod
             offset += count
 
 
+@pytest.mark.parametrize("dim", [4, 64])
+def test_bfloat16_decode_matches_float32_reference(dim, attention_path):
+    """A bf16 store: each output within bf16 rounding of fp32 attention over the same (rounded) K/V."""
+    heads, kv_heads, lengths = 6, 2, [1, 33, 90]
+    s = KVStore(1, kv_heads, dim, 256, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(dim)
+    names = [f"seq{i}" for i in range(len(lengths))]
+    full = {}
+    for name, length in zip(names, lengths):
+        s.reserve(name, length)
+        full[name] = [torch.randn(length, h, dim, generator=g).bfloat16() for h in (heads, kv_heads, kv_heads)]
+        if length > 1:
+            attend(s, 0, [name], [0], [length - 1], *(t[:-1] for t in full[name]))
+    q, k, v = (torch.cat([full[n][i][-1:] for n in names]) for i in range(3))
+    out = attend(s, 0, names, [n - 1 for n in lengths], [1] * len(lengths), q, k, v)
+    assert out.dtype == torch.bfloat16
+    for row, name in enumerate(names):
+        fq, fk, fv = (t.float() for t in full[name])
+        expected = reference_attention(fq[-1:], fk, fv, fq.shape[0] - 1)
+        torch.testing.assert_close(out[row:row + 1].float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_decode_kernel_is_built_where_a_compiler_is():
+    """pip install builds the C kernel when it can; a silent fallback would hide a broken build."""
+    import shutil
+    import sysconfig
+
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler}) on this machine: torch attention is the expected path")
+    assert attention._decode_attention is not None, "glinthawk/compute/_decode_attention.c was not built"
+
+
 def test_attend_rejects_mismatched_rows():
     s = store(8)
     s.reserve("a", 4)
@@ -244,15 +288,11 @@ def test_attend_rejects_mismatched_rows():
         attend(s, 0, ["a"], [0], [2], q, k, v)
 
 
-def test_long_decodes_on_several_threads_match_one_thread():
-    """Contexts past the batched path are spread over threads; results must not change, in or out of inference mode."""
-    import torch
-
-    from glinthawk.compute.attention import BATCHED_DECODE_MAX_CONTEXT, attend
-    from glinthawk.compute.kvcache import KVStore
-
+def test_long_decodes_on_several_threads_match_one_thread(attention_path, monkeypatch):
+    """Long decodes are spread over threads; results must not change, in or out of inference mode."""
+    monkeypatch.setattr(attention, "_FUSED_PARALLEL_MIN_WORK", 0)
     torch.manual_seed(0)
-    length, batch = BATCHED_DECODE_MAX_CONTEXT + 8, 5
+    length, batch = attention.BATCHED_DECODE_MAX_CONTEXT + 8, 5
     store = KVStore(1, 2, 8, batch * (length + 1))
     for i in range(batch):
         store.reserve(i, length + 1)

@@ -5,7 +5,12 @@ A batch packs the new tokens of several sequences: sequence i brings ``counts[i]
 Each appends its k/v to the store, then attends causally over its own cached past.
 
 GQA without repeating K/V: the ``group`` query heads that share a KV head are folded into
-the query-row dimension, so one matmul per KV head serves them all.
+the query-row dimension, so one pass over each KV head's cache serves them all.
+
+Decode rows (one token per sequence) go to the fused C kernel in ``_decode_attention.c``
+when it is built and the store is a float32 or bfloat16 CPU store: it reads each cached
+K/V row once, at close to memory bandwidth, spread over torch's thread count. Otherwise
+(CUDA, float16, no C compiler at install time) torch ops do the same work.
 """
 
 from __future__ import annotations
@@ -18,6 +23,16 @@ import torch
 import torch.nn.functional as F
 
 from glinthawk.compute.kvcache import KVStore
+
+try:
+    from glinthawk.compute import _decode_attention
+except ImportError:  # built at install time when a C compiler is present
+    _decode_attention = None
+
+_KV_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # as enumerated in _decode_attention.c
+# Below this many (cached token x KV head) reads a decode batch is too small to be worth
+# handing to several threads.
+_FUSED_PARALLEL_MIN_WORK = 1 << 15
 
 
 # Decode sequences whose context is at most this long are attended together, their K/V
@@ -47,6 +62,20 @@ def attend(
     first_rows = [0]
     for count in counts[:-1]:
         first_rows.append(first_rows[-1] + count)
+    if fused_decode_available(store):
+        decodes = [i for i, count in enumerate(counts) if count == 1]
+        if len(decodes) == len(counts):  # the steady state: every row is a decode
+            return _decode_fused(store, layer, seq_ids, [start + 1 for start in starts], q, scale)
+        if decodes:
+            rows = torch.tensor([first_rows[i] for i in decodes])
+            out[rows] = _decode_fused(store, layer, [seq_ids[i] for i in decodes],
+                                      [starts[i] + 1 for i in decodes], q[rows], scale)
+        for i in range(len(counts)):
+            if counts[i] > 1:
+                rows = slice(first_rows[i], first_rows[i] + counts[i])
+                keys, values = store.view(layer, seq_ids[i], starts[i] + counts[i])
+                out[rows] = _attend_one(q[rows], keys, values, starts[i], scale)
+        return out
     short_decodes = [i for i, (start, count) in enumerate(zip(starts, counts))
                      if count == 1 and start < BATCHED_DECODE_MAX_CONTEXT]
     if len(short_decodes) > 1:
@@ -75,6 +104,42 @@ def attend(
     else:
         attend_each(long_decodes)
     return out
+
+
+def fused_decode_available(store: KVStore) -> bool:
+    """Whether decode rows over ``store`` run on the fused C kernel."""
+    return _decode_attention is not None and store.keys.device.type == "cpu" and store.dtype in _KV_DTYPE_CODES
+
+
+def _decode_fused(
+    store: KVStore, layer: int, seq_ids: Sequence[object], lengths: list[int], q: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One query token per sequence (q: [B, heads, D]) over each one's first ``lengths`` cached tokens."""
+    batch, heads, dim = q.shape
+    kv_heads = store.num_kv_heads
+    query = q.to(torch.float32).contiguous()
+    out = torch.empty_like(query)
+    bases = torch.tensor([store.start_of(seq_id) for seq_id in seq_ids], dtype=torch.int64)
+    lens = torch.tensor(lengths, dtype=torch.int64)
+    keys, values = store.keys[layer], store.values[layer]
+
+    def run(first_item: int, last_item: int) -> None:
+        _decode_attention.decode_attention(
+            query.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr(), bases.data_ptr(),
+            lens.data_ptr(), first_item, last_item, heads, kv_heads, dim, keys.stride(0),
+            _KV_DTYPE_CODES[store.dtype], scale)
+
+    items = batch * kv_heads  # work item = (sequence, KV head)
+    workers = min(torch.get_num_threads(), items)
+    if workers == 1 or sum(lengths) * kv_heads < _FUSED_PARALLEL_MIN_WORK:
+        run(0, items)
+    else:
+        # Contiguous slices of items with about equal cached tokens each.
+        work = torch.cumsum(lens.repeat_interleave(kv_heads), 0)
+        goals = work[-1] * torch.arange(1, workers) // workers
+        bounds = [0, *torch.searchsorted(work, goals, right=True).tolist(), items]
+        list(_pool(workers).map(run, bounds[:-1], bounds[1:]))
+    return out.to(q.dtype)
 
 
 @functools.cache
