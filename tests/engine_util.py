@@ -59,7 +59,7 @@ def prompt_logits(model, token_ids: list[int], chunk: int | None = None) -> torc
     store = KVStore(model.config.num_layers, model.config.num_kv_heads, model.config.head_dim, n,
                     model.dtype, model.device)
     store.reserve("seq", n)
-    ids = torch.tensor(token_ids, dtype=torch.int64)
+    ids = torch.tensor(token_ids, dtype=torch.int64, device=model.device)
     out = []
     for start in range(0, n, chunk):
         count = min(chunk, n - start)
@@ -67,6 +67,7 @@ def prompt_logits(model, token_ids: list[int], chunk: int | None = None) -> torc
         def local(layer, q, k, v, start=start, count=count):
             return attend(store, layer, ["seq"], [start], [count], q, k, v)
 
-        x = forward(model, ids[start:start + count], torch.arange(start, start + count), local)
+        positions = torch.arange(start, start + count, device=model.device)
+        x = forward(model, ids[start:start + count], positions, local)
         out.append(head(model, x))
     return torch.cat(out)

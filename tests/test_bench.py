@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 from glinthawk.bench import SUITES
 from glinthawk.bench.cli import bench
-from glinthawk.bench.common import Roofline, decode_rate, parse_knob, render_table
+from glinthawk.bench.common import Roofline, decode_rate, has_fast_bfloat16, parse_knob, render_table
 
 # Per suite: fields every result row (or the named rows) must carry, ratios first.
 ROW_FIELDS = {
@@ -68,7 +68,9 @@ def test_quick_suite_writes_json_and_plot(suite, tmp_path, bench_cache):
     for key in ("python", "torch", "numpy", "transformers"):
         assert data["versions"][key], key
     config = data["config"]
-    assert config["dtype"] == "float32" and config["quick"] is True and len(config) > 3
+    # --dtype auto: the rule, float32 unless the CPU has fast bf16
+    assert config["dtype"] == ("bfloat16" if has_fast_bfloat16() else "float32")
+    assert config["quick"] is True and len(config) > 3
 
     rows = data["results"]
     assert rows, "no results"

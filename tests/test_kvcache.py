@@ -195,12 +195,14 @@ def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     return out
 
 
-@pytest.fixture(params=["fused", "torch", "torch-batched"])
+@pytest.fixture(params=["fused", "fused-avx512", "fused-portable", "torch", "torch-batched"])
 def attention_path(request, monkeypatch):
-    """Each way decode rows can be attended: the C kernel, torch per sequence, torch padded batch."""
-    if request.param == "fused":
+    """Each way decode rows can be attended: the C kernel at each instruction-set level it
+    may pick (this CPU permitting), torch per sequence, torch as one padded batch."""
+    if request.param.startswith("fused"):
         if attention._decode_attention is None:
             pytest.skip("the C decode-attention kernel is not built (no C compiler at install time)")
+        monkeypatch.setattr(attention, "_KERNEL_WIDEST", {"fused": 2, "fused-avx512": 1, "fused-portable": 0}[request.param])
     else:
         monkeypatch.setattr(attention, "_decode_attention", None)
         # With a low limit some decodes take the padded-batch path and some the per-sequence one.
@@ -208,7 +210,7 @@ def attention_path(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("dim", [4, 64, 128])  # 64 and 128 have their own compiled variants
+@pytest.mark.parametrize("dim", [4, 48, 64, 96, 128])  # 64 and 128 have their own compiled variants
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1), (2, 2), (6, 2)])
 def test_ragged_attention_matches_naive_reference(heads, kv_heads, dim, attention_path):
     s = KVStore(LAYERS, kv_heads, dim, 128)
@@ -247,7 +249,7 @@ def test_ragged_attention_matches_naive_reference(heads, kv_heads, dim, attentio
             offset += count
 
 
-@pytest.mark.parametrize("dim", [4, 64])
+@pytest.mark.parametrize("dim", [4, 48, 64, 96, 128])
 def test_bfloat16_decode_matches_float32_reference(dim, attention_path):
     """A bf16 store: each output within bf16 rounding of fp32 attention over the same (rounded) K/V."""
     heads, kv_heads, lengths = 6, 2, [1, 33, 90]

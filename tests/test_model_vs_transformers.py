@@ -32,7 +32,7 @@ BF16_MEAN_REL_TOL = 5e-3
 
 @torch.inference_mode()
 def hf_logits(hf, token_ids: list[int]) -> torch.Tensor:
-    return hf(torch.tensor([token_ids])).logits[0].float()
+    return hf(torch.tensor([token_ids], device=hf.device)).logits[0].float()
 
 
 @torch.inference_mode()
@@ -44,7 +44,7 @@ def hf_greedy(hf, token_ids: list[int], max_new_tokens: int, eos_ids: list[int] 
     never = [hf.config.vocab_size + 1000]
     config.do_sample, config.max_new_tokens, config.eos_token_id = False, max_new_tokens, eos_ids or never
     config.pad_token_id = (eos_ids or [0])[0]
-    ids = torch.tensor([token_ids])
+    ids = torch.tensor([token_ids], device=hf.device)
     out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
     return out[0, len(token_ids):].tolist()
 
@@ -139,7 +139,15 @@ def test_engine_greedy_matches_generate(variant, tiny_checkpoint, tiny_model, hf
 def test_prompt_logits_bfloat16(variant, tiny_model, hf_model):
     model, tok = tiny_model(variant, "bfloat16")
     assert model.dtype == torch.bfloat16
-    hf16, hf32 = hf_model(variant, torch.bfloat16), hf_model(variant)
+    check_reduced_precision_logits(model, tok, hf_model(variant, torch.bfloat16), hf_model(variant))
+
+
+def check_reduced_precision_logits(model, tok, hf16, hf32, against_float32: bool = True) -> None:
+    """Our bf16 (or fp16) prompt logits against transformers' in the same dtype, within the BF16 tolerances.
+
+    ``against_float32``: also require our distance to the float32 reference to stay within
+    1.5x transformers' own (the bf16 rule; see the tolerances at the top).
+    """
     clear_margins, ours_error32, hf_error32 = 0, 0.0, 0.0
     for prompt in PROMPTS:
         ids = tok.encode(prompt)
@@ -162,7 +170,8 @@ def test_prompt_logits_bfloat16(variant, tiny_model, hf_model):
         else:
             assert reference[first] >= top2[0] - noise
     assert clear_margins >= 1
-    assert ours_error32 <= 1.5 * hf_error32
+    if against_float32:
+        assert ours_error32 <= 1.5 * hf_error32
 
 
 ROPE_SETTINGS = {

@@ -36,7 +36,8 @@ class _BenchCommand(click.Command):
 @click.option("--quick", is_flag=True, help="Tiny model and sizes: every suite in seconds (for tests and CI).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-out"),
               show_default=True, help="Where SUITE.json and SUITE.png go.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="auto: bfloat16 where the CPU multiplies it natively (AVX-512 BF16, AMX), else float32.")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Benchmark this checkpoint instead of the generated random Llama-125M.")
 @click.option("--repeats", type=click.IntRange(min=1), default=None,
@@ -46,7 +47,7 @@ class _BenchCommand(click.Command):
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override a suite knob (see below).")
 def bench(suite, quick, out_dir, dtype, model_dir, repeats, threads, settings) -> None:
     """Run benchmark SUITE (or all of them): print a table, write OUT/SUITE.json and OUT/SUITE.png."""
-    from glinthawk.bench.common import BenchContext, run_suite, set_threads
+    from glinthawk.bench.common import BenchContext, has_fast_bfloat16, run_suite, set_threads
 
     overrides = {}
     for setting in settings:
@@ -62,6 +63,8 @@ def bench(suite, quick, out_dir, dtype, model_dir, repeats, threads, settings) -
                                  param_hint="--set")
     if threads is not None:
         set_threads(threads)
+    if dtype == "auto":
+        dtype = "bfloat16" if has_fast_bfloat16() else "float32"
     ctx = BenchContext(out_dir=out_dir, quick=quick, dtype=dtype, repeats=repeats, model_dir=model_dir,
                        overrides=overrides)
     for name in SUITES if suite == "all" else (suite,):

@@ -240,7 +240,8 @@ def _unique_tensors(model) -> list[torch.Tensor]:
 
 
 # -- machine facts ------------------------------------------------------------------------
-def machine_facts() -> dict[str, Any]:
+def _cpu_info() -> tuple[str | None, list[str]]:
+    """(model name, feature flags) from /proc/cpuinfo; (None, []) where there is none."""
     cpu_model, flags = None, []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -250,6 +251,16 @@ def machine_facts() -> dict[str, Any]:
                 flags = line.split(":", 1)[1].split()
     except OSError:
         pass
+    return cpu_model, flags
+
+
+def has_fast_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), as torch's kernels use."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(_cpu_info()[1]))
+
+
+def machine_facts() -> dict[str, Any]:
+    cpu_model, flags = _cpu_info()
     mem_total = _meminfo("MemTotal")
     try:
         usable = len(os.sched_getaffinity(0))

@@ -37,6 +37,7 @@ static inline float bf16_to_float(uint16_t bits) {
 /* Tokens handled per step of each pass: a block of K or V rows (as float32, at most
  * 32 x 256 floats) stays in L1 while every query head of the group uses it. */
 #define BLOCK 32
+#define MAX_DIM 256 /* largest head_dim the kernel takes; attention.py checks */
 
 /* Rows t0..t0+n-1 of a [length, dim] slab as float32: the slab itself, or `buffer` filled
  * from bfloat16. */
@@ -68,6 +69,22 @@ static inline float exp_nonpositive(float x) {
     return p * power;
 }
 
+/* Each of `group` rows of `length` scores becomes its softmax, in place. */
+static inline __attribute__((always_inline)) void softmax_rows(float *restrict scores, int64_t length, int group) {
+    for (int r = 0; r < group; r++) {
+        float *restrict s = scores + r * length;
+        float highest = s[0];
+        for (int64_t t = 1; t < length; t++) highest = s[t] > highest ? s[t] : highest;
+        float total = 0.0f;
+        for (int64_t t = 0; t < length; t++) {
+            s[t] = exp_nonpositive(s[t] - highest);
+            total += s[t];
+        }
+        const float inverse = 1.0f / total;
+        for (int64_t t = 0; t < length; t++) s[t] *= inverse;
+    }
+}
+
 /* out[group][dim] = softmax(q[group][dim] . K^T * scale) . V for one KV head of one sequence.
  * scores: scratch of group * length floats; buffer: scratch of BLOCK * dim floats.
  * Always inlined into the variants below, where dim and kv_dtype are constants. */
@@ -87,18 +104,7 @@ static inline __attribute__((always_inline)) void attend_head(
             }
         }
     }
-    for (int r = 0; r < group; r++) {
-        float *restrict s = scores + r * length;
-        float highest = s[0];
-        for (int64_t t = 1; t < length; t++) highest = s[t] > highest ? s[t] : highest;
-        float total = 0.0f;
-        for (int64_t t = 0; t < length; t++) {
-            s[t] = exp_nonpositive(s[t] - highest);
-            total += s[t];
-        }
-        const float inverse = 1.0f / total;
-        for (int64_t t = 0; t < length; t++) s[t] *= inverse;
-    }
+    softmax_rows(scores, length, group);
     for (int64_t i = 0; i < (int64_t)group * dim; i++) out[i] = 0.0f;
     for (int64_t t0 = 0; t0 < length; t0 += BLOCK) {
         const int64_t n = length - t0 < BLOCK ? length - t0 : BLOCK;
@@ -106,8 +112,11 @@ static inline __attribute__((always_inline)) void attend_head(
         for (int r = 0; r < group; r++) {
             const float *restrict p = scores + r * length + t0;
             float *restrict o = out + (int64_t)r * dim;
+            float acc[MAX_DIM];  /* in registers when dim is a constant */
+            for (int d = 0; d < dim; d++) acc[d] = o[d];
             for (int64_t t = 0; t < n; t++)
-                for (int d = 0; d < dim; d++) o[d] += p[t] * v[t * dim + d];
+                for (int d = 0; d < dim; d++) acc[d] += p[t] * v[t * dim + d];
+            for (int d = 0; d < dim; d++) o[d] = acc[d];
         }
     }
 }
@@ -131,33 +140,281 @@ VARIANT(head128_bf16, 128, KV_BFLOAT16)
 VARIANT(head_any_f32, dim, KV_FLOAT32)
 VARIANT(head_any_bf16, dim, KV_BFLOAT16)
 
-static head_kernel pick_kernel(int dim, int kv_dtype) {
+/* Ask for rows t..t+n-1 of a [length, row_bytes] slab ahead of use: with compute between
+ * the loads, the core alone keeps too few cache misses in flight to stream at full speed. */
+#define PREFETCH_TILES 4
+static inline void prefetch_rows(const void *slab, int64_t t, int n, int row_bytes, int64_t length) {
+    if (t >= length) return;
+    const int64_t rows = length - t < n ? length - t : n;
+    const char *first = (const char *)slab + t * row_bytes;
+    for (int64_t offset = 0; offset < rows * row_bytes; offset += 64) __builtin_prefetch(first + offset, 0, 0);
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define HAVE_AVX512_PATH 1
+/* The AVX-512 path, for head_dim a multiple of 16 (up to 256), chosen at run time. Its
+ * q.K pass scores 16 tokens at a time and sums their 16 dot-product vectors with one
+ * transposing reduction tree, instead of a horizontal sum per score, which is what bounds
+ * the portable loop. */
+#define AVX512 __attribute__((target("avx512f")))
+#define TILE 16
+#define MAX_CHUNKS (MAX_DIM / 16)
+
+/* Lane j of the result = the sum of v[j]'s 16 lanes. */
+AVX512 static inline __m512 sum_each(const __m512 v[TILE]) {
+    __m512 pairs[8], quads[4], halves[2];
+    for (int i = 0; i < 8; i++)  /* per 128-bit lane: [a, b, a, b] partial sums of v[2i], v[2i+1] */
+        pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {  /* per 128-bit lane: [a, b, c, d] for v[4i..4i+3] */
+        const __m512d x = _mm512_castps_pd(pairs[2 * i]), y = _mm512_castps_pd(pairs[2 * i + 1]);
+        quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; i++)  /* 128-bit lanes folded in pairs */
+        halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+AVX512 static inline const float *tile_as_float(const void *slab, int64_t t0, int n, int dim, int kv_dtype,
+                                                float *restrict buffer) {
+    if (kv_dtype == KV_FLOAT32) return (const float *)slab + t0 * dim;
+    const uint16_t *source = (const uint16_t *)slab + t0 * dim;
+    for (int64_t i = 0; i < (int64_t)n * dim; i += 16) {
+        const __m512i widened = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(source + i)));
+        _mm512_storeu_ps(buffer + i, _mm512_castsi512_ps(_mm512_slli_epi32(widened, 16)));
+    }
+    return buffer;
+}
+
+/* out rows r..r+rows-1 += their probabilities of tokens t0..t0+n-1 times those tokens' V rows. */
+AVX512 static inline __attribute__((always_inline)) void accumulate_values(
+        float *restrict out, const float *restrict scores, int64_t length, int64_t t0, int n, const float *v, int r,
+        const int rows, const int chunks) {
+    const int dim = 16 * chunks;
+    __m512 acc[4][MAX_CHUNKS];
+    for (int i = 0; i < rows; i++)
+        for (int c = 0; c < chunks; c++) acc[i][c] = _mm512_loadu_ps(out + (r + i) * dim + 16 * c);
+    for (int j = 0; j < n; j++) {
+        __m512 weight[4];
+        for (int i = 0; i < rows; i++) weight[i] = _mm512_set1_ps(scores[(r + i) * length + t0 + j]);
+        for (int c = 0; c < chunks; c++) {
+            const __m512 row = _mm512_loadu_ps(v + j * dim + 16 * c);
+            for (int i = 0; i < rows; i++) acc[i][c] = _mm512_fmadd_ps(weight[i], row, acc[i][c]);
+        }
+    }
+    for (int i = 0; i < rows; i++)
+        for (int c = 0; c < chunks; c++) _mm512_storeu_ps(out + (r + i) * dim + 16 * c, acc[i][c]);
+}
+
+/* attend_head's contract, with dim = 16 * chunks; buffer: TILE * dim floats. */
+AVX512 static inline __attribute__((always_inline)) void attend_head_avx512(
+        const float *restrict q, float *restrict out, const void *keys, const void *values, int64_t length,
+        const int chunks, int group, const int kv_dtype, float scale, float *restrict scores, float *restrict buffer) {
+    const int dim = 16 * chunks, row_element = kv_dtype == KV_FLOAT32 ? 4 : 2;
+    for (int64_t t0 = 0; t0 < length; t0 += TILE) {
+        const int n = length - t0 < TILE ? (int)(length - t0) : TILE;
+        prefetch_rows(keys, t0 + PREFETCH_TILES * TILE, TILE, dim * row_element, length);
+        const float *k = tile_as_float(keys, t0, n, dim, kv_dtype, buffer);
+        for (int r = 0; r < group; r++) {
+            __m512 qr[MAX_CHUNKS], dots[TILE];
+            for (int c = 0; c < chunks; c++) qr[c] = _mm512_loadu_ps(q + r * dim + 16 * c);
+            for (int j = 0; j < TILE; j++) {
+                __m512 dot = _mm512_setzero_ps();
+                if (j < n)
+                    for (int c = 0; c < chunks; c++) dot = _mm512_fmadd_ps(qr[c], _mm512_loadu_ps(k + j * dim + 16 * c), dot);
+                dots[j] = dot;
+            }
+            _mm512_mask_storeu_ps(scores + r * length + t0, (__mmask16)((1u << n) - 1),
+                                  _mm512_mul_ps(sum_each(dots), _mm512_set1_ps(scale)));
+        }
+    }
+    softmax_rows(scores, length, group);
+    for (int64_t i = 0; i < (int64_t)group * dim; i++) out[i] = 0.0f;
+    for (int64_t t0 = 0; t0 < length; t0 += TILE) {
+        const int n = length - t0 < TILE ? (int)(length - t0) : TILE;
+        prefetch_rows(values, t0 + PREFETCH_TILES * TILE, TILE, dim * row_element, length);
+        const float *v = tile_as_float(values, t0, n, dim, kv_dtype, buffer);
+        /* Several query heads per read of V: up to 16 accumulators stay in registers. */
+        const int most = chunks <= 4 ? 4 : 2;
+        for (int r = 0; r < group;) {
+            const int rows = group - r < most ? group - r : most;
+            switch (rows) {
+                case 4: accumulate_values(out, scores, length, t0, n, v, r, 4, chunks); break;
+                case 3: accumulate_values(out, scores, length, t0, n, v, r, 3, chunks); break;
+                case 2: accumulate_values(out, scores, length, t0, n, v, r, 2, chunks); break;
+                default: accumulate_values(out, scores, length, t0, n, v, r, 1, chunks); break;
+            }
+            r += rows;
+        }
+    }
+}
+
+#define VARIANT_AVX512(name, CHUNKS, DTYPE)                                                                     \
+    AVX512 static void name(const float *q, float *out, const void *keys, const void *values, int64_t length,   \
+                            int dim, int group, float scale, float *scores, float *buffer) {                    \
+        attend_head_avx512(q, out, keys, values, length, CHUNKS, group, DTYPE, scale, scores, buffer);          \
+        (void)dim;                                                                                              \
+    }
+VARIANT_AVX512(avx512_head64_f32, 4, KV_FLOAT32)
+VARIANT_AVX512(avx512_head64_bf16, 4, KV_BFLOAT16)
+VARIANT_AVX512(avx512_head128_f32, 8, KV_FLOAT32)
+VARIANT_AVX512(avx512_head128_bf16, 8, KV_BFLOAT16)
+VARIANT_AVX512(avx512_head_any_f32, dim / 16, KV_FLOAT32)
+VARIANT_AVX512(avx512_head_any_bf16, dim / 16, KV_BFLOAT16)
+
+/* The bfloat16 path for CPUs with AVX512_BF16 (head_dim a multiple of 32): vdpbf16ps
+ * multiplies pairs of bf16 values into float32 sums, so neither pass converts the cache
+ * and each instruction does twice the work of an FMA. q.K takes q as bf16 (it arrived as
+ * bf16); p.V takes the probabilities rounded to bf16, as torch's bf16 attention does. */
+#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+/* out rows r..r+rows-1 = their bf16 probabilities (rows `stride` apart) times V. Tokens go
+ * in pairs (t, t+1), interleaved so that each float32 lane sums both; the accumulators
+ * hold the dims in the order unpacklo/unpackhi leave them, put back at the end. */
+AVX512BF16 static inline __attribute__((always_inline)) void accumulate_pairs(
+        float *restrict out, const uint16_t *restrict probabilities, int64_t stride, const uint16_t *v,
+        int64_t length, int r, const int rows, const int pairs) {
+    const int dim = 32 * pairs;
+    __m512 acc[4][MAX_DIM / 16];
+    for (int i = 0; i < rows; i++)
+        for (int c = 0; c < 2 * pairs; c++) acc[i][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < length; t += 2) {
+        prefetch_rows(v, t + PREFETCH_TILES * TILE, 2, dim * 2, length);
+        __m512bh weight[4];
+        for (int i = 0; i < rows; i++) {
+            uint32_t both;  /* the bf16 probabilities of t and t+1 */
+            memcpy(&both, probabilities + (r + i) * stride + t, sizeof both);
+            weight[i] = (__m512bh)_mm512_set1_epi32((int)both);
+        }
+        for (int c = 0; c < pairs; c++) {
+            const __m512i first = _mm512_loadu_si512(v + t * dim + 32 * c);
+            const __m512i second = t + 1 < length ? _mm512_loadu_si512(v + (t + 1) * dim + 32 * c) : _mm512_setzero_si512();
+            const __m512bh low = (__m512bh)_mm512_unpacklo_epi16(first, second);
+            const __m512bh high = (__m512bh)_mm512_unpackhi_epi16(first, second);
+            for (int i = 0; i < rows; i++) {
+                acc[i][2 * c] = _mm512_dpbf16_ps(acc[i][2 * c], low, weight[i]);
+                acc[i][2 * c + 1] = _mm512_dpbf16_ps(acc[i][2 * c + 1], high, weight[i]);
+            }
+        }
+    }
+    /* Per 128-bit lane L: the low accumulator holds dims 8L..8L+3, the high one 8L+4..8L+7. */
+    const __m512i first_half = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second_half = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int i = 0; i < rows; i++)
+        for (int c = 0; c < pairs; c++) {
+            float *o = out + (r + i) * dim + 32 * c;
+            _mm512_storeu_ps(o, _mm512_permutex2var_ps(acc[i][2 * c], first_half, acc[i][2 * c + 1]));
+            _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(acc[i][2 * c], second_half, acc[i][2 * c + 1]));
+        }
+}
+
+/* attend_head's contract, with dim = 32 * pairs and bf16 keys and values; `probabilities`:
+ * scratch of group * (length + 2) bf16 values. */
+AVX512BF16 static inline __attribute__((always_inline)) void attend_head_bf16dp(
+        const float *restrict q, float *restrict out, const void *keys, const void *values, int64_t length,
+        const int pairs, int group, float scale, float *restrict scores, uint16_t *restrict probabilities) {
+    const int dim = 32 * pairs;
+    const uint16_t *k = keys, *v = values;
+    const int64_t stride = (length + 2) & ~(int64_t)1;  /* per row of probabilities: even, with a zero pad */
+    for (int64_t t0 = 0; t0 < length; t0 += TILE) {
+        const int n = length - t0 < TILE ? (int)(length - t0) : TILE;
+        prefetch_rows(k, t0 + PREFETCH_TILES * TILE, TILE, dim * 2, length);
+        for (int r = 0; r < group; r++) {
+            __m512bh qr[MAX_CHUNKS / 2];
+            __m512 dots[TILE];
+            for (int c = 0; c < pairs; c++)
+                qr[c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + r * dim + 32 * c + 16), _mm512_loadu_ps(q + r * dim + 32 * c));
+            for (int j = 0; j < TILE; j++) {
+                __m512 dot = _mm512_setzero_ps();
+                if (j < n)
+                    for (int c = 0; c < pairs; c++)
+                        dot = _mm512_dpbf16_ps(dot, qr[c], (__m512bh)_mm512_loadu_si512(k + (t0 + j) * dim + 32 * c));
+                dots[j] = dot;
+            }
+            _mm512_mask_storeu_ps(scores + r * length + t0, (__mmask16)((1u << n) - 1),
+                                  _mm512_mul_ps(sum_each(dots), _mm512_set1_ps(scale)));
+        }
+    }
+    softmax_rows(scores, length, group);
+    for (int r = 0; r < group; r++) {
+        uint16_t *row = probabilities + r * stride;
+        for (int64_t t = 0; t < length; t += 16) {
+            const __mmask16 live = length - t >= 16 ? 0xFFFF : (__mmask16)((1u << (length - t)) - 1);
+            const __m512 p = _mm512_maskz_loadu_ps(live, scores + r * length + t);
+            _mm256_mask_storeu_epi16(row + t, live, (__m256i)_mm512_cvtneps_pbh(p));
+        }
+        row[length] = row[stride - 1] = 0;  /* an odd last token pairs with a zero weight */
+    }
+    const int most = pairs <= 2 ? 4 : 2;  /* query heads per pass over V: up to 16 accumulators */
+    for (int r = 0; r < group;) {
+        const int rows = group - r < most ? group - r : most;
+        switch (rows) {
+            case 4: accumulate_pairs(out, probabilities, stride, v, length, r, 4, pairs); break;
+            case 3: accumulate_pairs(out, probabilities, stride, v, length, r, 3, pairs); break;
+            case 2: accumulate_pairs(out, probabilities, stride, v, length, r, 2, pairs); break;
+            default: accumulate_pairs(out, probabilities, stride, v, length, r, 1, pairs); break;
+        }
+        r += rows;
+    }
+}
+
+#define VARIANT_BF16DP(name, PAIRS)                                                                           \
+    AVX512BF16 static void name(const float *q, float *out, const void *keys, const void *values,              \
+                                int64_t length, int dim, int group, float scale, float *scores, float *buffer) { \
+        attend_head_bf16dp(q, out, keys, values, length, PAIRS, group, scale, scores, (uint16_t *)buffer);     \
+        (void)dim;                                                                                             \
+    }
+VARIANT_BF16DP(bf16dp_head64, 2)
+VARIANT_BF16DP(bf16dp_head128, 4)
+VARIANT_BF16DP(bf16dp_head_any, dim / 32)
+#endif
+
+
+/* The fastest kernel this CPU runs, up to `widest`: 2 = AVX512_BF16, 1 = AVX-512F,
+ * 0 = portable (tests use the lower levels to cover every path on one machine). */
+static head_kernel pick_kernel(int dim, int kv_dtype, int widest) {
     const int bf16 = kv_dtype == KV_BFLOAT16;
+#ifdef HAVE_AVX512_PATH
+    if (widest >= 2 && bf16 && dim % 32 == 0 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl")) {
+        if (dim == 64) return bf16dp_head64;
+        if (dim == 128) return bf16dp_head128;
+        return bf16dp_head_any;
+    }
+    if (widest >= 1 && dim % 16 == 0 && __builtin_cpu_supports("avx512f")) {
+        if (dim == 64) return bf16 ? avx512_head64_bf16 : avx512_head64_f32;
+        if (dim == 128) return bf16 ? avx512_head128_bf16 : avx512_head128_f32;
+        return bf16 ? avx512_head_any_bf16 : avx512_head_any_f32;
+    }
+#endif
     if (dim == 64) return bf16 ? head64_bf16 : head64_f32;
     if (dim == 128) return bf16 ? head128_bf16 : head128_f32;
     return bf16 ? head_any_bf16 : head_any_f32;
 }
 
 /* decode_attention(q, out, keys, values, bases, lengths, first_item, last_item,
- *                  heads, kv_heads, head_dim, head_stride, kv_dtype, scale)
+ *                  heads, kv_heads, head_dim, head_stride, kv_dtype, scale, widest)
  *
  * q, out: float32 [sequences, heads, head_dim], addresses as ints.
  * keys, values: one layer of the store, [kv_heads, capacity, head_dim] with KV heads
  *   head_stride elements apart, float32 or bfloat16 (kv_dtype).
  * bases, lengths: int64 per sequence: its first buffer row and its cached length (>= 1).
  * Work items first_item..last_item-1 are (sequence, KV head) pairs, item = seq * kv_heads + g.
+ * widest: the widest instruction set to use (see pick_kernel).
  */
 static PyObject *decode_attention(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long q_addr, out_addr, keys_addr, values_addr, bases_addr, lengths_addr;
     Py_ssize_t first_item, last_item, head_stride;
-    int heads, kv_heads, dim, kv_dtype;
+    int heads, kv_heads, dim, kv_dtype, widest;
     float scale;
-    if (!PyArg_ParseTuple(args, "KKKKKKnniiinif", &q_addr, &out_addr, &keys_addr, &values_addr, &bases_addr,
+    if (!PyArg_ParseTuple(args, "KKKKKKnniiinifi", &q_addr, &out_addr, &keys_addr, &values_addr, &bases_addr,
                           &lengths_addr, &first_item, &last_item, &heads, &kv_heads, &dim, &head_stride,
-                          &kv_dtype, &scale))
+                          &kv_dtype, &scale, &widest))
         return NULL;
-    if (kv_heads <= 0 || heads % kv_heads != 0 || dim <= 0 || (kv_dtype != KV_FLOAT32 && kv_dtype != KV_BFLOAT16)) {
+    if (kv_heads <= 0 || heads % kv_heads != 0 || dim <= 0 || dim > MAX_DIM || (kv_dtype != KV_FLOAT32 && kv_dtype != KV_BFLOAT16)) {
         PyErr_SetString(PyExc_ValueError, "decode_attention: bad geometry or KV dtype");
         return NULL;
     }
@@ -170,8 +427,11 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
     int64_t longest = 1;
     for (Py_ssize_t item = first_item; item < last_item; item++)
         if (lengths[item / kv_heads] > longest) longest = lengths[item / kv_heads];
-    const head_kernel kernel = pick_kernel(dim, kv_dtype);
-    float *scratch = malloc(sizeof(float) * ((size_t)group * (size_t)longest + (size_t)BLOCK * (size_t)dim));
+    const head_kernel kernel = pick_kernel(dim, kv_dtype, widest);
+    /* scores, then a buffer for converted K/V rows or bf16 probabilities, whichever is larger */
+    const size_t buffer = (size_t)BLOCK * dim > (size_t)group * (longest + 2) ? (size_t)BLOCK * dim
+                                                                              : (size_t)group * (longest + 2);
+    float *scratch = malloc(sizeof(float) * ((size_t)group * (size_t)longest + buffer));
     if (scratch == NULL) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t item = first_item; item < last_item; item++) {
@@ -180,7 +440,7 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
         const int64_t first_head = seq * heads + g * group;
         kernel(q + first_head * dim, out + first_head * dim, (const char *)(uintptr_t)keys_addr + offset,
                (const char *)(uintptr_t)values_addr + offset, lengths[seq], dim, group, scale,
-               scratch + (size_t)BLOCK * dim, scratch);
+               scratch + buffer, scratch);
     }
     Py_END_ALLOW_THREADS
     free(scratch);

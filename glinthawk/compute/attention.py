@@ -30,6 +30,9 @@ except ImportError:  # built at install time when a C compiler is present
     _decode_attention = None
 
 _KV_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # as enumerated in _decode_attention.c
+# The widest instruction set the kernel may pick (2: AVX512_BF16, 1: AVX-512F, 0: portable
+# C); the CPU's support is checked in C. Tests lower it to cover each path.
+_KERNEL_WIDEST = 2
 # Below this many (cached token x KV head) reads a decode batch is too small to be worth
 # handing to several threads.
 _FUSED_PARALLEL_MIN_WORK = 1 << 15
@@ -108,7 +111,8 @@ def attend(
 
 def fused_decode_available(store: KVStore) -> bool:
     """Whether decode rows over ``store`` run on the fused C kernel."""
-    return _decode_attention is not None and store.keys.device.type == "cpu" and store.dtype in _KV_DTYPE_CODES
+    return (_decode_attention is not None and store.keys.device.type == "cpu" and store.dtype in _KV_DTYPE_CODES
+            and store.head_dim <= 256)  # MAX_DIM in the C file
 
 
 def _decode_fused(
@@ -127,7 +131,7 @@ def _decode_fused(
         _decode_attention.decode_attention(
             query.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr(), bases.data_ptr(),
             lens.data_ptr(), first_item, last_item, heads, kv_heads, dim, keys.stride(0),
-            _KV_DTYPE_CODES[store.dtype], scale)
+            _KV_DTYPE_CODES[store.dtype], scale, _KERNEL_WIDEST)
 
     items = batch * kv_heads  # work item = (sequence, KV head)
     workers = min(torch.get_num_threads(), items)
