@@ -15,7 +15,7 @@ import torch
 
 from glinthawk.compute.attention import attend
 from glinthawk.compute.kvcache import KVStore
-from glinthawk.compute.layers import forward, head
+from glinthawk.compute.layers import forward, head, warm_up
 from glinthawk.compute.loader import Model
 from glinthawk.compute.sampling import sample
 from glinthawk.requests import Request, RequestError, error_line, result_line
@@ -80,6 +80,7 @@ class Engine:
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.max_batch_tokens, self.max_seqs = max_batch_tokens, max_seqs
         self.store = KVStore(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_tokens, model.dtype, model.device)
+        warm_up(model, max_batch_tokens, max_seqs)
         self.intake = Intake(tokenizer, cfg.max_position_embeddings, cfg.vocab_size, kv_tokens)
         self.stats = EngineStats()
 

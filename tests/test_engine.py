@@ -296,3 +296,48 @@ def test_invalid_engine_settings(llama):
         Engine(model, tok, kv_tokens=16, max_seqs=0)
     with pytest.raises(ValueError, match="at least one token"):
         Engine(model, tok, kv_tokens=0)
+
+
+def test_padded_rows_buckets():
+    from glinthawk.compute.layers import padded_rows
+
+    buckets = sorted({padded_rows(n) for n in range(1, 4097)})
+    for n in range(1, 4097):
+        padded = padded_rows(n)
+        assert n <= padded and padded_rows(padded) == padded
+        if n > 64:
+            assert padded - n < n / 4
+    for low in (64, 128, 256, 512, 1024, 2048):  # four row counts per octave above 64
+        assert len([b for b in buckets if low < b <= 2 * low]) == 4
+    assert buckets[:8] == [8, 16, 24, 32, 40, 48, 56, 64]
+
+
+def test_bf16_cpu_matmuls_see_only_bucketed_row_counts(tiny_model, monkeypatch):
+    """oneDNN keeps memory for every row count it sees: continuous batching must show it only
+    the buckets, and all of them at start-up (warm_up), so resident memory stays flat."""
+    import torch
+
+    from glinthawk.compute import layers
+
+    model, tok = tiny_model(VARIANT, "bfloat16")
+    seen = []
+    real = layers.F.linear
+
+    def recording(x, weight, bias=None):
+        seen.append(x.shape[0])
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(layers.F, "linear", recording)
+    engine = Engine(model, tok, kv_tokens=4096, max_batch_tokens=37, max_seqs=3)
+    warmed = set(seen)
+    assert warmed == {layers.padded_rows(n) for n in range(1, 38)}
+    seen.clear()
+    reqs = [request(f"r{i}", p, max_tokens=3 + 2 * i, temperature=0, ignore_eos=True) for i, p in enumerate(PROMPTS)]
+    lines = []
+    engine.run(reqs, lines.append)
+    assert len(lines) == len(reqs) and all(ok(line) for line in lines)
+    assert set(seen) <= warmed and len(set(seen)) > 2
+    # Padding changes nothing in the result rows.
+    x, weight = torch.randn(13, 32).bfloat16(), torch.randn(24, 32).bfloat16()
+    assert torch.equal(layers.linear(x, weight), real(layers.F.pad(x, (0, 0, 0, 3)), weight)[:13])
+    torch.testing.assert_close(layers.linear(x, weight).float(), x.float() @ weight.float().T, atol=0.1, rtol=0.02)

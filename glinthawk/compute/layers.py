@@ -21,6 +21,45 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x.to(torch.float32) * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
+def padded_rows(rows: int) -> int:
+    """``rows`` rounded up to a bucket: a multiple of 8 up to 64, then of 1/8 of the next
+    power of two (padding under a quarter of the rows), so a run sees 4 row counts per octave."""
+    step = max(8, (1 << (rows - 1).bit_length()) // 8)
+    return -(-rows // step) * step
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``; on the CPU in 16-bit dtypes, with the rows padded to ``padded_rows``.
+
+    There oneDNN serves the matmul and keeps a primitive (with its packed-weight scratch)
+    for every input shape it sees: with the ever-changing row counts of continuous batching,
+    Tier 1's resident memory grew without bound (467 -> 1280 MiB over 400 shapes, in bf16).
+    A few fixed shapes keep it flat, for a little padded compute.
+    """
+    rows = x.shape[0]
+    if x.device.type != "cpu" or x.dtype == torch.float32 or rows == 0 or padded_rows(rows) == rows:
+        return F.linear(x, weight, bias)
+    return F.linear(F.pad(x, (0, 0, 0, padded_rows(rows) - rows)), weight, bias)[:rows]
+
+
+def warm_up(model: Model, max_rows: int, max_sampled_rows: int) -> None:
+    """Run every linear layer once at each padded row count up to ``max_rows`` (the LM head
+    up to ``max_sampled_rows``), where ``linear`` pads: the memory those shapes keep is then
+    taken at start-up, and resident memory stays flat while the node serves."""
+    if model.device.type != "cpu" or model.dtype == torch.float32:
+        return
+    cfg, layer = model.config, model.layers[0]
+    with torch.inference_mode():
+        for rows in sorted({padded_rows(n) for n in range(1, max_rows + 1)}):
+            x = torch.zeros(rows, cfg.hidden_size, dtype=model.dtype)
+            linear(x, layer.qkv, layer.qkv_bias)
+            linear(x, layer.gate_up)
+            linear(torch.zeros(rows, layer.o_proj.shape[1], dtype=model.dtype), layer.o_proj)
+            linear(torch.zeros(rows, layer.down.shape[1], dtype=model.dtype), layer.down)
+        for rows in sorted({padded_rows(n) for n in range(1, max_sampled_rows + 1)}):
+            linear(torch.zeros(rows, cfg.hidden_size, dtype=model.dtype), model.lm_head)
+
+
 def embed(model: Model, token_ids: torch.Tensor) -> torch.Tensor:
     """Token ids [tokens] -> residual stream [tokens, hidden]."""
     return F.embedding(token_ids, model.embed_tokens)
@@ -32,7 +71,7 @@ def pre_attention(
     """Norm, fused QKV projection and RoPE: q [T, heads, D], k and v [T, kv_heads, D]."""
     cfg = model.config
     h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
-    qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+    qkv = linear(h, layer.qkv, layer.qkv_bias)
     q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
     tokens = x.shape[0]
@@ -43,14 +82,14 @@ def pre_attention(
 
 def post_attention(model: Model, layer: LayerWeights, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
     """Output projection + residual, then norm, SwiGLU MLP + residual. attn_out: [T, heads, D] or [T, heads*D]."""
-    h = x + F.linear(attn_out.reshape(x.shape[0], -1), layer.o_proj)
-    gate, up = F.linear(rms_norm(h, layer.post_norm, model.config.rms_norm_eps), layer.gate_up).chunk(2, dim=-1)
-    return h + F.linear(F.silu(gate) * up, layer.down)
+    h = x + linear(attn_out.reshape(x.shape[0], -1), layer.o_proj)
+    gate, up = linear(rms_norm(h, layer.post_norm, model.config.rms_norm_eps), layer.gate_up).chunk(2, dim=-1)
+    return h + linear(F.silu(gate) * up, layer.down)
 
 
 def head(model: Model, x: torch.Tensor) -> torch.Tensor:
     """Final norm and LM head: [rows, hidden] -> float32 logits [rows, vocab]."""
-    return F.linear(rms_norm(x, model.norm, model.config.rms_norm_eps), model.lm_head).float()
+    return linear(rms_norm(x, model.norm, model.config.rms_norm_eps), model.lm_head).float()
 
 
 def forward(

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from prometheus_client import Histogram
 
+from glinthawk.compute.layers import warm_up
 from glinthawk.compute.loader import Model
 from glinthawk.engine import Intake
 from glinthawk.metrics import Tier1Metrics
@@ -372,6 +373,7 @@ class Tier1Node:
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self, host: str, port: int) -> int:
+        await asyncio.to_thread(warm_up, self.model, self.max_batch_tokens, self.max_seqs)
         self.merger = StageMerger(self.model)
         self.merger.start()
         self.micro_batch_list = [MicroBatch(self) for _ in range(self.micro_batches)]
