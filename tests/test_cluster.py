@@ -199,3 +199,18 @@ def test_local_cluster_picks_micro_batches_by_delay(model_dir):
     assert LocalCluster(model_dir, delay_ms=20).in_flight == 4
     assert LocalCluster(model_dir, jitter_ms=5).in_flight == 4
     assert LocalCluster(model_dir, delay_ms=20, micro_batches=9).in_flight == 9
+
+
+@pytest.mark.parametrize("delay_ms,micro_batches,tier1,tier2", [
+    (0.0, None, 8, 2),  # one micro-batch in flight: the tiers take turns, Tier 1 gets every core
+    (10.0, None, 2, 2),  # several in flight (delay): they compute at once, an equal share each
+    (0.0, 4, 2, 2),
+])
+def test_local_cluster_shares_the_cores(monkeypatch, tmp_path, delay_ms, micro_batches, tier1, tier2):
+    import os
+
+    from glinthawk.cluster import LocalCluster
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    cluster = LocalCluster(tmp_path, tier2_nodes=3, delay_ms=delay_ms, micro_batches=micro_batches)
+    assert (cluster.threads_for("tier1"), cluster.threads_for("tier2-0")) == (tier1, tier2)
