@@ -19,12 +19,13 @@ import pytest
 import torch
 from checkpoints import VARIANTS, load_reference
 from cluster_util import distributed, read_results, single_process, write_requests
-from engine_util import PROMPTS, prompt_logits, request, run_engine
-from test_model_vs_transformers import FP32_REL_TOL, check_reduced_precision_logits, hf_greedy, hf_logits
+from engine_util import PROMPTS, request, run_engine
+from test_model_vs_transformers import check_float32_logits, check_reduced_precision_logits, hf_greedy
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"),
+    pytest.mark.skipif(not torch.cuda.is_available(),
+                       reason="needs a CUDA device (torch.cuda.is_available() is False)"),
 ]
 
 VARIANT_NAMES = list(VARIANTS)
@@ -68,16 +69,8 @@ def cuda_reference(tiny_checkpoint):
 @pytest.mark.parametrize("variant", VARIANT_NAMES)
 def test_prompt_logits_float32_cuda(variant, cuda_model, cuda_reference):
     model, tok = cuda_model(variant)
-    hf = cuda_reference(variant)
-    for prompt in (PROMPTS[1], PROMPTS[3]):
-        ids = tok.encode(prompt)
-        ref = hf_logits(hf, ids)
-        scale = ref.abs().max()
-        whole = prompt_logits(model, ids)
-        assert whole.device.type == "cuda" and whole.shape == ref.shape
-        assert (whole - ref).abs().max() <= FP32_REL_TOL * scale
-        chunked = prompt_logits(model, ids, chunk=5)  # chunked prefill through the KV store
-        assert (chunked - ref).abs().max() <= FP32_REL_TOL * scale
+    assert model.device.type == "cuda"
+    check_float32_logits(model, tok, cuda_reference(variant))
 
 
 @pytest.mark.parametrize("variant", VARIANT_NAMES)

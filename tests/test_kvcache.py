@@ -202,7 +202,8 @@ def attention_path(request, monkeypatch):
     if request.param.startswith("fused"):
         if attention._decode_attention is None:
             pytest.skip("the C decode-attention kernel is not built (no C compiler at install time)")
-        monkeypatch.setattr(attention, "_KERNEL_WIDEST", {"fused": 2, "fused-avx512": 1, "fused-portable": 0}[request.param])
+        widest = {"fused": 2, "fused-avx512": 1, "fused-portable": 0}[request.param]
+        monkeypatch.setattr(attention, "_KERNEL_WIDEST", widest)
     else:
         monkeypatch.setattr(attention, "_decode_attention", None)
         # With a low limit some decodes take the padded-batch path and some the per-sequence one.

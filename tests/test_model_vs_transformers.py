@@ -82,13 +82,17 @@ def test_tokenizer_matches_transformers(tiny_checkpoint, tiny_model):
 @pytest.mark.parametrize("variant", VARIANT_NAMES)
 def test_prompt_logits_float32(variant, tiny_model, hf_model):
     model, tok = tiny_model(variant)
-    hf = hf_model(variant)
+    check_float32_logits(model, tok, hf_model(variant))
+
+
+def check_float32_logits(model, tok, hf) -> None:
+    """Our prompt logits, whole and in chunks through the KV store, within FP32_REL_TOL of transformers'."""
     for prompt in (PROMPTS[1], PROMPTS[3]):
         ids = tok.encode(prompt)
         ref = hf_logits(hf, ids)
         scale = ref.abs().max()
         whole = prompt_logits(model, ids)
-        assert whole.shape == ref.shape
+        assert whole.device == ref.device and whole.shape == ref.shape
         assert (whole - ref).abs().max() <= FP32_REL_TOL * scale
         # Chunked prefill through the KV store, ending in single-token decode steps.
         chunked = prompt_logits(model, ids, chunk=5)

@@ -37,7 +37,7 @@ from glinthawk.bench.common import (
     token_prompts,
 )
 
-DEFAULTS = {"contexts": [512, 2048, 8192], "two_tier_batch": [32, 16, 2], "new_tokens": 128, "tier1_kv_mib": 48.0,
+DEFAULTS = {"contexts": [512, 2048, 8192], "two_tier_batch": [32, 32, 2], "new_tokens": 128, "tier1_kv_mib": 48.0,
             "max_batch_tokens": 2048, "micro_batches": 1}
 QUICK = {"contexts": [32, 64, 128], "two_tier_batch": [8, 4, 2], "new_tokens": 4, "tier1_kv_mib": 0.1}
 MIB = 1 << 20

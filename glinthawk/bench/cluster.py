@@ -27,6 +27,7 @@ from glinthawk.bench.common import (
     target,
     token_prompts,
 )
+from glinthawk.cluster import LocalCluster
 
 DEFAULTS = {"batch": 64, "prompt": 16, "new_tokens": 32, "tier2_nodes": [1, 2, 3], "micro_batches": 1,
             "max_batch_tokens": 2048, "mode": "processes"}
@@ -65,6 +66,9 @@ def run(ctx: BenchContext) -> dict:
                                                 micro_batches=micro_batches, kv_tokens=kv_tokens,
                                                 max_batch_tokens=knobs["max_batch_tokens"], max_seqs=batch)
         singles.append(single())
+        if knobs["mode"] == "processes":
+            shares = LocalCluster(ctx.checkpoint(), tier2_nodes=nodes, micro_batches=micro_batches)
+            result.extra.update(tier1_threads=shares.threads_for("tier1"), tier2_threads=shares.threads_for("tier2"))
         baseline = (singles[-2] + singles[-1]) / 2
         rows.append({"system": f"two-tier, {nodes} Tier 2", "tier2_nodes": nodes, "micro_batches": micro_batches,
                      "seconds": result.seconds, "tok_s": result.tokens_per_s, "baseline_tok_s": baseline,
@@ -88,8 +92,9 @@ def run(ctx: BenchContext) -> dict:
                   + ("LocalCluster: real Tier 1 / Tier 2 processes on loopback" if knobs["mode"] == "processes"
                      else "Tier1Node / Tier2Node in this process, real TCP on loopback") + ")",
                   "all processes share this machine's cores: Tier 2 attention competes with Tier 1 compute",
-                  (f"torch threads: {torch.get_num_threads()} in the single-process engine and in each node "
-                   f"process (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}); {os.cpu_count()} cores in all")],
+                  (f"torch threads: {torch.get_num_threads()} in the single-process engine; node processes get "
+                   "LocalCluster's share (tier1_threads, tier2_threads in each row; in-process nodes share this "
+                   f"process's {torch.get_num_threads()}); {os.cpu_count()} cores in all")],
         "table": ([("system", "system"), ("micro_batches", "micro-batches"), ("tok_s", "tok/s"),
                    ("ratio_to_single_process", "ratio to single")], base_rows + rows),
     }

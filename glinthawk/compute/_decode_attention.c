@@ -1,14 +1,18 @@
 /* Fused decode attention over the KV store, for CPUs.
  *
- * One query token per sequence attends over that sequence's cached keys and values. The
- * work is memory-bound: every cached K and V row is read once, so the kernel streams each
- * (sequence, KV head) pair's contiguous [length, head_dim] slabs twice over (q.K, then
- * p.V) with the `group` query heads that share the KV head served by the same read.
+ * One query token per sequence attends over that sequence's cached keys and values. Each
+ * (sequence, KV head) pair's K and V are contiguous [length, head_dim] slabs, read once
+ * each (q.K, softmax, then p.V), with the `group` query heads that share the KV head
+ * served by the same read. Three implementations, picked per call (pick_kernel):
+ *   - AVX512_BF16 (bf16 caches): vdpbf16ps on the cache as stored, no conversion;
+ *   - AVX-512F: 16 scores at a time, summed by one transposing reduction tree;
+ *   - portable C, compiled for x86-64-v4/v3/baseline and picked by the loader.
+ * All accumulate in float32.
  *
  * The caller (glinthawk/compute/attention.py) checks every shape, dtype and range; this
- * file trusts its arguments. It splits the work items over its own thread pool and calls
- * `decode_attention` once per slice with the GIL released, so no OpenMP runtime is needed
- * beside torch's.
+ * file trusts its arguments. The caller also splits the work items over its own thread
+ * pool and calls `decode_attention` once per slice, which releases the GIL, so no OpenMP
+ * runtime is needed beside torch's.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
