@@ -1,21 +1,20 @@
-"""Builds the optional C decode-attention kernel; everything else is in pyproject.toml.
+"""Builds the optional C kernels (decode attention; RMSNorm and RoPE for small batches);
+everything else is in pyproject.toml.
 
-The extension is optional: without a C compiler the install still succeeds and attention
-falls back to torch (slower for long decode contexts, same results).
+The extensions are optional: without a C compiler the install still succeeds and torch's
+ops do the same work (slower, same results).
 """
 
 from setuptools import Extension, setup
 
+# Reassociation lets the sums vectorise; no -ffast-math, which would set flush-to-zero for
+# the whole process on some toolchains.
+FLAGS = ["-O3", "-std=c11", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+
 setup(
     ext_modules=[
-        Extension(
-            "glinthawk.compute._decode_attention",
-            sources=["glinthawk/compute/_decode_attention.c"],
-            # Reassociation lets the dot products vectorise; no -ffast-math, which would
-            # set flush-to-zero for the whole process on some toolchains.
-            extra_compile_args=["-O3", "-std=c11", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-                                "-fno-trapping-math"],
-            optional=True,
-        )
+        Extension(f"glinthawk.compute.{name}", sources=[f"glinthawk/compute/{name}.c"], extra_compile_args=FLAGS,
+                  optional=True)
+        for name in ("_decode_attention", "_elementwise")
     ]
 )

@@ -272,15 +272,18 @@ def test_bfloat16_decode_matches_float32_reference(dim, attention_path):
         torch.testing.assert_close(out[row:row + 1].float(), expected, atol=2e-2, rtol=2e-2)
 
 
-def test_decode_kernel_is_built_where_a_compiler_is():
-    """pip install builds the C kernel when it can; a silent fallback would hide a broken build."""
+def test_c_kernels_are_built_where_a_compiler_is():
+    """pip install builds the C kernels when it can; a silent fallback would hide a broken build."""
     import shutil
     import sysconfig
 
+    from glinthawk.compute import elementwise
+
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
-        pytest.skip(f"no C compiler ({compiler}) on this machine: torch attention is the expected path")
+        pytest.skip(f"no C compiler ({compiler}) on this machine: torch's ops are the expected path")
     assert attention._decode_attention is not None, "glinthawk/compute/_decode_attention.c was not built"
+    assert elementwise._elementwise is not None, "glinthawk/compute/_elementwise.c was not built"
 
 
 def test_attend_rejects_mismatched_rows():

@@ -12,11 +12,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from glinthawk.compute import elementwise
 from glinthawk.compute.loader import LayerWeights, Model
 from glinthawk.compute.rope import Rotary, apply_rotary, rotary
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if elementwise.fits(x, weight):
+        return elementwise.rms_norm(x, weight, eps)
     variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
     return weight * (x.to(torch.float32) * torch.rsqrt(variance + eps)).to(x.dtype)
 

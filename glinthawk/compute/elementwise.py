@@ -1,0 +1,47 @@
+"""RMSNorm and RoPE on the calling thread, for small batches on the CPU.
+
+Between network round trips torch's OpenMP team goes to sleep, and waking it costs more
+than a small elementwise op (see ``_elementwise.c``). These run the same arithmetic, with
+the same roundings, in one C loop; ``layers.rms_norm`` and ``rope.apply_rotary`` use them
+where ``fits`` says so and torch's ops everywhere else (CUDA, float16, large batches, no C
+compiler at install time).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from glinthawk.compute import _elementwise
+except ImportError:  # built at install time when a C compiler is present
+    _elementwise = None
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # as enumerated in _elementwise.c
+# Above this many elements torch's threads win even when they have to be woken.
+ONE_THREAD_MAX_ELEMENTS = 1 << 18
+
+
+def fits(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    return (_elementwise is not None and x.device.type == "cpu" and x.dtype in _DTYPE_CODES
+            and x.numel() <= ONE_THREAD_MAX_ELEMENTS
+            and all(t.dtype == x.dtype and t.device == x.device and t.is_contiguous() for t in others))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``layers.rms_norm`` for a contiguous [rows, dim] ``x`` that ``fits``."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _elementwise.rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
+                          eps, _DTYPE_CODES[x.dtype])
+    return out
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``rope.apply_rotary`` for x [tokens, heads, dim] whose heads are contiguous rows."""
+    tokens, heads, dim = x.shape
+    if x.stride(2) != 1 or x.stride(1) != dim:
+        x = x.contiguous()
+    out = torch.empty(tokens, heads, dim, dtype=x.dtype)
+    _elementwise.rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), tokens, heads, dim,
+                        x.stride(0), _DTYPE_CODES[x.dtype])
+    return out

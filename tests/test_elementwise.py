@@ -1,0 +1,50 @@
+"""RMSNorm and RoPE in C (one thread, small batches) against the torch expressions they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glinthawk.compute import elementwise, layers, rope
+
+pytestmark = pytest.mark.skipif(elementwise._elementwise is None,
+                                reason="the C elementwise kernels are not built (no C compiler at install time)")
+
+
+def torch_rms_norm(x, weight, eps):
+    variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    return weight * (x.to(torch.float32) * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def torch_rotary(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos[:, None, :] + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin[:, None, :]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,dim,heads", [(1, 64, 1), (7, 96, 3), (64, 768, 12), (200, 256, 4)])
+def test_same_results_as_torch(dtype, rows, dim, heads):
+    g = torch.Generator().manual_seed(rows + dim)
+    x = (torch.randn(rows, dim, generator=g) * 3).to(dtype)
+    weight = torch.randn(dim, generator=g).to(dtype)
+    assert elementwise.fits(x, weight)
+    ours, reference = layers.rms_norm(x, weight, 1e-5), torch_rms_norm(x, weight, 1e-5)
+    if dtype == torch.bfloat16:  # the same roundings: bit for bit
+        assert torch.equal(ours, reference)
+    else:  # only the order of the float32 sum of squares differs
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    head_dim = dim // heads
+    qkv = torch.randn(rows, dim + 2 * head_dim, generator=g).to(dtype)
+    q = qkv[:, :dim].view(rows, heads, head_dim)  # a column slice, as pre_attention passes it
+    angles = torch.randn(rows, head_dim, generator=g)
+    rot = rope.Rotary(angles.cos().to(dtype), angles.sin().to(dtype))
+    rotated = rope.apply_rotary(q, rot)
+    assert rotated.is_contiguous() and torch.equal(rotated, torch_rotary(q, rot.cos, rot.sin))
+
+
+def test_torch_handles_what_does_not_fit():
+    big = torch.randn(elementwise.ONE_THREAD_MAX_ELEMENTS // 64 + 1, 64)
+    assert not elementwise.fits(big, torch.ones(64))
+    assert not elementwise.fits(torch.randn(4, 64).half(), torch.ones(64).half())
+    assert not elementwise.fits(torch.randn(4, 64), torch.ones(128)[::2])  # a strided weight
+    torch.testing.assert_close(layers.rms_norm(big, torch.ones(64), 1e-6), torch_rms_norm(big, torch.ones(64), 1e-6))
