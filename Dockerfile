@@ -13,10 +13,10 @@ WORKDIR /opt/glinthawk
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 COPY pyproject.toml setup.py README.md ./
 COPY glinthawk ./glinthawk
-# The C decode-attention kernel needs a compiler to build; it leaves in the same layer.
+# The C kernels need a compiler to build; it leaves in the same layer.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && pip install --no-cache-dir . \
-    && (cd / && python -c "from glinthawk.compute import _decode_attention") \
+    && (cd / && python -c "from glinthawk.compute import _decode_attention, _elementwise") \
     && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 EXPOSE 7700 7701
 ENTRYPOINT ["glinthawk-node"]
