@@ -65,28 +65,6 @@ def attend(
     first_rows = [0]
     for count in counts[:-1]:
         first_rows.append(first_rows[-1] + count)
-    if fused_decode_available(store):
-        decodes = [i for i, count in enumerate(counts) if count == 1]
-        if len(decodes) == len(counts):  # the steady state: every row is a decode
-            return _decode_fused(store, layer, seq_ids, [start + 1 for start in starts], q, scale)
-        if decodes:
-            rows = torch.tensor([first_rows[i] for i in decodes])
-            out[rows] = _decode_fused(store, layer, [seq_ids[i] for i in decodes],
-                                      [starts[i] + 1 for i in decodes], q[rows], scale)
-        for i in range(len(counts)):
-            if counts[i] > 1:
-                rows = slice(first_rows[i], first_rows[i] + counts[i])
-                keys, values = store.view(layer, seq_ids[i], starts[i] + counts[i])
-                out[rows] = _attend_one(q[rows], keys, values, starts[i], scale)
-        return out
-    short_decodes = [i for i, (start, count) in enumerate(zip(starts, counts))
-                     if count == 1 and start < BATCHED_DECODE_MAX_CONTEXT]
-    if len(short_decodes) > 1:
-        rows = torch.tensor([first_rows[i] for i in short_decodes], device=q.device)
-        lengths = [starts[i] + 1 for i in short_decodes]
-        out[rows] = _decode_batched(store, layer, [seq_ids[i] for i in short_decodes], lengths, q[rows], scale)
-    batched = set(short_decodes) if len(short_decodes) > 1 else set()
-
     inference = torch.is_inference_mode_enabled()  # thread-local: worker threads must match the caller
 
     def attend_each(indices: Iterable[int]) -> None:
@@ -96,9 +74,27 @@ def attend(
                 keys, values = store.view(layer, seq_ids[i], starts[i] + counts[i])
                 out[rows] = _attend_one(q[rows], keys, values, starts[i], scale)
 
+    prefills = (i for i in range(len(counts)) if counts[i] > 1)  # SDPA uses every core itself
+    if fused_decode_available(store):
+        decodes = [i for i, count in enumerate(counts) if count == 1]
+        if len(decodes) == len(counts):  # the steady state: every row is a decode
+            return _decode_fused(store, layer, seq_ids, [start + 1 for start in starts], q, scale)
+        if decodes:
+            rows = torch.tensor([first_rows[i] for i in decodes])
+            out[rows] = _decode_fused(store, layer, [seq_ids[i] for i in decodes],
+                                      [starts[i] + 1 for i in decodes], q[rows], scale)
+        attend_each(prefills)
+        return out
+    short_decodes = [i for i, (start, count) in enumerate(zip(starts, counts))
+                     if count == 1 and start < BATCHED_DECODE_MAX_CONTEXT]
+    if len(short_decodes) > 1:
+        rows = torch.tensor([first_rows[i] for i in short_decodes], device=q.device)
+        lengths = [starts[i] + 1 for i in short_decodes]
+        out[rows] = _decode_batched(store, layer, [seq_ids[i] for i in short_decodes], lengths, q[rows], scale)
+    batched = set(short_decodes) if len(short_decodes) > 1 else set()
     rest = [i for i in range(len(counts)) if i not in batched]
     long_decodes = [i for i in rest if counts[i] == 1]
-    attend_each(i for i in rest if counts[i] > 1)  # prefill: the fused kernel uses every core itself
+    attend_each(prefills)
     workers = min(torch.get_num_threads(), len(long_decodes))
     if workers > 1:
         # One small kernel chain per sequence cannot use several cores; several sequences
