@@ -80,33 +80,22 @@ def run(ctx: BenchContext) -> dict:
     knobs = ctx.knobs("kernels", DEFAULTS, QUICK)
     model, _ = ctx.load()
     repeats = ctx.best_of
-    ctx.echo("  calibrating read bandwidth and matmul peak")
-    calib = limits.calibrate(ctx)
-    bandwidth, peak = calib["read_bandwidth"], calib["matmul_peak"]
-    limit_knobs = ctx.knobs("limits", limits.DEFAULTS, limits.QUICK)
-
-    def read_limit() -> float:
-        return limits.read_bandwidth(limit_knobs["read_mib"] << 20, repeats)
-
-    def matmul_limit() -> float:
-        return limits.matmul_peak(limits.DTYPES[ctx.dtype], limit_knobs["matmul_sizes"], repeats)
-
     # This machine's bandwidth and peak drift by up to 2x over minutes (shared hosts), so
     # each point is divided by its own limit: the mean of one measured just before and one
     # just after it.
     rows = []
     for context in knobs["contexts"]:
         ctx.echo(f"  decode attention, batch {knobs['attn_batch']}, context {context}")
-        before = read_limit()
+        before = limits.read_limit(ctx)
         row = attention_point(model, knobs["attn_batch"], context, repeats)
-        row["read_bandwidth_around"] = (before + read_limit()) / 2
+        row["read_bandwidth_around"] = (before + limits.read_limit(ctx)) / 2
         row["fraction_of_read_bandwidth"] = ratio(row["bytes_per_s"], row["read_bandwidth_around"])
         rows.append(row)
     for tokens in knobs["tokens"]:
         ctx.echo(f"  layer_stage, {tokens} tokens")
-        before = matmul_limit()
+        before = limits.matmul_limit(ctx)
         row = layer_point(model, tokens, repeats)
-        row["matmul_peak_around"] = (before + matmul_limit()) / 2
+        row["matmul_peak_around"] = (before + limits.matmul_limit(ctx)) / 2
         row["fraction_of_matmul_peak"] = ratio(row["flops_per_s"], row["matmul_peak_around"])
         rows.append(row)
     attn = [r for r in rows if r["kernel"] == "decode attention"]
@@ -122,12 +111,12 @@ def run(ctx: BenchContext) -> dict:
     return {
         "config": {**knobs, "repeats": repeats, "layer_stage": "stage 1 of the benchmark model"},
         "model": ctx.model_info(),
-        "calibration": calib,
         "baseline": {"attention": "read bandwidth (limits.read_bandwidth), mean of one run just before and one "
                                   "just after each point",
                      "layer_stage": f"matmul peak in {ctx.dtype} (limits.matmul_peak), likewise around each point"},
         "results": rows,
-        "summary": {"read_bandwidth": bandwidth, "matmul_peak": peak,
+        "summary": {"read_bandwidth": _mean(r["read_bandwidth_around"] for r in attn),
+                    "matmul_peak": _mean(r["matmul_peak_around"] for r in layer),
                     "attention_min_fraction_ctx_ge_1024": min(long_attn) if long_attn else None,
                     "layer_min_fraction_tokens_ge_64": min(big_layer) if big_layer else None},
         "targets": {
@@ -143,26 +132,32 @@ def run(ctx: BenchContext) -> dict:
     }
 
 
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def _against_limit(ax, xs: list, rates: list[float], ceilings: list[float], share: float, rate_label: str,
+                   limit_label: str) -> None:
+    """One panel: the measured rate, the limit measured around each point, and the target share of it."""
+    ax.plot(xs, rates, marker="o", label=rate_label)
+    ax.plot(xs, ceilings, color="tab:gray", linestyle="--", label=f"{limit_label} (around each point)")
+    ax.plot(xs, [share * limit for limit in ceilings], color="tab:red", linestyle=":", label=f"{share:.0%} target")
+    ax.set_xscale("log", base=2)
+    ax.legend(fontsize=8)
+
+
 def plot(result: dict, figure) -> None:
     left, right = figure.subplots(1, 2)
     attn = [r for r in result["results"] if r["kernel"] == "decode attention"]
-    left.plot([r["context"] for r in attn], [r["bytes_per_s"] / 1e9 for r in attn], marker="o", label="attend()")
-    contexts, around = [r["context"] for r in attn], [r["read_bandwidth_around"] / 1e9 for r in attn]
-    left.plot(contexts, around, color="tab:gray", linestyle="--", label="read bandwidth (around each point)")
-    left.plot(contexts, [0.6 * b for b in around], color="tab:red", linestyle=":", label="60% target")
-    left.set_xscale("log", base=2)
+    _against_limit(left, [r["context"] for r in attn], [r["bytes_per_s"] / 1e9 for r in attn],
+                   [r["read_bandwidth_around"] / 1e9 for r in attn], 0.6, "attend()", "read bandwidth")
     left.set_xlabel("context (tokens)")
     left.set_ylabel("K/V GB/s")
     left.set_title(f"Tier 2 decode attention, batch {attn[0]['batch'] if attn else '?'}")
-    left.legend(fontsize=8)
     layer = [r for r in result["results"] if "tokens" in r]
-    right.plot([r["tokens"] for r in layer], [r["flops_per_s"] / 1e9 for r in layer], marker="o",
-               label="layer_stage")
-    tokens, peaks = [r["tokens"] for r in layer], [r["matmul_peak_around"] / 1e9 for r in layer]
-    right.plot(tokens, peaks, color="tab:gray", linestyle="--", label="matmul peak (around each point)")
-    right.plot(tokens, [0.7 * p for p in peaks], color="tab:red", linestyle=":", label="70% target")
-    right.set_xscale("log", base=2)
+    _against_limit(right, [r["tokens"] for r in layer], [r["flops_per_s"] / 1e9 for r in layer],
+                   [r["matmul_peak_around"] / 1e9 for r in layer], 0.7, "layer_stage", "matmul peak")
     right.set_xlabel("tokens in batch")
     right.set_ylabel("GFLOP/s")
     right.set_title("Tier 1 projections + MLP")
-    right.legend(fontsize=8)

@@ -44,16 +44,21 @@ def matmul_peak(dtype: torch.dtype, sizes: list[int], repeats: int) -> float:
     return max(matmul_flops(size, dtype, repeats) for size in sizes)
 
 
+def read_limit(ctx: BenchContext) -> float:
+    """This machine's read bandwidth now, with the suite's knobs (read_mib, best of N)."""
+    return read_bandwidth(ctx.knobs("limits", DEFAULTS, QUICK)["read_mib"] << 20, ctx.best_of)
+
+
+def matmul_limit(ctx: BenchContext) -> float:
+    """This machine's matmul peak in ``ctx.dtype`` now, with the suite's knobs (matmul_sizes, best of N)."""
+    return matmul_peak(DTYPES[ctx.dtype], ctx.knobs("limits", DEFAULTS, QUICK)["matmul_sizes"], ctx.best_of)
+
+
 def calibrate(ctx: BenchContext) -> dict[str, float]:
     """Read bandwidth and matmul peak (in ``ctx.dtype``), measured now, for a suite's roofline."""
     knobs = ctx.knobs("limits", DEFAULTS, QUICK)
-    repeats = ctx.best_of
-    return {
-        "read_bandwidth": read_bandwidth(knobs["read_mib"] << 20, repeats),
-        "matmul_peak": matmul_peak(DTYPES[ctx.dtype], knobs["matmul_sizes"], repeats),
-        "matmul_sizes": knobs["matmul_sizes"],
-        "read_mib": knobs["read_mib"],
-    }
+    return {"read_bandwidth": read_limit(ctx), "matmul_peak": matmul_limit(ctx),
+            "matmul_sizes": knobs["matmul_sizes"], "read_mib": knobs["read_mib"]}
 
 
 def run(ctx: BenchContext) -> dict:
