@@ -181,17 +181,6 @@ AVX512 static inline __m512 sum_each(const __m512 v[TILE]) {
                          _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-AVX512 static inline const float *tile_as_float(const void *slab, int64_t t0, int n, int dim, int kv_dtype,
-                                                float *restrict buffer) {
-    if (kv_dtype == KV_FLOAT32) return (const float *)slab + t0 * dim;
-    const uint16_t *source = (const uint16_t *)slab + t0 * dim;
-    for (int64_t i = 0; i < (int64_t)n * dim; i += 16) {
-        const __m512i widened = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(source + i)));
-        _mm512_storeu_ps(buffer + i, _mm512_castsi512_ps(_mm512_slli_epi32(widened, 16)));
-    }
-    return buffer;
-}
-
 /* out rows r..r+rows-1 += their probabilities of tokens t0..t0+n-1 times those tokens' V rows. */
 AVX512 static inline __attribute__((always_inline)) void accumulate_values(
         float *restrict out, const float *restrict scores, int64_t length, int64_t t0, int n, const float *v, int r,
@@ -220,7 +209,7 @@ AVX512 static inline __attribute__((always_inline)) void attend_head_avx512(
     for (int64_t t0 = 0; t0 < length; t0 += TILE) {
         const int n = length - t0 < TILE ? (int)(length - t0) : TILE;
         prefetch_rows(keys, t0 + PREFETCH_TILES * TILE, TILE, dim * row_element, length);
-        const float *k = tile_as_float(keys, t0, n, dim, kv_dtype, buffer);
+        const float *k = rows_as_float(keys, t0, n, dim, kv_dtype, buffer);
         for (int r = 0; r < group; r++) {
             __m512 qr[MAX_CHUNKS], dots[TILE];
             for (int c = 0; c < chunks; c++) qr[c] = _mm512_loadu_ps(q + r * dim + 16 * c);
@@ -239,7 +228,7 @@ AVX512 static inline __attribute__((always_inline)) void attend_head_avx512(
     for (int64_t t0 = 0; t0 < length; t0 += TILE) {
         const int n = length - t0 < TILE ? (int)(length - t0) : TILE;
         prefetch_rows(values, t0 + PREFETCH_TILES * TILE, TILE, dim * row_element, length);
-        const float *v = tile_as_float(values, t0, n, dim, kv_dtype, buffer);
+        const float *v = rows_as_float(values, t0, n, dim, kv_dtype, buffer);
         /* Several query heads per read of V: up to 16 accumulators stay in registers. */
         const int most = chunks <= 4 ? 4 : 2;
         for (int r = 0; r < group;) {
