@@ -52,14 +52,19 @@ def wait_for_lines(path: Path, count: int, timeout: float = 120) -> None:
     raise AssertionError(f"{path} did not reach {count} lines")
 
 
+def submit_command(requests: Path, cluster, out: Path) -> list[str]:
+    """``glinthawk submit`` of ``requests`` to the cluster's Tier 1, results to ``out``."""
+    host, port = cluster.tier1_address
+    return [sys.executable, "-m", "glinthawk", "submit", str(requests), "--to", f"{host}:{port}", "-o", str(out),
+            "--no-progress"]
+
+
 def test_sigkill_one_of_three_tier2_nodes_mid_run(checkpoint, model_dir, tmp_path):
     requests = mixed_requests(tmp_path / "in.jsonl")
     expected = single_process(checkpoint, requests)
     out = tmp_path / "out.jsonl"
     with small_cluster(model_dir, tmp_path, tier2_nodes=3, micro_batches=3) as cluster:
-        host, port = cluster.tier1_address
-        client = subprocess.Popen([sys.executable, "-m", "glinthawk", "submit", str(requests), "--to", f"{host}:{port}",
-                                   "-o", str(out), "--no-progress"], stderr=subprocess.PIPE, text=True)
+        client = subprocess.Popen(submit_command(requests, cluster, out), stderr=subprocess.PIPE, text=True)
         wait_for_lines(out, 2)
         cluster.kill("tier2-1")
         _, stderr = client.communicate(timeout=300)
@@ -104,9 +109,7 @@ def test_client_killed_then_resumed_equals_undisturbed_run(checkpoint, model_dir
     expected = single_process(checkpoint, requests)
     out = tmp_path / "out.jsonl"
     with small_cluster(model_dir, tmp_path, tier2_nodes=2, micro_batches=2) as cluster:
-        host, port = cluster.tier1_address
-        command = [sys.executable, "-m", "glinthawk", "submit", str(requests), "--to", f"{host}:{port}", "-o", str(out),
-                   "--no-progress"]
+        command = submit_command(requests, cluster, out)
         client = subprocess.Popen(command, stderr=subprocess.DEVNULL)
         wait_for_lines(out, 3)
         client.send_signal(signal.SIGKILL)
@@ -170,9 +173,7 @@ def _bulk_run(model_dir: Path, tmp_path: Path, lines: int) -> tuple[int, int]:
     out = tmp_path / f"bulk-{lines}.out.jsonl"
     with LocalCluster(model_dir, tier2_nodes=1, kv_tokens=8192, micro_batches=2, max_seqs=256,
                       max_batch_tokens=1024, log_dir=tmp_path / f"logs-{lines}") as cluster:
-        host, port = cluster.tier1_address
-        subprocess.run([sys.executable, "-m", "glinthawk", "submit", str(requests), "--to", f"{host}:{port}",
-                        "-o", str(out), "--no-progress"], check=True, timeout=1800)
+        subprocess.run(submit_command(requests, cluster, out), check=True, timeout=1800)
         peak = _peak_rss_kib(cluster.nodes[-1].process.pid)
     with open(out) as f:
         answered_lines = sum(1 for _ in f)
