@@ -40,18 +40,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     A few fixed shapes keep it flat, for a little padded compute.
     """
     rows = x.shape[0]
-    if x.device.type != "cpu" or x.dtype == torch.float32 or rows == 0 or padded_rows(rows) == rows:
+    padded = padded_rows(rows) if rows and _pads_rows(x) else rows
+    if padded == rows:
         return F.linear(x, weight, bias)
-    return F.linear(F.pad(x, (0, 0, 0, padded_rows(rows) - rows)), weight, bias)[:rows]
+    return F.linear(F.pad(x, (0, 0, 0, padded - rows)), weight, bias)[:rows]
+
+
+def _pads_rows(tensor: torch.Tensor) -> bool:
+    """Whether matmuls on ``tensor``'s device and dtype go to oneDNN (CPU, 16-bit), where ``linear`` pads."""
+    return tensor.device.type == "cpu" and tensor.dtype != torch.float32
 
 
 def warm_up(model: Model, max_rows: int, max_sampled_rows: int) -> None:
     """Run every linear layer once at each padded row count up to ``max_rows`` (the LM head
     up to ``max_sampled_rows``), where ``linear`` pads: the memory those shapes keep is then
     taken at start-up, and resident memory stays flat while the node serves."""
-    if model.device.type != "cpu" or model.dtype == torch.float32:
-        return
     cfg, layer = model.config, model.layers[0]
+    if not _pads_rows(layer.qkv):
+        return
     with torch.inference_mode():
         for rows in sorted({padded_rows(n) for n in range(1, max_rows + 1)}):
             x = torch.zeros(rows, cfg.hidden_size, dtype=model.dtype)
