@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from glinthawk.compute.sampling import SamplingParams, sample, uniforms
+from glinthawk.compute.sampling import (
+    CDF_BLOCK,
+    SamplingParams,
+    inverse_cdf,
+    sample,
+    uniforms,
+)
 
 VOCAB = 50
 
@@ -115,6 +121,24 @@ def test_uniforms_are_deterministic_and_uniform():
     assert counts.min() > 1800 and counts.max() < 2200
     assert uniforms([-1], [0]).item() == uniforms([2**64 - 1], [0]).item()  # seeds are taken mod 2**64
     assert uniforms([5], [0]).item() != uniforms([5], [1]).item()
+
+
+@pytest.mark.parametrize("vocab", [7, CDF_BLOCK, 3 * CDF_BLOCK + 5, 32000])
+def test_inverse_cdf_matches_a_whole_vocabulary_cumsum(vocab):
+    generator = torch.Generator().manual_seed(vocab)
+    rows = 400
+    probs = torch.softmax(torch.randn(rows, vocab, generator=generator) * 4, dim=-1)
+    probs[probs < probs.median(dim=-1, keepdim=True).values] = 0  # filtered-out tokens, as top-p leaves them
+    probs[:2] = 0
+    probs[0, -1] = probs[1, 0] = 1  # all mass on the last token, on the first
+    draws = torch.rand(rows, generator=generator, dtype=torch.float64)
+    draws[:4] = torch.tensor([0.0, 1 - 2**-53, 0.0, 1 - 2**-53], dtype=torch.float64)
+    cdf = probs.double().cumsum(-1)
+    expected = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)[:, 0]
+    picked = inverse_cdf(probs, draws)
+    assert bool((probs.gather(1, picked[:, None]) > 0).all()), "picked a token with no probability"
+    # The block sums are float32: a draw within ~1e-7 of a boundary may land next door.
+    assert int((picked != expected).sum()) <= 1
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])

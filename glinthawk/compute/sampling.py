@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -87,22 +88,57 @@ def sample(
     ``steps[i]`` the index of the token being generated.
     """
     logits = logits.float()
-    tokens = torch.argmax(logits, dim=-1).cpu()
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if len(random_rows) < len(params):
+        tokens = torch.argmax(logits, dim=-1).cpu()
+    else:
+        tokens = torch.empty(len(params), dtype=torch.int64)
     if not random_rows:
         return tokens
-    rows = torch.tensor(random_rows, device=logits.device)
     chosen = [params[i] for i in random_rows]
     temperature = torch.tensor([p.temperature for p in chosen], device=logits.device)
-    scaled = logits.index_select(0, rows) / temperature[:, None]
-    probs = torch.softmax(_top_k_filter(scaled, [p.top_k for p in chosen]), dim=-1)
+    if len(random_rows) < len(params):
+        logits = logits.index_select(0, torch.tensor(random_rows, device=logits.device))
+    probs = torch.softmax(_top_k_filter(logits / temperature[:, None], [p.top_k for p in chosen]), dim=-1)
     probs = _min_p_filter(probs, [p.min_p for p in chosen])
     probs = _top_p_filter(probs, [p.top_p for p in chosen])
-    cdf = probs.double().cumsum(dim=-1).cpu()
-    draws = uniforms([seeds[i] for i in random_rows], [steps[i] for i in random_rows]) * cdf[:, -1]
-    picked = torch.searchsorted(cdf, draws[:, None], right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
-    tokens[rows.cpu()] = picked
+    draws = uniforms([seeds[i] for i in random_rows], [steps[i] for i in random_rows])
+    tokens[torch.tensor(random_rows)] = inverse_cdf(probs, draws.to(logits.device)).cpu()
     return tokens
+
+
+CDF_BLOCK = 256
+
+
+def inverse_cdf(probs: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """Per row, the first token whose cumulative probability (in vocabulary order) exceeds
+    ``draws[row]`` (in [0, 1)) times the row's total; never a zero-probability token.
+
+    A whole-vocabulary float64 cumsum costs most of a sampling step (14 ms for 64 x 32000);
+    summing blocks of ``CDF_BLOCK`` first and then cumsumming, in float64, only the block
+    that holds the draw reads each probability once. (The block sums are float32: where
+    they and the in-block cumsum disagree by a rounding, the draw keeps to a live token of
+    the block, a bias of about 1e-7.)
+    """
+    rows, vocab = probs.shape
+    blocks = -(-vocab // CDF_BLOCK)
+    if vocab % CDF_BLOCK:
+        probs = F.pad(probs, (0, blocks * CDF_BLOCK - vocab))
+    tiled = probs.view(rows, blocks, CDF_BLOCK)
+    sums = tiled.sum(-1)
+    block_cdf = sums.double().cumsum(-1)  # [rows, blocks]
+    targets = draws.to(torch.float64)[:, None] * block_cdf[:, -1:]
+    block = torch.minimum(torch.searchsorted(block_cdf, targets, right=True), _last_nonzero(sums))  # [rows, 1]
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
+    chosen = tiled.gather(1, block[:, :, None].expand(rows, 1, CDF_BLOCK))[:, 0]  # [rows, CDF_BLOCK]
+    index = torch.searchsorted(before + chosen.double().cumsum(-1), targets, right=True)
+    first_live = (chosen > 0).int().argmax(-1, keepdim=True)
+    return (block * CDF_BLOCK + torch.clamp(index, first_live, _last_nonzero(chosen)))[:, 0]
+
+
+def _last_nonzero(values: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last positive entry, [rows, 1]."""
+    return values.shape[-1] - 1 - (values > 0).flip(-1).int().argmax(-1, keepdim=True)
 
 
 def _top_k_filter(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
