@@ -13,8 +13,8 @@ FLAGS = ["-O3", "-std=c11", "-fno-math-errno", "-fassociative-math", "-fno-signe
 
 setup(
     ext_modules=[
-        Extension(f"glinthawk.compute.{name}", sources=[f"glinthawk/compute/{name}.c"], extra_compile_args=FLAGS,
-                  optional=True)
+        Extension(f"glinthawk.compute.{name}", sources=[f"glinthawk/compute/{name}.c"],
+                  depends=["glinthawk/compute/_dtypes.h"], extra_compile_args=FLAGS, optional=True)
         for name in ("_decode_attention", "_elementwise")
     ]
 )

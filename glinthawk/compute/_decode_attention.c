@@ -22,6 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_dtypes.h"
+
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 /* One build runs everywhere; the loader picks the widest vector unit the CPU has. */
 #define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -29,14 +31,6 @@
 #define MULTIVERSION
 #endif
 
-enum { KV_FLOAT32 = 0, KV_BFLOAT16 = 1 };
-
-static inline float bf16_to_float(uint16_t bits) {
-    uint32_t widened = (uint32_t)bits << 16;
-    float value;
-    memcpy(&value, &widened, sizeof value);
-    return value;
-}
 
 /* Tokens handled per step of each pass: a block of K or V rows (as float32, at most
  * 32 x 256 floats) stays in L1 while every query head of the group uses it. */
@@ -47,7 +41,7 @@ static inline float bf16_to_float(uint16_t bits) {
  * from bfloat16. */
 static inline const float *rows_as_float(const void *slab, int64_t t0, int64_t n, int dim, int kv_dtype,
                                          float *restrict buffer) {
-    if (kv_dtype == KV_FLOAT32) return (const float *)slab + t0 * dim;
+    if (kv_dtype == FLOAT32) return (const float *)slab + t0 * dim;
     const uint16_t *restrict source = (const uint16_t *)slab + t0 * dim;
     for (int64_t i = 0; i < n * dim; i++) buffer[i] = bf16_to_float(source[i]);
     return buffer;
@@ -137,12 +131,12 @@ typedef void (*head_kernel)(const float *, float *, const void *, const void *, 
         (void)dim;                                                                                            \
         attend_head(q, out, keys, values, length, DIM, group, DTYPE, scale, scores, buffer);                  \
     }
-VARIANT(head64_f32, 64, KV_FLOAT32)
-VARIANT(head64_bf16, 64, KV_BFLOAT16)
-VARIANT(head128_f32, 128, KV_FLOAT32)
-VARIANT(head128_bf16, 128, KV_BFLOAT16)
-VARIANT(head_any_f32, dim, KV_FLOAT32)
-VARIANT(head_any_bf16, dim, KV_BFLOAT16)
+VARIANT(head64_f32, 64, FLOAT32)
+VARIANT(head64_bf16, 64, BFLOAT16)
+VARIANT(head128_f32, 128, FLOAT32)
+VARIANT(head128_bf16, 128, BFLOAT16)
+VARIANT(head_any_f32, dim, FLOAT32)
+VARIANT(head_any_bf16, dim, BFLOAT16)
 
 /* Ask for rows t..t+n-1 of a [length, row_bytes] slab ahead of use: with compute between
  * the loads, the core alone keeps too few cache misses in flight to stream at full speed. */
@@ -205,7 +199,7 @@ AVX512 static inline __attribute__((always_inline)) void accumulate_values(
 AVX512 static inline __attribute__((always_inline)) void attend_head_avx512(
         const float *restrict q, float *restrict out, const void *keys, const void *values, int64_t length,
         const int chunks, int group, const int kv_dtype, float scale, float *restrict scores, float *restrict buffer) {
-    const int dim = 16 * chunks, row_element = kv_dtype == KV_FLOAT32 ? 4 : 2;
+    const int dim = 16 * chunks, row_element = kv_dtype == FLOAT32 ? 4 : 2;
     for (int64_t t0 = 0; t0 < length; t0 += TILE) {
         const int n = length - t0 < TILE ? (int)(length - t0) : TILE;
         prefetch_rows(keys, t0 + PREFETCH_TILES * TILE, TILE, dim * row_element, length);
@@ -250,12 +244,12 @@ AVX512 static inline __attribute__((always_inline)) void attend_head_avx512(
         attend_head_avx512(q, out, keys, values, length, CHUNKS, group, DTYPE, scale, scores, buffer);          \
         (void)dim;                                                                                              \
     }
-VARIANT_AVX512(avx512_head64_f32, 4, KV_FLOAT32)
-VARIANT_AVX512(avx512_head64_bf16, 4, KV_BFLOAT16)
-VARIANT_AVX512(avx512_head128_f32, 8, KV_FLOAT32)
-VARIANT_AVX512(avx512_head128_bf16, 8, KV_BFLOAT16)
-VARIANT_AVX512(avx512_head_any_f32, dim / 16, KV_FLOAT32)
-VARIANT_AVX512(avx512_head_any_bf16, dim / 16, KV_BFLOAT16)
+VARIANT_AVX512(avx512_head64_f32, 4, FLOAT32)
+VARIANT_AVX512(avx512_head64_bf16, 4, BFLOAT16)
+VARIANT_AVX512(avx512_head128_f32, 8, FLOAT32)
+VARIANT_AVX512(avx512_head128_bf16, 8, BFLOAT16)
+VARIANT_AVX512(avx512_head_any_f32, dim / 16, FLOAT32)
+VARIANT_AVX512(avx512_head_any_bf16, dim / 16, BFLOAT16)
 
 /* The bfloat16 path for CPUs with AVX512_BF16 (head_dim a multiple of 32): vdpbf16ps
  * multiplies pairs of bf16 values into float32 sums, so neither pass converts the cache
@@ -368,7 +362,7 @@ VARIANT_BF16DP(bf16dp_head_any, dim / 32)
 /* The fastest kernel this CPU runs, up to `widest`: 2 = AVX512_BF16, 1 = AVX-512F,
  * 0 = portable (tests use the lower levels to cover every path on one machine). */
 static head_kernel pick_kernel(int dim, int kv_dtype, int widest) {
-    const int bf16 = kv_dtype == KV_BFLOAT16;
+    const int bf16 = kv_dtype == BFLOAT16;
 #ifdef HAVE_AVX512_PATH
     if (widest >= 2 && bf16 && dim % 32 == 0 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl")) {
@@ -387,53 +381,85 @@ static head_kernel pick_kernel(int dim, int kv_dtype, int widest) {
     return bf16 ? head_any_bf16 : head_any_f32;
 }
 
-/* decode_attention(q, out, keys, values, bases, lengths, first_item, last_item,
- *                  heads, kv_heads, head_dim, head_stride, kv_dtype, scale, widest)
+/* The first rows of the next work item's slabs, asked for while this one computes: at short
+ * contexts a slab is a few KiB and would otherwise start with a run of cache misses. */
+#define NEXT_ITEM_ROWS 32
+
+/* decode_attention(q, out, new_keys, new_values, keys, values, bases, lengths, first_item,
+ *                  last_item, heads, kv_heads, head_dim, head_stride, kv_dtype, q_dtype,
+ *                  scale, widest)
  *
- * q, out: float32 [sequences, heads, head_dim], addresses as ints.
+ * q, out: [sequences, heads, head_dim] in q_dtype (float32 or bfloat16), addresses as ints.
+ * new_keys, new_values: 0, or [sequences, kv_heads, head_dim] in kv_dtype: each sequence's
+ *   newest token, written to its row lengths[seq] - 1 before it is attended.
  * keys, values: one layer of the store, [kv_heads, capacity, head_dim] with KV heads
  *   head_stride elements apart, float32 or bfloat16 (kv_dtype).
  * bases, lengths: int64 per sequence: its first buffer row and its cached length (>= 1).
- * Work items first_item..last_item-1 are (sequence, KV head) pairs, item = seq * kv_heads + g.
+ * Work items first_item..last_item-1 are (sequence, KV head) pairs, item = seq * kv_heads + g;
+ *   an item writes and reads only its own rows, so slices may run on several threads.
  * widest: the widest instruction set to use (see pick_kernel).
  */
 static PyObject *decode_attention(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long q_addr, out_addr, keys_addr, values_addr, bases_addr, lengths_addr;
+    unsigned long long q_addr, out_addr, new_keys_addr, new_values_addr, keys_addr, values_addr, bases_addr,
+        lengths_addr;
     Py_ssize_t first_item, last_item, head_stride;
-    int heads, kv_heads, dim, kv_dtype, widest;
+    int heads, kv_heads, dim, kv_dtype, q_dtype, widest;
     float scale;
-    if (!PyArg_ParseTuple(args, "KKKKKKnniiinifi", &q_addr, &out_addr, &keys_addr, &values_addr, &bases_addr,
-                          &lengths_addr, &first_item, &last_item, &heads, &kv_heads, &dim, &head_stride,
-                          &kv_dtype, &scale, &widest))
+    if (!PyArg_ParseTuple(args, "KKKKKKKKnniiiniifi", &q_addr, &out_addr, &new_keys_addr, &new_values_addr,
+                          &keys_addr, &values_addr, &bases_addr, &lengths_addr, &first_item, &last_item, &heads,
+                          &kv_heads, &dim, &head_stride, &kv_dtype, &q_dtype, &scale, &widest))
         return NULL;
-    if (kv_heads <= 0 || heads % kv_heads != 0 || dim <= 0 || dim > MAX_DIM || (kv_dtype != KV_FLOAT32 && kv_dtype != KV_BFLOAT16)) {
-        PyErr_SetString(PyExc_ValueError, "decode_attention: bad geometry or KV dtype");
+    if (kv_heads <= 0 || heads % kv_heads != 0 || dim <= 0 || dim > MAX_DIM || (kv_dtype != FLOAT32 && kv_dtype != BFLOAT16)
+        || (q_dtype != FLOAT32 && q_dtype != BFLOAT16)) {
+        PyErr_SetString(PyExc_ValueError, "decode_attention: bad geometry or dtype");
         return NULL;
     }
-    const float *q = (const float *)(uintptr_t)q_addr;
-    float *out = (float *)(uintptr_t)out_addr;
     const int64_t *bases = (const int64_t *)(uintptr_t)bases_addr;
     const int64_t *lengths = (const int64_t *)(uintptr_t)lengths_addr;
+    const char *new_keys = (const char *)(uintptr_t)new_keys_addr, *new_values = (const char *)(uintptr_t)new_values_addr;
     const int group = heads / kv_heads;
-    const size_t element = kv_dtype == KV_FLOAT32 ? 4 : 2;
+    const size_t element = kv_dtype == FLOAT32 ? 4 : 2, q_element = q_dtype == FLOAT32 ? 4 : 2;
+    const size_t row_bytes = (size_t)dim * element;
     int64_t longest = 1;
     for (Py_ssize_t item = first_item; item < last_item; item++)
         if (lengths[item / kv_heads] > longest) longest = lengths[item / kv_heads];
     const head_kernel kernel = pick_kernel(dim, kv_dtype, widest);
-    /* scores, then a buffer for converted K/V rows or bf16 probabilities, whichever is larger */
+    /* scores, then a buffer for converted K/V rows or bf16 probabilities, whichever is larger,
+     * then float32 copies of the group's q and out rows when q is not float32 */
+    const size_t group_floats = (size_t)group * dim;
     const size_t buffer = (size_t)BLOCK * dim > (size_t)group * (longest + 2) ? (size_t)BLOCK * dim
                                                                               : (size_t)group * (longest + 2);
-    float *scratch = malloc(sizeof(float) * ((size_t)group * (size_t)longest + buffer));
+    const size_t scores = (size_t)group * (size_t)longest;
+    float *scratch = malloc(sizeof(float) * (scores + buffer + (q_dtype == FLOAT32 ? 0 : 2 * group_floats)));
     if (scratch == NULL) return PyErr_NoMemory();
+    float *q_rows = scratch + scores + buffer, *out_rows = q_rows + group_floats;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t item = first_item; item < last_item; item++) {
-        const int64_t seq = item / kv_heads, g = item % kv_heads;
+        const int64_t seq = item / kv_heads, g = item % kv_heads, length = lengths[seq];
         const size_t offset = ((size_t)g * (size_t)head_stride + (size_t)bases[seq] * (size_t)dim) * element;
-        const int64_t first_head = seq * heads + g * group;
-        kernel(q + first_head * dim, out + first_head * dim, (const char *)(uintptr_t)keys_addr + offset,
-               (const char *)(uintptr_t)values_addr + offset, lengths[seq], dim, group, scale,
-               scratch + buffer, scratch);
+        char *key_slab = (char *)(uintptr_t)keys_addr + offset, *value_slab = (char *)(uintptr_t)values_addr + offset;
+        if (item + 1 < last_item) {
+            const int64_t next = (item + 1) / kv_heads, next_g = (item + 1) % kv_heads;
+            const size_t next_offset = ((size_t)next_g * (size_t)head_stride + (size_t)bases[next] * (size_t)dim) * element;
+            prefetch_rows((const char *)(uintptr_t)keys_addr + next_offset, 0, NEXT_ITEM_ROWS, (int)row_bytes, lengths[next]);
+            prefetch_rows((const char *)(uintptr_t)values_addr + next_offset, 0, NEXT_ITEM_ROWS, (int)row_bytes, lengths[next]);
+        }
+        if (new_keys != NULL) {
+            const size_t source = (size_t)item * row_bytes, last_row = (size_t)(length - 1) * row_bytes;
+            memcpy(key_slab + last_row, new_keys + source, row_bytes);
+            memcpy(value_slab + last_row, new_values + source, row_bytes);
+        }
+        const int64_t first_element = (seq * heads + g * group) * (int64_t)dim;
+        const void *q = (const char *)(uintptr_t)q_addr + first_element * q_element;
+        void *out = (char *)(uintptr_t)out_addr + first_element * q_element;
+        if (q_dtype == FLOAT32) {
+            kernel(q, out, key_slab, value_slab, length, dim, group, scale, scratch + buffer, scratch);
+        } else {
+            for (size_t i = 0; i < group_floats; i++) q_rows[i] = load(q, i, BFLOAT16);
+            kernel(q_rows, out_rows, key_slab, value_slab, length, dim, group, scale, scratch + buffer, scratch);
+            for (size_t i = 0; i < group_floats; i++) store(out, i, out_rows[i], BFLOAT16);
+        }
     }
     Py_END_ALLOW_THREADS
     free(scratch);

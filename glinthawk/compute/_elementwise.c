@@ -16,34 +16,12 @@
 #include <stdint.h>
 #include <string.h>
 
-enum { FLOAT32 = 0, BFLOAT16 = 1 };
-
-static inline float load(const void *base, int64_t i, int dtype) {
-    if (dtype == FLOAT32) return ((const float *)base)[i];
-    uint32_t widened = (uint32_t)((const uint16_t *)base)[i] << 16;
-    float value;
-    memcpy(&value, &widened, sizeof value);
-    return value;
-}
-
-/* float32 -> bfloat16 bits, rounding to nearest even (as torch does; inputs are finite). */
-static inline uint16_t to_bf16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
+#include "_dtypes.h"
 
 /* What one torch op in `dtype` leaves of a float32 result: itself, or its bf16 rounding. */
 static inline float rounded(float value, int dtype) {
     if (dtype == FLOAT32) return value;
-    return load((uint16_t[]){to_bf16(value)}, 0, BFLOAT16);
-}
-
-static inline void store(void *base, int64_t i, float value, int dtype) {
-    if (dtype == FLOAT32)
-        ((float *)base)[i] = value;
-    else
-        ((uint16_t *)base)[i] = to_bf16(value);
+    return bf16_to_float(float_to_bf16(value));
 }
 
 /* The loops, inlined with `dtype` a constant so that each variant vectorises. */

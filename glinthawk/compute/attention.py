@@ -9,8 +9,11 @@ the query-row dimension, so one pass over each KV head's cache serves them all.
 
 Decode rows (one token per sequence) go to the fused C kernel in ``_decode_attention.c``
 when it is built and the store is a float32 or bfloat16 CPU store: it reads each cached
-K/V row once, at close to memory bandwidth, spread over torch's thread count. Otherwise
-(CUDA, float16, no C compiler at install time) torch ops do the same work.
+K/V row once, at close to memory bandwidth, spread over torch's thread count. When every
+row is a decode (the steady state) the kernel also appends the new K/V and takes q and
+returns the output in their own dtype, so a step is one call and a few Python lines: Tier
+2 runs it once per layer per micro-batch, between which the caches have gone cold.
+Otherwise (CUDA, float16, no C compiler at install time) torch ops do the same work.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
+from glinthawk.compute.elementwise import C_DTYPE_CODES
 from glinthawk.compute.kvcache import KVStore
 
 try:
@@ -29,7 +33,6 @@ try:
 except ImportError:  # built at install time when a C compiler is present
     _decode_attention = None
 
-_KV_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # as enumerated in _decode_attention.c
 # The widest instruction set the kernel may pick (2: AVX512_BF16, 1: AVX-512F, 0: portable
 # C); the CPU's support is checked in C. Tests lower it to cover each path.
 _KERNEL_WIDEST = 2
@@ -59,9 +62,13 @@ def attend(
     total = sum(counts)
     if not (q.shape[0] == k.shape[0] == v.shape[0] == total):
         raise ValueError(f"batch carries {q.shape[0]} query rows for {total} tokens")
+    scale = q.shape[-1] ** -0.5
+    fused = fused_decode_available(store)
+    if fused and all(count == 1 for count in counts):  # the steady state: every row is a decode
+        bases = store.claim(seq_ids, starts, counts)
+        return _decode_fused(store, layer, bases, [start + 1 for start in starts], q, scale, new_kv=(k, v))
     store.write(layer, store.rows(seq_ids, starts, counts), k, v)
     out = torch.empty_like(q)
-    scale = q.shape[-1] ** -0.5
     first_rows = [0]
     for count in counts[:-1]:
         first_rows.append(first_rows[-1] + count)
@@ -75,13 +82,11 @@ def attend(
                 out[rows] = _attend_one(q[rows], keys, values, starts[i], scale)
 
     prefills = (i for i in range(len(counts)) if counts[i] > 1)  # SDPA uses every core itself
-    if fused_decode_available(store):
+    if fused:
         decodes = [i for i, count in enumerate(counts) if count == 1]
-        if len(decodes) == len(counts):  # the steady state: every row is a decode
-            return _decode_fused(store, layer, seq_ids, [start + 1 for start in starts], q, scale)
         if decodes:
             rows = torch.tensor([first_rows[i] for i in decodes])
-            out[rows] = _decode_fused(store, layer, [seq_ids[i] for i in decodes],
+            out[rows] = _decode_fused(store, layer, [store.start_of(seq_ids[i]) for i in decodes],
                                       [starts[i] + 1 for i in decodes], q[rows], scale)
         attend_each(prefills)
         return out
@@ -107,27 +112,32 @@ def attend(
 
 def fused_decode_available(store: KVStore) -> bool:
     """Whether decode rows over ``store`` run on the fused C kernel."""
-    return (_decode_attention is not None and store.keys.device.type == "cpu" and store.dtype in _KV_DTYPE_CODES
+    return (_decode_attention is not None and store.keys.device.type == "cpu" and store.dtype in C_DTYPE_CODES
             and store.head_dim <= 256)  # MAX_DIM in the C file
 
 
 def _decode_fused(
-    store: KVStore, layer: int, seq_ids: Sequence[object], lengths: list[int], q: torch.Tensor, scale: float
+    store: KVStore, layer: int, bases: list[int], lengths: list[int], q: torch.Tensor, scale: float,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One query token per sequence (q: [B, heads, D]) over each one's first ``lengths`` cached tokens."""
+    """One query token per sequence (q: [B, heads, D]) over each one's first ``lengths`` cached
+    tokens, its slab starting at buffer row ``bases[i]``. ``new_kv`` ([B, kv_heads, D] each):
+    the tokens at ``lengths[i] - 1``, written into the store first."""
     batch, heads, dim = q.shape
     kv_heads = store.num_kv_heads
-    query = q.to(torch.float32).contiguous()
+    query = (q if q.dtype in C_DTYPE_CODES else q.float()).contiguous()
     out = torch.empty_like(query)
-    bases = torch.tensor([store.start_of(seq_id) for seq_id in seq_ids], dtype=torch.int64)
+    new_keys, new_values = (t.to(store.dtype).contiguous() for t in new_kv) if new_kv else (None, None)
+    bases_t = torch.tensor(bases, dtype=torch.int64)
     lens = torch.tensor(lengths, dtype=torch.int64)
     keys, values = store.keys[layer], store.values[layer]
 
     def run(first_item: int, last_item: int) -> None:
         _decode_attention.decode_attention(
-            query.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr(), bases.data_ptr(),
-            lens.data_ptr(), first_item, last_item, heads, kv_heads, dim, keys.stride(0),
-            _KV_DTYPE_CODES[store.dtype], scale, _KERNEL_WIDEST)
+            query.data_ptr(), out.data_ptr(), 0 if new_keys is None else new_keys.data_ptr(),
+            0 if new_values is None else new_values.data_ptr(), keys.data_ptr(), values.data_ptr(),
+            bases_t.data_ptr(), lens.data_ptr(), first_item, last_item, heads, kv_heads, dim, keys.stride(0),
+            C_DTYPE_CODES[store.dtype], C_DTYPE_CODES[query.dtype], scale, _KERNEL_WIDEST)
 
     items = batch * kv_heads  # work item = (sequence, KV head)
     workers = min(torch.get_num_threads(), items)

@@ -16,13 +16,13 @@ try:
 except ImportError:  # built at install time when a C compiler is present
     _elementwise = None
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # as enumerated in _elementwise.c
+C_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the dtypes the C kernels take, as in _dtypes.h
 # Above this many elements torch's threads win even when they have to be woken.
 ONE_THREAD_MAX_ELEMENTS = 1 << 18
 
 
 def fits(x: torch.Tensor, *others: torch.Tensor) -> bool:
-    return (_elementwise is not None and x.device.type == "cpu" and x.dtype in _DTYPE_CODES
+    return (_elementwise is not None and x.device.type == "cpu" and x.dtype in C_DTYPE_CODES
             and x.numel() <= ONE_THREAD_MAX_ELEMENTS
             and all(t.dtype == x.dtype and t.device == x.device and t.is_contiguous() for t in others))
 
@@ -32,7 +32,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     _elementwise.rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
-                          eps, _DTYPE_CODES[x.dtype])
+                          eps, C_DTYPE_CODES[x.dtype])
     return out
 
 
@@ -43,5 +43,5 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
         x = x.contiguous()
     out = torch.empty(tokens, heads, dim, dtype=x.dtype)
     _elementwise.rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), tokens, heads, dim,
-                        x.stride(0), _DTYPE_CODES[x.dtype])
+                        x.stride(0), C_DTYPE_CODES[x.dtype])
     return out

@@ -158,21 +158,23 @@ class KVStore:
         except KeyError:
             raise UnknownSequenceError(f"sequence {seq_id!r} holds no KV reservation") from None
 
-    def rows(self, seq_ids: Sequence[object], starts: Sequence[int], counts: Sequence[int]) -> torch.Tensor:
-        """Buffer rows of tokens start..start+count of each sequence, packed in batch order.
-
-        Checks every range against its reservation and records the written high-water mark.
-        """
+    def claim(self, seq_ids: Sequence[object], starts: Sequence[int], counts: Sequence[int]) -> list[int]:
+        """Check tokens start..start+count of each sequence against its reservation, record
+        them as written (the high-water mark), and return each sequence's first buffer row."""
         slabs = [self._slab(seq_id) for seq_id in seq_ids]
         for seq_id, slab, start, count in zip(seq_ids, slabs, starts, counts):
             if start < 0 or count < 0 or start + count > slab.reserved:
                 raise KVCapacityError(
                     f"sequence {seq_id!r}: tokens {start}..{start + count} exceed its reservation of {slab.reserved}"
                 )
-        bases = []
         for slab, start, count in zip(slabs, starts, counts):  # all checked: nothing half-recorded
             slab.filled = max(slab.filled, start + count)
-            bases.append(slab.start + start)
+        return [slab.start for slab in slabs]
+
+    def rows(self, seq_ids: Sequence[object], starts: Sequence[int], counts: Sequence[int]) -> torch.Tensor:
+        """Buffer rows of tokens start..start+count of each sequence, packed in batch order
+        (``claim``ed: checked and recorded as written)."""
+        bases = [base + start for base, start in zip(self.claim(seq_ids, starts, counts), starts)]
         counts_t = torch.tensor(counts, dtype=torch.int64)
         first = torch.cumsum(counts_t, 0) - counts_t  # index of each sequence's first token in the batch
         offsets = torch.arange(int(counts_t.sum())) - torch.repeat_interleave(first, counts_t)

@@ -1,0 +1,36 @@
+/* The element types the C kernels take, numbered as C_DTYPE_CODES in elementwise.py, and
+ * conversions that round as torch does. */
+#ifndef GLINTHAWK_DTYPES_H
+#define GLINTHAWK_DTYPES_H
+
+#include <stdint.h>
+#include <string.h>
+
+enum { FLOAT32 = 0, BFLOAT16 = 1 };
+
+static inline float bf16_to_float(uint16_t bits) {
+    const uint32_t widened = (uint32_t)bits << 16;
+    float value;
+    memcpy(&value, &widened, sizeof value);
+    return value;
+}
+
+/* float32 -> bfloat16 bits, rounding to nearest even (as torch does; inputs are finite). */
+static inline uint16_t float_to_bf16(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+static inline float load(const void *base, int64_t i, int dtype) {
+    return dtype == FLOAT32 ? ((const float *)base)[i] : bf16_to_float(((const uint16_t *)base)[i]);
+}
+
+static inline void store(void *base, int64_t i, float value, int dtype) {
+    if (dtype == FLOAT32)
+        ((float *)base)[i] = value;
+    else
+        ((uint16_t *)base)[i] = float_to_bf16(value);
+}
+
+#endif
