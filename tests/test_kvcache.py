@@ -272,6 +272,34 @@ def test_bfloat16_decode_matches_float32_reference(dim, attention_path):
         torch.testing.assert_close(out[row:row + 1].float(), expected, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_steps_append_and_attend_in_the_callers_dtype(dtype, attention_path):
+    """All-decode batches (the fused path appends K/V itself): several steps in a row, each
+    output in the store's dtype and the store holding every token."""
+    heads, kv_heads, dim, steps = 6, 2, 64, 3
+    prompts = [1, 5, 40]
+    s = KVStore(1, kv_heads, dim, 128, dtype=dtype)
+    g = torch.Generator().manual_seed(7)
+    names = [f"seq{i}" for i in range(len(prompts))]
+    full = {}
+    for name, prompt in zip(names, prompts):
+        s.reserve(name, prompt + steps)
+        full[name] = [torch.randn(prompt + steps, h, dim, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads)]
+        attend(s, 0, [name], [0], [prompt], *(t[:prompt] for t in full[name]))
+    for step in range(steps):
+        starts = [prompt + step for prompt in prompts]
+        q, k, v = (torch.cat([full[n][i][start:start + 1] for n, start in zip(names, starts)]) for i in range(3))
+        out = attend(s, 0, names, starts, [1] * len(names), q, k, v)
+        assert out.dtype == dtype
+        for row, (name, start) in enumerate(zip(names, starts)):
+            fq, fk, fv = (t[:start + 1].float() for t in full[name])
+            keys, values = s.view(0, name, start + 1)
+            assert torch.equal(keys.transpose(0, 1).float(), fk) and torch.equal(values.transpose(0, 1).float(), fv)
+            expected = reference_attention(fq[start:], fk, fv, start)
+            tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(out[row:row + 1].float(), expected, atol=tolerance, rtol=tolerance)
+
+
 def test_c_kernels_are_built_where_a_compiler_is():
     """pip install builds the C kernels when it can; a silent fallback would hide a broken build."""
     import shutil
