@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from engine_util import PROMPTS, ok, request, run_engine
 
 from glinthawk.engine import Engine
@@ -312,32 +313,55 @@ def test_padded_rows_buckets():
     assert buckets[:8] == [8, 16, 24, 32, 40, 48, 56, 64]
 
 
-def test_bf16_cpu_matmuls_see_only_bucketed_row_counts(tiny_model, monkeypatch):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_cpu_matmuls_see_only_bucketed_row_counts(tiny_model, monkeypatch, dtype):
     """oneDNN keeps memory for every row count it sees: continuous batching must show it only
     the buckets, and all of them at start-up (warm_up), so resident memory stays flat."""
     import torch
 
-    from glinthawk.compute import layers
+    from glinthawk.compute import matmul
 
-    model, tok = tiny_model(VARIANT, "bfloat16")
+    model, tok = tiny_model(VARIANT, dtype)
+    assert model.layers[0].gate_up.is_mkldnn == matmul.packs(torch.empty(0, dtype=model.dtype))
     seen = []
-    real = layers.F.linear
+    real = matmul._multiply
 
-    def recording(x, weight, bias=None):
+    def recording(x, weight, bias):
         seen.append(x.shape[0])
         return real(x, weight, bias)
 
-    monkeypatch.setattr(layers.F, "linear", recording)
+    monkeypatch.setattr(matmul, "_multiply", recording)
     engine = Engine(model, tok, kv_tokens=4096, max_batch_tokens=37, max_seqs=3)
     warmed = set(seen)
-    assert warmed == {layers.padded_rows(n) for n in range(1, 38)}
+    if not matmul.pads_rows(model.layers[0].gate_up):  # float32 without oneDNN: nothing to keep flat
+        assert not warmed
+        return
+    assert warmed == {matmul.padded_rows(n) for n in range(1, 38)}
     seen.clear()
     reqs = [request(f"r{i}", p, max_tokens=3 + 2 * i, temperature=0, ignore_eos=True) for i, p in enumerate(PROMPTS)]
     lines = []
     engine.run(reqs, lines.append)
     assert len(lines) == len(reqs) and all(ok(line) for line in lines)
     assert set(seen) <= warmed and len(set(seen)) > 2
-    # Padding changes nothing in the result rows.
-    x, weight = torch.randn(13, 32).bfloat16(), torch.randn(24, 32).bfloat16()
-    assert torch.equal(layers.linear(x, weight), real(layers.F.pad(x, (0, 0, 0, 3)), weight)[:13])
-    torch.testing.assert_close(layers.linear(x, weight).float(), x.float() @ weight.float().T, atol=0.1, rtol=0.02)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linear_on_a_packed_weight_is_f_linear(dtype):
+    """Packed (oneDNN) and padded: the same product as F.linear on the plain weight; in bf16
+    the same bits, as both are oneDNN's."""
+    from glinthawk.compute import matmul
+
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(40, 32, generator=generator).to(dtype), torch.randn(40, generator=generator).to(dtype)
+    packed = matmul.pack(weight)
+    assert packed.is_mkldnn == matmul.packs(weight) and packed.shape == weight.shape
+    for rows in (1, 13, 64, 70):
+        x = torch.randn(rows, 32, generator=generator).to(dtype)
+        for b in (None, bias):
+            expected = torch.nn.functional.linear(x, weight, b)
+            got = matmul.linear(x, packed, b)
+            if dtype == torch.bfloat16:
+                assert torch.equal(got, expected)
+            else:
+                torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(matmul.linear(torch.empty(0, 32, dtype=dtype), packed), torch.empty(0, 40, dtype=dtype))

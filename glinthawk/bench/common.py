@@ -201,7 +201,7 @@ class BenchContext:
             "architecture": cfg.architecture, "hidden": cfg.hidden_size, "layers": cfg.num_layers,
             "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
             "intermediate": cfg.intermediate_size, "vocab": cfg.vocab_size,
-            "parameters": sum(t.numel() for t in _unique_tensors(model)),
+            "parameters": model.parameter_count(),
             "weight_bytes": model.weight_bytes(), "dtype": self.dtype,
             "kv_bytes_per_token": cfg.kv_bytes_per_token(model.embed_tokens.element_size()),
         }
@@ -227,16 +227,6 @@ def parse_knob(raw: str, default: Any, name: str) -> Any:
     except ValueError:
         raise click.BadParameter(f"{name}={raw!r}: expected {type(default).__name__} like {default!r}",
                                  param_hint="--set") from None
-
-
-def _unique_tensors(model) -> list[torch.Tensor]:
-    seen, out = set(), []
-    for tensor in [model.embed_tokens, model.norm, model.lm_head,
-                   *(t for layer in model.layers for t in vars(layer).values() if t is not None)]:
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            out.append(tensor)
-    return out
 
 
 # -- machine facts ------------------------------------------------------------------------
@@ -368,9 +358,11 @@ class Roofline:
     @classmethod
     def of(cls, model, read_bandwidth: float, matmul_peak: float) -> Roofline:
         cfg = model.config
-        tied = model.lm_head.data_ptr() == model.embed_tokens.data_ptr()
         itemsize = model.embed_tokens.element_size()
-        weight_bytes = model.weight_bytes() - (0 if tied else model.embed_tokens.numel() * itemsize)
+        # Read per step: every weight but the embedding table, of which a step gathers a few rows,
+        # unless the table itself is the LM head.
+        shared = model.lm_head is model.embed_tokens
+        weight_bytes = model.weight_bytes() - (0 if shared else model.embed_tokens.numel() * itemsize)
         linear = sum(t.numel() for layer in model.layers for t in (layer.qkv, layer.o_proj, layer.gate_up, layer.down))
         linear += model.lm_head.numel()
         return cls(weight_bytes, linear, cfg.hidden_size * itemsize, cfg.kv_bytes_per_token(itemsize),

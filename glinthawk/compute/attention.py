@@ -19,7 +19,8 @@ Otherwise (CUDA, float16, no C compiler at install time) torch ops do the same w
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -104,7 +105,7 @@ def attend(
     if workers > 1:
         # One small kernel chain per sequence cannot use several cores; several sequences
         # at once can (torch releases the GIL, and each writes only its own rows of out).
-        list(_pool(workers).map(attend_each, [long_decodes[w::workers] for w in range(workers)]))
+        _in_parallel(attend_each, [(long_decodes[w::workers],) for w in range(workers)])
     else:
         attend_each(long_decodes)
     return out
@@ -148,8 +149,17 @@ def _decode_fused(
         work = torch.cumsum(lens.repeat_interleave(kv_heads), 0)
         goals = work[-1] * torch.arange(1, workers) // workers
         bounds = [0, *torch.searchsorted(work, goals, right=True).tolist(), items]
-        list(_pool(workers).map(run, bounds[:-1], bounds[1:]))
+        _in_parallel(run, list(itertools.pairwise(bounds)))
     return out.to(q.dtype)
+
+
+def _in_parallel(fn: Callable[..., None], slices: list[tuple]) -> None:
+    """``fn(*args)`` for each of ``slices``: the first on this thread, the others on a pool."""
+    pool = _pool(len(slices) - 1)
+    pending = [pool.submit(fn, *args) for args in slices[1:]]
+    fn(*slices[0])
+    for future in pending:
+        future.result()
 
 
 @functools.cache

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from glinthawk.compute import elementwise
 from glinthawk.compute.loader import LayerWeights, Model
+from glinthawk.compute.matmul import linear, padded_rows, pads_rows
 from glinthawk.compute.rope import Rotary, apply_rotary, rotary
 
 
@@ -24,39 +25,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x.to(torch.float32) * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
-def padded_rows(rows: int) -> int:
-    """``rows`` rounded up to a bucket: a multiple of 8 up to 64, then of 1/8 of the next
-    power of two (padding under a quarter of the rows), so a run sees 4 row counts per octave."""
-    step = max(8, (1 << (rows - 1).bit_length()) // 8)
-    return -(-rows // step) * step
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``; on the CPU in 16-bit dtypes, with the rows padded to ``padded_rows``.
-
-    There oneDNN serves the matmul and keeps a primitive (with its packed-weight scratch)
-    for every input shape it sees: with the ever-changing row counts of continuous batching,
-    Tier 1's resident memory grew without bound (467 -> 1280 MiB over 400 shapes, in bf16).
-    A few fixed shapes keep it flat, for a little padded compute.
-    """
-    rows = x.shape[0]
-    padded = padded_rows(rows) if rows and _pads_rows(x) else rows
-    if padded == rows:
-        return F.linear(x, weight, bias)
-    return F.linear(F.pad(x, (0, 0, 0, padded - rows)), weight, bias)[:rows]
-
-
-def _pads_rows(tensor: torch.Tensor) -> bool:
-    """Whether matmuls on ``tensor``'s device and dtype go to oneDNN (CPU, 16-bit), where ``linear`` pads."""
-    return tensor.device.type == "cpu" and tensor.dtype != torch.float32
-
-
 def warm_up(model: Model, max_rows: int, max_sampled_rows: int) -> None:
     """Run every linear layer once at each padded row count up to ``max_rows`` (the LM head
     up to ``max_sampled_rows``), where ``linear`` pads: the memory those shapes keep is then
     taken at start-up, and resident memory stays flat while the node serves."""
     cfg, layer = model.config, model.layers[0]
-    if not _pads_rows(layer.qkv):
+    if not pads_rows(layer.qkv):
         return
     with torch.inference_mode():
         for rows in sorted({padded_rows(n) for n in range(1, max_rows + 1)}):

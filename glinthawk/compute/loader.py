@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from glinthawk.compute.config import ModelConfig, ModelConfigError
+from glinthawk.compute.matmul import pack
 from glinthawk.compute.rope import inverse_frequencies
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,7 +45,7 @@ class Model:
     embed_tokens: torch.Tensor  # [vocab, hidden]
     layers: list[LayerWeights]
     norm: torch.Tensor  # [hidden]
-    lm_head: torch.Tensor  # [vocab, hidden]; the same storage as embed_tokens when tied
+    lm_head: torch.Tensor  # [vocab, hidden]; embed_tokens itself when tied, unless packed (matmul.pack)
     inv_freq: torch.Tensor  # [head_dim // 2], float32
 
     @property
@@ -56,13 +57,13 @@ class Model:
         return self.embed_tokens.device
 
     def weight_bytes(self) -> int:
-        seen: set[int] = set()
-        total = 0
-        for tensor in self._tensors():
-            if tensor.data_ptr() not in seen:
-                seen.add(tensor.data_ptr())
-                total += tensor.numel() * tensor.element_size()
-        return total
+        """Bytes the weights hold in memory (a tensor in two roles counted once)."""
+        return sum(t.numel() * t.element_size() for t in {id(t): t for t in self._tensors()}.values())
+
+    def parameter_count(self) -> int:
+        """The checkpoint's parameters: a tied LM head is the embedding, even where it is held twice."""
+        tied = self.config.tie_word_embeddings
+        return sum(t.numel() for t in self._tensors() if t is not self.lm_head) + (0 if tied else self.lm_head.numel())
 
     def _tensors(self) -> Iterator[torch.Tensor]:
         yield from (self.embed_tokens, self.norm, self.lm_head)
@@ -183,15 +184,15 @@ def _assemble(config: ModelConfig, source: _TensorSource, dtype: torch.dtype, de
             raise ModelConfigError(f"{source.directory}: mlp_bias / o_proj bias is not supported")
         layers.append(LayerWeights(
             input_norm=get(p + "input_layernorm.weight", hidden),
-            qkv=qkv,
+            qkv=pack(qkv),
             qkv_bias=qkv_bias,
-            o_proj=get(p + "self_attn.o_proj.weight", hidden, q_rows),
+            o_proj=pack(get(p + "self_attn.o_proj.weight", hidden, q_rows)),
             post_norm=get(p + "post_attention_layernorm.weight", hidden),
-            gate_up=torch.cat([
+            gate_up=pack(torch.cat([
                 get(p + "mlp.gate_proj.weight", inter, hidden),
                 get(p + "mlp.up_proj.weight", inter, hidden),
-            ]),
-            down=get(p + "mlp.down_proj.weight", hidden, inter),
+            ])),
+            down=pack(get(p + "mlp.down_proj.weight", hidden, inter)),
         ))
     embed = get("model.embed_tokens.weight", config.vocab_size, hidden)
     if config.tie_word_embeddings or "lm_head.weight" not in source:
@@ -207,6 +208,6 @@ def _assemble(config: ModelConfig, source: _TensorSource, dtype: torch.dtype, de
         embed_tokens=embed,
         layers=layers,
         norm=get("model.norm.weight", hidden),
-        lm_head=lm_head,
+        lm_head=pack(lm_head),  # when tied, a packed copy: the embedding stays plain for its lookups
         inv_freq=inverse_frequencies(config.rope, config.head_dim).to(device),
     )
