@@ -16,7 +16,7 @@ COPY glinthawk ./glinthawk
 # The C kernels need a compiler to build; it leaves in the same layer.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && pip install --no-cache-dir . \
-    && (cd / && python -c "from glinthawk.compute import _decode_attention, _elementwise") \
+    && (cd / && python -c "from glinthawk.compute import _attention, _elementwise") \
     && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 EXPOSE 7700 7701
 ENTRYPOINT ["glinthawk-node"]

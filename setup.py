@@ -15,6 +15,6 @@ setup(
     ext_modules=[
         Extension(f"glinthawk.compute.{name}", sources=[f"glinthawk/compute/{name}.c"],
                   depends=["glinthawk/compute/_dtypes.h"], extra_compile_args=FLAGS, optional=True)
-        for name in ("_decode_attention", "_elementwise")
+        for name in ("_attention", "_elementwise")
     ]
 )

@@ -200,12 +200,12 @@ def attention_path(request, monkeypatch):
     """Each way decode rows can be attended: the C kernel at each instruction-set level it
     may pick (this CPU permitting), torch per sequence, torch as one padded batch."""
     if request.param.startswith("fused"):
-        if attention._decode_attention is None:
+        if attention._attention is None:
             pytest.skip("the C decode-attention kernel is not built (no C compiler at install time)")
         widest = {"fused": 2, "fused-avx512": 1, "fused-portable": 0}[request.param]
         monkeypatch.setattr(attention, "_KERNEL_WIDEST", widest)
     else:
-        monkeypatch.setattr(attention, "_decode_attention", None)
+        monkeypatch.setattr(attention, "_attention", None)
         # With a low limit some decodes take the padded-batch path and some the per-sequence one.
         monkeypatch.setattr(attention, "BATCHED_DECODE_MAX_CONTEXT", 8 if request.param == "torch-batched" else 0)
     return request.param
@@ -300,6 +300,32 @@ def test_decode_steps_append_and_attend_in_the_callers_dtype(dtype, attention_pa
             torch.testing.assert_close(out[row:row + 1].float(), expected, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("dim,heads,kv_heads", [(64, 12, 4), (32, 4, 4), (96, 6, 2), (128, 8, 1), (256, 2, 1)])
+def test_bfloat16_prefill_chunks_match_float32_reference(dim, heads, kv_heads, attention_path, monkeypatch):
+    """Prompts in chunks over a bf16 store (the C prefill kernel where the CPU has AVX512_BF16,
+    else SDPA): chunks of every size around the kernel's blocks, the first and later ones."""
+    kernel_calls = []
+    real = attention._prefill_fused
+    monkeypatch.setattr(attention, "_prefill_fused", lambda *args: kernel_calls.append(1) or real(*args))
+    s = KVStore(1, kv_heads, dim, 512, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(dim + heads)
+    chunks = {"one": [1, 1, 2], "short": [3, 17], "blocks": [16, 33, 64, 5], "long": [130]}
+    for name, sizes in chunks.items():
+        total = sum(sizes)
+        s.reserve(name, total)
+        q, k, v = (torch.randn(total, h, dim, generator=g).bfloat16() for h in (heads, kv_heads, kv_heads))
+        start = 0
+        for size in sizes:
+            rows = slice(start, start + size)
+            out = attend(s, 0, [name], [start], [size], q[rows], k[rows], v[rows])
+            assert out.dtype == torch.bfloat16
+            expected = reference_attention(q[rows].float(), k[:start + size].float(), v[:start + size].float(), start)
+            torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+            start += size
+    kernel_expected = attention_path == "fused" and attention._attention.prefill_supported()
+    assert bool(kernel_calls) == kernel_expected
+
+
 def test_c_kernels_are_built_where_a_compiler_is():
     """pip install builds the C kernels when it can; a silent fallback would hide a broken build."""
     import shutil
@@ -310,7 +336,7 @@ def test_c_kernels_are_built_where_a_compiler_is():
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler}) on this machine: torch's ops are the expected path")
-    assert attention._decode_attention is not None, "glinthawk/compute/_decode_attention.c was not built"
+    assert attention._attention is not None, "glinthawk/compute/_attention.c was not built"
     assert elementwise._elementwise is not None, "glinthawk/compute/_elementwise.c was not built"
 
 

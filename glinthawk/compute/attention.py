@@ -7,7 +7,7 @@ Each appends its k/v to the store, then attends causally over its own cached pas
 GQA without repeating K/V: the ``group`` query heads that share a KV head are folded into
 the query-row dimension, so one pass over each KV head's cache serves them all.
 
-Decode rows (one token per sequence) go to the fused C kernel in ``_decode_attention.c``
+Decode rows (one token per sequence) go to the fused C kernel in ``_attention.c``
 when it is built and the store is a float32 or bfloat16 CPU store: it reads each cached
 K/V row once, at close to memory bandwidth, spread over torch's thread count. When every
 row is a decode (the steady state) the kernel also appends the new K/V and takes q and
@@ -30,9 +30,9 @@ from glinthawk.compute.elementwise import C_DTYPE_CODES
 from glinthawk.compute.kvcache import KVStore
 
 try:
-    from glinthawk.compute import _decode_attention
+    from glinthawk.compute import _attention
 except ImportError:  # built at install time when a C compiler is present
-    _decode_attention = None
+    _attention = None
 
 # The widest instruction set the kernel may pick (2: AVX512_BF16, 1: AVX-512F, 0: portable
 # C); the CPU's support is checked in C. Tests lower it to cover each path.
@@ -113,7 +113,7 @@ def attend(
 
 def fused_decode_available(store: KVStore) -> bool:
     """Whether decode rows over ``store`` run on the fused C kernel."""
-    return (_decode_attention is not None and store.keys.device.type == "cpu" and store.dtype in C_DTYPE_CODES
+    return (_attention is not None and store.keys.device.type == "cpu" and store.dtype in C_DTYPE_CODES
             and store.head_dim <= 256)  # MAX_DIM in the C file
 
 
@@ -134,7 +134,7 @@ def _decode_fused(
     keys, values = store.keys[layer], store.values[layer]
 
     def run(first_item: int, last_item: int) -> None:
-        _decode_attention.decode_attention(
+        _attention.decode_attention(
             query.data_ptr(), out.data_ptr(), 0 if new_keys is None else new_keys.data_ptr(),
             0 if new_values is None else new_values.data_ptr(), keys.data_ptr(), values.data_ptr(),
             bases_t.data_ptr(), lens.data_ptr(), first_item, last_item, heads, kv_heads, dim, keys.stride(0),
@@ -151,6 +151,44 @@ def _decode_fused(
         bounds = [0, *torch.searchsorted(work, goals, right=True).tolist(), items]
         _in_parallel(run, list(itertools.pairwise(bounds)))
     return out.to(q.dtype)
+
+
+def _prefill_fused_available(keys: torch.Tensor) -> bool:
+    """Whether a prefill chunk over ``keys`` (a store view) runs on the C kernel: bf16 on a
+    CPU with AVX512_BF16, head_dim a multiple of 32 up to 256."""
+    return (_attention is not None and _KERNEL_WIDEST >= 2 and keys.device.type == "cpu"
+            and keys.dtype == torch.bfloat16 and keys.shape[-1] % 32 == 0 and keys.shape[-1] <= 256
+            and _attention.prefill_supported())
+
+
+def _prefill_fused(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """``_attend_one`` for a prefill chunk on the C kernel: q [n, heads, D] at positions
+    start.. over keys/values [kv_heads, start + n, D], views of one sequence's slab."""
+    n, heads, dim = q.shape
+    kv_heads, length = keys.shape[0], keys.shape[1]
+    tiles = -(-length // 64) * 4  # 16-key tiles, rounded up to the kernel's step of 4 (see _attention.c)
+    packed_keys = torch.empty(kv_heads, tiles * 16 * dim // 2, dtype=torch.int32)
+    packed_values = torch.empty(kv_heads, (length + 1) // 2 * dim, dtype=torch.int32)
+    _attention.pack_kv(keys.data_ptr(), values.data_ptr(), packed_keys.data_ptr(), packed_values.data_ptr(), length,
+                       kv_heads, dim, keys.stride(0))
+    query = q.contiguous()
+    out = torch.empty_like(query)
+
+    def run(first_item: int, last_item: int) -> None:
+        _attention.prefill_attention(query.data_ptr(), out.data_ptr(), packed_keys.data_ptr(),
+                                     packed_values.data_ptr(), start, n, heads, kv_heads, dim, scale, first_item,
+                                     last_item)
+
+    blocks = -(-n // _attention.PREFILL_POSITIONS)
+    items = kv_heads * blocks  # item = (KV head, block of positions); a block's work grows with its position
+    workers = min(torch.get_num_threads(), items)
+    if workers == 1:
+        run(0, items)
+    else:
+        work = torch.cumsum((start + torch.arange(blocks) * _attention.PREFILL_POSITIONS + 1).repeat(kv_heads), 0)
+        goals = work[-1] * torch.arange(1, workers) // workers
+        _in_parallel(run, list(itertools.pairwise([0, *torch.searchsorted(work, goals, right=True).tolist(), items])))
+    return out
 
 
 def _in_parallel(fn: Callable[..., None], slices: list[tuple]) -> None:
@@ -202,6 +240,8 @@ def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start
         scores = torch.matmul(q.view(kv_heads, group, dim), keys.transpose(1, 2)).float() * scale
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         return torch.matmul(probs, values).view(1, heads, dim)
+    if _prefill_fused_available(keys):
+        return _prefill_fused(q, keys, values, start, scale)
     # Prefill chunk: the fused kernel, which maps query heads to their KV head itself (no
     # repeated K/V). A chunk that starts the sequence is plainly causal; a later chunk
     # also sees the whole cached past.
