@@ -1,4 +1,4 @@
-"""RMSNorm and RoPE in C (one thread, small batches) against the torch expressions they replace."""
+"""RMSNorm, RoPE and argmax in C (one thread) against the torch expressions they replace."""
 
 from __future__ import annotations
 
@@ -48,3 +48,17 @@ def test_torch_handles_what_does_not_fit():
     assert not elementwise.fits(torch.randn(4, 64).half(), torch.ones(64).half())
     assert not elementwise.fits(torch.randn(4, 64), torch.ones(128)[::2])  # a strided weight
     torch.testing.assert_close(layers.rms_norm(big, torch.ones(64), 1e-6), torch_rms_norm(big, torch.ones(64), 1e-6))
+
+
+@pytest.mark.parametrize("cols", [1, 15, 16, 17, 100, 32000])
+def test_argmax_is_torch_argmax(cols):
+    """The first maximum (ties included), the first NaN where a row has one, all -inf rows."""
+    g = torch.Generator().manual_seed(cols)
+    rows = torch.randint(-3, 4, (40, cols), generator=g).float()  # few values: many ties
+    rows[1] = float("-inf")
+    rows[2, cols // 2] = float("nan")
+    rows[3, -1] = float("nan")
+    rows[4, -1] = 100.0
+    rows[5] = torch.randn(cols, generator=g)
+    assert torch.equal(elementwise.argmax(rows), torch.argmax(rows, dim=-1))
+    assert torch.equal(elementwise.argmax(rows[:, : cols // 2 + 1]), torch.argmax(rows[:, : cols // 2 + 1], dim=-1))

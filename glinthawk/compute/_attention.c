@@ -22,14 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "_dtypes.h"
-
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-/* One build runs everywhere; the loader picks the widest vector unit the CPU has. */
-#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MULTIVERSION
-#endif
+#include "_kernels.h"
 
 
 /* Tokens handled per step of each pass: a block of K or V rows (as float32, at most

@@ -1,4 +1,4 @@
-"""RMSNorm and RoPE on the calling thread, for small batches on the CPU.
+"""RMSNorm and RoPE on the calling thread, for small batches on the CPU; argmax over logits.
 
 Between network round trips torch's OpenMP team goes to sleep, and waking it costs more
 than a small elementwise op (see ``_elementwise.c``). These run the same arithmetic, with
@@ -16,7 +16,7 @@ try:
 except ImportError:  # built at install time when a C compiler is present
     _elementwise = None
 
-C_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the dtypes the C kernels take, as in _dtypes.h
+C_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the dtypes the C kernels take, as in _kernels.h
 # Above this many elements torch's threads win even when they have to be woken.
 ONE_THREAD_MAX_ELEMENTS = 1 << 18
 
@@ -44,4 +44,15 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     out = torch.empty(tokens, heads, dim, dtype=x.dtype)
     _elementwise.rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), tokens, heads, dim,
                         x.stride(0), C_DTYPE_CODES[x.dtype])
+    return out
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``torch.argmax(logits, -1)`` for [rows, vocab] logits, on the C loop where it is built
+    for them (CPU float32), as int64 on the CPU."""
+    if _elementwise is None or logits.device.type != "cpu" or logits.dtype != torch.float32:
+        return torch.argmax(logits, dim=-1).cpu()
+    logits = logits.contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    _elementwise.argmax(logits.data_ptr(), out.data_ptr(), logits.shape[0], logits.shape[1])
     return out

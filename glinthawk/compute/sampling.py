@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from glinthawk.compute import elementwise
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -90,7 +92,7 @@ def sample(
     logits = logits.float()
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if len(random_rows) < len(params):
-        tokens = torch.argmax(logits, dim=-1).cpu()
+        tokens = elementwise.argmax(logits)
     else:
         tokens = torch.empty(len(params), dtype=torch.int64)
     if not random_rows:

@@ -1,10 +1,17 @@
-/* The element types the C kernels take, numbered as C_DTYPE_CODES in elementwise.py, and
- * conversions that round as torch does. */
-#ifndef GLINTHAWK_DTYPES_H
-#define GLINTHAWK_DTYPES_H
+/* Shared by the C kernels: the element types they take (numbered as C_DTYPE_CODES in
+ * elementwise.py), conversions that round as torch does, and multiversioning. */
+#ifndef GLINTHAWK_KERNELS_H
+#define GLINTHAWK_KERNELS_H
 
 #include <stdint.h>
 #include <string.h>
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+/* One build runs everywhere; the loader picks the widest vector unit the CPU has. */
+#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MULTIVERSION
+#endif
 
 enum { FLOAT32 = 0, BFLOAT16 = 1 };
 
