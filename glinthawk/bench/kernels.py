@@ -57,15 +57,16 @@ def attention_point(model, batch: int, context: int, repeats: int) -> dict:
 
 
 def layer_point(model, tokens: int, repeats: int) -> dict:
+    from glinthawk.compute.rope import rotary
     from glinthawk.compute.stages import layer_stage
 
     cfg = model.config
     stage = 1 if cfg.num_layers > 1 else 0
-    positions = torch.arange(tokens)
+    rot = rotary(model.inv_freq, torch.arange(tokens), model.dtype)  # once per step in Tier 1, not per stage
     x = torch.randn(tokens, cfg.hidden_size).to(model.dtype) * 0.1
     attn_out = torch.randn(tokens, cfg.num_heads, cfg.head_dim).to(model.dtype) * 0.1
     with torch.inference_mode():
-        best, samples = best_of(lambda: layer_stage(model, stage, positions, x=x, attn_out=attn_out), repeats)
+        best, samples = best_of(lambda: layer_stage(model, stage, rot, x=x, attn_out=attn_out), repeats)
     previous, current = model.layers[stage - 1], model.layers[stage]
     weights = current.qkv.numel()
     if stage:

@@ -140,16 +140,7 @@ def _decode_fused(
             bases_t.data_ptr(), lens.data_ptr(), first_item, last_item, heads, kv_heads, dim, keys.stride(0),
             C_DTYPE_CODES[store.dtype], C_DTYPE_CODES[query.dtype], scale, _KERNEL_WIDEST)
 
-    items = batch * kv_heads  # work item = (sequence, KV head)
-    workers = min(torch.get_num_threads(), items)
-    if workers == 1 or sum(lengths) * kv_heads < _FUSED_PARALLEL_MIN_WORK:
-        run(0, items)
-    else:
-        # Contiguous slices of items with about equal cached tokens each.
-        work = torch.cumsum(lens.repeat_interleave(kv_heads), 0)
-        goals = work[-1] * torch.arange(1, workers) // workers
-        bounds = [0, *torch.searchsorted(work, goals, right=True).tolist(), items]
-        _in_parallel(run, list(itertools.pairwise(bounds)))
+    _run_balanced(run, lens.repeat_interleave(kv_heads), _FUSED_PARALLEL_MIN_WORK)  # item = (sequence, KV head)
     return out.to(q.dtype)
 
 
@@ -179,16 +170,24 @@ def _prefill_fused(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, st
                                      packed_values.data_ptr(), start, n, heads, kv_heads, dim, scale, first_item,
                                      last_item)
 
+    # item = (KV head, block of positions); a block's work grows with its position
     blocks = -(-n // _attention.PREFILL_POSITIONS)
-    items = kv_heads * blocks  # item = (KV head, block of positions); a block's work grows with its position
-    workers = min(torch.get_num_threads(), items)
-    if workers == 1:
-        run(0, items)
-    else:
-        work = torch.cumsum((start + torch.arange(blocks) * _attention.PREFILL_POSITIONS + 1).repeat(kv_heads), 0)
-        goals = work[-1] * torch.arange(1, workers) // workers
-        _in_parallel(run, list(itertools.pairwise([0, *torch.searchsorted(work, goals, right=True).tolist(), items])))
+    _run_balanced(run, (start + torch.arange(blocks) * _attention.PREFILL_POSITIONS + 1).repeat(kv_heads))
     return out
+
+
+def _run_balanced(run: Callable[[int, int], None], work: torch.Tensor, serial_below: int = 0) -> None:
+    """``run(first, last)`` over items 0..len(work)-1 in contiguous slices of about equal
+    ``work`` (per item), one per torch thread; in one call when the total is below ``serial_below``."""
+    items = len(work)
+    workers = min(torch.get_num_threads(), items)
+    cumulative = torch.cumsum(work, 0)
+    if workers <= 1 or int(cumulative[-1]) < serial_below:
+        run(0, items)
+        return
+    goals = cumulative[-1] * torch.arange(1, workers) // workers
+    bounds = [0, *torch.searchsorted(cumulative, goals, right=True).tolist(), items]
+    _in_parallel(run, list(itertools.pairwise(bounds)))
 
 
 def _in_parallel(fn: Callable[..., None], slices: list[tuple]) -> None:

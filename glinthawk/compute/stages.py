@@ -13,23 +13,23 @@ import torch
 
 from glinthawk.compute.layers import embed, head, post_attention, pre_attention
 from glinthawk.compute.loader import Model
-from glinthawk.compute.rope import rotary
+from glinthawk.compute.rope import Rotary
 
 
 def layer_stage(
     model: Model,
     stage: int,
-    positions: torch.Tensor,
+    rot: Rotary,
     token_ids: torch.Tensor | None = None,
     x: torch.Tensor | None = None,
     attn_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (x, q, k, v) with layer ``stage``'s attention inputs."""
+    """Returns (x, q, k, v) with layer ``stage``'s attention inputs; ``rot``: the batch's
+    ``rope.rotary``, computed once per step for all its stages."""
     if stage == 0:
         x = embed(model, token_ids)
     else:
         x = post_attention(model, model.layers[stage - 1], x, attn_out)
-    rot = rotary(model.inv_freq, positions, model.dtype)
     q, k, v = pre_attention(model, model.layers[stage], x, rot)
     return x, q, k, v
 

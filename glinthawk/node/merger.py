@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from glinthawk.compute.loader import Model
+from glinthawk.compute.rope import Rotary
 from glinthawk.compute.sampling import SamplingParams, sample
 from glinthawk.compute.stages import final_stage, layer_stage
 
@@ -28,7 +29,7 @@ class StageWork:
     """One micro-batch's input to one stage. Tensors live on the CPU; results come back there."""
 
     stage: int
-    positions: torch.Tensor
+    rot: Rotary  # the step's cos/sin (on the model's device), computed once for all its stages
     token_ids: torch.Tensor | None = None  # stage 0
     x: torch.Tensor | None = None  # on the model's device; stays there between stages
     attn_out: torch.Tensor | None = None
@@ -40,7 +41,7 @@ class StageWork:
 
     @property
     def rows(self) -> int:
-        return int(self.positions.shape[0])
+        return int(self.rot.cos.shape[0])
 
 
 @dataclass
@@ -115,9 +116,10 @@ class StageMerger:
             tokens = sample(logits, [p for w in works for p in w.params], [s for w in works for s in w.seeds],
                             [s for w in works for s in w.steps])
             return list(tokens.split([len(w.params) for w in works]))
+        rot = works[0].rot if len(works) == 1 else Rotary(*(torch.cat(parts) for parts in zip(*(w.rot for w in works))))
         if stage == 0:
-            x, q, k, v = layer_stage(self.model, 0, cat("positions"), token_ids=cat("token_ids"))
+            x, q, k, v = layer_stage(self.model, 0, rot, token_ids=cat("token_ids"))
         else:
-            x, q, k, v = layer_stage(self.model, stage, cat("positions"), x=cat("x"), attn_out=cat("attn_out"))
+            x, q, k, v = layer_stage(self.model, stage, rot, x=cat("x"), attn_out=cat("attn_out"))
         q, k, v = q.cpu(), k.cpu(), v.contiguous().cpu()
         return list(zip(x.split(sizes), q.split(sizes), k.split(sizes), v.split(sizes)))

@@ -34,6 +34,7 @@ from prometheus_client import Histogram
 
 from glinthawk.compute.layers import warm_up
 from glinthawk.compute.loader import Model
+from glinthawk.compute.rope import rotary
 from glinthawk.engine import Intake
 from glinthawk.metrics import Tier1Metrics
 from glinthawk.net.codec import ProtocolError
@@ -293,7 +294,8 @@ class MicroBatch:
                 "reserve": [[s.id, s.reserve_tokens] for s in fresh],
             }))
             row += tokens
-        x, q, k, v = await node.merger.run(StageWork(0, batch.positions, token_ids=batch.token_ids))
+        rot = rotary(node.model.inv_freq, batch.positions.to(node.model.device), node.model.dtype)  # for every stage
+        x, q, k, v = await node.merger.run(StageWork(0, rot, token_ids=batch.token_ids))
         for layer in range(node.num_layers):
             outs = await asyncio.gather(*(
                 link.attend(self.id, layer, header if layer == 0 else {"seqs": header["seqs"]},
@@ -307,12 +309,12 @@ class MicroBatch:
             if layer == 0:
                 self.on_node.update(s.id for s in batch.seqs)
             if layer + 1 < node.num_layers:
-                x, q, k, v = await node.merger.run(StageWork(layer + 1, batch.positions, x=x, attn_out=out))
+                x, q, k, v = await node.merger.run(StageWork(layer + 1, rot, x=x, attn_out=out))
         next_tokens = torch.empty(0, dtype=torch.int64)
         if batch.sampled:
             seqs = batch.sampled
             next_tokens = await node.merger.run(StageWork(
-                node.num_layers, batch.positions, x=x, attn_out=out, sample_rows=batch.sample_rows,
+                node.num_layers, rot, x=x, attn_out=out, sample_rows=batch.sample_rows,
                 params=[s.params for s in seqs], seeds=[s.seed for s in seqs], steps=[len(s.generated) for s in seqs],
             ))
         node.generated_tokens += len(batch.sampled)
