@@ -304,6 +304,7 @@ def test_decode_steps_append_and_attend_in_the_callers_dtype(dtype, attention_pa
 def test_bfloat16_prefill_chunks_match_float32_reference(dim, heads, kv_heads, attention_path, monkeypatch):
     """Prompts in chunks over a bf16 store (the C prefill kernel where the CPU has AVX512_BF16,
     else SDPA): chunks of every size around the kernel's blocks, the first and later ones."""
+    monkeypatch.setattr(attention, "_PREFILL_PARALLEL_MIN_WORK", 0)  # split every chunk over the threads
     kernel_calls = []
     real = attention._prefill_fused
     monkeypatch.setattr(attention, "_prefill_fused", lambda *args: kernel_calls.append(1) or real(*args))

@@ -40,6 +40,9 @@ _KERNEL_WIDEST = 2
 # Below this many (cached token x KV head) reads a decode batch is too small to be worth
 # handing to several threads.
 _FUSED_PARALLEL_MIN_WORK = 1 << 15
+# Likewise for a prefill chunk, in (position block x KV head x visible key) units: about a
+# 256-token prompt, below which handing half to another thread costs more than it saves.
+_PREFILL_PARALLEL_MIN_WORK = 1 << 13
 
 
 # Decode sequences whose context is at most this long are attended together, their K/V
@@ -172,7 +175,8 @@ def _prefill_fused(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, st
 
     # item = (KV head, block of positions); a block's work grows with its position
     blocks = -(-n // _attention.PREFILL_POSITIONS)
-    _run_balanced(run, (start + torch.arange(blocks) * _attention.PREFILL_POSITIONS + 1).repeat(kv_heads))
+    _run_balanced(run, (start + torch.arange(blocks) * _attention.PREFILL_POSITIONS + 1).repeat(kv_heads),
+                  _PREFILL_PARALLEL_MIN_WORK)
     return out
 
 
