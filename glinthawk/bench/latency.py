@@ -25,19 +25,18 @@ from glinthawk.bench.common import (
 )
 
 # Hiding a 100 ms round trip per layer needs at least that much Tier 1 work per layer in
-# flight: on this 2-core machine a batch of ~1500 in float32, and three times that in
-# bfloat16, whose matmuls are three times faster (batch 0 picks by dtype). At batch 256 a
-# step is all waiting.
+# flight: on this 2-core machine a batch of ~4600 in bfloat16, and half that in float32,
+# whose matmuls are half as fast (batch 0 picks by dtype). At batch 256 a step is all waiting.
 DEFAULTS = {"delays_ms": [0, 1, 5, 10, 20, 50], "in_flight": [1, 2, 4, 8, 16], "batch": 0, "prompt": 4,
             "new_tokens": 8, "max_batch_tokens": 2048}
 QUICK = {"delays_ms": [0, 5, 20], "in_flight": [1, 4], "batch": 16, "prompt": 4, "new_tokens": 3}
-BATCH_BY_DTYPE = {"float32": 1536, "bfloat16": 4608}
+BATCH_BY_DTYPE = {"float32": 2304, "bfloat16": 4608}
 
 
 def run(ctx: BenchContext) -> dict:
     knobs = ctx.knobs("latency", DEFAULTS, QUICK)
     model, tokenizer = ctx.load()
-    knobs["batch"] = knobs["batch"] or BATCH_BY_DTYPE.get(ctx.dtype, 1536)
+    knobs["batch"] = knobs["batch"] or BATCH_BY_DTYPE.get(ctx.dtype, 2304)
     batch, prompt, new = knobs["batch"], knobs["prompt"], knobs["new_tokens"]
     lines = request_lines(token_prompts(batch, prompt, model.config.vocab_size, seed=3), new)
     kv_tokens = batch * (prompt + new)
