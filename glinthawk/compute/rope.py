@@ -51,7 +51,7 @@ def rotary(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) 
 
 def apply_rotary(x: torch.Tensor, rot: Rotary) -> torch.Tensor:
     """Rotate ``x`` [tokens, heads, head_dim] (half-split layout, as in HF Llama)."""
-    if elementwise.fits(x, rot.cos, rot.sin, max_elements=elementwise.ROTARY_MAX_ELEMENTS):
+    if elementwise.fits(x, rot.cos, rot.sin):
         return elementwise.rotary(x, rot.cos, rot.sin)
     cos, sin = rot.cos[:, None, :], rot.sin[:, None, :]
     half = x.shape[-1] // 2
