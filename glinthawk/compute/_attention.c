@@ -474,6 +474,12 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
 #define PREFILL_TILES 4        /* 16-key tiles per step of the q.K pass */
 #define PREFILL_POSITIONS 16   /* positions per work item */
 
+/* 16-key tiles covering `length` keys, rounded up to a multiple of PREFILL_TILES (the q.K
+ * pass's step); pack_kv pads the packed keys to this many. */
+static inline int64_t key_tiles(int64_t length) {
+    return (length + 16 * PREFILL_TILES - 1) / (16 * PREFILL_TILES) * PREFILL_TILES;
+}
+
 #ifdef HAVE_AVX512_PATH
 static int prefill_cpu_ok(void) {
     return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
@@ -602,7 +608,7 @@ AVX512BF16 static void prefill_items(const prefill_args *a, int64_t first, int64
                 lengths[r] = a->start + i + 1;
                 longest = lengths[r] > longest ? lengths[r] : longest;
             }
-            const int64_t tiles = ((longest + 16 * PREFILL_TILES - 1) / (16 * PREFILL_TILES)) * PREFILL_TILES;
+            const int64_t tiles = key_tiles(longest);
             const int64_t pairs_used = (longest + 1) / 2;
             prefill_scores(q, keys, tiles, pairs, a->scale, scores, stride);
             float inverse_sums[PREFILL_ROWS];
@@ -636,7 +642,7 @@ static PyObject *pack_kv(PyObject *self, PyObject *args) {
         return NULL;
     const uint16_t *keys = (const uint16_t *)(uintptr_t)keys_addr, *values = (const uint16_t *)(uintptr_t)values_addr;
     uint32_t *packed_keys = (uint32_t *)(uintptr_t)packed_keys_addr, *packed_values = (uint32_t *)(uintptr_t)packed_values_addr;
-    const int64_t tiles = ((length + 16 * PREFILL_TILES - 1) / (16 * PREFILL_TILES)) * PREFILL_TILES;
+    const int64_t tiles = key_tiles(length);
     const int64_t pairs_total = (length + 1) / 2;
     const int pairs = dim / 2;
     Py_BEGIN_ALLOW_THREADS
@@ -685,7 +691,7 @@ static PyObject *prefill_attention(PyObject *self, PyObject *args) {
     const int64_t length = start + n;
     prefill_args a = {(const uint16_t *)(uintptr_t)q_addr, (uint16_t *)(uintptr_t)out_addr,
                       (const uint32_t *)(uintptr_t)keys_addr, (const uint32_t *)(uintptr_t)values_addr, start, n,
-                      ((length + 16 * PREFILL_TILES - 1) / (16 * PREFILL_TILES)) * PREFILL_TILES, (length + 1) / 2,
+                      key_tiles(length), (length + 1) / 2,
                       ((length + 1) / 2 + 7) / 8 * 8, heads, kv_heads, dim, scale};
     float *scores = malloc(sizeof(float) * PREFILL_ROWS * 16 * (size_t)a.tiles);
     uint32_t *probabilities = malloc(sizeof(uint32_t) * PREFILL_ROWS * (size_t)a.pair_stride);

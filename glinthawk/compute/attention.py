@@ -160,7 +160,7 @@ def _prefill_fused(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, st
     start.. over keys/values [kv_heads, start + n, D], views of one sequence's slab."""
     n, heads, dim = q.shape
     kv_heads, length = keys.shape[0], keys.shape[1]
-    tiles = -(-length // 64) * 4  # 16-key tiles, rounded up to the kernel's step of 4 (see _attention.c)
+    tiles = -(-length // 64) * 4  # key_tiles() in _attention.c: 16-key tiles, a multiple of 4
     packed_keys = torch.empty(kv_heads, tiles * 16 * dim // 2, dtype=torch.int32)
     packed_values = torch.empty(kv_heads, (length + 1) // 2 * dim, dtype=torch.int32)
     _attention.pack_kv(keys.data_ptr(), values.data_ptr(), packed_keys.data_ptr(), packed_values.data_ptr(), length,

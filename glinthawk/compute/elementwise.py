@@ -51,7 +51,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """``torch.argmax(logits, -1)`` for [rows, vocab] logits, on the C loop where it is built
     for them (CPU float32), as int64 on the CPU."""
-    if _elementwise is None or logits.device.type != "cpu" or logits.dtype != torch.float32:
+    if not (fits(logits) and logits.dtype == torch.float32):
         return torch.argmax(logits, dim=-1).cpu()
     logits = logits.contiguous()
     out = torch.empty(logits.shape[0], dtype=torch.int64)

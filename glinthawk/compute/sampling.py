@@ -91,7 +91,8 @@ def sample(
     """
     logits = logits.float()
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
-    if len(random_rows) < len(params):
+    some_greedy = len(random_rows) < len(params)
+    if some_greedy:
         tokens = elementwise.argmax(logits)
     else:
         tokens = torch.empty(len(params), dtype=torch.int64)
@@ -99,7 +100,7 @@ def sample(
         return tokens
     chosen = [params[i] for i in random_rows]
     temperature = torch.tensor([p.temperature for p in chosen], device=logits.device)
-    if len(random_rows) < len(params):
+    if some_greedy:
         logits = logits.index_select(0, torch.tensor(random_rows, device=logits.device))
     probs = torch.softmax(_top_k_filter(logits / temperature[:, None], [p.top_k for p in chosen]), dim=-1)
     probs = _min_p_filter(probs, [p.min_p for p in chosen])
