@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from glinthawk.compute.attention import attend
+from glinthawk.compute.attention import AttentionPlan, attend_with
 from glinthawk.compute.kvcache import KVStore
 from glinthawk.compute.layers import forward, head, warm_up
 from glinthawk.compute.loader import Model
@@ -119,9 +119,10 @@ class Engine:
     def step(self, running: list[Sequence]) -> list[Sequence]:
         batch = pack_step(plan_step(running, self.max_batch_tokens), self.model.device)
 
+        plan = AttentionPlan.of(self.store, [seq.id for seq in batch.seqs], batch.starts, batch.counts)
+
         def local_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            ids = [seq.id for seq in batch.seqs]
-            return attend(self.store, layer, ids, batch.starts, batch.counts, q, k, v)
+            return attend_with(plan, layer, q, k, v)
 
         x = forward(self.model, batch.token_ids, batch.positions, local_attention)
         next_tokens = torch.empty(0, dtype=torch.int64)

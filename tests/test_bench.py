@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 pytest.importorskip("matplotlib")
@@ -104,6 +105,16 @@ def test_unknown_knob_and_bad_value_are_refused(tmp_path):
     assert result.exit_code != 0 and "unknown knob" in result.output
     result = runner.invoke(bench, ["limits", "--quick", "--out", str(tmp_path), "--set", "read_mib=lots"])
     assert result.exit_code != 0 and "read_mib" in result.output
+
+
+def test_device_cuda_only_for_suites_that_run_there(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(bench, ["kernels", "--quick", "--out", str(tmp_path), "--device", "cuda"])
+    assert result.exit_code != 0 and "CPU only" in result.output and "--device cuda" in result.output
+    if not torch.cuda.is_available():
+        result = runner.invoke(bench, ["engine", "--quick", "--out", str(tmp_path), "--device", "cuda"])
+        assert result.exit_code != 0 and "no CUDA device" in result.output
+    assert not list(tmp_path.iterdir())
 
 
 def test_help_lists_suites_and_knobs():

@@ -11,6 +11,7 @@ tolerances) and glinthawk's own float32 CPU runs (single-process engine and two-
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,23 @@ def test_glinthawk_run_device_cuda_equals_single_process_cpu(checkpoint, model_d
     expected = single_process(checkpoint, requests)
     got = read_results(out)
     assert {k: v["token_ids"] for k, v in got.items()} == {k: v["token_ids"] for k, v in expected.items()}
+
+
+def test_quick_engine_bench_on_cuda(tmp_path, monkeypatch):
+    """``glinthawk bench engine --device cuda``: the model, HF and the roofline's limits all on the GPU."""
+    from click.testing import CliRunner
+
+    from glinthawk.bench.cli import bench
+
+    monkeypatch.setenv("GLINTHAWK_BENCH_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(bench, ["engine", "--quick", "--device", "cuda", "--out", str(tmp_path)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "engine.json").read_text())
+    assert data["config"]["device"] == "cuda" and data["config"]["dtype"] == "bfloat16"
+    assert data["machine"]["gpu_model"]
+    for row in data["results"]:
+        assert row["tok_s"] > 0 and row["fraction_of_roofline"] > 0 and row["greedy_agreement"] is not None
 
 
 # -- 4. placement --------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from glinthawk.compute import attention
-from glinthawk.compute.attention import attend
+from glinthawk.compute.attention import AttentionPlan, attend, attend_with
 from glinthawk.compute.config import ModelConfig
 from glinthawk.compute.kvcache import KVCapacityError, KVStore, UnknownSequenceError
 
@@ -238,9 +238,10 @@ def test_ragged_attention_matches_naive_reference(heads, kv_heads, dim, attentio
     names = list(plan)
     starts = [plan[n][0] for n in names]
     counts = [plan[n][1] for n in names]
+    step = AttentionPlan.of(s, names, starts, counts)  # planned once, as the engine does, for every layer
     for layer in range(LAYERS):
         q, k, v = (torch.cat([full[n][layer][i][plan[n][0]:] for n in names]) for i in range(3))
-        out = attend(s, layer, names, starts, counts, q, k, v)
+        out = attend_with(step, layer, q, k, v)
         assert out.shape == q.shape
         offset = 0
         for name, start, count in zip(names, starts, counts):

@@ -37,7 +37,11 @@ class _BenchCommand(click.Command):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-out"),
               show_default=True, help="Where SUITE.json and SUITE.png go.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
-              help="auto: bfloat16 where the CPU multiplies it natively (AVX-512 BF16, AMX), else float32.")
+              help="auto: bfloat16 on CUDA or where the CPU multiplies it natively (AVX-512 BF16, AMX), "
+                   "else float32.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the model runs. cuda: the limits and engine suites only (the others measure the CPU "
+                   "tiers); `all` runs those two.")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Benchmark this checkpoint instead of the generated random Llama-125M.")
 @click.option("--repeats", type=click.IntRange(min=1), default=None,
@@ -45,9 +49,17 @@ class _BenchCommand(click.Command):
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch threads here and in the node processes started (OMP_NUM_THREADS); default: torch's.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override a suite knob (see below).")
-def bench(suite, quick, out_dir, dtype, model_dir, repeats, threads, settings) -> None:
+def bench(suite, quick, out_dir, dtype, device, model_dir, repeats, threads, settings) -> None:
     """Run benchmark SUITE (or all of them): print a table, write OUT/SUITE.json and OUT/SUITE.png."""
+    import torch
+
     from glinthawk.bench.common import BenchContext, has_fast_bfloat16, run_suite, set_threads
+
+    names = [name for name in (SUITES if suite == "all" else (suite,)) if device in _devices(name)]
+    if not names:
+        raise click.UsageError(f"suite {suite} runs on the CPU only; drop --device {device}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.UsageError("--device cuda was asked for but torch sees no CUDA device; drop --device cuda")
 
     overrides = {}
     for setting in settings:
@@ -64,8 +76,13 @@ def bench(suite, quick, out_dir, dtype, model_dir, repeats, threads, settings) -
     if threads is not None:
         set_threads(threads)
     if dtype == "auto":
-        dtype = "bfloat16" if has_fast_bfloat16() else "float32"
-    ctx = BenchContext(out_dir=out_dir, quick=quick, dtype=dtype, repeats=repeats, model_dir=model_dir,
-                       overrides=overrides)
-    for name in SUITES if suite == "all" else (suite,):
+        dtype = "bfloat16" if device == "cuda" or has_fast_bfloat16() else "float32"
+    ctx = BenchContext(out_dir=out_dir, quick=quick, dtype=dtype, device=device, repeats=repeats,
+                       model_dir=model_dir, overrides=overrides)
+    for name in names:
         run_suite(name, ctx)
+
+
+def _devices(suite: str) -> tuple[str, ...]:
+    """Where SUITE can run its model: a suite module's DEVICES, the CPU alone where it names none."""
+    return getattr(importlib.import_module(f"glinthawk.bench.{suite}"), "DEVICES", ("cpu",))

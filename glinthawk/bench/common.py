@@ -145,6 +145,7 @@ class BenchContext:
     out_dir: Path
     quick: bool = False
     dtype: str = "float32"
+    device: str = "cpu"  # where the model runs: "cpu" or "cuda" (suites that support it)
     repeats: int | None = None
     model_dir: Path | None = None  # None: the generated benchmark checkpoint
     overrides: dict[str, str] = field(default_factory=dict)  # "key" or "suite.key" -> raw value
@@ -171,13 +172,13 @@ class BenchContext:
         return self._loaded["checkpoint"]
 
     def load(self):
-        """(Model, Tokenizer) on the CPU in ``self.dtype``, loaded once per invocation."""
+        """(Model, Tokenizer) on ``self.device`` in ``self.dtype``, loaded once per invocation."""
         if "model" not in self._loaded:
             from glinthawk.compute.loader import load_model
             from glinthawk.tokenizer import Tokenizer
 
             directory = self.checkpoint()
-            model = load_model(directory, dtype=self.dtype, device="cpu")
+            model = load_model(directory, dtype=self.dtype, device=self.device)
             self._loaded["model"] = (model, Tokenizer(directory, extra_eos_ids=model.config.eos_token_ids))
         return self._loaded["model"]
 
@@ -268,6 +269,7 @@ def machine_facts() -> dict[str, Any]:
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
         "cuda": torch.cuda.is_available(),
+        "gpu_model": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 
@@ -313,14 +315,21 @@ def versions() -> dict[str, str | None]:
 
 
 # -- timing -------------------------------------------------------------------------------
-def best_of(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
-    """Best wall time of ``repeats`` calls (after ``warmup`` untimed ones), and all samples."""
+def best_of(fn: Callable[[], Any], repeats: int, warmup: int = 1,
+            device: torch.device | str = "cpu") -> tuple[float, list[float]]:
+    """Best wall time of ``repeats`` calls (after ``warmup`` untimed ones), and all samples.
+
+    On CUDA each call is timed to the end of the work it queued, not to its return.
+    """
+    finish = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
     samples = []
     for _ in range(max(1, repeats)):
+        finish()
         started = time.perf_counter()
         fn()
+        finish()
         samples.append(time.perf_counter() - started)
     return min(samples), samples
 

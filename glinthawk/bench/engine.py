@@ -30,6 +30,7 @@ from glinthawk.bench.common import (
     token_prompts,
 )
 
+DEVICES = ("cpu", "cuda")  # where the suite can run its model (--device)
 DEFAULTS = {
     "batch": 128, "prompt": 16, "new_tokens": 128,
     "long_batch": 2, "long_prompt": 2048, "long_new_tokens": 32,
@@ -44,15 +45,15 @@ def _load_hf(ctx: BenchContext):
     except ImportError:
         return None
     dtype = limits.DTYPES[ctx.dtype]
-    return transformers.AutoModelForCausalLM.from_pretrained(ctx.checkpoint(), dtype=dtype).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(ctx.checkpoint(), dtype=dtype).to(ctx.device).eval()
 
 
 @torch.inference_mode()
 def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> tuple[float, torch.Tensor]:
-    ids = torch.tensor(prompts, dtype=torch.int64)
+    ids = torch.tensor(prompts, dtype=torch.int64, device=model.device)
     started = time.perf_counter()
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=EOS_ID)
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=EOS_ID).cpu()
     seconds = time.perf_counter() - started
     if out.shape[1] != ids.shape[1] + new_tokens:
         raise RuntimeError(f"HF generated {out.shape[1] - ids.shape[1]} tokens, expected {new_tokens}")
@@ -111,13 +112,14 @@ def run(ctx: BenchContext) -> dict:
     main = rows[0]
     notes = [
         "tok_s counts generated tokens over the whole run (prefill included); decode_tok_s only decode steps",
-        "roofline uses the read bandwidth and matmul peak measured at the start of this run (see calibration)",
+        (f"roofline uses the {ctx.device} read bandwidth and matmul peak measured at the start of this run "
+         "(see calibration)"),
         "HF decode tok/s = batch*(new-1) / (t(generate new) - t(generate 1))",
     ]
     if hf_model is None:
         notes.append("transformers not installed or hf=false: no Hugging Face comparison")
     return {
-        "config": {**knobs, "kv_tokens": "batch * (prompt + new_tokens)"},
+        "config": {**knobs, "kv_tokens": "batch * (prompt + new_tokens)", "device": ctx.device},
         "model": ctx.model_info(),
         "calibration": calib,
         "roofline_model": {"weight_bytes_per_step": roofline.weight_bytes, "linear_params": roofline.linear_params,

@@ -16,47 +16,50 @@ import torch
 from glinthawk.bench.common import BenchContext, best_of, ratio
 from glinthawk.compute import matmul
 
+DEVICES = ("cpu", "cuda")  # where the suite can run its model (--device)
 DEFAULTS = {"read_mib": 512, "matmul_sizes": [512, 1024, 2048], "dtypes": "float32,bfloat16"}
 QUICK = {"read_mib": 32, "matmul_sizes": [128, 256]}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def read_bandwidth(nbytes: int, repeats: int) -> float:
+def read_bandwidth(nbytes: int, repeats: int, device: str = "cpu") -> float:
     """Bytes per second that ``sum`` streams from memory."""
-    data = torch.ones(nbytes // 4, dtype=torch.float32)
-    best, _ = best_of(lambda: data.sum(), repeats)
+    data = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    best, _ = best_of(lambda: data.sum(), repeats, device=device)
     return data.numel() * 4 / best
 
 
-def copy_bandwidth(nbytes: int, repeats: int) -> float:
+def copy_bandwidth(nbytes: int, repeats: int, device: str = "cpu") -> float:
     """Bytes per second moved by a copy (read + write)."""
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    best, _ = best_of(lambda: dst.copy_(src), repeats)
+    best, _ = best_of(lambda: dst.copy_(src), repeats, device=device)
     return 2 * src.numel() * 4 / best
 
 
-def matmul_flops(size: int, dtype: torch.dtype, repeats: int) -> float:
+def matmul_flops(size: int, dtype: torch.dtype, repeats: int, device: str = "cpu") -> float:
     """FLOP/s of a size^3 product: the better of torch.matmul and the engine's packed linear."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
+    a = torch.randn(size, size).to(device, dtype)
+    b = torch.randn(size, size).to(device, dtype)
     packed = matmul.pack(b)
-    best = min(best_of(lambda: torch.matmul(a, b), repeats)[0], best_of(lambda: matmul.linear(a, packed), repeats)[0])
+    best = min(best_of(lambda: torch.matmul(a, b), repeats, device=device)[0],
+               best_of(lambda: matmul.linear(a, packed), repeats, device=device)[0])
     return 2 * size**3 / best
 
 
-def matmul_peak(dtype: torch.dtype, sizes: list[int], repeats: int) -> float:
-    return max(matmul_flops(size, dtype, repeats) for size in sizes)
+def matmul_peak(dtype: torch.dtype, sizes: list[int], repeats: int, device: str = "cpu") -> float:
+    return max(matmul_flops(size, dtype, repeats, device) for size in sizes)
 
 
 def read_limit(ctx: BenchContext) -> float:
-    """This machine's read bandwidth now, with the suite's knobs (read_mib, best of N)."""
-    return read_bandwidth(ctx.knobs("limits", DEFAULTS, QUICK)["read_mib"] << 20, ctx.best_of)
+    """This machine's read bandwidth now, on ``ctx.device``, with the suite's knobs (read_mib, best of N)."""
+    return read_bandwidth(ctx.knobs("limits", DEFAULTS, QUICK)["read_mib"] << 20, ctx.best_of, ctx.device)
 
 
 def matmul_limit(ctx: BenchContext) -> float:
-    """This machine's matmul peak in ``ctx.dtype`` now, with the suite's knobs (matmul_sizes, best of N)."""
-    return matmul_peak(DTYPES[ctx.dtype], ctx.knobs("limits", DEFAULTS, QUICK)["matmul_sizes"], ctx.best_of)
+    """The matmul peak in ``ctx.dtype`` on ``ctx.device`` now, with the suite's knobs (matmul_sizes, best of N)."""
+    return matmul_peak(DTYPES[ctx.dtype], ctx.knobs("limits", DEFAULTS, QUICK)["matmul_sizes"], ctx.best_of,
+                       ctx.device)
 
 
 def calibrate(ctx: BenchContext) -> dict[str, float]:
@@ -70,8 +73,8 @@ def run(ctx: BenchContext) -> dict:
     knobs = ctx.knobs("limits", DEFAULTS, QUICK)
     repeats = ctx.best_of
     nbytes = knobs["read_mib"] << 20
-    read = read_bandwidth(nbytes, repeats)
-    copy = copy_bandwidth(nbytes, repeats)
+    read = read_bandwidth(nbytes, repeats, ctx.device)
+    copy = copy_bandwidth(nbytes, repeats, ctx.device)
     results = [
         {"kind": "bandwidth", "name": "read (sum)", "value": read, "unit": "B/s", "ratio_to_read": 1.0},
         {"kind": "bandwidth", "name": "copy (read+write)", "value": copy, "unit": "B/s",
@@ -81,7 +84,7 @@ def run(ctx: BenchContext) -> dict:
     for name in [d.strip() for d in knobs["dtypes"].split(",") if d.strip()]:
         for size in knobs["matmul_sizes"]:
             matmul_rows.append({"kind": "matmul", "name": f"matmul {name} {size}^3", "dtype": name, "size": size,
-                                "value": matmul_flops(size, DTYPES[name], repeats), "unit": "FLOP/s"})
+                                "value": matmul_flops(size, DTYPES[name], repeats, ctx.device), "unit": "FLOP/s"})
     peaks = {}
     for row in matmul_rows:
         peaks[row["dtype"]] = max(peaks.get(row["dtype"], 0.0), row["value"])
@@ -100,7 +103,7 @@ def run(ctx: BenchContext) -> dict:
                    "unit": "GB/s" if r["kind"] == "bandwidth" else "GFLOP/s",
                    "ratio": r.get("ratio_to_read", r.get("ratio_to_float32_peak"))} for r in results]
     return {
-        "config": {**knobs, "repeats": repeats, "read_bytes": nbytes},
+        "config": {**knobs, "repeats": repeats, "read_bytes": nbytes, "device": ctx.device},
         "baseline": {"bandwidth": "read (sum)", "matmul": "float32 peak"},
         "results": results,
         "summary": summary,

@@ -22,6 +22,7 @@ import functools
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,11 +46,105 @@ _FUSED_PARALLEL_MIN_WORK = 1 << 15
 _PREFILL_PARALLEL_MIN_WORK = 1 << 13
 
 
-# Decode sequences whose context is at most this long are attended together, their K/V
-# gathered into one padded batch: a few large ops instead of a few small ones per sequence.
-# Longer contexts are bandwidth-bound, where the gather's extra copy would cost more than
-# the per-sequence call overhead it saves.
+# On the torch path (no C kernel), CPU decode sequences whose context is at most this long
+# are attended together, their K/V gathered into one padded batch: a few large ops instead
+# of a few small ones per sequence. Longer contexts are bandwidth-bound, where the gather's
+# extra copy would cost more than the per-sequence call overhead it saves. On CUDA every
+# decode is batched: there a launch costs more than the gather.
 BATCHED_DECODE_MAX_CONTEXT = 512
+
+
+@dataclass(frozen=True)
+class _FusedDecodes:
+    """Decode rows served by the C kernel."""
+
+    rows: torch.Tensor | None  # their rows in the batch; None: every row, and the kernel appends their K/V
+    bases: torch.Tensor  # int64: each sequence's first buffer row
+    lengths: torch.Tensor  # int64: tokens each attends over, its new one included
+    slices: list[tuple[int, int]]  # (first, last) work items per thread; item = (sequence, KV head)
+
+
+@dataclass(frozen=True)
+class _BatchedDecodes:
+    """Short decodes gathered into one padded batch (the torch path), index tensors on the store's device."""
+
+    rows: torch.Tensor  # their rows in the batch
+    index: torch.Tensor  # store rows to gather, [sequences * longest]; padding re-reads a valid row
+    padding: torch.Tensor  # bool [sequences, longest]: True where a position is padding
+    longest: int
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Where a batch's tokens sit in the store and how its sequences are grouped, worked out
+    once per step and reused by every layer's ``attend_with``: the index tensors (on the
+    store's device, so a CUDA step copies them once, not once per layer) and the thread split.
+    Making one ``claim``s the batch's rows: checked against each reservation."""
+
+    store: KVStore
+    seq_ids: Sequence[object]
+    starts: Sequence[int]
+    counts: Sequence[int]
+    first_rows: list[int]  # each sequence's first row in the batch
+    write_rows: torch.Tensor | None  # store rows of the new K/V; None where the decode kernel appends them
+    fused: _FusedDecodes | None
+    batched: _BatchedDecodes | None
+    prefills: list[int]  # sequences with a prompt chunk, attended one at a time
+    long_decodes: list[int]  # torch path: decodes attended one at a time, over threads
+
+    @property
+    def tokens(self) -> int:
+        return self.first_rows[-1] + self.counts[-1] if self.counts else 0
+
+    @classmethod
+    def of(cls, store: KVStore, seq_ids: Sequence[object], starts: Sequence[int],
+           counts: Sequence[int]) -> AttentionPlan:
+        first_rows = list(itertools.accumulate(counts[:-1], initial=0)) if counts else []
+        decodes = [i for i, count in enumerate(counts) if count == 1]
+        prefills = [i for i, count in enumerate(counts) if count > 1]
+        parts = {"store": store, "seq_ids": seq_ids, "starts": starts, "counts": counts, "first_rows": first_rows,
+                 "prefills": prefills, "batched": None, "long_decodes": []}
+        if fused_decode_available(store):
+            if counts and len(decodes) == len(counts):  # the steady state: the kernel appends K/V itself
+                bases = store.claim(seq_ids, starts, counts)
+                fused = _fused_decodes(store, None, bases, starts, range(len(counts)))
+                return cls(**parts, write_rows=None, fused=fused)
+            rows = store.rows(seq_ids, starts, counts)
+            fused = None
+            if decodes:
+                bases = [store.start_of(seq_ids[i]) for i in decodes]
+                fused = _fused_decodes(store, torch.tensor([first_rows[i] for i in decodes]), bases, starts, decodes)
+            return cls(**parts, write_rows=rows, fused=fused)
+        rows = store.rows(seq_ids, starts, counts)
+        on_gpu = store.keys.device.type == "cuda"  # where the gather is cheap and per-sequence launches are not
+        short = [i for i in decodes if on_gpu or starts[i] < BATCHED_DECODE_MAX_CONTEXT]
+        if len(short) > 1:
+            parts["batched"] = _batched_decodes(store, [first_rows[i] for i in short], [seq_ids[i] for i in short],
+                                                [starts[i] + 1 for i in short])
+            batched = set(short)
+            parts["long_decodes"] = [i for i in decodes if i not in batched]
+        else:
+            parts["long_decodes"] = decodes
+        return cls(**parts, write_rows=rows, fused=None)
+
+
+def _fused_decodes(store: KVStore, rows: torch.Tensor | None, bases: list[int], starts: Sequence[int],
+                   decodes: Iterable[int]) -> _FusedDecodes:
+    lengths = torch.tensor([starts[i] + 1 for i in decodes], dtype=torch.int64)
+    slices = _balanced_slices(lengths.repeat_interleave(store.num_kv_heads), _FUSED_PARALLEL_MIN_WORK)
+    return _FusedDecodes(rows, torch.tensor(bases, dtype=torch.int64), lengths, slices)
+
+
+def _batched_decodes(store: KVStore, rows: list[int], seq_ids: list[object], lengths: list[int]) -> _BatchedDecodes:
+    device = store.keys.device
+    longest = max(lengths)
+    lens = torch.tensor(lengths)
+    bases = torch.tensor([store.start_of(s) for s in seq_ids])
+    positions = torch.arange(longest)
+    index = bases[:, None] + torch.minimum(positions[None, :], lens[:, None] - 1)
+    padding = positions[None, :] >= lens[:, None]
+    return _BatchedDecodes(torch.tensor(rows, device=device), index.reshape(-1).to(device), padding.to(device),
+                           longest)
 
 
 def attend(
@@ -62,48 +157,38 @@ def attend(
     k: torch.Tensor,
     v: torch.Tensor,
 ) -> torch.Tensor:
-    """Append k, v and attend. q: [T, heads, D]; k, v: [T, kv_heads, D] -> [T, heads, D]."""
-    total = sum(counts)
-    if not (q.shape[0] == k.shape[0] == v.shape[0] == total):
-        raise ValueError(f"batch carries {q.shape[0]} query rows for {total} tokens")
+    """Append k, v and attend. q: [T, heads, D]; k, v: [T, kv_heads, D] -> [T, heads, D].
+
+    For one layer; a step that runs every layer makes one ``AttentionPlan`` and calls ``attend_with``."""
+    return attend_with(AttentionPlan.of(store, seq_ids, starts, counts), layer, q, k, v)
+
+
+def attend_with(plan: AttentionPlan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``attend`` for a batch planned once: append k, v to layer ``layer`` and attend."""
+    if not (q.shape[0] == k.shape[0] == v.shape[0] == plan.tokens):
+        raise ValueError(f"batch carries {q.shape[0]} query rows for {plan.tokens} tokens")
+    store = plan.store
     scale = q.shape[-1] ** -0.5
-    fused = fused_decode_available(store)
-    if fused and all(count == 1 for count in counts):  # the steady state: every row is a decode
-        bases = store.claim(seq_ids, starts, counts)
-        return _decode_fused(store, layer, bases, [start + 1 for start in starts], q, scale, new_kv=(k, v))
-    store.write(layer, store.rows(seq_ids, starts, counts), k, v)
+    if plan.write_rows is None:  # every row is a decode on the C kernel, which appends the K/V
+        return _decode_fused(store, layer, plan.fused, q, scale, new_kv=(k, v))
+    store.write(layer, plan.write_rows, k, v)
     out = torch.empty_like(q)
-    first_rows = [0]
-    for count in counts[:-1]:
-        first_rows.append(first_rows[-1] + count)
     inference = torch.is_inference_mode_enabled()  # thread-local: worker threads must match the caller
 
     def attend_each(indices: Iterable[int]) -> None:
         with torch.inference_mode(inference):
             for i in indices:
-                rows = slice(first_rows[i], first_rows[i] + counts[i])
-                keys, values = store.view(layer, seq_ids[i], starts[i] + counts[i])
-                out[rows] = _attend_one(q[rows], keys, values, starts[i], scale)
+                first, count, start = plan.first_rows[i], plan.counts[i], plan.starts[i]
+                keys, values = store.view(layer, plan.seq_ids[i], start + count)
+                out[first:first + count] = _attend_one(q[first:first + count], keys, values, start, scale)
 
-    prefills = (i for i in range(len(counts)) if counts[i] > 1)  # SDPA uses every core itself
-    if fused:
-        decodes = [i for i, count in enumerate(counts) if count == 1]
-        if decodes:
-            rows = torch.tensor([first_rows[i] for i in decodes])
-            out[rows] = _decode_fused(store, layer, [store.start_of(seq_ids[i]) for i in decodes],
-                                      [starts[i] + 1 for i in decodes], q[rows], scale)
-        attend_each(prefills)
-        return out
-    short_decodes = [i for i, (start, count) in enumerate(zip(starts, counts))
-                     if count == 1 and start < BATCHED_DECODE_MAX_CONTEXT]
-    if len(short_decodes) > 1:
-        rows = torch.tensor([first_rows[i] for i in short_decodes], device=q.device)
-        lengths = [starts[i] + 1 for i in short_decodes]
-        out[rows] = _decode_batched(store, layer, [seq_ids[i] for i in short_decodes], lengths, q[rows], scale)
-    batched = set(short_decodes) if len(short_decodes) > 1 else set()
-    rest = [i for i in range(len(counts)) if i not in batched]
-    long_decodes = [i for i in rest if counts[i] == 1]
-    attend_each(prefills)
+    if plan.fused is not None:
+        out[plan.fused.rows] = _decode_fused(store, layer, plan.fused, q[plan.fused.rows], scale)
+    if plan.batched is not None:
+        rows = plan.batched.rows
+        out[rows] = _decode_batched(store, layer, plan.batched, q[rows], scale)
+    attend_each(plan.prefills)  # SDPA and the prefill kernel use every core themselves
+    long_decodes = plan.long_decodes
     workers = min(torch.get_num_threads(), len(long_decodes))
     if workers > 1:
         # One small kernel chain per sequence cannot use several cores; several sequences
@@ -121,29 +206,27 @@ def fused_decode_available(store: KVStore) -> bool:
 
 
 def _decode_fused(
-    store: KVStore, layer: int, bases: list[int], lengths: list[int], q: torch.Tensor, scale: float,
+    store: KVStore, layer: int, plan: _FusedDecodes, q: torch.Tensor, scale: float,
     new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One query token per sequence (q: [B, heads, D]) over each one's first ``lengths`` cached
-    tokens, its slab starting at buffer row ``bases[i]``. ``new_kv`` ([B, kv_heads, D] each):
-    the tokens at ``lengths[i] - 1``, written into the store first."""
+    """One query token per sequence (q: [B, heads, D]) over each one's first ``plan.lengths``
+    cached tokens, its slab starting at buffer row ``plan.bases[i]``. ``new_kv`` ([B,
+    kv_heads, D] each): the tokens at ``lengths[i] - 1``, written into the store first."""
     batch, heads, dim = q.shape
     kv_heads = store.num_kv_heads
     query = (q if q.dtype in C_DTYPE_CODES else q.float()).contiguous()
     out = torch.empty_like(query)
     new_keys, new_values = (t.to(store.dtype).contiguous() for t in new_kv) if new_kv else (None, None)
-    bases_t = torch.tensor(bases, dtype=torch.int64)
-    lens = torch.tensor(lengths, dtype=torch.int64)
     keys, values = store.keys[layer], store.values[layer]
 
     def run(first_item: int, last_item: int) -> None:
         _attention.decode_attention(
             query.data_ptr(), out.data_ptr(), 0 if new_keys is None else new_keys.data_ptr(),
             0 if new_values is None else new_values.data_ptr(), keys.data_ptr(), values.data_ptr(),
-            bases_t.data_ptr(), lens.data_ptr(), first_item, last_item, heads, kv_heads, dim, keys.stride(0),
-            C_DTYPE_CODES[store.dtype], C_DTYPE_CODES[query.dtype], scale, _KERNEL_WIDEST)
+            plan.bases.data_ptr(), plan.lengths.data_ptr(), first_item, last_item, heads, kv_heads, dim,
+            keys.stride(0), C_DTYPE_CODES[store.dtype], C_DTYPE_CODES[query.dtype], scale, _KERNEL_WIDEST)
 
-    _run_balanced(run, lens.repeat_interleave(kv_heads), _FUSED_PARALLEL_MIN_WORK)  # item = (sequence, KV head)
+    _in_parallel(run, plan.slices)
     return out.to(q.dtype)
 
 
@@ -175,29 +258,26 @@ def _prefill_fused(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, st
 
     # item = (KV head, block of positions); a block's work grows with its position
     blocks = -(-n // _attention.PREFILL_POSITIONS)
-    _run_balanced(run, (start + torch.arange(blocks) * _attention.PREFILL_POSITIONS + 1).repeat(kv_heads),
-                  _PREFILL_PARALLEL_MIN_WORK)
+    _in_parallel(run, _balanced_slices((start + torch.arange(blocks) * _attention.PREFILL_POSITIONS + 1)
+                                       .repeat(kv_heads), _PREFILL_PARALLEL_MIN_WORK))
     return out
 
 
-def _run_balanced(run: Callable[[int, int], None], work: torch.Tensor, serial_below: int = 0) -> None:
-    """``run(first, last)`` over items 0..len(work)-1 in contiguous slices of about equal
-    ``work`` (per item), one per torch thread; in one call when the total is below ``serial_below``."""
+def _balanced_slices(work: torch.Tensor, serial_below: int = 0) -> list[tuple[int, int]]:
+    """Items 0..len(work)-1 as contiguous (first, last) slices of about equal ``work`` (per
+    item), one per torch thread; one slice when the total is below ``serial_below``."""
     items = len(work)
     workers = min(torch.get_num_threads(), items)
     cumulative = torch.cumsum(work, 0)
     if workers <= 1 or int(cumulative[-1]) < serial_below:
-        run(0, items)
-        return
+        return [(0, items)]
     goals = cumulative[-1] * torch.arange(1, workers) // workers
-    bounds = [0, *torch.searchsorted(cumulative, goals, right=True).tolist(), items]
-    _in_parallel(run, list(itertools.pairwise(bounds)))
+    return list(itertools.pairwise([0, *torch.searchsorted(cumulative, goals, right=True).tolist(), items]))
 
 
 def _in_parallel(fn: Callable[..., None], slices: list[tuple]) -> None:
     """``fn(*args)`` for each of ``slices``: the first on this thread, the others on a pool."""
-    pool = _pool(len(slices) - 1)
-    pending = [pool.submit(fn, *args) for args in slices[1:]]
+    pending = [_pool(len(slices) - 1).submit(fn, *args) for args in slices[1:]] if len(slices) > 1 else []
     fn(*slices[0])
     for future in pending:
         future.result()
@@ -208,25 +288,16 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode-attention")
 
 
-def _decode_batched(
-    store: KVStore, layer: int, seq_ids: list[object], lengths: list[int], q: torch.Tensor, scale: float
-) -> torch.Tensor:
+def _decode_batched(store: KVStore, layer: int, plan: _BatchedDecodes, q: torch.Tensor, scale: float) -> torch.Tensor:
     """One query token per sequence (q: [B, heads, D]) over each one's own past, as one padded batch."""
     batch, heads, dim = q.shape
     kv_heads = store.num_kv_heads
     group = heads // kv_heads
-    longest = max(lengths)
-    lens = torch.tensor(lengths)
-    bases = torch.tensor([store.start_of(s) for s in seq_ids])
-    positions = torch.arange(longest)
-    # Padding positions re-read a sequence's last row (always valid) and are masked below.
-    index = (bases[:, None] + torch.minimum(positions[None, :], lens[:, None] - 1)).reshape(-1).to(q.device)
-    keys = store.keys[layer].index_select(1, index).view(kv_heads, batch, longest, dim)
-    values = store.values[layer].index_select(1, index).view(kv_heads, batch, longest, dim)
+    keys = store.keys[layer].index_select(1, plan.index).view(kv_heads, batch, plan.longest, dim)
+    values = store.values[layer].index_select(1, plan.index).view(kv_heads, batch, plan.longest, dim)
     q_grouped = q.view(batch, kv_heads, group, dim).transpose(0, 1)  # [kv_heads, B, group, D]
     scores = torch.matmul(q_grouped, keys.transpose(-1, -2)).float() * scale  # [kv_heads, B, group, longest]
-    padding = (positions[None, :] >= lens[:, None]).to(q.device)
-    scores.masked_fill_(padding[None, :, None, :], float("-inf"))
+    scores.masked_fill_(plan.padding[None, :, None, :], float("-inf"))
     attended = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)  # [kv_heads, B, group, D]
     return attended.transpose(0, 1).reshape(batch, heads, dim)
 
