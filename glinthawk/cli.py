@@ -24,7 +24,11 @@ def model_option(f):
 
 
 def dtype_option(f):
-    return click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True)(f)
+    return click.option(
+        "--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True,
+        help="auto: bfloat16 on CUDA (a float16 checkpoint keeps float16) and on CPUs that multiply bf16 natively "
+             "(AVX-512 BF16, AMX); float32 on other CPUs.",
+    )(f)
 
 
 def device_option(f):

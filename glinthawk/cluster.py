@@ -65,7 +65,7 @@ class LocalCluster:
     delay_ms: float = 0.0
     jitter_ms: float = 0.0
     bandwidth: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "auto"
     micro_batches: int | None = None  # default: 1 on a plain loopback (largest batch), 4 with injected delay
     max_batch_tokens: int = 2048

@@ -170,7 +170,7 @@ def _model(t: _Table, base: Path, check_dir: bool) -> ModelSpec:
     path = t.path("path", base)
     if path is not None and check_dir and not path.is_dir():
         raise t.error(f"no such directory {path} (a relative path is relative to the cluster file)", "path")
-    dtype = t.text("dtype", expected=f"one of {', '.join(DTYPES)}", check=lambda v: v in DTYPES)
+    dtype = t.text("dtype", expected=f"auto or one of {', '.join(DTYPES)}", check=lambda v: v == "auto" or v in DTYPES)
     device = t.text("device", expected="cpu, cuda, cuda:N or auto", check=_DEVICE.fullmatch)
     t.finish()
     return ModelSpec(path, dtype, device)

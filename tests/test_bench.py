@@ -14,7 +14,8 @@ pytest.importorskip("transformers")
 
 from glinthawk.bench import SUITES
 from glinthawk.bench.cli import bench
-from glinthawk.bench.common import Roofline, decode_rate, has_fast_bfloat16, parse_knob, render_table
+from glinthawk.bench.common import Roofline, decode_rate, parse_knob, render_table
+from glinthawk.compute.loader import fast_bfloat16_cpu
 
 # Per suite: fields every result row (or the named rows) must carry, ratios first.
 ROW_FIELDS = {
@@ -70,7 +71,7 @@ def test_quick_suite_writes_json_and_plot(suite, tmp_path, bench_cache):
         assert data["versions"][key], key
     config = data["config"]
     # --dtype auto: the rule, float32 unless the CPU has fast bf16
-    assert config["dtype"] == ("bfloat16" if has_fast_bfloat16() else "float32")
+    assert config["dtype"] == ("bfloat16" if fast_bfloat16_cpu() else "float32")
     assert config["quick"] is True and len(config) > 3
 
     rows = data["results"]

@@ -61,7 +61,7 @@ def parse_node_args(args: list[str]) -> dict:
 
 def test_example_file_parses():
     spec = load_cluster_file(EXAMPLE)
-    assert spec.model.path is None and spec.model.dtype == "float32"
+    assert spec.model.path is None and spec.model.dtype == "auto"
     assert (spec.tier1.name, spec.tier1.address, spec.tier1.micro_batches) == ("tier1", "127.0.0.1:7700", 4)
     assert [(t.name, t.address, t.kv_memory) for t in spec.tier2] == [
         ("tier2-a", "127.0.0.1:7701", "1GiB"), ("tier2-b", "127.0.0.1:7702", "1GiB")]
@@ -129,7 +129,7 @@ INVALID = {
     "zero size": (('kv_memory = "1GiB"\n\n', "kv_memory = 0\n\n"), "tier2[0].kv_memory: expected a size > 0"),
     "two kv sizes": (('kv_memory = "1GiB"\n\n', 'kv_memory = "1GiB"\nkv_tokens = 10\n\n'),
                      "tier2[0]: give kv_memory or kv_tokens, not both"),
-    "bad dtype": (('dtype = "float32"', 'dtype = "int4"'), 'model.dtype: expected one of float32, bfloat16, float16'),
+    "bad dtype": (('dtype = "float32"', 'dtype = "int4"'), 'model.dtype: expected auto or one of float32, bfloat16, float16'),
     "bad device": (("[model]\n", '[model]\ndevice = "tpu"\n'), 'model.device: expected cpu, cuda, cuda:N or auto'),
     "missing model dir": (("[model]\n", '[model]\npath = "no-such-model"\n'), "model.path: no such directory"),
     "exposed without secret": (('host = "127.0.0.1"\nport = 7701', 'host = "10.0.0.2"\nport = 7701'),
@@ -168,7 +168,7 @@ def test_unknown_node_name():
 
 def test_local_cluster_kwargs(tmp_path):
     settings = local_cluster_kwargs(load_cluster_file(EXAMPLE))
-    assert settings == {"model_dir": DEFAULT_MODEL, "dtype": "float32", "device": "auto", "tier2_nodes": 2,
+    assert settings == {"model_dir": DEFAULT_MODEL, "dtype": "auto", "device": "auto", "tier2_nodes": 2,
                         "kv_memory": "1GiB", "micro_batches": 4, "max_batch_tokens": 2048, "max_seqs": 256,
                         "delay_ms": 0.0, "jitter_ms": 0.0}
     LocalCluster(**settings)  # every key is a LocalCluster field

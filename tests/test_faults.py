@@ -38,9 +38,10 @@ def tokens_by_id(results: dict[str, dict]) -> dict[str, list[int]]:
 
 
 def small_cluster(model_dir: Path, tmp_path: Path, *, tier2_nodes: int, micro_batches: int) -> LocalCluster:
-    """Real processes, with steps small enough (2 sequences per micro-batch) for a failure to land mid-run."""
+    """Real processes, with steps small enough (2 sequences per micro-batch) for a failure to land mid-run;
+    float32, like the single-process references they are compared with."""
     return LocalCluster(model_dir, tier2_nodes=tier2_nodes, kv_tokens=4096, micro_batches=micro_batches, max_seqs=2,
-                        max_batch_tokens=64, log_dir=tmp_path / "logs")
+                        max_batch_tokens=64, dtype="float32", log_dir=tmp_path / "logs")
 
 
 def wait_for_lines(path: Path, count: int, timeout: float = 120) -> None:

@@ -129,8 +129,8 @@ def test_generate_command_on_cuda_equals_cpu_engine(checkpoint, model_dir, tmp_p
     requests = write_requests(tmp_path / "in.jsonl", {"temperature": 0})
     out = tmp_path / "out.jsonl"
     proc = subprocess.run([sys.executable, "-m", "glinthawk", "generate", "-i", str(requests), "-o", str(out),
-                           "--model", str(model_dir), "--device", "cuda", "--max-batch-tokens", "16",
-                           "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+                           "--model", str(model_dir), "--device", "cuda", "--dtype", "float32",
+                           "--max-batch-tokens", "16", "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr
     expected = single_process(checkpoint, requests)
     got = read_results(out)
@@ -155,7 +155,7 @@ def test_glinthawk_run_device_cuda_equals_single_process_cpu(checkpoint, model_d
     requests = write_requests(tmp_path / "in.jsonl", {"temperature": 0})
     out = tmp_path / "out.jsonl"
     proc = subprocess.run([sys.executable, "-m", "glinthawk", "run", str(requests), "-o", str(out),
-                           "--model", str(model_dir), "--device", "cuda", "--tier2-nodes", "2",
+                           "--model", str(model_dir), "--device", "cuda", "--dtype", "float32", "--tier2-nodes", "2",
                            "--kv-tokens", "4096", "--max-batch-tokens", "16", "--log-dir", str(tmp_path / "logs"),
                            "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr

@@ -37,7 +37,7 @@ class _BenchCommand(click.Command):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-out"),
               show_default=True, help="Where SUITE.json and SUITE.png go.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
-              help="auto: bfloat16 on CUDA or where the CPU multiplies it natively (AVX-512 BF16, AMX), "
+              help="auto: bfloat16 on CUDA and where the CPU multiplies it natively (AVX-512 BF16, AMX), "
                    "else float32.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the model runs. cuda: the limits and engine suites only (the others measure the CPU "
@@ -53,7 +53,8 @@ def bench(suite, quick, out_dir, dtype, device, model_dir, repeats, threads, set
     """Run benchmark SUITE (or all of them): print a table, write OUT/SUITE.json and OUT/SUITE.png."""
     import torch
 
-    from glinthawk.bench.common import BenchContext, has_fast_bfloat16, run_suite, set_threads
+    from glinthawk.bench.common import BenchContext, run_suite, set_threads
+    from glinthawk.compute.loader import auto_dtype
 
     names = [name for name in (SUITES if suite == "all" else (suite,)) if device in _devices(name)]
     if not names:
@@ -76,7 +77,7 @@ def bench(suite, quick, out_dir, dtype, device, model_dir, repeats, threads, set
     if threads is not None:
         set_threads(threads)
     if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" or has_fast_bfloat16() else "float32"
+        dtype = auto_dtype(torch.device(device))
     ctx = BenchContext(out_dir=out_dir, quick=quick, dtype=dtype, device=device, repeats=repeats,
                        model_dir=model_dir, overrides=overrides)
     for name in names:

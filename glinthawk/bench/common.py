@@ -245,11 +245,6 @@ def _cpu_info() -> tuple[str | None, list[str]]:
     return cpu_model, flags
 
 
-def has_fast_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), as torch's kernels use."""
-    return bool({"avx512_bf16", "amx_bf16"} & set(_cpu_info()[1]))
-
-
 def machine_facts() -> dict[str, Any]:
     cpu_model, flags = _cpu_info()
     mem_total = _meminfo("MemTotal")

@@ -49,6 +49,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str | None = None  # the dtype the checkpoint was saved in, where config.json says
 
     @property
     def queries_per_kv(self) -> int:
@@ -139,6 +140,7 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         bos_token_id=raw.get("bos_token_id") if isinstance(raw.get("bos_token_id"), int) else None,
         eos_token_ids=_token_ids(raw.get("eos_token_id")),
+        torch_dtype=next((v for v in (raw.get("torch_dtype"), raw.get("dtype")) if isinstance(v, str)), None),
     )
 
 
