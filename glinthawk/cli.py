@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from glinthawk import DEFAULT_MODEL
+from glinthawk.allocator import tune_malloc
 from glinthawk.cluster_options import run_cluster_option
 from glinthawk.compute.config import ModelConfigError
 from glinthawk.compute.loader import CheckpointError, DTYPES, load_model
@@ -69,6 +70,7 @@ def open_input(path: str):
 @click.version_option(package_name="glinthawk")
 def main() -> None:
     """Glinthawk: two-tier offline LLM inference."""
+    tune_malloc()
 
 
 @main.command()

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import signal
-import sys
 from pathlib import Path
 
 import click
 
+from glinthawk.allocator import tune_malloc
 from glinthawk.cli import device_option, dtype_option, load_checkpoint, model_option
-from glinthawk.net.connection import run
 from glinthawk.cluster_options import node_cluster_options
 from glinthawk.logs import configure as configure_logging
 from glinthawk.metrics import serve as serve_metrics
 from glinthawk.net.auth import SECRET_ENV, SecretError, is_loopback, load_secret
+from glinthawk.net.connection import run
 from glinthawk.net.netem import NetEm, parse_bandwidth, parse_size
 
 log = logging.getLogger("glinthawk.node")
@@ -90,7 +89,7 @@ def main(role, listen, ready_file, log_level, log_format, metrics_port, threads,
          device, tier2_nodes, micro_batches, max_batch_tokens, max_seqs, kv_memory, kv_tokens) -> None:
     """Run a Glinthawk node: Tier 1 (weights, scheduling) or Tier 2 (KV cache + attention)."""
     configure_logging(log_level, log_format)
-    _return_large_buffers_to_the_os()
+    tune_malloc()
     host, port = parse_address(listen)
     if threads is not None:
         import torch
@@ -129,20 +128,6 @@ def main(role, listen, ready_file, log_level, log_format, metrics_port, threads,
         run(_serve(node, host, port, ready_file, metrics_port))
     except ConnectionError as exc:
         raise click.ClickException(str(exc)) from None
-
-
-def _return_large_buffers_to_the_os() -> None:
-    """Keep glibc from recycling freed frame buffers (MBs each, every layer) into its heap.
-
-    By default glibc raises its mmap threshold each time a large block is freed, after which
-    same-sized frames come from the heap and fragment it: a long-running node's RSS creeps
-    up. A fixed threshold keeps every large buffer an mmap that goes back to the OS on free.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
-        except (OSError, AttributeError):
-            pass
 
 
 async def _serve(node, host: str, port: int, ready_file: Path | None, metrics_port: int | None) -> None:
