@@ -348,6 +348,11 @@ def test_attend_rejects_mismatched_rows():
     q, k, v = torch.randn(3, 4, DIM), torch.randn(3, KV_HEADS, DIM), torch.randn(3, KV_HEADS, DIM)
     with pytest.raises(ValueError, match="3 query rows for 2 tokens"):
         attend(s, 0, ["a"], [0], [2], q, k, v)
+    with pytest.raises(ValueError, match="only 0 written"):  # the bad frame recorded no tokens as written
+        s.view(0, "a", 1)
+    plan = AttentionPlan.of(s, ["a"], [0], [2])
+    with pytest.raises(ValueError, match="3 query rows for 2 tokens"):
+        attend_with(plan, 0, q, k, v)
 
 
 def test_long_decodes_on_several_threads_match_one_thread(attention_path, monkeypatch):

@@ -160,13 +160,13 @@ def attend(
     """Append k, v and attend. q: [T, heads, D]; k, v: [T, kv_heads, D] -> [T, heads, D].
 
     For one layer; a step that runs every layer makes one ``AttentionPlan`` and calls ``attend_with``."""
+    _check_rows(q, k, v, sum(counts))  # before the plan claims any rows
     return attend_with(AttentionPlan.of(store, seq_ids, starts, counts), layer, q, k, v)
 
 
 def attend_with(plan: AttentionPlan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``attend`` for a batch planned once: append k, v to layer ``layer`` and attend."""
-    if not (q.shape[0] == k.shape[0] == v.shape[0] == plan.tokens):
-        raise ValueError(f"batch carries {q.shape[0]} query rows for {plan.tokens} tokens")
+    _check_rows(q, k, v, plan.tokens)
     store = plan.store
     scale = q.shape[-1] ** -0.5
     if plan.write_rows is None:  # every row is a decode on the C kernel, which appends the K/V
@@ -197,6 +197,11 @@ def attend_with(plan: AttentionPlan, layer: int, q: torch.Tensor, k: torch.Tenso
     else:
         attend_each(long_decodes)
     return out
+
+
+def _check_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int) -> None:
+    if not (q.shape[0] == k.shape[0] == v.shape[0] == tokens):
+        raise ValueError(f"batch carries {q.shape[0]} query rows for {tokens} tokens")
 
 
 def fused_decode_available(store: KVStore) -> bool:
