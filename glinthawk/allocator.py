@@ -35,5 +35,5 @@ def tune_malloc() -> bool:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD,
-                                                                                  TRIM_THRESHOLD_BYTES))
+    mmap_set = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    return bool(mmap_set and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))

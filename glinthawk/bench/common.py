@@ -36,6 +36,7 @@ import click
 import torch
 
 from glinthawk.cluster import stop_process
+from glinthawk.compute.loader import cpu_info
 
 SCHEMA_VERSION = 1
 
@@ -231,22 +232,8 @@ def parse_knob(raw: str, default: Any, name: str) -> Any:
 
 
 # -- machine facts ------------------------------------------------------------------------
-def _cpu_info() -> tuple[str | None, list[str]]:
-    """(model name, feature flags) from /proc/cpuinfo; (None, []) where there is none."""
-    cpu_model, flags = None, []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu_model is None:
-                cpu_model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    return cpu_model, flags
-
-
 def machine_facts() -> dict[str, Any]:
-    cpu_model, flags = _cpu_info()
+    cpu_model, flags = cpu_info()
     mem_total = _meminfo("MemTotal")
     try:
         usable = len(os.sched_getaffinity(0))

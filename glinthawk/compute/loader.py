@@ -94,15 +94,24 @@ def auto_dtype(device: torch.device, checkpoint_dtype: str | None = None) -> str
     return "bfloat16" if fast_bfloat16_cpu() else "float32"
 
 
-@functools.cache
 def fast_bfloat16_cpu() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), as torch's kernels use."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_info()[1]))
+
+
+@functools.cache
+def cpu_info() -> tuple[str | None, tuple[str, ...]]:
+    """(model name, feature flags) from /proc/cpuinfo; (None, ()) where there is none."""
+    cpu_model, flags = None, ()
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu_model is None:
+                cpu_model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = tuple(line.split(":", 1)[1].split())
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+        pass
+    return cpu_model, flags
 
 
 def resolve_device(name: str | None) -> torch.device:
