@@ -1,5 +1,5 @@
-"""Builds the optional C kernels (decode attention; RMSNorm and RoPE for small batches);
-everything else is in pyproject.toml.
+"""Builds the optional C kernels (decode and bf16 prefill attention; RMSNorm, RoPE and
+argmax); everything else is in pyproject.toml.
 
 The extensions are optional: without a C compiler the install still succeeds and torch's
 ops do the same work (slower, same results).
