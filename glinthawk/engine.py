@@ -31,6 +31,7 @@ class EngineStats:
     requests_failed: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    first_tokens: int = 0  # sequences through prefill: each counts once, at its first sampled token
     steps: int = 0
 
 
@@ -134,4 +135,5 @@ class Engine:
         self.stats.steps += 1
         self.stats.prompt_tokens += sum(c for s, c in zip(batch.seqs, batch.counts) if s.num_cached < len(s.prompt_ids))
         self.stats.generated_tokens += len(batch.sampled)
+        self.stats.first_tokens += batch.first_tokens
         return commit_step(batch, next_tokens, self.tokenizer)

@@ -61,6 +61,8 @@ class Tier1Metrics(_NodeMetrics):
         yield _counter("glinthawk_requests_finished", "Requests answered with a result", stats.finished)
         yield _counter("glinthawk_requests_failed", "Requests answered with an error", stats.failed)
         yield _counter("glinthawk_generated_tokens", "Tokens sampled", node.generated_tokens)
+        yield _counter("glinthawk_first_tokens", "Requests that finished prefill (got their first token)",
+                       stats.first_tokens)
         yield _counter("glinthawk_tier1_busy_seconds", "Seconds the compute thread spent computing",
                        node.merger.stats.busy_seconds if node.merger else 0.0)
         yield _gauge("glinthawk_requests_waiting", "Requests queued for KV room", len(node.waiting))

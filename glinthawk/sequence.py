@@ -149,6 +149,11 @@ class StepBatch:
     sample_rows: torch.Tensor  # rows of the packed batch whose logits are sampled
     sampled: list[Sequence]  # the sequences those rows belong to
 
+    @property
+    def first_tokens(self) -> int:
+        """How many sequences get their first generated token this step (read before commit_step)."""
+        return sum(1 for seq in self.sampled if not seq.generated)
+
 
 def pack_step(plan: list[tuple[Sequence, int]], device: torch.device | str = "cpu") -> StepBatch:
     tokens: list[int] = []

@@ -52,6 +52,8 @@ def test_chunked_prefill_gives_the_same_tokens(llama):
     # The 70-token prompt alone needs 24 passes at 3 tokens each: prefill really was chunked.
     assert chunked_engine.stats.steps > whole_engine.stats.steps + 20
     assert chunked_engine.stats.generated_tokens == whole_engine.stats.generated_tokens == 8 * 10
+    # A prefill spread over many steps still counts once, at its first token.
+    assert chunked_engine.stats.first_tokens == whole_engine.stats.first_tokens == 8
 
 
 def test_mixed_length_batch_matches_each_prompt_alone(llama, greedy_streams):

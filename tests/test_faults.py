@@ -103,6 +103,7 @@ async def test_hung_tier2_node_is_dropped_by_heartbeat(checkpoint, tmp_path):
         hung_server.close()
     assert summary.done == len(FAULT_PROMPTS) and summary.failed == 0
     assert tokens_by_id(read_results(tmp_path / "out.jsonl")) == tokens_by_id(single_process(checkpoint, requests))
+    assert tier1.stats.first_tokens == len(FAULT_PROMPTS)  # re-placed sequences count once
 
 
 def test_client_killed_then_resumed_equals_undisturbed_run(checkpoint, model_dir, tmp_path):

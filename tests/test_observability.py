@@ -54,6 +54,8 @@ async def test_metrics_and_status_during_a_run(checkpoint, tmp_path):
         await tier1.close()
         await tier2.close()
     assert during["glinthawk_generated_tokens_total"] > 0
+    assert 1 <= during["glinthawk_first_tokens_total"] <= len(prompts)  # one result is written already
+    assert tier1.stats.first_tokens == len(prompts)
     assert during["glinthawk_requests_admitted_total"] == len(prompts)
     assert during['glinthawk_kv_tokens_used{node="127.0.0.1:%d"}' % tier2_port] > 0
     assert during["glinthawk_attention_round_trip_seconds_count"] > 0

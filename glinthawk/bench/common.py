@@ -443,7 +443,6 @@ def run_engine(model, tokenizer, lines: list[dict], *, kv_tokens: int, max_batch
     requests = parse_requests(lines)
     steps: list[dict] = []
     timeline: list[tuple[float, int, int]] = []
-    with_token: set[int] = set()
     inner = engine.step
     started = time.perf_counter()
 
@@ -458,8 +457,7 @@ def run_engine(model, tokenizer, lines: list[dict], *, kv_tokens: int, max_batch
         if decode and roofline is not None:
             record["floor_seconds"] = roofline.floor_seconds(len(rows), context)
         steps.append(record)
-        with_token.update(seq.id for seq in running if seq.generated)
-        timeline.append((t1 - started, engine.stats.generated_tokens, len(with_token)))
+        timeline.append((t1 - started, engine.stats.generated_tokens, engine.stats.first_tokens))
         return finished
 
     engine.step = traced_step
@@ -499,21 +497,11 @@ async def _two_tier(model, tokenizer, requests_path: Path, out_path: Path, *, no
                           max_batch_tokens=max_batch_tokens, max_seqs=max_seqs, netem=netem)
         port = await tier1.start("127.0.0.1", 0)
         timeline: list[tuple[float, int, int]] = []
-        with_token: set[int] = set()
         started = time.perf_counter()
 
-        def alive():
-            yield from tier1.waiting
-            for mb in tier1.micro_batch_list:
-                yield from mb.seqs
-                yield from mb.incoming
-
-        async def poll() -> None:
-            # A sequence is seen with its first token while it is alive (it lives for at least
-            # one more step after that unless max_tokens is 1).
+        async def poll() -> None:  # O(1): the poller shares the event loop with the node it watches
             while True:
-                with_token.update(seq.id for seq in alive() if seq.generated)
-                timeline.append((time.perf_counter() - started, tier1.generated_tokens, len(with_token)))
+                timeline.append((time.perf_counter() - started, tier1.generated_tokens, tier1.stats.first_tokens))
                 await asyncio.sleep(poll_s)
 
         poller = asyncio.get_running_loop().create_task(poll())
@@ -522,7 +510,7 @@ async def _two_tier(model, tokenizer, requests_path: Path, out_path: Path, *, no
         finally:
             poller.cancel()
         seconds = time.perf_counter() - started
-        timeline.append((seconds, tier1.generated_tokens, len(with_token)))
+        timeline.append((seconds, tier1.generated_tokens, tier1.stats.first_tokens))
         stats = tier1.merger.stats
         extra = {"tier1_busy_seconds": stats.busy_seconds, "tier1_jobs": stats.jobs,
                  "tier1_micro_batches_per_job": stats.micro_batches / stats.jobs if stats.jobs else None}

@@ -61,6 +61,7 @@ class Tier1Stats:
     admitted: int = 0
     finished: int = 0
     failed: int = 0
+    first_tokens: int = 0  # sequences through prefill: each counts once, at its first sampled token
 
 
 class LinkLost(ConnectionError):
@@ -318,6 +319,7 @@ class MicroBatch:
                 params=[s.params for s in seqs], seeds=[s.seed for s in seqs], steps=[len(s.generated) for s in seqs],
             ))
         node.generated_tokens += len(batch.sampled)
+        node.stats.first_tokens += batch.first_tokens
         finished = commit_step(batch, next_tokens, node.tokenizer)
         if finished:
             for seq in finished:
