@@ -214,12 +214,13 @@ def attention_path(request, monkeypatch):
 @pytest.mark.parametrize("dim", [4, 48, 64, 96, 128])  # 64 and 128 have their own compiled variants
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1), (2, 2), (6, 2)])
 def test_ragged_attention_matches_naive_reference(heads, kv_heads, dim, attention_path):
-    s = KVStore(LAYERS, kv_heads, dim, 128)
+    s = KVStore(LAYERS, kv_heads, dim, 256)
     g = torch.Generator().manual_seed(heads * 10 + kv_heads)
     # Each sequence: tokens already cached, tokens in this batch (decode 1, prefill chunk > 1).
     # dec_long spans several of the kernel's token blocks.
+    # The fresh prompts up to BATCHED_PREFILL_MAX_TOKENS are attended as one padded batch.
     plan = {"dec_a": (7, 1), "chunk": (5, 4), "fresh": (0, 6), "dec_b": (12, 1), "first": (0, 1), "dec_c": (3, 1),
-            "dec_long": (70, 1)}
+            "fresh_b": (0, 3), "dec_long": (70, 1), "fresh_long": (0, attention.BATCHED_PREFILL_MAX_TOKENS + 1)}
     full = {}  # every token's q, k, v for each sequence, per layer
     for name, (past, new) in plan.items():
         s.reserve(name, past + new + 2)
@@ -239,6 +240,7 @@ def test_ragged_attention_matches_naive_reference(heads, kv_heads, dim, attentio
     starts = [plan[n][0] for n in names]
     counts = [plan[n][1] for n in names]
     step = AttentionPlan.of(s, names, starts, counts)  # planned once, as the engine does, for every layer
+    assert step.batched_prefills.sequences == 2 and [names[i] for i in step.prefills] == ["chunk", "fresh_long"]
     for layer in range(LAYERS):
         q, k, v = (torch.cat([full[n][layer][i][plan[n][0]:] for n in names]) for i in range(3))
         out = attend_with(step, layer, q, k, v)
@@ -299,6 +301,37 @@ def test_decode_steps_append_and_attend_in_the_callers_dtype(dtype, attention_pa
             expected = reference_attention(fq[start:], fk, fv, start)
             tolerance = 1e-5 if dtype == torch.float32 else 2e-2
             torch.testing.assert_close(out[row:row + 1].float(), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_fresh_prompts_batched_match_the_reference(dtype):
+    """Many short prompts of ragged lengths in one batch (the padded-batch path) next to a
+    decode: each prompt attends only to its own tokens, causally, never to padding."""
+    heads, kv_heads, dim = 12, 4, 64
+    lengths = [16, 2, 64, 9, 33]
+    s = KVStore(1, kv_heads, dim, 256, dtype=dtype)
+    g = torch.Generator().manual_seed(11)
+    names = [f"p{i}" for i in range(len(lengths))] + ["dec"]
+    for name, length in zip(names, lengths + [6]):
+        s.reserve(name, length)
+    past = [torch.randn(5, h, dim, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads)]
+    attend(s, 0, ["dec"], [0], [5], *past)
+    fresh = [[torch.randn(n, h, dim, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads)] for n in lengths]
+    new = [torch.randn(1, h, dim, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads)]
+    q, k, v = (torch.cat([f[i] for f in fresh] + [new[i]]) for i in range(3))
+    step = AttentionPlan.of(s, names, [0] * len(lengths) + [5], lengths + [1])
+    assert step.batched_prefills.sequences == len(lengths) and step.prefills == []
+    out = attend_with(step, 0, q, k, v)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    offset = 0
+    for (fq, fk, fv), n in zip(fresh, lengths):
+        expected = reference_attention(fq.float(), fk.float(), fv.float(), 0)
+        torch.testing.assert_close(out[offset:offset + n].float(), expected, atol=tolerance, rtol=tolerance)
+        offset += n
+    keys = torch.cat([past[1], new[1]]).float()
+    values = torch.cat([past[2], new[2]]).float()
+    torch.testing.assert_close(out[offset:].float(), reference_attention(new[0].float(), keys, values, 5),
+                               atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("dim,heads,kv_heads", [(64, 12, 4), (32, 4, 4), (96, 6, 2), (128, 8, 1), (256, 2, 1)])

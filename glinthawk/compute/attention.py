@@ -53,6 +53,13 @@ _PREFILL_PARALLEL_MIN_WORK = 1 << 13
 # decode is batched: there a launch costs more than the gather.
 BATCHED_DECODE_MAX_CONTEXT = 512
 
+# Fresh prompts (nothing cached before them) of at most this many tokens are attended
+# together, padded into one batch whose keys are their own new tokens: one call per
+# short prompt costs more than its math. Measured on 2 AMD EPYC cores, bf16: 128 prompts
+# of 16 tokens 0.9 ms batched against 5.3 ms one at a time; at 64 tokens 2.1 against
+# 2.5 ms; at 128 the per-prompt C kernel wins.
+BATCHED_PREFILL_MAX_TOKENS = 64
+
 
 @dataclass(frozen=True)
 class _FusedDecodes:
@@ -75,6 +82,18 @@ class _BatchedDecodes:
 
 
 @dataclass(frozen=True)
+class _BatchedPrefills:
+    """Short fresh prompts padded into one batch, index tensors on the batch's device."""
+
+    sequences: int
+    longest: int
+    index: torch.Tensor  # rows of the batch, [sequences * longest]; padding repeats a prompt's last row
+    valid: torch.Tensor  # bool [sequences * longest]: a prompt token, not padding
+    rows: torch.Tensor  # index[valid]: the batch rows the outputs go to
+    future: torch.Tensor  # bool [longest, longest]: True where the key comes after the query
+
+
+@dataclass(frozen=True)
 class AttentionPlan:
     """Where a batch's tokens sit in the store and how its sequences are grouped, worked out
     once per step and reused by every layer's ``attend_with``: the index tensors (on the
@@ -89,7 +108,8 @@ class AttentionPlan:
     write_rows: torch.Tensor | None  # store rows of the new K/V; None where the decode kernel appends them
     fused: _FusedDecodes | None
     batched: _BatchedDecodes | None
-    prefills: list[int]  # sequences with a prompt chunk, attended one at a time
+    batched_prefills: _BatchedPrefills | None
+    prefills: list[int]  # other sequences with a prompt chunk, attended one at a time
     long_decodes: list[int]  # torch path: decodes attended one at a time, over threads
 
     @property
@@ -102,8 +122,14 @@ class AttentionPlan:
         first_rows = list(itertools.accumulate(counts[:-1], initial=0)) if counts else []
         decodes = [i for i, count in enumerate(counts) if count == 1]
         prefills = [i for i, count in enumerate(counts) if count > 1]
+        short = [i for i in prefills if starts[i] == 0 and counts[i] <= BATCHED_PREFILL_MAX_TOKENS]
+        batched_prefills = None
+        if len(short) > 1:
+            batched_prefills = _batched_prefills([first_rows[i] for i in short], [counts[i] for i in short],
+                                                 store.keys.device)
+            prefills = sorted(set(prefills) - set(short))
         parts = {"store": store, "seq_ids": seq_ids, "starts": starts, "counts": counts, "first_rows": first_rows,
-                 "prefills": prefills, "batched": None, "long_decodes": []}
+                 "prefills": prefills, "batched": None, "batched_prefills": batched_prefills, "long_decodes": []}
         if fused_decode_available(store):
             if counts and len(decodes) == len(counts):  # the steady state: the kernel appends K/V itself
                 bases = store.claim(seq_ids, starts, counts)
@@ -147,6 +173,18 @@ def _batched_decodes(store: KVStore, rows: list[int], seq_ids: list[object], len
                            longest)
 
 
+def _batched_prefills(first_rows: list[int], counts: list[int], device: torch.device) -> _BatchedPrefills:
+    longest = max(counts)
+    lengths = torch.tensor(counts)
+    positions = torch.arange(longest)
+    index = torch.tensor(first_rows)[:, None] + torch.minimum(positions[None, :], lengths[:, None] - 1)
+    valid = (positions[None, :] < lengths[:, None]).reshape(-1)
+    index = index.reshape(-1)
+    future = positions[None, :] > positions[:, None]
+    return _BatchedPrefills(len(counts), longest, index.to(device), valid.to(device), index[valid].to(device),
+                            future.to(device))
+
+
 def attend(
     store: KVStore,
     layer: int,
@@ -187,6 +225,8 @@ def attend_with(plan: AttentionPlan, layer: int, q: torch.Tensor, k: torch.Tenso
     if plan.batched is not None:
         rows = plan.batched.rows
         out[rows] = _decode_batched(store, layer, plan.batched, q[rows], scale)
+    if plan.batched_prefills is not None:
+        out[plan.batched_prefills.rows] = _prefill_batched(plan.batched_prefills, q, k, v, scale)
     attend_each(plan.prefills)  # SDPA and the prefill kernel use every core themselves
     long_decodes = plan.long_decodes
     workers = min(torch.get_num_threads(), len(long_decodes))
@@ -305,6 +345,25 @@ def _decode_batched(store: KVStore, layer: int, plan: _BatchedDecodes, q: torch.
     scores.masked_fill_(plan.padding[None, :, None, :], float("-inf"))
     attended = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)  # [kv_heads, B, group, D]
     return attended.transpose(0, 1).reshape(batch, heads, dim)
+
+
+def _prefill_batched(plan: _BatchedPrefills, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Causal attention of each short fresh prompt over its own tokens, all prompts in one
+    padded batch: q [T, heads, D], k, v [T, kv_heads, D] of the whole batch -> [prompt tokens, heads, D].
+    A real query sees only earlier tokens of its own prompt, never padding; padded queries are dropped."""
+    batch, longest = plan.sequences, plan.longest
+    heads, dim = q.shape[1:]
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    queries = q[plan.index].view(batch, longest, kv_heads, group, dim).permute(0, 2, 3, 1, 4)
+    keys = k[plan.index].view(batch, longest, kv_heads, dim).permute(0, 2, 3, 1)  # [B, kv_heads, D, L]
+    values = v[plan.index].view(batch, longest, kv_heads, dim).transpose(1, 2)  # [B, kv_heads, L, D]
+    scores = torch.matmul(queries.reshape(batch, kv_heads, group * longest, dim), keys).float() * scale
+    scores = scores.view(batch, kv_heads, group, longest, longest).masked_fill_(plan.future, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype).view(batch, kv_heads, group * longest, longest)
+    attended = torch.matmul(probs, values).view(batch, kv_heads, group, longest, dim).permute(0, 3, 1, 2, 4)
+    return attended.reshape(batch * longest, heads, dim)[plan.valid]
 
 
 def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float) -> torch.Tensor:
