@@ -3,8 +3,14 @@
 Micro-batches hand their work to ``StageMerger.run`` and await the result. One thread
 does all compute (torch releases the GIL, so the event loop keeps moving frames); while
 it works, more micro-batches come back from Tier 2 and queue up, and the next job takes
-all of them that stand at one stage. Later stages go first: that drains the pipeline and
-frees KV room soonest.
+those that stand at one stage, up to ``max_rows`` rows (the step size the linear layers
+were warmed up for). Later stages go first: that drains the pipeline and frees KV room
+soonest.
+
+The row cap also keeps micro-batches apart. Micro-batches merged into one job go out
+together and come back together; without a cap they stay one clump, and Tier 1 waits out
+every round trip. Capped jobs leave one after another, so their answers come back spread
+over the round trip.
 """
 
 from __future__ import annotations
@@ -52,8 +58,8 @@ class MergerStats:
 
 
 class StageMerger:
-    def __init__(self, model: Model):
-        self.model = model
+    def __init__(self, model: Model, max_rows: int):
+        self.model, self.max_rows = model, max_rows
         self.final = model.config.num_layers
         self.stats = MergerStats()
         self._pending: dict[int, list[StageWork]] = defaultdict(list)
@@ -82,8 +88,8 @@ class StageMerger:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
-                stage = max(self._pending)
-                works = self._pending.pop(stage)
+                works = self._next_job()
+                stage = works[0].stage
                 started = time.perf_counter()
                 try:
                     results = await loop.run_in_executor(self._executor, self._compute, stage, works)
@@ -99,6 +105,21 @@ class StageMerger:
                 for work, result in zip(works, results):
                     if not work.future.done():
                         work.future.set_result(result)
+
+    def _next_job(self) -> list[StageWork]:
+        """The queued work of the latest stage, oldest first, up to ``max_rows`` rows (at least one)."""
+        stage = max(self._pending)
+        queue = self._pending[stage]
+        count, rows = 0, 0
+        while count < len(queue) and (count == 0 or rows + queue[count].rows <= self.max_rows):
+            rows += queue[count].rows
+            count += 1
+        works, rest = queue[:count], queue[count:]
+        if rest:
+            self._pending[stage] = rest
+        else:
+            del self._pending[stage]
+        return works
 
     @torch.inference_mode()
     def _compute(self, stage: int, works: list[StageWork]) -> list:
