@@ -14,6 +14,10 @@ row is a decode (the steady state) the kernel also appends the new K/V and takes
 returns the output in their own dtype, so a step is one call and a few Python lines: Tier
 2 runs it once per layer per micro-batch, between which the caches have gone cold.
 Otherwise (CUDA, float16, no C compiler at install time) torch ops do the same work.
+
+Prompt chunks: short fresh prompts are attended together as one padded batch (their keys
+are their own new tokens); longer ones and later chunks go one at a time, to the bf16
+prefill kernel in ``_attention.c`` where the CPU has AVX512_BF16, else to SDPA.
 """
 
 from __future__ import annotations
