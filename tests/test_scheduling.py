@@ -37,7 +37,9 @@ async def test_jobs_merge_ready_micro_batches_up_to_the_row_cap():
 
 async def test_a_burst_of_requests_starts_in_one_step(checkpoint, tmp_path, monkeypatch):
     """Requests arriving in several SUBMIT frames all make the idle micro-batch's first step."""
-    monkeypatch.setattr(tier1, "GATHER_QUIET_S", 0.3)  # a burst on a slow machine is still one burst
+    # A burst on a slow machine is still one burst; the micro-batch starts as soon as it is full.
+    monkeypatch.setattr(tier1, "GATHER_QUIET_S", 0.3)
+    monkeypatch.setattr(tier1, "GATHER_MAX_S", 5.0)
     model, tokenizer = checkpoint
     count, max_tokens = 200, 2  # over three client frames
     requests = tmp_path / "in.jsonl"
