@@ -126,12 +126,12 @@ class AttentionPlan:
         first_rows = list(itertools.accumulate(counts[:-1], initial=0)) if counts else []
         decodes = [i for i, count in enumerate(counts) if count == 1]
         prefills = [i for i, count in enumerate(counts) if count > 1]
-        short = [i for i in prefills if starts[i] == 0 and counts[i] <= BATCHED_PREFILL_MAX_TOKENS]
+        short_prompts = [i for i in prefills if starts[i] == 0 and counts[i] <= BATCHED_PREFILL_MAX_TOKENS]
         batched_prefills = None
-        if len(short) > 1:
-            batched_prefills = _batched_prefills([first_rows[i] for i in short], [counts[i] for i in short],
-                                                 store.keys.device)
-            prefills = sorted(set(prefills) - set(short))
+        if len(short_prompts) > 1:
+            batched_prefills = _batched_prefills([first_rows[i] for i in short_prompts],
+                                                 [counts[i] for i in short_prompts], store.keys.device)
+            prefills = sorted(set(prefills) - set(short_prompts))
         parts = {"store": store, "seq_ids": seq_ids, "starts": starts, "counts": counts, "first_rows": first_rows,
                  "prefills": prefills, "batched": None, "batched_prefills": batched_prefills, "long_decodes": []}
         if fused_decode_available(store):
@@ -165,26 +165,27 @@ def _fused_decodes(store: KVStore, rows: torch.Tensor | None, bases: list[int], 
     return _FusedDecodes(rows, torch.tensor(bases, dtype=torch.int64), lengths, slices)
 
 
+def _padded(firsts: list[int], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs of ``lengths[i]`` rows from ``firsts[i]``, padded to the longest: the rows
+    [sequences * longest] (padding repeats a run's last row, always valid to read) and a
+    bool mask [sequences, longest], True where a position is padding."""
+    lens = torch.tensor(lengths)
+    positions = torch.arange(max(lengths))
+    index = torch.tensor(firsts)[:, None] + torch.minimum(positions[None, :], lens[:, None] - 1)
+    return index.reshape(-1), positions[None, :] >= lens[:, None]
+
+
 def _batched_decodes(store: KVStore, rows: list[int], seq_ids: list[object], lengths: list[int]) -> _BatchedDecodes:
     device = store.keys.device
-    longest = max(lengths)
-    lens = torch.tensor(lengths)
-    bases = torch.tensor([store.start_of(s) for s in seq_ids])
-    positions = torch.arange(longest)
-    index = bases[:, None] + torch.minimum(positions[None, :], lens[:, None] - 1)
-    padding = positions[None, :] >= lens[:, None]
-    return _BatchedDecodes(torch.tensor(rows, device=device), index.reshape(-1).to(device), padding.to(device),
-                           longest)
+    index, padding = _padded([store.start_of(s) for s in seq_ids], lengths)
+    return _BatchedDecodes(torch.tensor(rows, device=device), index.to(device), padding.to(device), max(lengths))
 
 
 def _batched_prefills(first_rows: list[int], counts: list[int], device: torch.device) -> _BatchedPrefills:
     longest = max(counts)
-    lengths = torch.tensor(counts)
-    positions = torch.arange(longest)
-    index = torch.tensor(first_rows)[:, None] + torch.minimum(positions[None, :], lengths[:, None] - 1)
-    valid = (positions[None, :] < lengths[:, None]).reshape(-1)
-    index = index.reshape(-1)
-    future = positions[None, :] > positions[:, None]
+    index, padding = _padded(first_rows, counts)
+    valid = ~padding.reshape(-1)
+    future = torch.ones(longest, longest, dtype=torch.bool).triu(1)
     return _BatchedPrefills(len(counts), longest, index.to(device), valid.to(device), index[valid].to(device),
                             future.to(device))
 
