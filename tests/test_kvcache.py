@@ -388,6 +388,35 @@ def test_attend_rejects_mismatched_rows():
         attend_with(plan, 0, q, k, v)
 
 
+def test_a_plan_made_before_a_compaction_is_replanned_not_used(attention_path):
+    """A plan points at buffer rows; after the store compacts it must be made again."""
+    s = store(24)
+    s.reserve("gone", 8)
+    s.reserve("a", 8)
+    prompt, decode = kv(5, seed=1), kv(1, seed=2)
+    q_prompt, q_decode = torch.randn(5, 4, DIM), torch.randn(1, 4, DIM)
+    plan = AttentionPlan.of(s, ["a"], [0], [5])
+    attend_with(plan, 0, q_prompt, *prompt)
+    s.free("gone")
+    s.reserve("b", 10)  # free runs of 8 and 8: compacts, and "a" moves to the front
+    assert s.compactions == 1 and s.start_of("a") == 0 and plan.stale
+    with pytest.raises(ValueError, match="compacted"):
+        attend_with(plan, 1, q_prompt, *prompt)
+    again = plan.replanned()
+    assert not again.stale
+    out = attend_with(again, 1, q_prompt, *prompt)  # layer 1 of the same step, at the rows "a" holds now
+    decode_plan = AttentionPlan.of(s, ["a"], [5], [1])
+    decoded = [attend_with(decode_plan, layer, q_decode, *decode) for layer in range(LAYERS)]
+
+    fresh = store(8)
+    fresh.reserve("a", 8)
+    assert torch.allclose(out, attend(fresh, 1, ["a"], [0], [5], q_prompt, *prompt), atol=1e-5)
+    attend(fresh, 0, ["a"], [0], [5], q_prompt, *prompt)
+    for layer in range(LAYERS):
+        expected = attend(fresh, layer, ["a"], [5], [1], q_decode, *decode)
+        assert torch.allclose(decoded[layer], expected, atol=1e-5)
+
+
 def test_long_decodes_on_several_threads_match_one_thread(attention_path, monkeypatch):
     """Long decodes are spread over threads; results must not change, in or out of inference mode."""
     monkeypatch.setattr(attention, "_FUSED_PARALLEL_MIN_WORK", 0)

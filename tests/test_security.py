@@ -23,6 +23,7 @@ from glinthawk.compute.attention import attend
 from glinthawk.compute.kvcache import KVStore
 from glinthawk.net.codec import ProtocolError, encode_frame
 from glinthawk.net.connection import client_handshake, open_connection, server_handshake, start_server
+from glinthawk.net.messages import PROTOCOL_VERSION
 from glinthawk.net.messages import MsgType
 from glinthawk.node.cli import main as node_main
 from glinthawk.node.tier1 import Tier1Node
@@ -92,7 +93,7 @@ async def test_forged_client_proof_is_refused():
 
     server = await start_server(serve, "127.0.0.1", 0)
     conn = await open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
-    await conn.send({"type": MsgType.HELLO, "version": 1, "role": "client", "nonce": b"x" * 32})
+    await conn.send({"type": MsgType.HELLO, "version": PROTOCOL_VERSION, "role": "client", "nonce": b"x" * 32})
     challenge, _ = await conn.recv()
     assert challenge["type"] == MsgType.CHALLENGE
     await conn.send({"type": MsgType.AUTH, "proof": b"\0" * 32})
@@ -162,7 +163,7 @@ def _valid_frames(role: str) -> list[bytes]:
     q = torch.randn(2, 4, 16)
     kv = torch.randn(2, 2, 16)
     frames = [
-        {"type": "hello", "version": 1, "role": role, "nonce": b"n" * 32, "num_layers": 2, "num_kv_heads": 2,
+        {"type": "hello", "version": PROTOCOL_VERSION, "role": role, "nonce": b"n" * 32, "num_layers": 2, "num_kv_heads": 2,
          "head_dim": 16, "dtype": "float32"},
         {"type": "ping"},
         {"type": "release", "seqs": [1, 2]},
@@ -171,7 +172,8 @@ def _valid_frames(role: str) -> list[bytes]:
     ]
     out = [b"".join(bytes(b) for b in encode_frame(f)) for f in frames]
     attn = {"type": "attn", "mb": 1, "layer": 0, "seqs": [[7, 0, 2]], "reserve": [[7, 8]]}
-    out.append(b"".join(bytes(b) for b in encode_frame(attn, {"q": q, "k": kv, "v": kv})))
+    later_layer = {"type": "attn", "mb": 1, "layer": 1}  # reuses the step's plan
+    out += [b"".join(bytes(b) for b in encode_frame(frame, {"q": q, "k": kv, "v": kv})) for frame in (attn, later_layer)]
     return out
 
 

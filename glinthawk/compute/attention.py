@@ -115,10 +115,20 @@ class AttentionPlan:
     batched_prefills: _BatchedPrefills | None
     prefills: list[int]  # other sequences with a prompt chunk, attended one at a time
     long_decodes: list[int]  # torch path: decodes attended one at a time, over threads
+    layout: int  # the store's compaction count when planned: a compaction moves the slabs the plan points at
 
     @property
     def tokens(self) -> int:
         return self.first_rows[-1] + self.counts[-1] if self.counts else 0
+
+    @property
+    def stale(self) -> bool:
+        """Whether the store has compacted (moved its slabs) since this plan was made."""
+        return self.store.compactions != self.layout
+
+    def replanned(self) -> AttentionPlan:
+        """The same batch planned again over the store as it is now (after a compaction)."""
+        return AttentionPlan.of(self.store, self.seq_ids, self.starts, self.counts)
 
     @classmethod
     def of(cls, store: KVStore, seq_ids: Sequence[object], starts: Sequence[int],
@@ -133,7 +143,8 @@ class AttentionPlan:
                                                  [counts[i] for i in short_prompts], store.keys.device)
             prefills = sorted(set(prefills) - set(short_prompts))
         parts = {"store": store, "seq_ids": seq_ids, "starts": starts, "counts": counts, "first_rows": first_rows,
-                 "prefills": prefills, "batched": None, "batched_prefills": batched_prefills, "long_decodes": []}
+                 "prefills": prefills, "batched": None, "batched_prefills": batched_prefills, "long_decodes": [],
+                 "layout": store.compactions}
         if fused_decode_available(store):
             if counts and len(decodes) == len(counts):  # the steady state: the kernel appends K/V itself
                 bases = store.claim(seq_ids, starts, counts)
@@ -203,13 +214,15 @@ def attend(
     """Append k, v and attend. q: [T, heads, D]; k, v: [T, kv_heads, D] -> [T, heads, D].
 
     For one layer; a step that runs every layer makes one ``AttentionPlan`` and calls ``attend_with``."""
-    _check_rows(q, k, v, sum(counts))  # before the plan claims any rows
+    check_rows(q, k, v, sum(counts))  # before the plan claims any rows
     return attend_with(AttentionPlan.of(store, seq_ids, starts, counts), layer, q, k, v)
 
 
 def attend_with(plan: AttentionPlan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``attend`` for a batch planned once: append k, v to layer ``layer`` and attend."""
-    _check_rows(q, k, v, plan.tokens)
+    check_rows(q, k, v, plan.tokens)
+    if plan.stale:
+        raise ValueError("the KV store compacted after this batch was planned: use plan.replanned()")
     store = plan.store
     scale = q.shape[-1] ** -0.5
     if plan.write_rows is None:  # every row is a decode on the C kernel, which appends the K/V
@@ -244,7 +257,8 @@ def attend_with(plan: AttentionPlan, layer: int, q: torch.Tensor, k: torch.Tenso
     return out
 
 
-def _check_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int) -> None:
+def check_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int) -> None:
+    """Raise unless q, k and v each carry one row per token of the batch."""
     if not (q.shape[0] == k.shape[0] == v.shape[0] == tokens):
         raise ValueError(f"batch carries {q.shape[0]} query rows for {tokens} tokens")
 

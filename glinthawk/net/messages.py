@@ -2,7 +2,7 @@
 
 from enum import StrEnum
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: an ATTN frame lists its sequences only for the first layer of a step
 
 
 class MsgType(StrEnum):

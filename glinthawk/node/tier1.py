@@ -317,9 +317,9 @@ class MicroBatch:
         rot = rotary(node.model.inv_freq, batch.positions.to(node.model.device), node.model.dtype)  # for every stage
         x, q, k, v = await node.merger.run(StageWork(0, rot, token_ids=batch.token_ids))
         for layer in range(node.num_layers):
+            # The sequence list goes with layer 0 only: Tier 2 plans the step from it once.
             outs = await asyncio.gather(*(
-                link.attend(self.id, layer, header if layer == 0 else {"seqs": header["seqs"]},
-                            q[rows], k[rows], v[rows])
+                link.attend(self.id, layer, header if layer == 0 else {}, q[rows], k[rows], v[rows])
                 for link, rows, header in parts
             ), return_exceptions=True)
             for result in outs:

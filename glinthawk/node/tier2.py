@@ -5,6 +5,12 @@ Tier 1 introduces itself with the model's KV geometry; the node sizes its store 
 carries one micro-batch at one layer: the node appends its k/v, attends, and answers
 ATTN_OUT as soon as that micro-batch is done. Compute runs on one worker thread (the
 store is touched by nothing else), so the event loop keeps reading and writing frames.
+
+A step's first frame for a micro-batch lists its sequences (``seqs``: id, first
+position, tokens); the node plans the step's attention from it once (``AttentionPlan``)
+and the frames of the later layers, which carry no list, reuse that plan. At thousands
+of sequences per micro-batch, sending, decoding and planning the list for every layer
+cost as much as the attention itself.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from glinthawk.compute.attention import attend
+from glinthawk.compute.attention import AttentionPlan, attend_with, check_rows
 from glinthawk.compute.kvcache import KVCapacityError, KVStore, UnknownSequenceError
 from glinthawk.compute.loader import DTYPES
 from glinthawk.metrics import Tier2Metrics
@@ -26,6 +32,10 @@ from glinthawk.net.netem import NetEm
 
 log = logging.getLogger("glinthawk.tier2")
 
+# Step plans kept at most (one per micro-batch of the Tier 1; the bound is against a peer
+# that keeps naming new micro-batches).
+_MAX_PLANS = 1024
+
 
 class Tier2Node:
     def __init__(self, kv_memory: int | None = None, kv_tokens: int | None = None, netem: NetEm | None = None,
@@ -34,6 +44,7 @@ class Tier2Node:
             raise ValueError("give exactly one of kv_memory (bytes) or kv_tokens")
         self.kv_memory, self.kv_tokens, self.netem, self.secret = kv_memory, kv_tokens, netem, secret
         self.store: KVStore | None = None
+        self._plans: dict[object, AttentionPlan] = {}  # micro-batch -> its step's plan (compute thread only)
         self.metrics = Tier2Metrics(self)
         self.owner: Connection | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier2-attention")
@@ -106,6 +117,7 @@ class Tier2Node:
                 await asyncio.gather(*in_flight, return_exceptions=True)
             self.owner = None
             self.store = None  # a new Tier 1 starts from an empty cache
+            self._plans = {}
             log.info("Tier 1 disconnected; KV store dropped")
 
     def _submit(self, fn, *args) -> asyncio.Future:
@@ -126,18 +138,39 @@ class Tier2Node:
         store = self.store
         if store is None:
             raise ValueError("no KV store (Tier 1 not introduced)")
-        for seq_id, tokens in header.get("reserve", ()):
-            if seq_id not in store:
-                store.reserve(seq_id, tokens)
-        seqs = header["seqs"]
-        ids = [s[0] for s in seqs]
-        starts = [int(s[1]) for s in seqs]
-        counts = [int(s[2]) for s in seqs]
         layer = int(header["layer"])
         if not 0 <= layer < store.num_layers:
             raise ValueError(f"layer {layer} out of range")
+        q, k, v = tensors["q"], tensors["k"], tensors["v"]
         with self.metrics.attention_seconds.labels(layer=str(layer)).time():
-            return attend(store, layer, ids, starts, counts, tensors["q"], tensors["k"], tensors["v"])
+            return attend_with(self._plan(store, header, q, k, v), layer, q, k, v)
+
+    def _plan(self, store: KVStore, header: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttentionPlan:
+        """The plan of the frame's step: made from its ``seqs`` (a step's first frame), else
+        the one its micro-batch's first frame made (made again if the store has compacted
+        since, for another micro-batch's reservation)."""
+        mb = header.get("mb")
+        seqs = header.get("seqs")
+        if seqs is None:
+            plan = self._plans.get(mb)
+            if plan is None:
+                raise ValueError(f"micro-batch {mb!r}: a frame without seqs, and no earlier frame of its step had them")
+            if plan.stale:
+                plan = self._plans[mb] = plan.replanned()
+            return plan
+        self._plans.pop(mb, None)  # a step that fails to plan leaves no plan behind
+        for seq_id, tokens in header.get("reserve", ()):
+            if seq_id not in store:
+                store.reserve(seq_id, tokens)
+        ids = [s[0] for s in seqs]
+        starts = [int(s[1]) for s in seqs]
+        counts = [int(s[2]) for s in seqs]
+        check_rows(q, k, v, sum(counts))  # before the plan claims any rows
+        plan = AttentionPlan.of(store, ids, starts, counts)
+        if len(self._plans) >= _MAX_PLANS:
+            del self._plans[next(iter(self._plans))]  # the least recently started step
+        self._plans[mb] = plan
+        return plan
 
     def _release(self, seq_ids: list) -> None:
         if self.store is None:

@@ -1,0 +1,82 @@
+"""The Tier 2 node over the wire: a step is planned from its first frame, for all its layers."""
+
+from __future__ import annotations
+
+import torch
+
+from glinthawk.compute.attention import attend
+from glinthawk.compute.kvcache import KVStore
+from glinthawk.net.connection import client_handshake, open_connection
+from glinthawk.net.messages import MsgType
+from glinthawk.node.tier2 import Tier2Node
+
+LAYERS, HEADS, KV_HEADS, DIM = 2, 2, 1, 8
+
+
+def qkv(tokens: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"q": torch.randn(tokens, HEADS, DIM, generator=g), "k": torch.randn(tokens, KV_HEADS, DIM, generator=g),
+            "v": torch.randn(tokens, KV_HEADS, DIM, generator=g)}
+
+
+async def connect(node: Tier2Node, port: int):
+    conn = await open_connection("127.0.0.1", port)
+    await client_handshake(conn, "tier1", {"num_layers": LAYERS, "num_kv_heads": KV_HEADS, "head_dim": DIM,
+                                           "dtype": "float32"})
+    return conn
+
+
+async def attn(conn, tensors: dict[str, torch.Tensor], **fields) -> tuple[dict, dict]:
+    await conn.send({"type": MsgType.ATTN, **fields}, tensors)
+    return await conn.recv()
+
+
+async def test_later_layers_reuse_the_steps_plan_even_after_a_compaction():
+    """Only a step's first frame lists its sequences. Another micro-batch's reservation that
+    compacts the store mid-step moves this one's slab: its later layers must follow it."""
+    node = Tier2Node(kv_tokens=24)
+    port = await node.start("127.0.0.1", 0)
+    reference = KVStore(LAYERS, KV_HEADS, DIM, 8)
+    reference.reserve(11, 8)
+    try:
+        conn = await connect(node, port)
+        header, _ = await attn(conn, qkv(1, seed=0), mb=2, layer=0, seqs=[[10, 0, 1]], reserve=[[10, 8]])
+        assert header["type"] == MsgType.ATTN_OUT
+        prompt = qkv(5, seed=1)
+        header, out = await attn(conn, prompt, mb=1, layer=0, seqs=[[11, 0, 5]], reserve=[[11, 8]])
+        assert torch.allclose(out["out"], attend(reference, 0, [11], [0], [5], **prompt), atol=1e-5)
+        await conn.send({"type": MsgType.RELEASE, "seqs": [10]})
+        # 8 free tokens at the front, 8 at the end: 10 more need a compaction, which moves sequence 11.
+        header, _ = await attn(conn, qkv(1, seed=2), mb=3, layer=0, seqs=[[12, 0, 1]], reserve=[[12, 10]])
+        assert header["type"] == MsgType.ATTN_OUT and node.store.compactions == 1
+        header, out = await attn(conn, prompt, mb=1, layer=1)
+        assert header["type"] == MsgType.ATTN_OUT
+        assert torch.allclose(out["out"], attend(reference, 1, [11], [0], [5], **prompt), atol=1e-5)
+        decode = qkv(1, seed=3)  # the next step: one token each layer, over what the prompt wrote
+        for layer in range(LAYERS):
+            fields = {"seqs": [[11, 5, 1]]} if layer == 0 else {}
+            header, out = await attn(conn, decode, mb=1, layer=layer, **fields)
+            assert torch.allclose(out["out"], attend(reference, layer, [11], [5], [1], **decode), atol=1e-5)
+        conn.close()
+    finally:
+        await node.close()
+
+
+async def test_a_frame_without_seqs_and_no_step_to_reuse_gets_an_error():
+    node = Tier2Node(kv_tokens=16)
+    port = await node.start("127.0.0.1", 0)
+    try:
+        conn = await connect(node, port)
+        header, _ = await attn(conn, qkv(1, seed=0), mb=9, layer=1)
+        assert header["type"] == MsgType.ERROR and header["mb"] == 9
+        assert "micro-batch 9" in header["message"] and "seqs" in header["message"]
+        # A step whose first frame fails (its reservation does not fit) leaves no plan behind.
+        header, _ = await attn(conn, qkv(1, seed=0), mb=4, layer=0, seqs=[[1, 0, 1]], reserve=[[1, 99]])
+        assert header["type"] == MsgType.ERROR and "KV store full" in header["message"]
+        header, _ = await attn(conn, qkv(1, seed=0), mb=4, layer=1)
+        assert header["type"] == MsgType.ERROR and "micro-batch 4" in header["message"]
+        header, _ = await attn(conn, qkv(1, seed=0), mb=4, layer=0, seqs=[[1, 0, 1]], reserve=[[1, 4]])
+        assert header["type"] == MsgType.ATTN_OUT  # the node goes on serving
+        conn.close()
+    finally:
+        await node.close()
