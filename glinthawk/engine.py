@@ -15,9 +15,9 @@ import torch
 
 from glinthawk.compute.attention import AttentionPlan, attend_with
 from glinthawk.compute.kvcache import KVStore
-from glinthawk.compute.layers import forward, head, warm_up
+from glinthawk.compute.layers import forward, warm_up
 from glinthawk.compute.loader import Model
-from glinthawk.compute.sampling import sample
+from glinthawk.compute.stages import head_and_sample
 from glinthawk.requests import Request, RequestError, error_line, result_line
 from glinthawk.sequence import Sequence, commit_step, new_sequence, pack_step, plan_step
 from glinthawk.tokenizer import Tokenizer
@@ -128,10 +128,9 @@ class Engine:
         x = forward(self.model, batch.token_ids, batch.positions, local_attention)
         next_tokens = torch.empty(0, dtype=torch.int64)
         if batch.sampled:
-            logits = head(self.model, x.index_select(0, batch.sample_rows))
             seqs = batch.sampled
-            next_tokens = sample(logits, [s.params for s in seqs], [s.seed for s in seqs],
-                                 [len(s.generated) for s in seqs])
+            next_tokens = head_and_sample(self.model, x.index_select(0, batch.sample_rows), [s.params for s in seqs],
+                                          [s.seed for s in seqs], [len(s.generated) for s in seqs])
         self.stats.steps += 1
         self.stats.prompt_tokens += sum(c for s, c in zip(batch.seqs, batch.counts) if s.num_cached < len(s.prompt_ids))
         self.stats.generated_tokens += len(batch.sampled)

@@ -69,5 +69,5 @@ def prompt_logits(model, token_ids: list[int], chunk: int | None = None) -> torc
 
         positions = torch.arange(start, start + count, device=model.device)
         x = forward(model, ids[start:start + count], positions, local)
-        out.append(head(model, x))
+        out.append(head(model, x).float())
     return torch.cat(out)

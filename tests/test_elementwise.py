@@ -64,15 +64,18 @@ def test_torch_handles_what_does_not_fit():
     assert not elementwise.fits(torch.randn(4, 64), torch.ones(128)[::2])  # a strided weight
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cols", [1, 15, 16, 17, 100, 32000])
-def test_argmax_is_torch_argmax(cols):
+def test_argmax_is_torch_argmax(cols, dtype):
     """The first maximum (ties included), the first NaN where a row has one, all -inf rows."""
     g = torch.Generator().manual_seed(cols)
-    rows = torch.randint(-3, 4, (40, cols), generator=g).float()  # few values: many ties
+    rows = torch.randint(-3, 4, (40, cols), generator=g).to(dtype)  # few values: many ties
     rows[1] = float("-inf")
     rows[2, cols // 2] = float("nan")
     rows[3, -1] = float("nan")
     rows[4, -1] = 100.0
     rows[5] = torch.randn(cols, generator=g)
+    rows[6] = torch.randn(cols, generator=g) * 1e-3 + 1  # values bf16 tells apart only in its last bits
+    assert elementwise.fits(rows)  # the C loop, not torch's fallback
     assert torch.equal(elementwise.argmax(rows), torch.argmax(rows, dim=-1))
     assert torch.equal(elementwise.argmax(rows[:, : cols // 2 + 1]), torch.argmax(rows[:, : cols // 2 + 1], dim=-1))

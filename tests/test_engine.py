@@ -291,6 +291,33 @@ def test_plan_step_puts_decodes_first_then_prefill_chunks():
     assert [n for _, n in plan_step([a, b, c, d], budget=1)] == [1]
 
 
+def test_head_in_chunks_samples_what_the_whole_batch_samples(llama, monkeypatch):
+    """The head makes and samples the logits a few rows at a time; chunks change nothing."""
+    from glinthawk.compute import layers
+    from glinthawk.compute.sampling import SamplingParams
+    from glinthawk.compute.stages import head_and_sample
+
+    model, _ = llama
+    x = torch.randn(11, model.config.hidden_size, generator=torch.Generator().manual_seed(3)).to(model.dtype)
+    params = [SamplingParams(temperature=0), SamplingParams(**SAMPLED)] * 5 + [SamplingParams(temperature=1.2)]
+    seeds, steps = list(range(100, 111)), list(range(11))
+    whole = head_and_sample(model, x, params, seeds, steps)
+    assert layers.head_rows(model) >= 11  # the tiny model's head takes these rows in one chunk
+    monkeypatch.setattr(layers, "HEAD_CHUNK_BYTES", 4 * 4 * model.config.vocab_size)
+    assert layers.head_rows(model) == 4
+    assert torch.equal(head_and_sample(model, x, params, seeds, steps), whole)
+
+
+def test_head_chunk_rows_follow_the_vocabulary():
+    from types import SimpleNamespace
+
+    from glinthawk.compute import layers
+
+    for vocab, rows in ((32000, 256), (128256, 64), (50000, 128), (10**9, 1)):
+        assert layers.head_rows(SimpleNamespace(config=SimpleNamespace(vocab_size=vocab))) == rows
+        assert rows * 4 * vocab <= layers.HEAD_CHUNK_BYTES or rows == 1
+
+
 def test_invalid_engine_settings(llama):
     model, tok = llama
     with pytest.raises(ValueError):

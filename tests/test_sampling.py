@@ -93,6 +93,16 @@ def test_greedy_rows_mixed_with_random_rows():
         assert tokens[i].item() in logits[i].topk(10).indices.tolist()
 
 
+def test_bfloat16_logits_sample_as_their_float32_values():
+    """A bf16 model's logits: greedy rows take their argmax as they are, the other rows are
+    sampled in float32, both exactly as from the same values widened to float32."""
+    logits = random_logits(6, seed=6, vocab=1000).bfloat16()
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_p=0.9)] * 3
+    seeds, steps = [1, 2, 3, 4, 5, 6], [0, 3, 1, 4, 2, 5]
+    assert torch.equal(sample(logits, params, seeds, steps), sample(logits.float(), params, seeds, steps))
+    assert torch.equal(sample(logits, params[:1] * 6, seeds, steps), logits.float().argmax(-1))
+
+
 def test_same_seed_and_step_same_token_whatever_the_other_rows():
     logits = random_logits(1, seed=5)[0] / 3  # flat enough that the draws spread
     params = SamplingParams(temperature=0.8, top_p=0.9, top_k=20)

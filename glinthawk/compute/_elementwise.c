@@ -130,21 +130,34 @@ static PyObject *rotary(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* Index of the first maximum of row[0..cols-1], or of its first NaN. One pass keeps LANES
- * running maxima and their first indices in vectors (GCC/Clang vector extensions: a few
- * vector ops per step on the widest unit the CPU has). */
+/* Index of the first maximum of row[0..cols-1] (float32 or bfloat16), or of its first
+ * NaN. One pass keeps LANES running maxima and their first indices in vectors (GCC/Clang
+ * vector extensions: a few vector ops per step on the widest unit the CPU has); bf16
+ * widens to float32 exactly, so both dtypes pick what torch.argmax picks. */
 #define LANES 16
 typedef float float_lanes __attribute__((vector_size(4 * LANES)));
 typedef int32_t int_lanes __attribute__((vector_size(4 * LANES)));
+typedef uint16_t half_lanes __attribute__((vector_size(2 * LANES)));
 
-MULTIVERSION static int64_t first_maximum(const float *row, int64_t cols) {
+static inline __attribute__((always_inline)) float_lanes load_lanes(const void *row, int64_t c, const int dtype) {
+    float_lanes x;
+    if (dtype == FLOAT32) {
+        memcpy(&x, (const float *)row + c, sizeof x);
+    } else {
+        half_lanes bits;
+        memcpy(&bits, (const uint16_t *)row + c, sizeof bits);
+        x = (float_lanes)(__builtin_convertvector(bits, int_lanes) << 16);
+    }
+    return x;
+}
+
+static inline __attribute__((always_inline)) int64_t first_maximum(const void *row, int64_t cols, const int dtype) {
     float_lanes highest;
     int_lanes where = {0}, position, nan = {0};
     for (int j = 0; j < LANES; j++) highest[j] = -INFINITY, position[j] = j;
     int64_t c = 0;
     for (; c + LANES <= cols && cols <= INT32_MAX; c += LANES, position += LANES) {
-        float_lanes x;
-        memcpy(&x, row + c, sizeof x);
+        const float_lanes x = load_lanes(row, c, dtype);
         const int_lanes greater = x > highest;  /* strictly: each lane keeps its first maximum */
         highest = (float_lanes)(((int_lanes)x & greater) | ((int_lanes)highest & ~greater));
         where = (position & greater) | (where & ~greater);
@@ -158,27 +171,37 @@ MULTIVERSION static int64_t first_maximum(const float *row, int64_t cols) {
         any_nan |= nan[j];
     }
     for (; c < cols; c++) {
-        if (row[c] > best) best = row[c], index = c;
-        any_nan |= row[c] != row[c];
+        const float x = load(row, c, dtype);
+        if (x > best) best = x, index = c;
+        any_nan |= x != x;
     }
     if (any_nan)
         for (c = 0; c < cols; c++)
-            if (row[c] != row[c]) return c;
+            if (load(row, c, dtype) != load(row, c, dtype)) return c;
     return index;
 }
 
-/* argmax(x, out, rows, cols): out[r] (int64) = the index of the first maximum of float32
+MULTIVERSION static void argmax_rows(const void *x, int64_t *out, int64_t rows, int64_t cols, int dtype) {
+    const int64_t row_bytes = cols * (dtype == FLOAT32 ? 4 : 2);
+    for (int64_t r = 0; r < rows; r++) {
+        const void *row = (const char *)x + r * row_bytes;
+        out[r] = dtype == FLOAT32 ? first_maximum(row, cols, FLOAT32) : first_maximum(row, cols, BFLOAT16);
+    }
+}
+
+/* argmax(x, out, rows, cols, dtype): out[r] (int64) = the index of the first maximum of
  * row r of x, or of its first NaN if it has one, as torch.argmax. torch's reduction reads
  * about 2 GB/s here; two passes (the maximum vectorises) run at memory speed. */
 static PyObject *argmax(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long x_addr, out_addr;
     Py_ssize_t rows, cols;
-    if (!PyArg_ParseTuple(args, "KKnn", &x_addr, &out_addr, &rows, &cols)) return NULL;
-    const float *x = (const float *)(uintptr_t)x_addr;
+    int dtype;
+    if (!PyArg_ParseTuple(args, "KKnni", &x_addr, &out_addr, &rows, &cols, &dtype)) return NULL;
+    const void *x = (const void *)(uintptr_t)x_addr;
     int64_t *out = (int64_t *)(uintptr_t)out_addr;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t r = 0; r < rows; r++) out[r] = first_maximum(x + r * cols, cols);
+    argmax_rows(x, out, rows, cols, dtype);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -186,7 +209,7 @@ static PyObject *argmax(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"rms_norm", rms_norm, METH_VARARGS, "RMSNorm over rows, on this thread."},
     {"rotary", rotary, METH_VARARGS, "Rotary embedding (half-split layout), on this thread."},
-    {"argmax", argmax, METH_VARARGS, "Index of each float32 row's first maximum, on this thread."},
+    {"argmax", argmax, METH_VARARGS, "Index of each float32 or bfloat16 row's first maximum, on this thread."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -50,10 +50,11 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """``torch.argmax(logits, -1)`` for [rows, vocab] logits, on the C loop where it is built
-    for them (CPU float32), as int64 on the CPU."""
-    if not (fits(logits) and logits.dtype == torch.float32):
+    for them (CPU float32 or bfloat16), as int64 on the CPU."""
+    if not fits(logits):
         return torch.argmax(logits, dim=-1).cpu()
     logits = logits.contiguous()
     out = torch.empty(logits.shape[0], dtype=torch.int64)
-    _elementwise.argmax(logits.data_ptr(), out.data_ptr(), logits.shape[0], logits.shape[1])
+    _elementwise.argmax(logits.data_ptr(), out.data_ptr(), logits.shape[0], logits.shape[1],
+                        C_DTYPE_CODES[logits.dtype])
     return out

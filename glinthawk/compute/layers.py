@@ -39,7 +39,7 @@ def warm_up(model: Model, max_rows: int, max_sampled_rows: int) -> None:
             linear(x, layer.gate_up)
             linear(torch.zeros(rows, layer.o_proj.shape[1], dtype=model.dtype), layer.o_proj)
             linear(torch.zeros(rows, layer.down.shape[1], dtype=model.dtype), layer.down)
-        for rows in sorted({padded_rows(n) for n in range(1, max_sampled_rows + 1)}):
+        for rows in sorted({padded_rows(n) for n in range(1, min(max_sampled_rows, head_rows(model)) + 1)}):
             linear(torch.zeros(rows, cfg.hidden_size, dtype=model.dtype), model.lm_head)
 
 
@@ -71,8 +71,20 @@ def post_attention(model: Model, layer: LayerWeights, x: torch.Tensor, attn_out:
 
 
 def head(model: Model, x: torch.Tensor) -> torch.Tensor:
-    """Final norm and LM head: [rows, hidden] -> float32 logits [rows, vocab]."""
-    return linear(rms_norm(x, model.norm, model.config.rms_norm_eps), model.lm_head).float()
+    """Final norm and LM head: [rows, hidden] -> logits [rows, vocab] in the model's dtype."""
+    return linear(rms_norm(x, model.norm, model.config.rms_norm_eps), model.lm_head)
+
+
+# The head makes and samples the logits of a large batch a few rows at a time: at most
+# this many bytes of float32 logits at once. Whole, those of 2048 rows would take 250 MiB
+# (1 GiB with a 128k vocabulary), in fresh pages faulted in on every step; chunks this
+# size stay under glibc's largest mmap threshold and reuse warm heap memory.
+HEAD_CHUNK_BYTES = 32 << 20
+
+
+def head_rows(model: Model) -> int:
+    """Rows per chunk of the head: a power of two, at most ``HEAD_CHUNK_BYTES`` of float32 logits."""
+    return 1 << max(0, (HEAD_CHUNK_BYTES // (4 * model.config.vocab_size)).bit_length() - 1)
 
 
 def forward(

@@ -84,12 +84,13 @@ def sample(
     seeds: Sequence[int],
     steps: Sequence[int],
 ) -> torch.Tensor:
-    """Pick one token per row of float32 ``logits`` [rows, vocab]; returns int64 [rows] on CPU.
+    """Pick one token per row of ``logits`` [rows, vocab]; returns int64 [rows] on CPU.
 
+    Greedy rows take the argmax of the logits as they are (a bf16 model's bf16 logits
+    widen to float32 exactly); the others are sampled in float32.
     ``seeds[i]`` is row i's effective seed (the request's, or one drawn at admission),
     ``steps[i]`` the index of the token being generated.
     """
-    logits = logits.float()
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     some_greedy = len(random_rows) < len(params)
     if some_greedy:
@@ -102,6 +103,7 @@ def sample(
     temperature = torch.tensor([p.temperature for p in chosen], device=logits.device)
     if some_greedy:
         logits = logits.index_select(0, torch.tensor(random_rows, device=logits.device))
+    logits = logits.float()
     probs = torch.softmax(_top_k_filter(logits / temperature[:, None], [p.top_k for p in chosen]), dim=-1)
     probs = _min_p_filter(probs, [p.min_p for p in chosen])
     probs = _top_p_filter(probs, [p.top_p for p in chosen])

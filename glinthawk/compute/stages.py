@@ -2,18 +2,22 @@
 
 Stage ``l`` (0 <= l < layers) ends with layer l's q, k, v ready to send: it is the
 embedding (l = 0) or layer l-1's post-attention, fused with layer l's pre-attention, so
-each layer costs one round trip. The final stage is the last post-attention and the head.
+each layer costs one round trip. The final stage is the last post-attention, the head and
+the sampler.
 Every function takes a packed batch, so Tier 1 can run several micro-batches that are
 at the same stage as one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from glinthawk.compute.layers import embed, head, post_attention, pre_attention
+from glinthawk.compute.layers import embed, head, head_rows, post_attention, pre_attention
 from glinthawk.compute.loader import Model
 from glinthawk.compute.rope import Rotary
+from glinthawk.compute.sampling import SamplingParams, sample
 
 
 def layer_stage(
@@ -34,7 +38,20 @@ def layer_stage(
     return x, q, k, v
 
 
-def final_stage(model: Model, x: torch.Tensor, attn_out: torch.Tensor, sample_rows: torch.Tensor) -> torch.Tensor:
-    """Last layer's post-attention and the head, for the rows that are sampled: float32 logits."""
+def final_stage(model: Model, x: torch.Tensor, attn_out: torch.Tensor, sample_rows: torch.Tensor,
+                params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
+    """Last layer's post-attention, the head and the sampler, for the rows that are sampled."""
     x = post_attention(model, model.layers[-1], x.index_select(0, sample_rows), attn_out.index_select(0, sample_rows))
-    return head(model, x)
+    return head_and_sample(model, x, params, seeds, steps)
+
+
+def head_and_sample(model: Model, x: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int],
+                    steps: Sequence[int]) -> torch.Tensor:
+    """Next tokens (int64 [rows], on the CPU) of the rows ``x`` [rows, hidden], ``head_rows``
+    rows at a time (``sample`` draws per row, so chunks change nothing but memory)."""
+    rows = head_rows(model)
+    chunks = [sample(head(model, x[first:first + rows]), params[first:first + rows], seeds[first:first + rows],
+                     steps[first:first + rows]) for first in range(0, x.shape[0], rows)]
+    if len(chunks) == 1:
+        return chunks[0]
+    return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.int64)

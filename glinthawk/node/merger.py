@@ -26,7 +26,7 @@ import torch
 
 from glinthawk.compute.loader import Model
 from glinthawk.compute.rope import Rotary
-from glinthawk.compute.sampling import SamplingParams, sample
+from glinthawk.compute.sampling import SamplingParams
 from glinthawk.compute.stages import final_stage, layer_stage
 
 
@@ -133,9 +133,8 @@ class StageMerger:
         if stage == self.final:
             offsets = torch.tensor([0] + sizes[:-1]).cumsum(0)
             rows = torch.cat([w.sample_rows + off for w, off in zip(works, offsets.tolist())]).to(device)
-            logits = final_stage(self.model, cat("x"), cat("attn_out"), rows)
-            tokens = sample(logits, [p for w in works for p in w.params], [s for w in works for s in w.seeds],
-                            [s for w in works for s in w.steps])
+            tokens = final_stage(self.model, cat("x"), cat("attn_out"), rows, [p for w in works for p in w.params],
+                                 [s for w in works for s in w.seeds], [s for w in works for s in w.steps])
             return list(tokens.split([len(w.params) for w in works]))
         rot = works[0].rot if len(works) == 1 else Rotary(*(torch.cat(parts) for parts in zip(*(w.rot for w in works))))
         if stage == 0:
