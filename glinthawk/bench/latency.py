@@ -24,19 +24,22 @@ from glinthawk.bench.common import (
     token_prompts,
 )
 
-# Hiding a 100 ms round trip per layer needs at least that much Tier 1 work per layer in
-# flight: on this 2-core machine a batch of ~4600 in bfloat16, and half that in float32,
-# whose matmuls are half as fast (batch 0 picks by dtype). At batch 256 a step is all waiting.
+# Hiding a 100 ms round trip per layer needs well over that much Tier 1 work per layer in
+# flight, since micro-batches drift into clumps. On this 2-core machine a batch of 6144 in
+# bfloat16 is about 150 ms of work per layer, and half that in float32, whose matmuls are
+# half as fast (batch 0 picks by dtype). 4608, which was as much work before the Tier 2
+# plan reuse and the chunked head, left Tier 1 84% busy at 50 ms (0.73-0.79 of the 0 ms
+# throughput against 0.87 at 6144). At batch 256 a step is all waiting.
 DEFAULTS = {"delays_ms": [0, 1, 5, 10, 20, 50], "in_flight": [1, 2, 4, 8, 16], "batch": 0, "prompt": 4,
             "new_tokens": 8, "max_batch_tokens": 2048}
 QUICK = {"delays_ms": [0, 5, 20], "in_flight": [1, 4], "batch": 16, "prompt": 4, "new_tokens": 3}
-BATCH_BY_DTYPE = {"float32": 2304, "bfloat16": 4608}
+BATCH_BY_DTYPE = {"float32": 3072, "bfloat16": 6144}
 
 
 def run(ctx: BenchContext) -> dict:
     knobs = ctx.knobs("latency", DEFAULTS, QUICK)
     model, tokenizer = ctx.load()
-    knobs["batch"] = knobs["batch"] or BATCH_BY_DTYPE.get(ctx.dtype, 2304)
+    knobs["batch"] = knobs["batch"] or BATCH_BY_DTYPE.get(ctx.dtype, BATCH_BY_DTYPE["float32"])
     batch, prompt, new = knobs["batch"], knobs["prompt"], knobs["new_tokens"]
     lines = request_lines(token_prompts(batch, prompt, model.config.vocab_size, seed=3), new)
     kv_tokens = batch * (prompt + new)
