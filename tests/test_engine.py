@@ -308,6 +308,35 @@ def test_head_in_chunks_samples_what_the_whole_batch_samples(llama, monkeypatch)
     assert torch.equal(head_and_sample(model, x, params, seeds, steps), whole)
 
 
+def test_lm_head_sees_only_warmed_chunks(tiny_model, monkeypatch):
+    """With chunks of 16 rows and 20 sequences, the LM head sees at most 16 rows a call, and
+    warm_up ran exactly the row counts up to 16 (not up to max_seqs)."""
+    from glinthawk.compute import layers, matmul
+
+    model, tok = tiny_model(VARIANT, "bfloat16")
+    monkeypatch.setattr(layers, "HEAD_CHUNK_BYTES", 16 * 4 * model.config.vocab_size)
+    head_rows = []
+    real = matmul._multiply
+
+    def recording(x, weight, bias):
+        if weight is model.lm_head:
+            head_rows.append(x.shape[0])
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(matmul, "_multiply", recording)
+    engine = Engine(model, tok, kv_tokens=4096, max_batch_tokens=256, max_seqs=24)
+    warmed = set(head_rows)
+    head_rows.clear()
+    reqs = [request(f"r{i}", PROMPTS[i % len(PROMPTS)], max_tokens=3, temperature=0, ignore_eos=True)
+            for i in range(20)]
+    lines = []
+    engine.run(reqs, lines.append)
+    assert len(lines) == len(reqs) and all(ok(line) for line in lines)
+    assert head_rows and max(head_rows) <= 16 and set(head_rows) <= warmed
+    if matmul.pads_rows(model.lm_head):
+        assert warmed == {matmul.padded_rows(n) for n in range(1, 17)}
+
+
 def test_head_chunk_rows_follow_the_vocabulary():
     from types import SimpleNamespace
 
