@@ -361,6 +361,52 @@ def test_bfloat16_prefill_chunks_match_float32_reference(dim, heads, kv_heads, a
     assert bool(kernel_calls) == kernel_expected
 
 
+@pytest.mark.parametrize("openmp", [True, False])
+def test_kernel_slices_on_openmp_or_our_threads_match_one_thread(openmp, monkeypatch):
+    """The C kernels' slices run as one region on torch's OpenMP threads, or one call each on
+    our threads: the same result as one slice, for decode and prefill."""
+    if attention._attention is None:
+        pytest.skip("the C kernels are not built (no C compiler at install time)")
+    if openmp and not attention._OPENMP:
+        pytest.skip("torch's OpenMP runtime is not GNU libgomp here")
+    monkeypatch.setattr(attention, "_OPENMP", openmp)
+    monkeypatch.setattr(attention, "_FUSED_PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(attention, "_PREFILL_PARALLEL_MIN_WORK", 0)
+    prompt, batch = 150, 6
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        s = KVStore(1, 2, 64, batch * (prompt + 1), dtype=torch.bfloat16)
+        for i in range(batch):
+            s.reserve(i, prompt + 1)
+        q, k = (torch.randn(batch * prompt, h, 64, generator=torch.Generator().manual_seed(h)).bfloat16() for h in (6, 2))
+        prefill = attend(s, 0, list(range(batch)), [0] * batch, [prompt] * batch, q, k, k)
+        q1, k1 = (torch.randn(batch, h, 64, generator=torch.Generator().manual_seed(10 + h)).bfloat16() for h in (6, 2))
+        return prefill, attend(s, 0, list(range(batch)), [prompt] * batch, [1] * batch, q1, k1, k1)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = run()
+        torch.set_num_threads(3)
+        parallel = run()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(serial[0], parallel[0]) and torch.equal(serial[1], parallel[1])
+
+
+def test_torch_openmp_is_found_where_torch_loaded_libgomp():
+    """The kernels take torch's OpenMP threads wherever torch uses GNU libgomp (a silent
+    fallback to our own threads would cost decode attention a third)."""
+    if attention._attention is None:
+        pytest.skip("the C kernels are not built (no C compiler at install time)")
+    try:
+        with open("/proc/self/maps") as maps:
+            loaded = any("libgomp" in line for line in maps)
+    except OSError:
+        pytest.skip("no /proc/self/maps")
+    assert attention._OPENMP == loaded
+
+
 def test_c_kernels_are_built_where_a_compiler_is():
     """pip install builds the C kernels when it can; a silent fallback would hide a broken build."""
     import shutil

@@ -10,9 +10,11 @@
  * All accumulate in float32.
  *
  * The caller (glinthawk/compute/attention.py) checks every shape, dtype and range; this
- * file trusts its arguments. The caller also splits the work items over its own thread
- * pool and calls `decode_attention` once per slice, which releases the GIL, so no OpenMP
- * runtime is needed beside torch's.
+ * file trusts its arguments. The caller also splits the work items into slices, one per
+ * thread, and passes them all (run_slices): they run as one parallel region of torch's
+ * own OpenMP runtime when attention.py has handed over its entry points (use_openmp), so
+ * the kernels take torch's worker threads, which are still spinning after the matmul
+ * before; otherwise the caller passes one slice per call, from its own threads.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -378,8 +380,8 @@ static head_kernel pick_kernel(int dim, int kv_dtype, int widest) {
  * contexts a slab is a few KiB and would otherwise start with a run of cache misses. */
 #define NEXT_ITEM_ROWS 32
 
-/* decode_attention(q, out, new_keys, new_values, keys, values, bases, lengths, first_item,
- *                  last_item, heads, kv_heads, head_dim, head_stride, kv_dtype, q_dtype,
+/* decode_attention(q, out, new_keys, new_values, keys, values, bases, lengths, slices,
+ *                  count, heads, kv_heads, head_dim, head_stride, kv_dtype, q_dtype,
  *                  scale, widest)
  *
  * q, out: [sequences, heads, head_dim] in q_dtype (float32 or bfloat16), addresses as ints.
@@ -388,74 +390,148 @@ static head_kernel pick_kernel(int dim, int kv_dtype, int widest) {
  * keys, values: one layer of the store, [kv_heads, capacity, head_dim] with KV heads
  *   head_stride elements apart, float32 or bfloat16 (kv_dtype).
  * bases, lengths: int64 per sequence: its first buffer row and its cached length (>= 1).
- * Work items first_item..last_item-1 are (sequence, KV head) pairs, item = seq * kv_heads + g;
- *   an item writes and reads only its own rows, so slices may run on several threads.
+ * Work items are (sequence, KV head) pairs, item = seq * kv_heads + g; an item writes and
+ *   reads only its own rows, so slices may run on several threads. slices: int64
+ *   [count][2], each slice's first and last (exclusive) item (see run_slices).
  * widest: the widest instruction set to use (see pick_kernel).
  */
-static PyObject *decode_attention(PyObject *self, PyObject *args) {
+/* ---- Slices of work items on torch's OpenMP threads ---------------------------------- */
+typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+typedef int (*omp_query_fn)(void);
+static gomp_parallel_fn gomp_parallel;  /* libgomp's GOMP_parallel, as loaded by torch */
+static omp_query_fn omp_thread_num, omp_num_threads;
+
+/* use_openmp(GOMP_parallel, omp_get_thread_num, omp_get_num_threads): addresses in the
+ * OpenMP runtime torch uses; 0, 0, 0 goes back to one slice per call. */
+static PyObject *use_openmp(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long q_addr, out_addr, new_keys_addr, new_values_addr, keys_addr, values_addr, bases_addr,
-        lengths_addr;
-    Py_ssize_t first_item, last_item, head_stride;
-    int heads, kv_heads, dim, kv_dtype, q_dtype, widest;
-    float scale;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKnniiiniifi", &q_addr, &out_addr, &new_keys_addr, &new_values_addr,
-                          &keys_addr, &values_addr, &bases_addr, &lengths_addr, &first_item, &last_item, &heads,
-                          &kv_heads, &dim, &head_stride, &kv_dtype, &q_dtype, &scale, &widest))
-        return NULL;
-    if (kv_heads <= 0 || heads % kv_heads != 0 || dim <= 0 || dim > MAX_DIM || (kv_dtype != FLOAT32 && kv_dtype != BFLOAT16)
-        || (q_dtype != FLOAT32 && q_dtype != BFLOAT16)) {
-        PyErr_SetString(PyExc_ValueError, "decode_attention: bad geometry or dtype");
-        return NULL;
+    unsigned long long parallel, thread_num, num_threads;
+    if (!PyArg_ParseTuple(args, "KKK", &parallel, &thread_num, &num_threads)) return NULL;
+    const int all = parallel && thread_num && num_threads;
+    gomp_parallel = all ? (gomp_parallel_fn)(uintptr_t)parallel : NULL;
+    omp_thread_num = all ? (omp_query_fn)(uintptr_t)thread_num : NULL;
+    omp_num_threads = all ? (omp_query_fn)(uintptr_t)num_threads : NULL;
+    Py_RETURN_NONE;
+}
+
+/* Runs items first..last-1; returns 0, or -1 when it could not allocate its scratch. */
+typedef int (*slice_fn)(const void *args, int64_t first, int64_t last);
+
+typedef struct {
+    slice_fn run;
+    const void *args;
+    const int64_t *slices;  /* [count][2]: first, last */
+    int count;
+    int failed;
+} slice_job;
+
+static void slice_worker(void *data) {
+    slice_job *job = data;
+    for (int s = omp_thread_num(); s < job->count; s += omp_num_threads())
+        if (job->run(job->args, job->slices[2 * s], job->slices[2 * s + 1]) != 0)
+            __atomic_store_n(&job->failed, 1, __ATOMIC_RELAXED);
+}
+
+/* Every slice, as one parallel region (a team may come out smaller than asked: each thread
+ * takes every n-th slice), or in turn on this thread when there is one slice or no
+ * runtime. Called without the GIL; returns -1 if a slice ran out of memory. */
+static int run_slices(slice_fn run, const void *args, const int64_t *slices, int count) {
+    slice_job job = {run, args, slices, count, 0};
+    if (count > 1 && gomp_parallel != NULL) {
+        gomp_parallel(slice_worker, &job, (unsigned)count, 0);
+    } else {
+        for (int s = 0; s < count; s++)
+            if (run(args, slices[2 * s], slices[2 * s + 1]) != 0) job.failed = 1;
     }
-    const int64_t *bases = (const int64_t *)(uintptr_t)bases_addr;
-    const int64_t *lengths = (const int64_t *)(uintptr_t)lengths_addr;
-    const char *new_keys = (const char *)(uintptr_t)new_keys_addr, *new_values = (const char *)(uintptr_t)new_values_addr;
-    const int group = heads / kv_heads;
-    const size_t element = kv_dtype == FLOAT32 ? 4 : 2, q_element = q_dtype == FLOAT32 ? 4 : 2;
-    const size_t row_bytes = (size_t)dim * element;
+    return job.failed ? -1 : 0;
+}
+
+typedef struct {
+    const char *q, *new_keys, *new_values;
+    char *out, *keys, *values;
+    const int64_t *bases, *lengths;
+    int64_t head_stride;
+    int heads, kv_heads, dim, kv_dtype, q_dtype;
+    float scale;
+    head_kernel kernel;
+} decode_args;
+
+/* decode_attention's work items first..last-1 (see there). */
+static int decode_items(const void *args, int64_t first_item, int64_t last_item) {
+    const decode_args *a = args;
+    const int group = a->heads / a->kv_heads;
+    const size_t element = a->kv_dtype == FLOAT32 ? 4 : 2, q_element = a->q_dtype == FLOAT32 ? 4 : 2;
+    const size_t row_bytes = (size_t)a->dim * element;
     int64_t longest = 1;
-    for (Py_ssize_t item = first_item; item < last_item; item++)
-        if (lengths[item / kv_heads] > longest) longest = lengths[item / kv_heads];
-    const head_kernel kernel = pick_kernel(dim, kv_dtype, widest);
+    for (int64_t item = first_item; item < last_item; item++)
+        if (a->lengths[item / a->kv_heads] > longest) longest = a->lengths[item / a->kv_heads];
     /* scores, then a buffer for converted K/V rows or bf16 probabilities, whichever is larger,
      * then float32 copies of the group's q and out rows when q is not float32 */
-    const size_t group_floats = (size_t)group * dim;
-    const size_t buffer = (size_t)BLOCK * dim > (size_t)group * (longest + 2) ? (size_t)BLOCK * dim
-                                                                              : (size_t)group * (longest + 2);
+    const size_t group_floats = (size_t)group * a->dim;
+    const size_t buffer = (size_t)BLOCK * a->dim > (size_t)group * (longest + 2) ? (size_t)BLOCK * a->dim
+                                                                                 : (size_t)group * (longest + 2);
     const size_t scores = (size_t)group * (size_t)longest;
-    float *scratch = malloc(sizeof(float) * (scores + buffer + (q_dtype == FLOAT32 ? 0 : 2 * group_floats)));
-    if (scratch == NULL) return PyErr_NoMemory();
+    float *scratch = malloc(sizeof(float) * (scores + buffer + (a->q_dtype == FLOAT32 ? 0 : 2 * group_floats)));
+    if (scratch == NULL) return -1;
     float *q_rows = scratch + scores + buffer, *out_rows = q_rows + group_floats;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t item = first_item; item < last_item; item++) {
-        const int64_t seq = item / kv_heads, g = item % kv_heads, length = lengths[seq];
-        const size_t offset = ((size_t)g * (size_t)head_stride + (size_t)bases[seq] * (size_t)dim) * element;
-        char *key_slab = (char *)(uintptr_t)keys_addr + offset, *value_slab = (char *)(uintptr_t)values_addr + offset;
+    for (int64_t item = first_item; item < last_item; item++) {
+        const int64_t seq = item / a->kv_heads, g = item % a->kv_heads, length = a->lengths[seq];
+        const size_t offset = ((size_t)g * (size_t)a->head_stride + (size_t)a->bases[seq] * (size_t)a->dim) * element;
+        char *key_slab = a->keys + offset, *value_slab = a->values + offset;
         if (item + 1 < last_item) {
-            const int64_t next = (item + 1) / kv_heads, next_g = (item + 1) % kv_heads;
-            const size_t next_offset = ((size_t)next_g * (size_t)head_stride + (size_t)bases[next] * (size_t)dim) * element;
-            prefetch_rows((const char *)(uintptr_t)keys_addr + next_offset, 0, NEXT_ITEM_ROWS, (int)row_bytes, lengths[next]);
-            prefetch_rows((const char *)(uintptr_t)values_addr + next_offset, 0, NEXT_ITEM_ROWS, (int)row_bytes, lengths[next]);
+            const int64_t next = (item + 1) / a->kv_heads, next_g = (item + 1) % a->kv_heads;
+            const size_t next_offset =
+                ((size_t)next_g * (size_t)a->head_stride + (size_t)a->bases[next] * (size_t)a->dim) * element;
+            prefetch_rows(a->keys + next_offset, 0, NEXT_ITEM_ROWS, (int)row_bytes, a->lengths[next]);
+            prefetch_rows(a->values + next_offset, 0, NEXT_ITEM_ROWS, (int)row_bytes, a->lengths[next]);
         }
-        if (new_keys != NULL) {
+        if (a->new_keys != NULL) {
             const size_t source = (size_t)item * row_bytes, last_row = (size_t)(length - 1) * row_bytes;
-            memcpy(key_slab + last_row, new_keys + source, row_bytes);
-            memcpy(value_slab + last_row, new_values + source, row_bytes);
+            memcpy(key_slab + last_row, a->new_keys + source, row_bytes);
+            memcpy(value_slab + last_row, a->new_values + source, row_bytes);
         }
-        const int64_t first_element = (seq * heads + g * group) * (int64_t)dim;
-        const void *q = (const char *)(uintptr_t)q_addr + first_element * q_element;
-        void *out = (char *)(uintptr_t)out_addr + first_element * q_element;
-        if (q_dtype == FLOAT32) {
-            kernel(q, out, key_slab, value_slab, length, dim, group, scale, scratch + buffer, scratch);
+        const int64_t first_element = (seq * a->heads + g * group) * (int64_t)a->dim;
+        const void *q = a->q + first_element * q_element;
+        void *out = a->out + first_element * q_element;
+        if (a->q_dtype == FLOAT32) {
+            a->kernel(q, out, key_slab, value_slab, length, a->dim, group, a->scale, scratch + buffer, scratch);
         } else {
             for (size_t i = 0; i < group_floats; i++) q_rows[i] = load(q, i, BFLOAT16);
-            kernel(q_rows, out_rows, key_slab, value_slab, length, dim, group, scale, scratch + buffer, scratch);
+            a->kernel(q_rows, out_rows, key_slab, value_slab, length, a->dim, group, a->scale, scratch + buffer, scratch);
             for (size_t i = 0; i < group_floats; i++) store(out, i, out_rows[i], BFLOAT16);
         }
     }
-    Py_END_ALLOW_THREADS
     free(scratch);
+    return 0;
+}
+
+static PyObject *decode_attention(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long q_addr, out_addr, new_keys_addr, new_values_addr, keys_addr, values_addr, bases_addr,
+        lengths_addr, slices_addr;
+    Py_ssize_t head_stride;
+    int heads, kv_heads, dim, kv_dtype, q_dtype, widest, count;
+    float scale;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKiiiiniifi", &q_addr, &out_addr, &new_keys_addr, &new_values_addr,
+                          &keys_addr, &values_addr, &bases_addr, &lengths_addr, &slices_addr, &count, &heads,
+                          &kv_heads, &dim, &head_stride, &kv_dtype, &q_dtype, &scale, &widest))
+        return NULL;
+    if (kv_heads <= 0 || heads % kv_heads != 0 || dim <= 0 || dim > MAX_DIM || (kv_dtype != FLOAT32 && kv_dtype != BFLOAT16)
+        || (q_dtype != FLOAT32 && q_dtype != BFLOAT16) || count <= 0) {
+        PyErr_SetString(PyExc_ValueError, "decode_attention: bad geometry, dtype or slices");
+        return NULL;
+    }
+    const decode_args a = {(const char *)(uintptr_t)q_addr, (const char *)(uintptr_t)new_keys_addr,
+                           (const char *)(uintptr_t)new_values_addr, (char *)(uintptr_t)out_addr,
+                           (char *)(uintptr_t)keys_addr, (char *)(uintptr_t)values_addr,
+                           (const int64_t *)(uintptr_t)bases_addr, (const int64_t *)(uintptr_t)lengths_addr,
+                           head_stride, heads, kv_heads, dim, kv_dtype, q_dtype, scale,
+                           pick_kernel(dim, kv_dtype, widest)};
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = run_slices(decode_items, &a, (const int64_t *)(uintptr_t)slices_addr, count);
+    Py_END_ALLOW_THREADS
+    if (status != 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -588,8 +664,8 @@ typedef struct {
 
 /* Work items first..last-1 of prefill_attention (see there). scores: PREFILL_ROWS *
  * 16 * tiles floats; probabilities: PREFILL_ROWS * pair_stride pairs. */
-AVX512BF16 static void prefill_items(const prefill_args *a, int64_t first, int64_t last, float *scores,
-                                     uint32_t *probabilities) {
+AVX512BF16 static void prefill_items_with(const prefill_args *a, int64_t first, int64_t last, float *scores,
+                                          uint32_t *probabilities) {
     const int group = a->heads / a->kv_heads, pairs = a->dim / 2, chunks = a->dim / 16;
     const int64_t blocks = (a->n + PREFILL_POSITIONS - 1) / PREFILL_POSITIONS, stride = 16 * a->tiles;
     for (int64_t item = first; item < last; item++) {
@@ -620,6 +696,18 @@ AVX512BF16 static void prefill_items(const prefill_args *a, int64_t first, int64
             }
         }
     }
+}
+
+/* prefill_items_with, with its own scratch (a slice_fn). */
+static int prefill_items(const void *args, int64_t first, int64_t last) {
+    const prefill_args *a = args;
+    float *scores = malloc(sizeof(float) * PREFILL_ROWS * 16 * (size_t)a->tiles);
+    uint32_t *probabilities = malloc(sizeof(uint32_t) * PREFILL_ROWS * (size_t)a->pair_stride);
+    const int status = scores != NULL && probabilities != NULL ? 0 : -1;
+    if (status == 0) prefill_items_with(a, first, last, scores, probabilities);
+    free(scores);
+    free(probabilities);
+    return status;
 }
 #endif
 
@@ -666,49 +754,43 @@ static PyObject *pack_kv(PyObject *self, PyObject *args) {
 }
 
 /* prefill_attention(q, out, packed_keys, packed_values, start, n, heads, kv_heads, head_dim,
- *                   scale, first_item, last_item)
+ *                   scale, slices, count)
  *
  * q, out: bf16 [n, heads, head_dim], positions start..start+n-1 of one sequence whose first
  *   start + n keys and values pack_kv packed. Query i sees keys 0..start+i.
- * Work items first_item..last_item-1: item = g * blocks + b, b the block of positions
- *   PREFILL_POSITIONS * b.. of KV head g's query heads; each writes only its own rows of out.
+ * Work items: item = g * blocks + b, b the block of positions PREFILL_POSITIONS * b.. of KV
+ *   head g's query heads; each writes only its own rows of out. slices: int64 [count][2],
+ *   as for decode_attention.
  * Needs head_dim a multiple of 32 (at most MAX_DIM) and prefill_supported().
  */
 static PyObject *prefill_attention(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long q_addr, out_addr, keys_addr, values_addr;
-    Py_ssize_t start, n, first_item, last_item;
-    int heads, kv_heads, dim;
+    unsigned long long q_addr, out_addr, keys_addr, values_addr, slices_addr;
+    Py_ssize_t start, n;
+    int heads, kv_heads, dim, count;
     float scale;
-    if (!PyArg_ParseTuple(args, "KKKKnniiifnn", &q_addr, &out_addr, &keys_addr, &values_addr, &start, &n, &heads,
-                          &kv_heads, &dim, &scale, &first_item, &last_item))
+    if (!PyArg_ParseTuple(args, "KKKKnniiifKi", &q_addr, &out_addr, &keys_addr, &values_addr, &start, &n, &heads,
+                          &kv_heads, &dim, &scale, &slices_addr, &count))
         return NULL;
 #ifdef HAVE_AVX512_PATH
-    if (!prefill_cpu_ok() || kv_heads <= 0 || heads % kv_heads != 0 || dim % 32 != 0 || dim > MAX_DIM) {
-        PyErr_SetString(PyExc_ValueError, "prefill_attention: unsupported CPU or geometry");
+    if (!prefill_cpu_ok() || kv_heads <= 0 || heads % kv_heads != 0 || dim % 32 != 0 || dim > MAX_DIM || count <= 0) {
+        PyErr_SetString(PyExc_ValueError, "prefill_attention: unsupported CPU, geometry or slices");
         return NULL;
     }
     const int64_t length = start + n;
-    prefill_args a = {(const uint16_t *)(uintptr_t)q_addr, (uint16_t *)(uintptr_t)out_addr,
-                      (const uint32_t *)(uintptr_t)keys_addr, (const uint32_t *)(uintptr_t)values_addr, start, n,
-                      key_tiles(length), (length + 1) / 2,
-                      ((length + 1) / 2 + 7) / 8 * 8, heads, kv_heads, dim, scale};
-    float *scores = malloc(sizeof(float) * PREFILL_ROWS * 16 * (size_t)a.tiles);
-    uint32_t *probabilities = malloc(sizeof(uint32_t) * PREFILL_ROWS * (size_t)a.pair_stride);
-    if (scores == NULL || probabilities == NULL) {
-        free(scores);
-        free(probabilities);
-        return PyErr_NoMemory();
-    }
+    const prefill_args a = {(const uint16_t *)(uintptr_t)q_addr, (uint16_t *)(uintptr_t)out_addr,
+                            (const uint32_t *)(uintptr_t)keys_addr, (const uint32_t *)(uintptr_t)values_addr, start, n,
+                            key_tiles(length), (length + 1) / 2,
+                            ((length + 1) / 2 + 7) / 8 * 8, heads, kv_heads, dim, scale};
+    int status;
     Py_BEGIN_ALLOW_THREADS
-    prefill_items(&a, first_item, last_item, scores, probabilities);
+    status = run_slices(prefill_items, &a, (const int64_t *)(uintptr_t)slices_addr, count);
     Py_END_ALLOW_THREADS
-    free(scores);
-    free(probabilities);
+    if (status != 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 #else
     (void)q_addr, (void)out_addr, (void)keys_addr, (void)values_addr, (void)start, (void)n, (void)heads;
-    (void)kv_heads, (void)dim, (void)scale, (void)first_item, (void)last_item;
+    (void)kv_heads, (void)dim, (void)scale, (void)slices_addr, (void)count;
     PyErr_SetString(PyExc_ValueError, "prefill_attention: not built for this CPU");
     return NULL;
 #endif
@@ -725,9 +807,10 @@ static PyObject *prefill_supported(PyObject *self, PyObject *unused) {
 }
 
 static PyMethodDef methods[] = {
-    {"decode_attention", decode_attention, METH_VARARGS, "Fused decode attention over a slice of work items."},
+    {"decode_attention", decode_attention, METH_VARARGS, "Fused decode attention over slices of work items."},
+    {"use_openmp", use_openmp, METH_VARARGS, "Run slices as parallel regions of this OpenMP runtime."},
     {"pack_kv", pack_kv, METH_VARARGS, "Lay out one sequence's bf16 keys and values for prefill_attention."},
-    {"prefill_attention", prefill_attention, METH_VARARGS, "Causal bf16 prefill attention over a slice of work items."},
+    {"prefill_attention", prefill_attention, METH_VARARGS, "Causal bf16 prefill attention over slices of work items."},
     {"prefill_supported", prefill_supported, METH_NOARGS, "Whether this CPU runs prefill_attention."},
     {NULL, NULL, 0, NULL},
 };
