@@ -103,7 +103,7 @@ class _FusedDecodes:
     rows: torch.Tensor | None  # their rows in the batch; None: every row, and the kernel appends their K/V
     bases: torch.Tensor  # int64: each sequence's first buffer row
     lengths: torch.Tensor  # int64: tokens each attends over, its new one included
-    slices: list[tuple[int, int]]  # (first, last) work items per thread; item = (sequence, KV head)
+    slices: torch.Tensor  # int64 [threads, 2]: (first, last) work items per thread; item = (sequence, KV head)
 
 
 @dataclass(frozen=True)
@@ -245,13 +245,20 @@ def attend(
     """Append k, v and attend. q: [T, heads, D]; k, v: [T, kv_heads, D] -> [T, heads, D].
 
     For one layer; a step that runs every layer makes one ``AttentionPlan`` and calls ``attend_with``."""
-    check_rows(q, k, v, sum(counts))  # before the plan claims any rows
-    return attend_with(AttentionPlan.of(store, seq_ids, starts, counts), layer, q, k, v)
+    return attend_with(checked_plan(store, seq_ids, starts, counts, q, k, v), layer, q, k, v)
+
+
+def checked_plan(store: KVStore, seq_ids: Sequence[object], starts: Sequence[int], counts: Sequence[int],
+                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttentionPlan:
+    """``AttentionPlan.of``, once q, k and v are checked to carry a row per token: a bad
+    batch is refused before the plan claims any of its rows."""
+    _check_rows(q, k, v, sum(counts))
+    return AttentionPlan.of(store, seq_ids, starts, counts)
 
 
 def attend_with(plan: AttentionPlan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``attend`` for a batch planned once: append k, v to layer ``layer`` and attend."""
-    check_rows(q, k, v, plan.tokens)
+    _check_rows(q, k, v, plan.tokens)
     if plan.stale:
         raise ValueError("the KV store compacted after this batch was planned: use plan.replanned()")
     store = plan.store
@@ -288,8 +295,7 @@ def attend_with(plan: AttentionPlan, layer: int, q: torch.Tensor, k: torch.Tenso
     return out
 
 
-def check_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int) -> None:
-    """Raise unless q, k and v each carry one row per token of the batch."""
+def _check_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int) -> None:
     if not (q.shape[0] == k.shape[0] == v.shape[0] == tokens):
         raise ValueError(f"batch carries {q.shape[0]} query rows for {tokens} tokens")
 
@@ -357,27 +363,29 @@ def _prefill_fused(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, st
     return out
 
 
-def _balanced_slices(work: torch.Tensor, serial_below: int = 0) -> list[tuple[int, int]]:
+def _balanced_slices(work: torch.Tensor, serial_below: int = 0) -> torch.Tensor:
     """Items 0..len(work)-1 as contiguous (first, last) slices of about equal ``work`` (per
-    item), one per torch thread; one slice when the total is below ``serial_below``."""
+    item), one per torch thread; one slice when the total is below ``serial_below``. As the
+    C kernels take them: int64 [slices, 2]."""
     items = len(work)
     workers = min(torch.get_num_threads(), items)
     cumulative = torch.cumsum(work, 0)
     if workers <= 1 or int(cumulative[-1]) < serial_below:
-        return [(0, items)]
+        return torch.tensor([[0, items]], dtype=torch.int64)
     goals = cumulative[-1] * torch.arange(1, workers) // workers
-    return list(itertools.pairwise([0, *torch.searchsorted(cumulative, goals, right=True).tolist(), items]))
+    bounds = torch.searchsorted(cumulative, goals, right=True).tolist()
+    return torch.tensor(list(itertools.pairwise([0, *bounds, items])), dtype=torch.int64)
 
 
-def _run_slices(run: Callable[[int, int], None], slices: list[tuple[int, int]]) -> None:
+def _run_slices(run: Callable[[int, int], None], slices: torch.Tensor) -> None:
     """``run(slices, count)``, a C kernel's call over (first, last) work-item ``slices``
-    passed as an int64 array: all in one call where the kernels have torch's OpenMP
-    threads, else one call per slice, over our own threads."""
-    bounds = torch.tensor(slices, dtype=torch.int64)
-    if len(slices) == 1 or _OPENMP:
-        run(bounds.data_ptr(), len(slices))
+    (``_balanced_slices``): all in one call where the kernels have torch's OpenMP threads,
+    else one call per slice, over our own threads."""
+    count = slices.shape[0]
+    if count == 1 or _OPENMP:
+        run(slices.data_ptr(), count)
     else:
-        _in_parallel(lambda row: run(bounds[row].data_ptr(), 1), [(row,) for row in range(len(slices))])
+        _in_parallel(lambda row: run(slices[row].data_ptr(), 1), [(row,) for row in range(count)])
 
 
 def _in_parallel(fn: Callable[..., None], slices: list[tuple]) -> None:

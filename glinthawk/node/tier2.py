@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from glinthawk.compute.attention import AttentionPlan, attend_with, check_rows
+from glinthawk.compute.attention import AttentionPlan, attend_with, checked_plan
 from glinthawk.compute.kvcache import KVCapacityError, KVStore, UnknownSequenceError
 from glinthawk.compute.loader import DTYPES
 from glinthawk.metrics import Tier2Metrics
@@ -165,8 +165,7 @@ class Tier2Node:
         ids = [s[0] for s in seqs]
         starts = [int(s[1]) for s in seqs]
         counts = [int(s[2]) for s in seqs]
-        check_rows(q, k, v, sum(counts))  # before the plan claims any rows
-        plan = AttentionPlan.of(store, ids, starts, counts)
+        plan = checked_plan(store, ids, starts, counts, q, k, v)
         if len(self._plans) >= _MAX_PLANS:
             del self._plans[next(iter(self._plans))]  # the least recently started step
         self._plans[mb] = plan
