@@ -70,13 +70,16 @@ def answered(output_path: Path) -> tuple[set[str], set[int]]:
 
 async def fetch_status(host: str, port: int, *, secret: bytes | None = None) -> dict:
     """Ask Tier 1 for its live status."""
+    conn = None
     try:
         conn = await open_connection(host, port)
         await client_handshake(conn, "status", {}, secret=secret)
         header, _ = await conn.recv()
     except (OSError, ConnectionClosed, ProtocolError) as exc:
         raise SubmitError(f"cannot get status from Tier 1 at {host}:{port}: {exc}") from None
-    conn.close()
+    finally:
+        if conn is not None:
+            conn.close()
     header.pop("type", None)
     return header
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from types import SimpleNamespace
 
 import torch
@@ -33,6 +34,43 @@ async def test_jobs_merge_ready_micro_batches_up_to_the_row_cap():
     finally:
         await merger.close()
     assert jobs == [(3, [100, 100]), (3, [100]), (3, [300]), (3, [20]), (1, [10])]
+
+
+async def test_a_micro_batch_alone_computes_on_the_event_loop_unless_the_compute_thread_is_busy():
+    """Alone in flight, a micro-batch has nothing to overlap its compute with: it skips the
+    hops to the compute thread. Behind a running job it queues there like any other."""
+    merger = StageMerger(SimpleNamespace(config=SimpleNamespace(num_layers=4)), max_rows=250)
+    threads: list[tuple[int, int]] = []
+    gate = threading.Event()
+
+    def compute(stage: int, works: list[StageWork]) -> list:
+        if stage == 3:
+            gate.wait(10)
+        threads.append((stage, threading.get_ident()))
+        return [stage] * len(works)
+
+    merger._compute = compute
+    merger.start()
+    loop_thread = threading.get_ident()
+    try:
+        assert await merger.run(work(1, 10), alone=True) == 1
+        assert await merger.run(work(2, 10)) == 2
+        held = asyncio.ensure_future(merger.run(work(3, 10)))
+        for _ in range(1000):
+            if merger._busy:
+                break
+            await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(merger.run(work(1, 10), alone=True))
+        await asyncio.sleep(0)  # it is queued, not computed, while the stage-3 job holds the thread
+        gate.set()
+        assert await held == 3 and await queued == 1
+    finally:
+        gate.set()
+        await merger.close()
+    assert threads[0] == (1, loop_thread)
+    assert [stage for stage, _ in threads[1:]] == [2, 3, 1]
+    assert all(thread != loop_thread for _, thread in threads[1:])
+    assert merger.stats.jobs == 4
 
 
 async def test_a_burst_of_requests_starts_in_one_step(checkpoint, tmp_path, monkeypatch):

@@ -297,6 +297,23 @@ class MicroBatch:
             await self.node.finish(seq, error=message)
         self.node.place_waiting()
 
+    def _compute(self, work: StageWork):
+        return self.node.merger.run(work, alone=self.node.micro_batches_in_flight == 1)
+
+    async def _attend(self, layer: int, parts: list[tuple[Tier2Link, slice, dict]], q, k, v) -> torch.Tensor:
+        """Layer ``layer``'s attention: each node's rows go out at once, the outputs come back in order.
+        The sequence list goes with layer 0 only: Tier 2 plans the step from it once."""
+        def on(link: Tier2Link, rows: slice, header: dict):
+            return link.attend(self.id, layer, header if layer == 0 else {}, q[rows], k[rows], v[rows])
+
+        if len(parts) == 1:  # awaited directly: a gather would cost a task and a loop pass every layer
+            return await on(*parts[0])
+        outs = await asyncio.gather(*(on(*part) for part in parts), return_exceptions=True)
+        for result in outs:
+            if isinstance(result, BaseException):
+                raise result
+        return torch.cat(outs)
+
     async def _step(self) -> None:
         node = self.node
         # Group the step's sequences by node so each node's rows are one contiguous slice.
@@ -315,25 +332,17 @@ class MicroBatch:
             }))
             row += tokens
         rot = rotary(node.model.inv_freq, batch.positions.to(node.model.device), node.model.dtype)  # for every stage
-        x, q, k, v = await node.merger.run(StageWork(0, rot, token_ids=batch.token_ids))
+        x, q, k, v = await self._compute(StageWork(0, rot, token_ids=batch.token_ids))
         for layer in range(node.num_layers):
-            # The sequence list goes with layer 0 only: Tier 2 plans the step from it once.
-            outs = await asyncio.gather(*(
-                link.attend(self.id, layer, header if layer == 0 else {}, q[rows], k[rows], v[rows])
-                for link, rows, header in parts
-            ), return_exceptions=True)
-            for result in outs:
-                if isinstance(result, BaseException):
-                    raise result
-            out = outs[0] if len(outs) == 1 else torch.cat(outs)
+            out = await self._attend(layer, parts, q, k, v)
             if layer == 0:
                 self.on_node.update(s.id for s in batch.seqs)
             if layer + 1 < node.num_layers:
-                x, q, k, v = await node.merger.run(StageWork(layer + 1, rot, x=x, attn_out=out))
+                x, q, k, v = await self._compute(StageWork(layer + 1, rot, x=x, attn_out=out))
         next_tokens = torch.empty(0, dtype=torch.int64)
         if batch.sampled:
             seqs = batch.sampled
-            next_tokens = await node.merger.run(StageWork(
+            next_tokens = await self._compute(StageWork(
                 node.num_layers, rot, x=x, attn_out=out, sample_rows=batch.sample_rows,
                 params=[s.params for s in seqs], seeds=[s.seed for s in seqs], steps=[len(s.generated) for s in seqs],
             ))

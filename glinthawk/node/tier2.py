@@ -3,8 +3,12 @@
 Tier 1 introduces itself with the model's KV geometry; the node sizes its store from
 ``--kv-memory``/``--kv-tokens`` and announces the capacity in tokens. Each ATTN frame
 carries one micro-batch at one layer: the node appends its k/v, attends, and answers
-ATTN_OUT as soon as that micro-batch is done. Compute runs on one worker thread (the
-store is touched by nothing else), so the event loop keeps reading and writing frames.
+ATTN_OUT as soon as that micro-batch is done. Compute runs on one worker thread, so the
+event loop keeps reading and writing frames, except when there is nothing to overlap:
+no other job queued on the thread and no other frame received. Then the event loop
+attends itself, since a hop to the thread and back only adds latency to every layer's
+round trip (about 70 us of about 2.4 ms at batch 64, with one micro-batch in flight).
+The store is never touched by both at once.
 
 A step's first frame for a micro-batch lists its sequences (``seqs``: id, first
 position, tokens); the node plans the step's attention from it once (``AttentionPlan``)
@@ -48,6 +52,7 @@ class Tier2Node:
         self.metrics = Tier2Metrics(self)
         self.owner: Connection | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier2-attention")
+        self._jobs = 0  # submitted to the compute thread and not finished
         self._server: asyncio.AbstractServer | None = None
         self._closing = False
 
@@ -100,7 +105,9 @@ class Tier2Node:
                 if self._closing:
                     break
                 kind = header["type"]
-                if kind == MsgType.ATTN:
+                if kind == MsgType.ATTN and not self._jobs and not conn.frames_waiting:
+                    await self._attend(conn, header, tensors, inline=True)
+                elif kind == MsgType.ATTN:
                     task = asyncio.create_task(self._attend(conn, header, tensors))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
@@ -121,12 +128,20 @@ class Tier2Node:
             log.info("Tier 1 disconnected; KV store dropped")
 
     def _submit(self, fn, *args) -> asyncio.Future:
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """Run ``fn`` on the compute thread; ``_jobs`` counts those not finished."""
+        self._jobs += 1
+        job = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        job.add_done_callback(self._job_done)
+        return job
 
-    async def _attend(self, conn: Connection, header: dict, tensors: dict[str, torch.Tensor]) -> None:
+    def _job_done(self, _: asyncio.Future) -> None:
+        self._jobs -= 1
+
+    async def _attend(self, conn: Connection, header: dict, tensors: dict[str, torch.Tensor],
+                      inline: bool = False) -> None:
         mb = header.get("mb")
         try:
-            out = await self._submit(self._compute, header, tensors)
+            out = self._compute(header, tensors) if inline else await self._submit(self._compute, header, tensors)
         except Exception as exc:  # a malformed request fails alone; the node keeps serving
             if not isinstance(exc, (KVCapacityError, UnknownSequenceError)):
                 log.warning("bad ATTN frame: %r", exc)
