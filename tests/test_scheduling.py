@@ -36,6 +36,25 @@ async def test_jobs_merge_ready_micro_batches_up_to_the_row_cap():
     assert jobs == [(3, [100, 100]), (3, [100]), (3, [300]), (3, [20]), (1, [10])]
 
 
+async def test_a_failed_job_fails_its_micro_batches_and_the_next_job_runs():
+    merger = StageMerger(SimpleNamespace(config=SimpleNamespace(num_layers=4)), max_rows=250)
+
+    def compute(stage: int, works: list[StageWork]) -> list:
+        if stage == 2:
+            raise RuntimeError("simulated fault")
+        return [stage] * len(works)
+
+    merger._compute = compute
+    merger.start()
+    try:
+        results = await asyncio.gather(merger.run(work(2, 10)), merger.run(work(2, 10)), merger.run(work(1, 10)),
+                                       return_exceptions=True)
+    finally:
+        await merger.close()
+    assert [str(r) for r in results[:2]] == ["simulated fault"] * 2 and results[2] == 1
+    assert merger.stats.jobs == 1
+
+
 async def test_a_micro_batch_alone_computes_on_the_event_loop_unless_the_compute_thread_is_busy():
     """Alone in flight, a micro-batch has nothing to overlap its compute with: it skips the
     hops to the compute thread. Behind a running job it queues there like any other."""

@@ -133,13 +133,13 @@ class StageMerger:
         if error is None:
             self.stats.jobs += 1
             self.stats.micro_batches += len(works)
-        for i, work in enumerate(works):
+        for work, result in zip(works, [None] * len(works) if error else job.result()):
             if work.future.done():
                 continue
             if error is not None:  # a failed job fails its micro-batches, not the node
                 work.future.set_exception(error)
             else:
-                work.future.set_result(job.result()[i])
+                work.future.set_result(result)
 
     def _next_job(self) -> list[StageWork]:
         """The queued work of the latest stage, oldest first, up to ``max_rows`` rows (at least one)."""
