@@ -98,21 +98,25 @@ class Tier2Link:
             except (ConnectionClosed, ConnectionError):
                 self._lost("connection closed")
 
-    async def attend(self, mb: int, layer: int, header: dict, q, k, v) -> torch.Tensor:
-        if not self.alive:
-            raise LinkLost(f"Tier 2 node {self.address} is gone")
+    async def send_attention(self, mb: int, layer: int, header: dict, q, k, v) -> asyncio.Future:
+        """Send micro-batch ``mb``'s q, k, v for ``layer``; returns the future of its attention
+        output, which fails with LinkLost if the node is or goes away (this never raises, so
+        a step's parts are all answered or failed before it is tried again)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        if not self.alive:
+            future.set_exception(LinkLost(f"Tier 2 node {self.address} is gone"))
+            return future
         self._waiting[mb] = future
-        sent_at = loop.time()
+        if self.round_trip is not None:
+            sent_at = loop.time()
+            future.add_done_callback(lambda f: f.cancelled() or f.exception() or self.round_trip.observe(
+                loop.time() - sent_at))
         try:
             await self.conn.send({"type": MsgType.ATTN, "mb": mb, "layer": layer, **header}, {"q": q, "k": k, "v": v})
         except (ConnectionClosed, ConnectionError) as exc:
             self._lost(f"send failed: {exc}")
-        out = await future
-        if self.round_trip is not None:
-            self.round_trip.observe(loop.time() - sent_at)
-        return out
+        return future
 
     async def release(self, seq_ids: list[int]) -> None:
         if self.alive and seq_ids:
@@ -303,12 +307,11 @@ class MicroBatch:
     async def _attend(self, layer: int, parts: list[tuple[Tier2Link, slice, dict]], q, k, v) -> torch.Tensor:
         """Layer ``layer``'s attention: each node's rows go out at once, the outputs come back in order.
         The sequence list goes with layer 0 only: Tier 2 plans the step from it once."""
-        def on(link: Tier2Link, rows: slice, header: dict):
-            return link.attend(self.id, layer, header if layer == 0 else {}, q[rows], k[rows], v[rows])
-
-        if len(parts) == 1:  # awaited directly: a gather would cost a task and a loop pass every layer
-            return await on(*parts[0])
-        outs = await asyncio.gather(*(on(*part) for part in parts), return_exceptions=True)
+        answers = [await link.send_attention(self.id, layer, header if layer == 0 else {}, q[rows], k[rows], v[rows])
+                   for link, rows, header in parts]
+        if len(answers) == 1:  # awaited directly: a gather would cost a loop pass every layer
+            return await answers[0]
+        outs = await asyncio.gather(*answers, return_exceptions=True)
         for result in outs:
             if isinstance(result, BaseException):
                 raise result
