@@ -11,6 +11,7 @@ import torch
 
 from glinthawk.client import submit
 from glinthawk.compute.rope import Rotary
+from glinthawk.node import merger as merger_module
 from glinthawk.node import tier1
 from glinthawk.node.merger import StageMerger, StageWork
 from glinthawk.node.tier1 import Tier1Node
@@ -55,9 +56,10 @@ async def test_a_failed_job_fails_its_micro_batches_and_the_next_job_runs():
     assert merger.stats.jobs == 1
 
 
-async def test_a_micro_batch_alone_computes_on_the_event_loop_unless_the_compute_thread_is_busy():
+async def test_a_micro_batch_alone_computes_on_the_event_loop_unless_the_compute_thread_is_busy(monkeypatch):
     """Alone in flight, a micro-batch has nothing to overlap its compute with: it skips the
-    hops to the compute thread. Behind a running job it queues there like any other."""
+    hops to the compute thread, once that stage is known to be quick. Behind a running job,
+    or where the stage is slow or not yet timed, it goes to the compute thread."""
     merger = StageMerger(SimpleNamespace(config=SimpleNamespace(num_layers=4)), max_rows=250)
     threads: list[tuple[int, int]] = []
     gate = threading.Event()
@@ -72,8 +74,9 @@ async def test_a_micro_batch_alone_computes_on_the_event_loop_unless_the_compute
     merger.start()
     loop_thread = threading.get_ident()
     try:
-        assert await merger.run(work(1, 10), alone=True) == 1
-        assert await merger.run(work(2, 10)) == 2
+        assert await merger.run(work(1, 10), alone=True) == 1  # not yet timed: the thread
+        assert await merger.run(work(1, 10), alone=True) == 1  # quick: here
+        assert await merger.run(work(2, 10)) == 2  # not alone: the thread
         held = asyncio.ensure_future(merger.run(work(3, 10)))
         for _ in range(1000):
             if merger._busy:
@@ -83,13 +86,14 @@ async def test_a_micro_batch_alone_computes_on_the_event_loop_unless_the_compute
         await asyncio.sleep(0)  # it is queued, not computed, while the stage-3 job holds the thread
         gate.set()
         assert await held == 3 and await queued == 1
+        monkeypatch.setattr(merger_module, "INLINE_MAX_S", 0.0)  # every stage is now too slow to run here
+        assert await merger.run(work(1, 10), alone=True) == 1
     finally:
         gate.set()
         await merger.close()
-    assert threads[0] == (1, loop_thread)
-    assert [stage for stage, _ in threads[1:]] == [2, 3, 1]
-    assert all(thread != loop_thread for _, thread in threads[1:])
-    assert merger.stats.jobs == 4
+    on_loop = [(stage, thread == loop_thread) for stage, thread in threads]
+    assert on_loop == [(1, False), (1, True), (2, False), (3, False), (1, False), (1, False)]
+    assert merger.stats.jobs == 6
 
 
 async def test_a_burst_of_requests_starts_in_one_step(checkpoint, tmp_path, monkeypatch):

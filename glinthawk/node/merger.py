@@ -33,6 +33,12 @@ from glinthawk.compute.rope import Rotary
 from glinthawk.compute.sampling import SamplingParams
 from glinthawk.compute.stages import final_stage, layer_stage
 
+# A micro-batch alone in flight computes on the event loop's thread (``StageMerger.run``)
+# where the same stage last took less than this, so the event loop stalls about this long
+# at most (a stage takes about as long from one step to the next, unless a prefill chunk
+# joins); beside a longer stage the thread hops cost nothing.
+INLINE_MAX_S = 0.02
+
 
 @dataclass
 class StageWork:
@@ -70,6 +76,7 @@ class StageMerger:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier1-compute")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._busy = False  # a job is on the compute thread
+        self._seconds: dict[int, float] = {}  # stage -> how long its latest job took
         self._dispatch_due = False  # a _dispatch is scheduled on the loop
         self._closed = False
 
@@ -86,14 +93,18 @@ class StageMerger:
         ``alone``: no other micro-batch is in flight. Then, with nothing queued and the
         compute thread idle, the work runs here on the event loop's thread: there is nothing
         to overlap it with, and the hops to the thread and back cost about 80 us each, on
-        every layer (7-10% at batch 64 with one micro-batch on 2 cores).
+        every layer (7-10% at batch 64 with one micro-batch on 2 cores). Only if this stage
+        last took under ``INLINE_MAX_S``, though: a longer one would hold up the node's other
+        I/O (clients, heartbeats), and beside it the hops cost nothing.
         """
-        if alone and not self._busy and not self._pending:
+        quick = self._seconds.get(work.stage, INLINE_MAX_S) < INLINE_MAX_S
+        if alone and quick and not self._busy and not self._pending:
             started = time.perf_counter()
             try:
                 result = self._compute(work.stage, [work])[0]
             finally:
-                self.stats.busy_seconds += time.perf_counter() - started
+                self._seconds[work.stage] = seconds = time.perf_counter() - started
+                self.stats.busy_seconds += seconds
             self.stats.jobs += 1
             self.stats.micro_batches += 1
             return result
@@ -125,7 +136,8 @@ class StageMerger:
 
     def _finished(self, works: list[StageWork], job: Future, started: float) -> None:
         self._busy = False
-        self.stats.busy_seconds += time.perf_counter() - started
+        self._seconds[works[0].stage] = seconds = time.perf_counter() - started
+        self.stats.busy_seconds += seconds
         self._dispatch()  # work that queued while this job ran goes next, at once
         if job.cancelled():
             return
