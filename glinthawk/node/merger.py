@@ -103,8 +103,7 @@ class StageMerger:
             try:
                 result = self._compute(work.stage, [work])[0]
             finally:
-                self._seconds[work.stage] = seconds = time.perf_counter() - started
-                self.stats.busy_seconds += seconds
+                self._timed(work.stage, started)
             self.stats.jobs += 1
             self.stats.micro_batches += 1
             return result
@@ -136,8 +135,7 @@ class StageMerger:
 
     def _finished(self, works: list[StageWork], job: Future, started: float) -> None:
         self._busy = False
-        self._seconds[works[0].stage] = seconds = time.perf_counter() - started
-        self.stats.busy_seconds += seconds
+        self._timed(works[0].stage, started)
         self._dispatch()  # work that queued while this job ran goes next, at once
         if job.cancelled():
             return
@@ -152,6 +150,11 @@ class StageMerger:
                 work.future.set_exception(error)
             else:
                 work.future.set_result(result)
+
+    def _timed(self, stage: int, started: float) -> None:
+        """Record a job of ``stage`` that began at ``started`` (``perf_counter``) and has just ended."""
+        self._seconds[stage] = seconds = time.perf_counter() - started
+        self.stats.busy_seconds += seconds
 
     def _next_job(self) -> list[StageWork]:
         """The queued work of the latest stage, oldest first, up to ``max_rows`` rows (at least one)."""

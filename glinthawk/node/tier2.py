@@ -48,7 +48,7 @@ class Tier2Node:
             raise ValueError("give exactly one of kv_memory (bytes) or kv_tokens")
         self.kv_memory, self.kv_tokens, self.netem, self.secret = kv_memory, kv_tokens, netem, secret
         self.store: KVStore | None = None
-        self._plans: dict[object, AttentionPlan] = {}  # micro-batch -> its step's plan (compute thread only)
+        self._plans: dict[object, AttentionPlan] = {}  # micro-batch -> its step's plan (where the store is touched)
         self.metrics = Tier2Metrics(self)
         self.owner: Connection | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier2-attention")
