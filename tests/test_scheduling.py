@@ -7,11 +7,11 @@ import json
 import threading
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from glinthawk.client import submit
 from glinthawk.compute.rope import Rotary
-from glinthawk.node import merger as merger_module
 from glinthawk.node import tier1
 from glinthawk.node.merger import StageMerger, StageWork
 from glinthawk.node.tier1 import Tier1Node
@@ -22,8 +22,13 @@ def work(stage: int, rows: int) -> StageWork:
     return StageWork(stage, Rotary(torch.zeros(rows, 2), torch.zeros(rows, 2)))
 
 
-async def test_jobs_merge_ready_micro_batches_up_to_the_row_cap():
-    merger = StageMerger(SimpleNamespace(config=SimpleNamespace(num_layers=4)), max_rows=250)
+def merger_for_tests(own_thread: bool) -> StageMerger:
+    return StageMerger(SimpleNamespace(config=SimpleNamespace(num_layers=4)), max_rows=250, own_thread=own_thread)
+
+
+@pytest.mark.parametrize("own_thread", [False, True])
+async def test_jobs_merge_ready_micro_batches_up_to_the_row_cap(own_thread):
+    merger = merger_for_tests(own_thread)
     jobs: list[tuple[int, list[int]]] = []
     merger._compute = lambda stage, works: jobs.append((stage, [w.rows for w in works])) or [None] * len(works)
     merger.start()
@@ -37,8 +42,9 @@ async def test_jobs_merge_ready_micro_batches_up_to_the_row_cap():
     assert jobs == [(3, [100, 100]), (3, [100]), (3, [300]), (3, [20]), (1, [10])]
 
 
-async def test_a_failed_job_fails_its_micro_batches_and_the_next_job_runs():
-    merger = StageMerger(SimpleNamespace(config=SimpleNamespace(num_layers=4)), max_rows=250)
+@pytest.mark.parametrize("own_thread", [False, True])
+async def test_a_failed_job_fails_its_micro_batches_and_the_next_job_runs(own_thread):
+    merger = merger_for_tests(own_thread)
 
     def compute(stage: int, works: list[StageWork]) -> list:
         if stage == 2:
@@ -56,44 +62,70 @@ async def test_a_failed_job_fails_its_micro_batches_and_the_next_job_runs():
     assert merger.stats.jobs == 1
 
 
-async def test_a_micro_batch_alone_computes_on_the_event_loop_unless_the_compute_thread_is_busy(monkeypatch):
-    """Alone in flight, a micro-batch has nothing to overlap its compute with: it skips the
-    hops to the compute thread, once that stage is known to be quick. Behind a running job,
-    or where the stage is slow or not yet timed, it goes to the compute thread."""
-    merger = StageMerger(SimpleNamespace(config=SimpleNamespace(num_layers=4)), max_rows=250)
-    threads: list[tuple[int, int]] = []
-    gate = threading.Event()
+@pytest.mark.parametrize("own_thread", [False, True])
+async def test_every_job_and_the_warm_up_run_on_one_thread(own_thread):
+    """One thread touches torch: a second one would bring a second OpenMP team (see merger.py)."""
+    merger = merger_for_tests(own_thread)
+    threads: list[int] = []
 
     def compute(stage: int, works: list[StageWork]) -> list:
-        if stage == 3:
-            gate.wait(10)
-        threads.append((stage, threading.get_ident()))
+        threads.append(threading.get_ident())
         return [stage] * len(works)
 
     merger._compute = compute
     merger.start()
-    loop_thread = threading.get_ident()
     try:
-        assert await merger.run(work(1, 10), alone=True) == 1  # not yet timed: the thread
-        assert await merger.run(work(1, 10), alone=True) == 1  # quick: here
-        assert await merger.run(work(2, 10)) == 2  # not alone: the thread
-        held = asyncio.ensure_future(merger.run(work(3, 10)))
-        for _ in range(1000):
-            if merger._busy:
-                break
-            await asyncio.sleep(0.01)
-        queued = asyncio.ensure_future(merger.run(work(1, 10), alone=True))
-        await asyncio.sleep(0)  # it is queued, not computed, while the stage-3 job holds the thread
-        gate.set()
-        assert await held == 3 and await queued == 1
-        monkeypatch.setattr(merger_module, "INLINE_MAX_S", 0.0)  # every stage is now too slow to run here
+        await merger.call(lambda: threads.append(threading.get_ident()))
         assert await merger.run(work(1, 10), alone=True) == 1
+        assert await asyncio.gather(merger.run(work(2, 10)), merger.run(work(2, 10)), merger.run(work(3, 10))) == [2, 2, 3]
     finally:
-        gate.set()
         await merger.close()
-    on_loop = [(stage, thread == loop_thread) for stage, thread in threads]
-    assert on_loop == [(1, False), (1, True), (2, False), (3, False), (1, False), (1, False)]
-    assert merger.stats.jobs == 6
+    assert len(threads) == 4 and len(set(threads)) == 1
+    assert (threads[0] == threading.get_ident()) is not own_thread
+    assert merger.stats.jobs == 3 and merger.stats.micro_batches == 4
+
+
+async def test_a_micro_batch_alone_on_the_loop_computes_at_once():
+    """Alone, with nothing queued, the work runs in the awaiting micro-batch's own turn: no
+    loop pass between the result of one layer and the compute of the next."""
+    merger = merger_for_tests(own_thread=False)
+    order: list[str] = []
+    merger._compute = lambda stage, works: order.append(f"job {stage}") or [stage] * len(works)
+    merger.start()
+    try:
+        asyncio.get_running_loop().call_soon(order.append, "next loop pass")
+        assert await merger.run(work(1, 10), alone=True) == 1
+        await asyncio.sleep(0)
+        queued = asyncio.ensure_future(merger.run(work(2, 10)))  # not alone: waits for the pass's others
+        asyncio.get_running_loop().call_soon(order.append, "same pass")
+        assert await queued == 2
+    finally:
+        await merger.close()
+    assert order == ["job 1", "next loop pass", "same pass", "job 2"]
+
+
+async def test_tier1_touches_torch_from_one_thread(checkpoint, tmp_path, monkeypatch):
+    """The warm-up and every stage of a real Tier 1 (two micro-batches in flight) run on one thread."""
+    model, tokenizer = checkpoint
+    threads: set[int] = set()
+    real_warm_up, real_compute = tier1.warm_up, StageMerger._compute
+    monkeypatch.setattr(tier1, "warm_up", lambda *a: threads.add(threading.get_ident()) or real_warm_up(*a))
+    monkeypatch.setattr(StageMerger, "_compute",
+                        lambda self, *a: threads.add(threading.get_ident()) or real_compute(self, *a))
+    requests = tmp_path / "in.jsonl"
+    requests.write_text("".join(json.dumps({"custom_id": f"r{i}", "prompt": f"item {i}", "max_tokens": 3,
+                                            "ignore_eos": True}) + "\n" for i in range(6)))
+    tier2 = Tier2Node(kv_tokens=512)
+    port2 = await tier2.start("127.0.0.1", 0)
+    node = Tier1Node(model, tokenizer, [f"127.0.0.1:{port2}"], micro_batches=2, max_seqs=3)
+    try:
+        port = await node.start("127.0.0.1", 0)
+        summary = await submit(requests, "127.0.0.1", port, tmp_path / "out.jsonl", progress=False)
+    finally:
+        await node.close()
+        await tier2.close()
+    assert summary.done == 6
+    assert threads == {threading.get_ident()}  # on the CPU: the event loop's thread
 
 
 async def test_a_burst_of_requests_starts_in_one_step(checkpoint, tmp_path, monkeypatch):

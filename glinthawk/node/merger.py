@@ -1,15 +1,25 @@
 """Tier 1's compute loop: every micro-batch ready at the same stage runs as one batch.
 
 Micro-batches hand their work to ``StageMerger.run`` and await the result. One thread
-does all compute (torch releases the GIL, so the event loop keeps moving frames); while
-it works, more micro-batches come back from Tier 2 and queue up, and the next job takes
-those that stand at one stage, up to ``max_rows`` rows (the step size the linear layers
-were warmed up for). Later stages go first: that drains the pipeline and frees KV room
-soonest.
+does all compute; while it works, more micro-batches come back from Tier 2 and queue up,
+and the next job takes those that stand at one stage, up to ``max_rows`` rows (the step
+size the linear layers were warmed up for). Later stages go first: that drains the
+pipeline and frees KV room soonest.
+
+On the CPU that one thread is the event loop's own. torch's OpenMP (libgomp) gives every
+thread that starts parallel work a team of workers of its own, and once a process holds
+more workers than cores, libgomp cuts their spin-wait to 100 rounds: between torch's many
+short ops the workers fall asleep and must be woken each time. A second computing thread
+beside the loop (a compute thread plus the loop computing where a hop did not pay, or a
+warm-up on another thread) made every layer stage 35% slower on 2 cores (1.1 -> 1.5 ms
+at 64 rows). Frames that arrive during a job wait in the socket; the loop reads them, and
+sends what the job produced, between jobs. On CUDA the compute runs on a thread of its
+own, so the loop keeps moving frames while the GPU works.
 
 Jobs start from a callback, not from a task of their own: at the end of the event-loop
-pass in which work came to an idle thread, or at once when the job before finishes. Every
-loop pass between a frame's arrival and its compute is latency on each layer's round trip.
+pass in which work came to an idle merger, or (on the compute thread) at once when the job
+before finishes. Every loop pass between a frame's arrival and its compute is latency on
+each layer's round trip.
 
 The row cap also keeps micro-batches apart. Micro-batches merged into one job go out
 together and come back together; without a cap they stay one clump, and Tier 1 waits out
@@ -32,13 +42,6 @@ from glinthawk.compute.loader import Model
 from glinthawk.compute.rope import Rotary
 from glinthawk.compute.sampling import SamplingParams
 from glinthawk.compute.stages import final_stage, layer_stage
-
-# A micro-batch alone in flight computes on the event loop's thread (``StageMerger.run``)
-# where the same stage last took less than this, so the event loop stalls about this long
-# at most (a stage takes about as long from one step to the next, unless a prefill chunk
-# joins); beside a longer stage the thread hops cost nothing.
-INLINE_MAX_S = 0.02
-
 
 @dataclass
 class StageWork:
@@ -68,15 +71,18 @@ class MergerStats:
 
 
 class StageMerger:
-    def __init__(self, model: Model, max_rows: int):
+    def __init__(self, model: Model, max_rows: int, own_thread: bool | None = None):
+        """``own_thread``: compute on a thread of its own rather than the event loop's (by
+        default only where the model is not on the CPU; see the module docstring)."""
         self.model, self.max_rows = model, max_rows
         self.final = model.config.num_layers
         self.stats = MergerStats()
         self._pending: dict[int, list[StageWork]] = defaultdict(list)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier1-compute")
+        if own_thread is None:
+            own_thread = model.device.type != "cpu"
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier1-compute") if own_thread else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._busy = False  # a job is on the compute thread
-        self._seconds: dict[int, float] = {}  # stage -> how long its latest job took
         self._dispatch_due = False  # a _dispatch is scheduled on the loop
         self._closed = False
 
@@ -85,44 +91,59 @@ class StageMerger:
 
     async def close(self) -> None:
         self._closed = True
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def call(self, fn, *args):
+        """``fn(*args)`` on the thread that computes (for the warm-up: one thread touches torch)."""
+        if self._executor is None:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def run(self, work: StageWork, alone: bool = False):
         """Queue ``work``; returns (x, q, k, v) for a layer stage, sampled tokens for the final one.
 
-        ``alone``: no other micro-batch is in flight. Then, with nothing queued and the
-        compute thread idle, the work runs here on the event loop's thread: there is nothing
-        to overlap it with, and the hops to the thread and back cost about 80 us each, on
-        every layer (7-10% at batch 64 with one micro-batch on 2 cores). Only if this stage
-        last took under ``INLINE_MAX_S``, though: a longer one would hold up the node's other
-        I/O (clients, heartbeats), and beside it the hops cost nothing.
+        ``alone``: no other micro-batch is in flight, so none can join this job. Computing on
+        the event loop with nothing queued, the work then runs at once, two loop passes sooner.
         """
-        quick = self._seconds.get(work.stage, INLINE_MAX_S) < INLINE_MAX_S
-        if alone and quick and not self._busy and not self._pending:
+        if alone and self._executor is None and not self._pending:
             started = time.perf_counter()
             try:
                 result = self._compute(work.stage, [work])[0]
             finally:
-                self._timed(work.stage, started)
+                self._timed(started)
             self.stats.jobs += 1
             self.stats.micro_batches += 1
             return result
         work.future = asyncio.get_running_loop().create_future()
         self._pending[work.stage].append(work)
-        if not self._busy and not self._dispatch_due:
-            # At the end of this event-loop pass, so that work queued in the same pass joins the job.
-            self._dispatch_due = True
-            self._loop.call_soon(self._dispatch)
+        self._schedule()
         return await work.future
 
+    def _schedule(self) -> None:
+        """A ``_dispatch`` at the end of this loop pass, so that work queued in the same pass joins the job."""
+        if not self._busy and not self._dispatch_due and self._pending:
+            self._dispatch_due = True
+            self._loop.call_soon(self._dispatch)
+
     def _dispatch(self) -> None:
-        """Start the next job on the compute thread, if it is idle and there is work."""
+        """Start the next job, if the compute thread is idle and there is work."""
         self._dispatch_due = False
         if self._busy or self._closed or not self._pending:
             return
         works = self._next_job()
-        self._busy = True
         started = time.perf_counter()
+        if self._executor is None:
+            try:
+                results, error = self._compute(works[0].stage, works), None
+            except Exception as exc:  # a failed job fails its micro-batches, not the node
+                results, error = None, exc
+            self._timed(started)
+            self._settle(works, results, error)
+            # After the micro-batches just settled have run (and sent their frames): they resume first.
+            self._schedule()
+            return
+        self._busy = True
         job = self._executor.submit(self._compute, works[0].stage, works)
         job.add_done_callback(lambda job: self._call_back(self._finished, works, job, started))
 
@@ -135,26 +156,27 @@ class StageMerger:
 
     def _finished(self, works: list[StageWork], job: Future, started: float) -> None:
         self._busy = False
-        self._timed(works[0].stage, started)
+        self._timed(started)
         self._dispatch()  # work that queued while this job ran goes next, at once
-        if job.cancelled():
-            return
-        error = job.exception()
+        if not job.cancelled():
+            error = job.exception()
+            self._settle(works, None if error else job.result(), error)
+
+    def _settle(self, works: list[StageWork], results: list | None, error: BaseException | None) -> None:
         if error is None:
             self.stats.jobs += 1
             self.stats.micro_batches += len(works)
-        for work, result in zip(works, [None] * len(works) if error else job.result()):
+        for work, result in zip(works, results or [None] * len(works)):
             if work.future.done():
                 continue
-            if error is not None:  # a failed job fails its micro-batches, not the node
+            if error is not None:
                 work.future.set_exception(error)
             else:
                 work.future.set_result(result)
 
-    def _timed(self, stage: int, started: float) -> None:
-        """Record a job of ``stage`` that began at ``started`` (``perf_counter``) and has just ended."""
-        self._seconds[stage] = seconds = time.perf_counter() - started
-        self.stats.busy_seconds += seconds
+    def _timed(self, started: float) -> None:
+        """Count a job that began at ``started`` (``perf_counter``) and has just ended as busy time."""
+        self.stats.busy_seconds += time.perf_counter() - started
 
     def _next_job(self) -> list[StageWork]:
         """The queued work of the latest stage, oldest first, up to ``max_rows`` rows (at least one)."""

@@ -409,9 +409,9 @@ class Tier1Node:
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self, host: str, port: int) -> int:
-        await asyncio.to_thread(warm_up, self.model, self.max_batch_tokens, self.max_seqs)
         self.merger = StageMerger(self.model, max_rows=self.max_batch_tokens)
         self.merger.start()
+        await self.merger.call(warm_up, self.model, self.max_batch_tokens, self.max_seqs)
         self.micro_batch_list = [MicroBatch(self) for _ in range(self.micro_batches)]
         for mb in self.micro_batch_list:
             self._spawn(mb.run())
