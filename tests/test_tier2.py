@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 import torch
@@ -85,48 +84,37 @@ async def test_a_frame_without_seqs_and_no_step_to_reuse_gets_an_error():
         await node.close()
 
 
-async def wait_for(condition, what: str, timeout_s: float = 10.0) -> None:
-    for _ in range(int(timeout_s / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-async def test_a_lone_frame_is_attended_on_the_event_loop_and_others_queue_on_the_compute_thread():
-    """With nothing else queued a frame is attended on the event loop's thread (a hop to the
-    compute thread and back only adds latency); while a job is on the compute thread, frames
-    queue behind it there, so the store is never touched by both at once."""
+async def test_frames_are_attended_in_order_on_the_event_loops_thread():
+    """Frames sent back to back, a RELEASE among them, are attended one after another on
+    the event loop's thread (the one thread that touches torch) and answered in order."""
     node = Tier2Node(kv_tokens=32)
     computed: list[tuple[object, int]] = []
-    compute, release = node._compute, node._release
+    compute = node._compute
     node._compute = lambda header, tensors: computed.append((header["mb"], threading.get_ident())) or compute(
         header, tensors)
-    gate = threading.Event()
-    node._release = lambda seq_ids: gate.wait(10) and release(seq_ids)
     port = await node.start("127.0.0.1", 0)
     reference = KVStore(LAYERS, KV_HEADS, DIM, 32)
-    loop_thread = threading.get_ident()
     try:
         conn = await connect(node, port)
-        first, second = qkv(3, seed=1), qkv(2, seed=2)
-        header, out = await attn(conn, first, mb=1, layer=0, seqs=[[1, 0, 3]], reserve=[[1, 8]])
-        reference.reserve(1, 8)
-        assert torch.allclose(out["out"], attend(reference, 0, [1], [0], [3], **first), atol=1e-5)
-        assert computed == [(1, loop_thread)]
-
-        await conn.send({"type": MsgType.RELEASE, "seqs": [1]})  # holds the compute thread until the gate opens
+        first, second, third = qkv(3, seed=1), qkv(2, seed=2), qkv(4, seed=3)
+        await conn.send({"type": MsgType.ATTN, "mb": 1, "layer": 0, "seqs": [[1, 0, 3]], "reserve": [[1, 8]]}, first)
+        await conn.send({"type": MsgType.RELEASE, "seqs": [1]})
         await conn.send({"type": MsgType.ATTN, "mb": 2, "layer": 0, "seqs": [[2, 0, 2]], "reserve": [[2, 8]]}, second)
-        await wait_for(lambda: node._jobs == 2, "the frame to queue behind the release")
-        gate.set()
-        header, out = await conn.recv()
+        await conn.send({"type": MsgType.ATTN, "mb": 2, "layer": 1}, second)
+        await conn.send({"type": MsgType.ATTN, "mb": 3, "layer": 0, "seqs": [[3, 0, 4]], "reserve": [[3, 8]]}, third)
+        answers = [await conn.recv() for _ in range(4)]
+        reference.reserve(1, 8)
+        expected = [attend(reference, 0, [1], [0], [3], **first)]
         reference.free(1)
         reference.reserve(2, 8)
-        assert header["type"] == MsgType.ATTN_OUT and header["mb"] == 2
-        assert torch.allclose(out["out"], attend(reference, 0, [2], [0], [2], **second), atol=1e-5)
-        assert computed[1][0] == 2 and computed[1][1] != loop_thread
-        assert 1 not in node.store
+        expected += [attend(reference, layer, [2], [0], [2], **second) for layer in range(LAYERS)]
+        reference.reserve(3, 8)
+        expected.append(attend(reference, 0, [3], [0], [4], **third))
+        assert [(h["type"], h["mb"]) for h, _ in answers] == [(MsgType.ATTN_OUT, mb) for mb in (1, 2, 2, 3)]
+        for (_, out), want in zip(answers, expected):
+            assert torch.allclose(out["out"], want, atol=1e-5)
+        assert computed == [(mb, threading.get_ident()) for mb in (1, 2, 2, 3)]
+        assert 1 not in node.store and 2 in node.store
         conn.close()
     finally:
-        gate.set()
         await node.close()

@@ -314,11 +314,6 @@ class Connection:
         self.bytes_received += self._protocol.last_frame_bytes
         return header, tensors
 
-    @property
-    def frames_waiting(self) -> int:
-        """Frames received whole and not yet ``recv``ed."""
-        return len(self._protocol.frames)
-
     def __aiter__(self) -> "Connection":
         return self
 

@@ -43,6 +43,7 @@ from glinthawk.compute.rope import Rotary
 from glinthawk.compute.sampling import SamplingParams
 from glinthawk.compute.stages import final_stage, layer_stage
 
+
 @dataclass
 class StageWork:
     """One micro-batch's input to one stage. Tensors live on the CPU; results come back there."""

@@ -3,12 +3,11 @@
 Tier 1 introduces itself with the model's KV geometry; the node sizes its store from
 ``--kv-memory``/``--kv-tokens`` and announces the capacity in tokens. Each ATTN frame
 carries one micro-batch at one layer: the node appends its k/v, attends, and answers
-ATTN_OUT as soon as that micro-batch is done. Compute runs on one worker thread, so the
-event loop keeps reading and writing frames, except when there is nothing to overlap:
-no other job queued on the thread and no other frame received. Then the event loop
-attends itself, since a hop to the thread and back only adds latency to every layer's
-round trip (about 70 us of about 2.4 ms at batch 64, with one micro-batch in flight).
-The store is never touched by both at once.
+ATTN_OUT as soon as that micro-batch is done. The event loop's own thread attends, one
+frame after another, and the frames that arrive meanwhile wait in the socket: one thread
+touches torch, so libgomp keeps one team of workers (with a second computing thread it
+cuts their spin-wait short, and attention at batch 64 took 1.3x as long; see
+node/merger.py).
 
 A step's first frame for a micro-batch lists its sequences (``seqs``: id, first
 position, tokens); the node plans the step's attention from it once (``AttentionPlan``)
@@ -21,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -51,8 +49,6 @@ class Tier2Node:
         self._plans: dict[object, AttentionPlan] = {}  # micro-batch -> its step's plan (where the store is touched)
         self.metrics = Tier2Metrics(self)
         self.owner: Connection | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier2-attention")
-        self._jobs = 0  # submitted to the compute thread and not finished
         self._server: asyncio.AbstractServer | None = None
         self._closing = False
 
@@ -62,18 +58,16 @@ class Tier2Node:
         return self._server.sockets[0].getsockname()[1]
 
     async def drain(self) -> None:
-        """Stop accepting connections and finish the attention work already queued."""
+        """Stop accepting connections (a frame is attended to and answered before the next is read)."""
         if self._server is not None:
             self._server.close()
-        await asyncio.get_running_loop().run_in_executor(self._executor, lambda: None)
 
     async def close(self) -> None:
-        self._closing = True  # frames still arriving are dropped, not handed to a stopped pool
+        self._closing = True  # frames still arriving are dropped
         if self._server is not None:
             self._server.close()
         if self.owner is not None:
             self.owner.close()
-        self._executor.shutdown(wait=True)
 
     # -- connection -------------------------------------------------------------------
     def _welcome(self, hello: dict) -> dict:
@@ -99,20 +93,15 @@ class Tier2Node:
             return
         await server_handshake(conn, {"tier1"}, self._welcome, secret=self.secret)
         self.owner = conn
-        in_flight: set[asyncio.Task] = set()
         try:
             async for header, tensors in conn:
                 if self._closing:
                     break
                 kind = header["type"]
-                if kind == MsgType.ATTN and not self._jobs and not conn.frames_waiting:
-                    await self._attend(conn, header, tensors, inline=True)
-                elif kind == MsgType.ATTN:
-                    task = asyncio.create_task(self._attend(conn, header, tensors))
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
+                if kind == MsgType.ATTN:
+                    await self._attend(conn, header, tensors)
                 elif kind == MsgType.RELEASE and isinstance(header.get("seqs"), list):
-                    self._submit(self._release, header["seqs"])
+                    self._release(header["seqs"])
                 elif kind == MsgType.PING:
                     await conn.send({"type": MsgType.PONG, "nonce": header.get("nonce")})
                 else:
@@ -120,28 +109,15 @@ class Tier2Node:
         except (ConnectionClosed, ProtocolError) as exc:
             log.warning("Tier 1 connection ended: %s", exc)
         finally:
-            if in_flight:
-                await asyncio.gather(*in_flight, return_exceptions=True)
             self.owner = None
             self.store = None  # a new Tier 1 starts from an empty cache
             self._plans = {}
             log.info("Tier 1 disconnected; KV store dropped")
 
-    def _submit(self, fn, *args) -> asyncio.Future:
-        """Run ``fn`` on the compute thread; ``_jobs`` counts those not finished."""
-        self._jobs += 1
-        job = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        job.add_done_callback(self._job_done)
-        return job
-
-    def _job_done(self, _: asyncio.Future) -> None:
-        self._jobs -= 1
-
-    async def _attend(self, conn: Connection, header: dict, tensors: dict[str, torch.Tensor],
-                      inline: bool = False) -> None:
+    async def _attend(self, conn: Connection, header: dict, tensors: dict[str, torch.Tensor]) -> None:
         mb = header.get("mb")
         try:
-            out = self._compute(header, tensors) if inline else await self._submit(self._compute, header, tensors)
+            out = self._compute(header, tensors)
         except Exception as exc:  # a malformed request fails alone; the node keeps serving
             if not isinstance(exc, (KVCapacityError, UnknownSequenceError)):
                 log.warning("bad ATTN frame: %r", exc)
