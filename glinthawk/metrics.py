@@ -63,7 +63,7 @@ class Tier1Metrics(_NodeMetrics):
         yield _counter("glinthawk_generated_tokens", "Tokens sampled", node.generated_tokens)
         yield _counter("glinthawk_first_tokens", "Requests that finished prefill (got their first token)",
                        stats.first_tokens)
-        yield _counter("glinthawk_tier1_busy_seconds", "Seconds the compute thread spent computing",
+        yield _counter("glinthawk_tier1_busy_seconds", "Seconds Tier 1 spent computing stages",
                        node.merger.stats.busy_seconds if node.merger else 0.0)
         yield _gauge("glinthawk_requests_waiting", "Requests queued for KV room", len(node.waiting))
         yield _gauge("glinthawk_micro_batches_in_flight", "Micro-batches holding sequences",

@@ -7,7 +7,7 @@ micro-batches in flight) point; with enough micro-batches in flight Tier 1 keeps
 computing while others are on the wire, and the delay disappears from the throughput.
 
 Ratios: to the 0 ms point with the same number of micro-batches, and to the best 0 ms
-point. ``tier1_busy`` is the fraction of the wall time Tier 1's compute thread was busy.
+point. ``tier1_busy`` is the fraction of the wall time Tier 1 spent computing stages.
 """
 
 from __future__ import annotations

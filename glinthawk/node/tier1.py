@@ -7,7 +7,7 @@ Structure:
 - ``MicroBatch``: a set of sequences living on one node that step together through the
   layers. Several per node are in flight at once; each runs as its own coroutine.
 - ``StageMerger`` (merger.py): runs every micro-batch that is ready at the same stage as
-  one batch on the compute thread.
+  one batch, on the one thread that computes (on the CPU, the event loop's).
 - ``Batch``: a client's submission; SUBMIT frames in, RESULT frames out as each request
   finishes, spooled to disk while no client is attached.
 
