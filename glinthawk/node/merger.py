@@ -128,7 +128,7 @@ class StageMerger:
             self._loop.call_soon(self._dispatch)
 
     def _dispatch(self) -> None:
-        """Start the next job, if the compute thread is idle and there is work."""
+        """Run the next job here (on the event loop) or start it on the compute thread, if none is running."""
         self._dispatch_due = False
         if self._busy or self._closed or not self._pending:
             return
