@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from glinthawk import omp
+
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 
@@ -121,6 +123,26 @@ class LocalCluster:
             return cores
         return max(1, cores // (self.tier2_nodes + 1))
 
+    def spin_rounds_for(self, name: str) -> int:
+        """libgomp spin-wait rounds for node ``name``: all nodes share this machine's cores.
+
+        While a node waits for the others, its OpenMP workers spin on all but one of its
+        threads' cores. A long spin keeps them awake for its next stage where the nodes
+        working meanwhile fit on the cores left; where they do not, they would wait for the
+        spinning workers. Interleaved A/B, batch 64, one micro-batch, 2 cores: Tier 1 at
+        100,000 rounds against 10,000 was +7.7% with 1 Tier 2 node, -3.6% with 2 and -2.7%
+        with 3 (whose frames then waited behind the spinning worker).
+        """
+        cores = os.cpu_count() or 1
+        others = (self.tier2_nodes * self.threads_for("tier2") if name == "tier1"
+                  else self.threads_for("tier1"))
+        held = self.threads_for(name) - 1
+        return omp.SPIN_ROUNDS if others <= cores - held else omp.SHARED_CORES_SPIN_ROUNDS
+
+    def env_for(self, name: str) -> dict[str, str]:
+        """Node ``name``'s environment: this one, with its spin-wait (unless the user set one)."""
+        return {**os.environ, **omp.child_spin_env(self.spin_rounds_for(name))}
+
     def _spawn(self, name: str, args: list[str]) -> NodeProcess:
         ready = self.log_dir / f"{name}.addr"
         ready.unlink(missing_ok=True)
@@ -135,7 +157,7 @@ class LocalCluster:
                    "--ready-file", str(ready), "--threads", str(threads), *netem]
         with open(log_path, "wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       preexec_fn=_die_with_parent, start_new_session=True)
+                                       env=self.env_for(name), preexec_fn=_die_with_parent, start_new_session=True)
         node = NodeProcess(name, process, log_path, ready)
         self.nodes.append(node)
         return node

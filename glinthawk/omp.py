@@ -4,10 +4,13 @@ After each parallel region libgomp's worker threads spin for ``GOMP_SPINCOUNT`` 
 (300,000 by default: milliseconds) before they sleep. 100,000 rounds (about 0.3 ms here)
 bridge a Tier 1's wait for one layer's round trip to Tier 2 with one micro-batch in
 flight, so its workers are awake when the next layer stage starts: interleaved A/B of
-two-tier loopback runs (2 AMD EPYC cores, bf16, batch 64), 10,000 -> 100,000 rounds gave
-+7.7% with 1 Tier 2 node, +3% with 2, the same with 3; 30,000 rounds did nothing. A
-worker spinning longer holds a core that another process on the same machine may want,
-which is why it is not the default's milliseconds.
+two-tier loopback runs (2 AMD EPYC cores, bf16, batch 64, one Tier 2 node), 10,000 ->
+100,000 rounds gave +7.7%; 30,000 rounds did nothing. A worker spinning longer holds a
+core that another process on the same machine may want, which is why it is not the
+default's milliseconds. ``glinthawk run`` starts its nodes on
+one machine and gives each process the spin that suits it there
+(``LocalCluster.spin_rounds_for``): ``SHARED_CORES_SPIN_ROUNDS`` where the other nodes
+need the cores its waiting workers would hold.
 
 Single-process decode and prefill do not move with it (10,000 to 300,000 rounds alike:
 batch-128 decode 3443-3515 tok/s, a prefill of two 2048-token prompts 952-995 ms), now
@@ -23,7 +26,9 @@ import os
 import sys
 
 SPIN_ROUNDS = 100_000
+SHARED_CORES_SPIN_ROUNDS = 10_000  # still bridges the gaps between back-to-back torch ops
 _USER_SETTINGS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+_set_here = False  # GOMP_SPINCOUNT in this environment is glinthawk's, not the user's
 
 
 def shorten_spin_wait() -> bool:
@@ -31,7 +36,17 @@ def shorten_spin_wait() -> bool:
 
     libgomp reads its environment once, when it is loaded with torch: a process that
     imported torch before glinthawk keeps the default."""
+    global _set_here
     if "torch" in sys.modules or any(name in os.environ for name in _USER_SETTINGS):
         return False
     os.environ["GOMP_SPINCOUNT"] = str(SPIN_ROUNDS)
+    _set_here = True
     return True
+
+
+def child_spin_env(rounds: int) -> dict[str, str]:
+    """Environment for a child process whose workers should spin ``rounds``: nothing where
+    the user chose the spin-wait (``OMP_WAIT_POLICY``, or a ``GOMP_SPINCOUNT`` of their own)."""
+    if "OMP_WAIT_POLICY" in os.environ or ("GOMP_SPINCOUNT" in os.environ and not _set_here):
+        return {}
+    return {"GOMP_SPINCOUNT": str(rounds)}

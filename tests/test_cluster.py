@@ -214,3 +214,30 @@ def test_local_cluster_shares_the_cores(monkeypatch, tmp_path, delay_ms, micro_b
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     cluster = LocalCluster(tmp_path, tier2_nodes=3, delay_ms=delay_ms, micro_batches=micro_batches)
     assert (cluster.threads_for("tier1"), cluster.threads_for("tier2-0")) == (tier1, tier2)
+
+
+@pytest.mark.parametrize("cores,tier2_nodes,micro_batches,tier1_long,tier2_long", [
+    (2, 1, None, True, True),  # Tier 1's one worker spins; the Tier 2 node runs on the core its loop frees
+    (2, 2, None, False, True),  # two Tier 2 nodes would wait behind that spinning worker
+    (2, 3, None, False, True),
+    (16, 1, None, False, False),  # 15 spinning Tier 1 workers leave one core for 8 Tier 2 threads, and back
+    (2, 1, 4, True, True),  # several in flight: one thread each, no worker holds a core
+])
+def test_local_cluster_spins_where_the_cores_allow(monkeypatch, tmp_path, cores, tier2_nodes, micro_batches,
+                                                   tier1_long, tier2_long):
+    import os
+
+    from glinthawk import omp
+    from glinthawk.cluster import LocalCluster
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(omp, "_set_here", True)  # GOMP_SPINCOUNT here is glinthawk's own
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    cluster = LocalCluster(tmp_path, tier2_nodes=tier2_nodes, micro_batches=micro_batches)
+    expected = {True: omp.SPIN_ROUNDS, False: omp.SHARED_CORES_SPIN_ROUNDS}
+    assert cluster.spin_rounds_for("tier1") == expected[tier1_long]
+    assert cluster.spin_rounds_for("tier2-0") == expected[tier2_long]
+    assert cluster.env_for("tier1")["GOMP_SPINCOUNT"] == str(expected[tier1_long])
+    monkeypatch.setenv("GOMP_SPINCOUNT", "777")  # the user's own choice goes to every node
+    monkeypatch.setattr(omp, "_set_here", False)
+    assert cluster.env_for("tier1")["GOMP_SPINCOUNT"] == "777"

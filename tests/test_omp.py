@@ -39,3 +39,18 @@ def test_too_late_once_torch_is_loaded(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     assert omp.shorten_spin_wait() is False
     assert "GOMP_SPINCOUNT" not in os.environ
+
+
+def test_children_get_a_spin_unless_the_user_chose_one(monkeypatch):
+    for name in omp._USER_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(omp, "_set_here", False)
+    assert omp.child_spin_env(1234) == {"GOMP_SPINCOUNT": "1234"}
+    monkeypatch.setenv("GOMP_SPINCOUNT", "100000")
+    monkeypatch.setattr(omp, "_set_here", True)  # glinthawk's own setting: a child may get another
+    assert omp.child_spin_env(1234) == {"GOMP_SPINCOUNT": "1234"}
+    monkeypatch.setattr(omp, "_set_here", False)  # the user's
+    assert omp.child_spin_env(1234) == {}
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert omp.child_spin_env(1234) == {}

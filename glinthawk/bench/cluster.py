@@ -68,7 +68,8 @@ def run(ctx: BenchContext) -> dict:
         singles.append(single())
         if knobs["mode"] == "processes":
             shares = LocalCluster(ctx.checkpoint(), tier2_nodes=nodes, micro_batches=micro_batches)
-            result.extra.update(tier1_threads=shares.threads_for("tier1"), tier2_threads=shares.threads_for("tier2"))
+            result.extra.update(tier1_threads=shares.threads_for("tier1"), tier2_threads=shares.threads_for("tier2"),
+                                tier1_spin_rounds=shares.spin_rounds_for("tier1"))
         baseline = (singles[-2] + singles[-1]) / 2
         rows.append({"system": f"two-tier, {nodes} Tier 2", "tier2_nodes": nodes, "micro_batches": micro_batches,
                      "seconds": result.seconds, "tok_s": result.tokens_per_s, "baseline_tok_s": baseline,
