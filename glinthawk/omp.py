@@ -7,10 +7,10 @@ flight, so its workers are awake when the next layer stage starts: interleaved A
 two-tier loopback runs (2 AMD EPYC cores, bf16, batch 64, one Tier 2 node), 10,000 ->
 100,000 rounds gave +7.7%; 30,000 rounds did nothing. A worker spinning longer holds a
 core that another process on the same machine may want, which is why it is not the
-default's milliseconds. ``glinthawk run`` starts its nodes on
-one machine and gives each process the spin that suits it there
-(``LocalCluster.spin_rounds_for``): ``SHARED_CORES_SPIN_ROUNDS`` where the other nodes
-need the cores its waiting workers would hold.
+default's milliseconds. ``glinthawk run`` starts all its nodes on one machine and gives
+each process the spin that suits it there (``LocalCluster.spin_rounds_for``):
+``SHARED_CORES_SPIN_ROUNDS`` where the other nodes need the cores its waiting workers
+would hold.
 
 Single-process decode and prefill do not move with it (10,000 to 300,000 rounds alike:
 batch-128 decode 3443-3515 tok/s, a prefill of two 2048-token prompts 952-995 ms), now

@@ -46,7 +46,7 @@ class Tier2Node:
             raise ValueError("give exactly one of kv_memory (bytes) or kv_tokens")
         self.kv_memory, self.kv_tokens, self.netem, self.secret = kv_memory, kv_tokens, netem, secret
         self.store: KVStore | None = None
-        self._plans: dict[object, AttentionPlan] = {}  # micro-batch -> its step's plan (where the store is touched)
+        self._plans: dict[object, AttentionPlan] = {}  # micro-batch -> its step's plan
         self.metrics = Tier2Metrics(self)
         self.owner: Connection | None = None
         self._server: asyncio.AbstractServer | None = None
