@@ -159,6 +159,24 @@ async def test_results_of_a_vanished_client_are_kept_and_handed_over(checkpoint,
     assert not list((tmp_path / "spool").glob("*.jsonl"))
 
 
+async def test_a_temporary_spool_directory_goes_with_the_node_unless_results_are_in_it(checkpoint, caplog):
+    model, tokenizer = checkpoint
+    empty = Tier1Node(model, tokenizer, ["127.0.0.1:1"])
+    assert empty.spool_dir.is_dir()
+    await empty.close()
+    assert not empty.spool_dir.exists()
+
+    kept = Tier1Node(model, tokenizer, ["127.0.0.1:1"])
+    (kept.spool_dir / "batch.jsonl").write_text('{"custom_id": "a"}\n')
+    try:
+        await kept.close()
+        assert (kept.spool_dir / "batch.jsonl").exists()
+        assert str(kept.spool_dir) in caplog.text
+    finally:
+        (kept.spool_dir / "batch.jsonl").unlink()
+        kept.spool_dir.rmdir()
+
+
 def _peak_rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):

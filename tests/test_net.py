@@ -567,6 +567,46 @@ def test_run_uses_uvloop_and_connections_work_on_it() -> None:
     assert run(main()).startswith("uvloop")
 
 
+class RecordingTransport:
+    """Forwards to a real transport and records which write method got what."""
+
+    def __init__(self, transport) -> None:
+        self._transport, self.calls = transport, []
+
+    def write(self, data) -> None:
+        self.calls.append(("write", [len(data)]))
+        self._transport.write(data)
+
+    def writelines(self, buffers) -> None:
+        self.calls.append(("writelines", [len(b) for b in buffers]))
+        self._transport.writelines(buffers)
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+
+def test_a_frame_goes_to_uvloop_in_one_gathered_write() -> None:
+    """On uvloop, a frame's header and tensors go to one writelines (one writev), so the
+    peer is not woken for each tensor; the frame still arrives whole."""
+
+    async def main() -> list:
+        async with serving(echo) as port:
+            conn = await open_connection(HOST, port)
+            recorder = RecordingTransport(conn._protocol.transport)
+            conn._protocol.transport = recorder
+            tensors = {name: torch.randn(64, 12, 64).to(torch.bfloat16) for name in ("q", "k", "v")}
+            await conn.send({"type": MsgType.ATTN, "layer": 3}, tensors)
+            header, echoed = await conn.recv()
+            assert header == {"type": "attn", "layer": 3}
+            assert all(torch.equal(echoed[name], tensors[name]) for name in tensors)
+            conn.close()
+            await conn.wait_closed()
+            return recorder.calls
+
+    (call,) = run(main())
+    assert call[0] == "writelines" and call[1][1:] == [64 * 12 * 64 * 2] * 3
+
+
 @pytest.mark.parametrize(
     "scenario",
     [

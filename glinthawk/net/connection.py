@@ -12,6 +12,7 @@ import collections
 import logging
 import random
 import socket
+import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
@@ -56,11 +57,13 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         self._frame_waiter: asyncio.Future[None] | None = None
         self.last_frame_bytes = 0
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._gathers = False  # whether transport.writelines gathers without copying; see write()
 
     # -- reading
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # uvloop's transports are not asyncio.Transport subclasses
+        self._gathers = type(transport).__module__.startswith("uvloop") or sys.version_info >= (3, 12)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -171,11 +174,18 @@ class _FrameProtocol(asyncio.BufferedProtocol):
     # -- writing
 
     def write(self, buffers: list[memoryview | bytes]) -> None:
-        """Write buffers in order, joining small ones; large ones go as they are.
+        """Write buffers in order, without joining large ones into a copy.
 
-        (Not ``writelines``: Python 3.11's joins everything into one copy.)
+        Where the transport's ``writelines`` hands the buffers to one gathering system
+        call (uvloop's; asyncio's from Python 3.12) it takes them all: the peer then wakes
+        once per frame, not once per tensor. Python 3.11's asyncio joins what
+        ``writelines`` gets into one copy, so there small buffers are joined here and
+        large ones written one call each.
         """
         if self.transport is None or self.transport.is_closing():
+            return
+        if self._gathers:
+            self.transport.writelines(buffers)
             return
         small = bytearray()
         for buffer in buffers:

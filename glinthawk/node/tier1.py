@@ -393,6 +393,7 @@ class Tier1Node:
         self.waiting: deque[Sequence] = deque()
         self.batches: dict[str, Batch] = {}
         self.batch_of: dict[int, Batch] = {}  # sequence id -> its batch
+        self._owns_spool_dir = spool_dir is None  # a temporary one, removed on close if empty
         self.spool_dir = Path(spool_dir or tempfile.mkdtemp(prefix="glinthawk-spool-"))
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.generated_tokens = 0
@@ -461,6 +462,19 @@ class Tier1Node:
             link.close()
         if self.merger is not None:
             await self.merger.close()
+        self._remove_spool_dir()
+
+    def _remove_spool_dir(self) -> None:
+        """Remove the temporary spool directory, unless results no client came back for are in it."""
+        if not self._owns_spool_dir:
+            return
+        try:
+            self.spool_dir.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            log.warning("results of batches whose clients did not come back are kept in %s "
+                        "(a JSONL file of result lines per batch id)", self.spool_dir)
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
