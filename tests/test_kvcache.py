@@ -304,34 +304,45 @@ def test_decode_steps_append_and_attend_in_the_callers_dtype(dtype, attention_pa
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_short_fresh_prompts_batched_match_the_reference(dtype):
-    """Many short prompts of ragged lengths in one batch (the padded-batch path) next to a
-    decode: each prompt attends only to its own tokens, causally, never to padding."""
+@pytest.mark.parametrize("lengths, decode_first", [
+    ([16, 2, 64, 9, 33], False),  # ragged: gathered into a padded batch
+    ([16, 16, 16, 16], True),  # one length, one run of rows after the decode: attended in place
+    ([8, 8, 8], False),  # one length, one run from row 0
+])
+def test_short_fresh_prompts_batched_match_the_reference(dtype, lengths, decode_first):
+    """Many short prompts in one batch (the padded-batch path) next to a decode: each prompt
+    attends only to its own tokens, causally, never to padding."""
     heads, kv_heads, dim = 12, 4, 64
-    lengths = [16, 2, 64, 9, 33]
     s = KVStore(1, kv_heads, dim, 256, dtype=dtype)
     g = torch.Generator().manual_seed(11)
-    names = [f"p{i}" for i in range(len(lengths))] + ["dec"]
-    for name, length in zip(names, lengths + [6]):
+    names = [f"p{i}" for i in range(len(lengths))]
+    for name, length in zip(names, lengths):
         s.reserve(name, length)
+    s.reserve("dec", 6)
     past = [torch.randn(5, h, dim, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads)]
     attend(s, 0, ["dec"], [0], [5], *past)
     fresh = [[torch.randn(n, h, dim, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads)] for n in lengths]
     new = [torch.randn(1, h, dim, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads)]
-    q, k, v = (torch.cat([f[i] for f in fresh] + [new[i]]) for i in range(3))
-    step = AttentionPlan.of(s, names, [0] * len(lengths) + [5], lengths + [1])
+    parts = [new] + fresh if decode_first else fresh + [new]
+    q, k, v = (torch.cat([part[i] for part in parts]) for i in range(3))
+    if decode_first:
+        step = AttentionPlan.of(s, ["dec"] + names, [5] + [0] * len(lengths), [1] + lengths)
+    else:
+        step = AttentionPlan.of(s, names + ["dec"], [0] * len(lengths) + [5], lengths + [1])
     assert step.batched_prefills.sequences == len(lengths) and step.prefills == []
+    assert (step.batched_prefills.run is None) == (len(set(lengths)) > 1)
     out = attend_with(step, 0, q, k, v)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    offset = 0
+    decode_row = 0 if decode_first else len(q) - 1
+    offset = 1 if decode_first else 0
     for (fq, fk, fv), n in zip(fresh, lengths):
         expected = reference_attention(fq.float(), fk.float(), fv.float(), 0)
         torch.testing.assert_close(out[offset:offset + n].float(), expected, atol=tolerance, rtol=tolerance)
         offset += n
     keys = torch.cat([past[1], new[1]]).float()
     values = torch.cat([past[2], new[2]]).float()
-    torch.testing.assert_close(out[offset:].float(), reference_attention(new[0].float(), keys, values, 5),
-                               atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(out[decode_row:decode_row + 1].float(),
+                               reference_attention(new[0].float(), keys, values, 5), atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("dim,heads,kv_heads", [(64, 12, 4), (32, 4, 4), (96, 6, 2), (128, 8, 1), (256, 2, 1)])
