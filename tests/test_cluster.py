@@ -231,13 +231,14 @@ def test_local_cluster_spins_where_the_cores_allow(monkeypatch, tmp_path, cores,
     from glinthawk.cluster import LocalCluster
 
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
-    monkeypatch.setattr(omp, "_set_here", True)  # GOMP_SPINCOUNT here is glinthawk's own
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     cluster = LocalCluster(tmp_path, tier2_nodes=tier2_nodes, micro_batches=micro_batches)
-    expected = {True: omp.SPIN_ROUNDS, False: omp.SHARED_CORES_SPIN_ROUNDS}
+    expected = {True: omp.LIBGOMP_SPIN_ROUNDS, False: omp.SHARED_CORES_SPIN_ROUNDS}
     assert cluster.spin_rounds_for("tier1") == expected[tier1_long]
     assert cluster.spin_rounds_for("tier2-0") == expected[tier2_long]
-    assert cluster.env_for("tier1")["GOMP_SPINCOUNT"] == str(expected[tier1_long])
+    # The long spin is libgomp's default: nothing to pass. The short one goes as GOMP_SPINCOUNT.
+    assert cluster.env_for("tier1").get("GOMP_SPINCOUNT") == (None if tier1_long else "10000")
     monkeypatch.setenv("GOMP_SPINCOUNT", "777")  # the user's own choice goes to every node
-    monkeypatch.setattr(omp, "_set_here", False)
     assert cluster.env_for("tier1")["GOMP_SPINCOUNT"] == "777"
+    assert cluster.env_for("tier2-0")["GOMP_SPINCOUNT"] == "777"

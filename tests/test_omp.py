@@ -1,4 +1,4 @@
-"""libgomp's spin-wait: shortened when glinthawk loads before torch, left alone otherwise."""
+"""libgomp's spin-wait: left at its default, shortened only for LocalCluster nodes that share cores."""
 
 from __future__ import annotations
 
@@ -6,51 +6,23 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from glinthawk import omp
 
-PROBE = ("import os, sys; import glinthawk; "
-         "print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)")
 
-
-def probe(**env_changes: str | None) -> str:
+def test_importing_glinthawk_leaves_the_spin_wait_alone():
     env = {k: v for k, v in os.environ.items() if k not in omp._USER_SETTINGS}
-    env.update({k: v for k, v in env_changes.items() if v is not None})
-    return subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
-                          check=True).stdout.split()
+    code = "import os, glinthawk; print(os.environ.get('GOMP_SPINCOUNT'))"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["None"]
 
 
-def test_set_before_torch_loads():
-    # torch is loaded by the time glinthawk's import returns: the setting was in place first.
-    assert probe() == [str(omp.SPIN_ROUNDS), "True"]
-
-
-@pytest.mark.parametrize("name, value", [("GOMP_SPINCOUNT", "500"), ("OMP_WAIT_POLICY", "PASSIVE")])
-def test_user_settings_win(name, value):
-    expected = value if name == "GOMP_SPINCOUNT" else "None"
-    assert probe(**{name: value})[0] == expected
-
-
-def test_too_late_once_torch_is_loaded(monkeypatch):
-    import torch  # noqa: F401  (this test process has it already; made explicit)
-
+def test_children_get_a_spin_unless_it_is_the_default_or_the_user_chose_one(monkeypatch):
     for name in omp._USER_SETTINGS:
         monkeypatch.delenv(name, raising=False)
-    assert omp.shorten_spin_wait() is False
-    assert "GOMP_SPINCOUNT" not in os.environ
-
-
-def test_children_get_a_spin_unless_the_user_chose_one(monkeypatch):
-    for name in omp._USER_SETTINGS:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(omp, "_set_here", False)
-    assert omp.child_spin_env(1234) == {"GOMP_SPINCOUNT": "1234"}
-    monkeypatch.setenv("GOMP_SPINCOUNT", "100000")
-    monkeypatch.setattr(omp, "_set_here", True)  # glinthawk's own setting: a child may get another
-    assert omp.child_spin_env(1234) == {"GOMP_SPINCOUNT": "1234"}
-    monkeypatch.setattr(omp, "_set_here", False)  # the user's
-    assert omp.child_spin_env(1234) == {}
+    assert omp.child_spin_env(omp.SHARED_CORES_SPIN_ROUNDS) == {"GOMP_SPINCOUNT": str(omp.SHARED_CORES_SPIN_ROUNDS)}
+    assert omp.child_spin_env(omp.LIBGOMP_SPIN_ROUNDS) == {}  # nothing to set: the child's libgomp defaults to it
+    monkeypatch.setenv("GOMP_SPINCOUNT", "500")  # the user's, which the child inherits
+    assert omp.child_spin_env(omp.SHARED_CORES_SPIN_ROUNDS) == {}
     monkeypatch.delenv("GOMP_SPINCOUNT")
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    assert omp.child_spin_env(1234) == {}
+    assert omp.child_spin_env(omp.SHARED_CORES_SPIN_ROUNDS) == {}
