@@ -17,9 +17,11 @@ whose waiting workers would hold cores the other nodes need (Tier 1 beside 2 or 
 nodes on 2 cores: its frames otherwise waited behind its spinning worker, 2.7-3.6%
 slower), passed to the child as ``GOMP_SPINCOUNT`` unless the user set one.
 
-The C attention kernels run on torch's own OpenMP workers (``attention.use_openmp``).
-Only where torch's runtime is not libgomp, so that ``GOMP_SPINCOUNT`` means nothing to it,
-do they fall back to Python threads of their own.
+The C attention kernels run on torch's own OpenMP workers (``attention._torch_openmp``).
+Where they cannot find torch's libgomp (another OpenMP runtime, or two copies of libgomp
+loaded) they fall back to Python threads of their own, which wait for a spinning worker's
+core: a prefill of two 2048-token prompts spent 359 ms in attention at 300,000 rounds
+against 230 at 10,000. Set ``GOMP_SPINCOUNT=10000`` yourself in that case.
 """
 
 from __future__ import annotations
