@@ -473,8 +473,9 @@ class Tier1Node:
         except FileNotFoundError:
             pass
         except OSError:
-            log.warning("results of batches whose clients did not come back are kept in %s "
-                        "(a JSONL file of result lines per batch id)", self.spool_dir)
+            log.warning("results of batches whose clients did not come back are kept in %s, a JSONL file of "
+                        "result lines per batch id; a restarted node cannot hand them over, so take what you "
+                        "need from there", self.spool_dir)
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
