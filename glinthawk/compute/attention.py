@@ -135,6 +135,13 @@ class _BatchedPrefills:
         """The batch rows ``index`` names: a view where they are one run, else a copy."""
         return tensor[self.run] if self.run is not None else tensor.index_select(0, self.index)
 
+    def put(self, out: torch.Tensor, padded: torch.Tensor) -> None:
+        """Write ``padded`` (a row per ``index`` entry) to its prompt tokens' rows of ``out``, padding dropped."""
+        if self.run is not None:
+            out[self.run] = padded
+        else:
+            out.index_copy_(0, self.rows, padded.index_select(0, self.valid))
+
 
 @dataclass(frozen=True)
 class AttentionPlan:
@@ -293,12 +300,7 @@ def attend_with(plan: AttentionPlan, layer: int, q: torch.Tensor, k: torch.Tenso
         rows = plan.batched.rows
         out[rows] = _decode_batched(store, layer, plan.batched, q[rows], scale)
     if plan.batched_prefills is not None:
-        prefills = plan.batched_prefills
-        attended = _prefill_batched(prefills, q, k, v, scale)
-        if prefills.run is not None:
-            out[prefills.run] = attended
-        else:
-            out.index_copy_(0, prefills.rows, attended)
+        plan.batched_prefills.put(out, _prefill_batched(plan.batched_prefills, q, k, v, scale))
     attend_each(plan.prefills)  # SDPA and the prefill kernel use every core themselves
     long_decodes = plan.long_decodes
     workers = min(torch.get_num_threads(), len(long_decodes))
@@ -434,8 +436,9 @@ def _decode_batched(store: KVStore, layer: int, plan: _BatchedDecodes, q: torch.
 def _prefill_batched(plan: _BatchedPrefills, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """Causal attention of each short fresh prompt over its own tokens, all prompts in one
-    padded batch: q [T, heads, D], k, v [T, kv_heads, D] of the whole batch -> [prompt tokens, heads, D].
-    A real query sees only earlier tokens of its own prompt, never padding; padded queries are dropped."""
+    padded batch: q [T, heads, D], k, v [T, kv_heads, D] of the whole batch -> [sequences * longest, heads, D],
+    padded rows included (``plan.put`` drops them). A real query sees only earlier tokens of its own prompt,
+    never padding."""
     batch, longest = plan.sequences, plan.longest
     heads, dim = q.shape[1:]
     kv_heads = k.shape[1]
@@ -447,8 +450,7 @@ def _prefill_batched(plan: _BatchedPrefills, q: torch.Tensor, k: torch.Tensor, v
     scores = scores.view(batch, kv_heads, group, longest, longest).masked_fill_(plan.future, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(values.dtype).view(batch, kv_heads, group * longest, longest)
     attended = torch.matmul(probs, values).view(batch, kv_heads, group, longest, dim).permute(0, 3, 1, 2, 4)
-    attended = attended.reshape(batch * longest, heads, dim)
-    return attended if plan.run is not None else attended.index_select(0, plan.valid)
+    return attended.reshape(batch * longest, heads, dim)
 
 
 def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float) -> torch.Tensor:
