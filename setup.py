@@ -1,5 +1,5 @@
 """Builds the optional C kernels (decode and bf16 prefill attention; RMSNorm, RoPE and
-argmax); everything else is in pyproject.toml.
+argmax; sampling); everything else is in pyproject.toml.
 
 The extensions are optional: without a C compiler the install still succeeds and torch's
 ops do the same work (slower, same results).
@@ -15,6 +15,6 @@ setup(
     ext_modules=[
         Extension(f"glinthawk.compute.{name}", sources=[f"glinthawk/compute/{name}.c"],
                   depends=["glinthawk/compute/_kernels.h"], extra_compile_args=FLAGS, optional=True)
-        for name in ("_attention", "_elementwise")
+        for name in ("_attention", "_elementwise", "_sampling")
     ]
 )

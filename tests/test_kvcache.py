@@ -423,13 +423,14 @@ def test_c_kernels_are_built_where_a_compiler_is():
     import shutil
     import sysconfig
 
-    from glinthawk.compute import elementwise
+    from glinthawk.compute import elementwise, sampling
 
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler}) on this machine: torch's ops are the expected path")
     assert attention._attention is not None, "glinthawk/compute/_attention.c was not built"
     assert elementwise._elementwise is not None, "glinthawk/compute/_elementwise.c was not built"
+    assert sampling._sampling is not None, "glinthawk/compute/_sampling.c was not built"
 
 
 def test_attend_rejects_mismatched_rows():

@@ -1,12 +1,17 @@
-"""Token sampling: greedy, temperature, top-k / top-p / min-p, counter-based seeded draws."""
+"""Token sampling: greedy, temperature, top-k / top-p / min-p, counter-based seeded draws.
+
+The behaviour tests run against both samplers: the C loop (CPU, where it is built) and
+the torch expressions (CUDA, or no C compiler at install time)."""
 
 from __future__ import annotations
 
 import math
+import struct
 
 import pytest
 import torch
 
+from glinthawk.compute import sampling
 from glinthawk.compute.sampling import (
     CDF_BLOCK,
     SamplingParams,
@@ -16,6 +21,19 @@ from glinthawk.compute.sampling import (
 )
 
 VOCAB = 50
+
+
+@pytest.fixture(params=["c", "torch"])
+def backend(request, monkeypatch):
+    """Which sampler ``sample`` uses for its random rows."""
+    if request.param == "c" and sampling._sampling is None:
+        pytest.skip("the C sampler is not built (no C compiler at install time)")
+    if request.param == "torch":
+        monkeypatch.setattr(sampling, "_sampling", None)
+    return request.param
+
+
+BOTH = pytest.mark.usefixtures("backend")
 
 
 def random_logits(rows: int, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
@@ -28,6 +46,7 @@ def draw(logits: torch.Tensor, params: SamplingParams, seeds, step: int = 0) -> 
     return sample(rows, [params] * len(seeds), list(seeds), [step] * len(seeds))
 
 
+@BOTH
 def test_greedy_is_argmax():
     logits = random_logits(6)
     tokens = sample(logits, [SamplingParams(temperature=0)] * 6, [1] * 6, list(range(6)))
@@ -35,6 +54,7 @@ def test_greedy_is_argmax():
     assert torch.equal(tokens, logits.argmax(-1))
 
 
+@BOTH
 def test_filters_that_leave_one_token_equal_greedy():
     logits = random_logits(8, seed=1)
     greedy = logits.argmax(-1)
@@ -45,6 +65,7 @@ def test_filters_that_leave_one_token_equal_greedy():
             assert torch.equal(tokens, greedy), params
 
 
+@BOTH
 def test_top_k_keeps_exactly_the_k_most_likely():
     logits = random_logits(1, seed=2)[0]
     allowed = set(logits.topk(5).indices.tolist())
@@ -52,6 +73,7 @@ def test_top_k_keeps_exactly_the_k_most_likely():
     assert set(picked) == allowed  # never outside, and every one of them reachable
 
 
+@BOTH
 def test_top_k_at_or_above_vocab_and_minus_one_disable_it():
     logits = random_logits(1, seed=3)[0]
     seeds = range(200)
@@ -60,6 +82,7 @@ def test_top_k_at_or_above_vocab_and_minus_one_disable_it():
         assert torch.equal(draw(logits, SamplingParams(temperature=1.0, top_k=top_k), seeds), plain)
 
 
+@BOTH
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([0.05, 0.5, 0.15, 0.3])  # sorted: 0.5 (1), 0.3 (3), 0.15 (2), 0.05 (0)
     logits = probs.log()
@@ -70,6 +93,33 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert set(draw(logits, SamplingParams(temperature=1.0, top_p=0.4), seeds).tolist()) == {1}
 
 
+@BOTH
+def test_top_p_keeps_every_token_that_ties_the_least_likely_kept():
+    probs = torch.tensor([0.1, 0.4, 0.1, 0.3, 0.1])  # 0.4 + 0.3 + one 0.1 reach 0.8: all three 0.1s tie
+    picked = set(draw(probs.log(), SamplingParams(temperature=1.0, top_p=0.8), range(800)).tolist())
+    assert picked == {0, 1, 2, 3, 4}
+    picked = set(draw(probs.log(), SamplingParams(temperature=1.0, top_p=0.65), range(800)).tolist())
+    assert picked == {1, 3}
+
+
+@BOTH
+def test_top_k_keeps_every_token_that_ties_the_kth():
+    probs = torch.tensor([0.3, 0.05, 0.3, 0.3, 0.05])
+    assert set(draw(probs.log(), SamplingParams(temperature=1.0, top_k=2), range(600)).tolist()) == {0, 2, 3}
+
+
+@BOTH
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, top_k=3, top_p=0.5),
+                                    SamplingParams(temperature=1.0, top_k=5, min_p=0.3)])
+def test_filters_combine(params):
+    probs = torch.tensor([0.02, 0.30, 0.08, 0.25, 0.20, 0.15])
+    # top-k 3 keeps 0.30, 0.25, 0.20 (sum 0.75); top-p 0.5 of that keeps 0.30 and 0.25.
+    # top-k 5 keeps down to 0.08, and min-p 0.3 drops what is under 0.09: 0.30, 0.25, 0.20, 0.15.
+    expected = {1, 3} if params.top_p < 1 else {1, 3, 4, 5}
+    assert set(draw(probs.log(), params, range(800)).tolist()) == expected
+
+
+@BOTH
 def test_min_p_drops_tokens_below_a_fraction_of_the_best():
     probs = torch.tensor([0.40, 0.25, 0.21, 0.10, 0.04])
     logits = probs.log()
@@ -79,6 +129,7 @@ def test_min_p_drops_tokens_below_a_fraction_of_the_best():
     assert set(draw(logits, SamplingParams(temperature=1.0, min_p=0.2), seeds).tolist()) == {0, 1, 2, 3}
 
 
+@BOTH
 def test_greedy_rows_mixed_with_random_rows():
     logits = random_logits(6, seed=4)
     greedy, rand = SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=10)
@@ -93,6 +144,7 @@ def test_greedy_rows_mixed_with_random_rows():
         assert tokens[i].item() in logits[i].topk(10).indices.tolist()
 
 
+@BOTH
 def test_bfloat16_logits_sample_as_their_float32_values():
     """A bf16 model's logits: greedy rows take their argmax as they are, the other rows are
     sampled in float32, both exactly as from the same values widened to float32."""
@@ -103,6 +155,7 @@ def test_bfloat16_logits_sample_as_their_float32_values():
     assert torch.equal(sample(logits, params[:1] * 6, seeds, steps), logits.float().argmax(-1))
 
 
+@BOTH
 def test_same_seed_and_step_same_token_whatever_the_other_rows():
     logits = random_logits(1, seed=5)[0] / 3  # flat enough that the draws spread
     params = SamplingParams(temperature=0.8, top_p=0.9, top_k=20)
@@ -151,6 +204,7 @@ def test_inverse_cdf_matches_a_whole_vocabulary_cumsum(vocab):
     assert int((picked != expected).sum()) <= 1
 
 
+@BOTH
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_empirical_distribution_follows_softmax(temperature):
     logits = torch.tensor([1.0, 0.2, -0.5, 1.5, 0.0, -1.0])
@@ -167,6 +221,7 @@ def test_empirical_distribution_follows_softmax(temperature):
     assert chi2 < 30, (observed / n, expected)
 
 
+@BOTH
 def test_temperature_sharpens():
     logits = torch.tensor([1.0, 0.0, -1.0, 0.5])
     n = 2000
@@ -200,3 +255,63 @@ def test_valid_edges_are_accepted():
     SamplingParams(temperature=0, top_p=1.0, top_k=-1, min_p=0.0, max_tokens=1, seed=-5)
     SamplingParams(temperature=100.0, top_p=1e-9, top_k=1, min_p=1.0, seed=2**70)
     assert SamplingParams(temperature=0).greedy and not SamplingParams(temperature=1e-3).greedy
+
+
+@pytest.mark.skipif(sampling._sampling is None, reason="the C sampler is not built (no C compiler at install time)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_c_and_torch_samplers_draw_the_same_tokens(dtype, monkeypatch):
+    """Both samplers, on 32,000-token rows under every filter: the same token but where a
+    float rounding at a filter's edge or a draw's boundary differs (the C loop's exp and
+    sums are not torch's)."""
+    generator = torch.Generator().manual_seed(7)
+    rows = 240
+    logits = (torch.randn(rows, 32000, generator=generator) * 3).to(dtype)
+    logits[::7] /= 4  # flatter rows: large nuclei
+    kinds = [SamplingParams(temperature=0.8), SamplingParams(temperature=0.7, top_p=0.9),
+             SamplingParams(temperature=1.2, top_k=40), SamplingParams(temperature=1.0, min_p=0.05),
+             SamplingParams(temperature=0.6, top_k=500, top_p=0.95, min_p=0.01), SamplingParams(temperature=0)]
+    params = [kinds[i % len(kinds)] for i in range(rows)]
+    seeds, steps = list(range(rows)), [i % 13 for i in range(rows)]
+    ours = sample(logits, params, seeds, steps)
+    monkeypatch.setattr(sampling, "_sampling", None)
+    reference = sample(logits, params, seeds, steps)
+    assert int((ours != reference).sum()) <= 2
+    assert len(set(ours.tolist())) > rows // 2  # the draws spread: not all argmax
+
+
+@pytest.mark.skipif(sampling._sampling is None, reason="the C sampler is not built (no C compiler at install time)")
+def test_c_sampler_keeps_to_the_vocabulary_on_broken_logits():
+    logits = torch.randn(4, 300)
+    logits[0] = float("nan")
+    logits[1, 17] = float("inf")
+    logits[2] = float("-inf")
+    logits[3, ::2] = float("-inf")
+    tokens = sample(logits, [SamplingParams(temperature=1.0, top_p=0.9, top_k=5)] * 4, [1, 2, 3, 4], [0] * 4)
+    assert bool(((tokens >= 0) & (tokens < 300)).all())
+    assert tokens[1] == 17
+    assert tokens[3] % 2 == 1  # never a token of no probability
+
+
+@pytest.mark.skipif(sampling._sampling is None, reason="the C sampler is not built (no C compiler at install time)")
+@pytest.mark.parametrize("gap", [0.1, 0.9, 3.3, 10.0, 40.0, 80.0])
+def test_c_sampler_weighs_tokens_by_softmax_to_float_precision(gap):
+    """Two tokens whose logits differ by ``gap``: the draw at which the C loop switches
+    from the first to the second gives the first's probability, 1 / (1 + e^gap) (its exp
+    is a polynomial of its own): within 2e-7 of it, and 1e-12 of the total."""
+    logits = torch.tensor([[-gap, 0.0]])
+    params = [SamplingParams(temperature=1.0)]
+
+    def token(u: float) -> int:
+        tokens = torch.empty(1, dtype=torch.int64)
+        sampling._sample_in_c(logits, [0], params, torch.tensor([u], dtype=torch.float64), tokens)
+        return int(tokens[0])
+
+    def double(bits: int) -> float:  # positive doubles are ordered as their bit patterns
+        return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+    low, high = 0, struct.unpack("<q", struct.pack("<d", 1.0))[0]  # token 0 at low, token 1 at high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if token(double(middle)) == 0 else (low, middle)
+    expected = 1 / (1 + math.exp(gap))
+    assert abs(double(high) - expected) <= 2e-7 * expected + 1e-12

@@ -7,6 +7,10 @@
 - Tier 1 projections + MLP (``glinthawk.compute.stages.layer_stage``, stage 1: layer 0's
   output projection, norm, SwiGLU MLP, then layer 1's norm, QKV projection and RoPE) on the
   benchmark model; figure of merit = FLOP/s as a fraction of the measured matmul peak.
+- Tier 1 sampling (``glinthawk.compute.sampling.sample``) of ``sample_rows`` rows of
+  logits over the model's vocabulary, per kind of request (greedy, temperature, top-p,
+  top-k), against the torch expressions that sample where the C loop is not built (CUDA,
+  no C compiler), run on the same logits; figure of merit = that speed-up.
 """
 
 from __future__ import annotations
@@ -15,10 +19,15 @@ import torch
 
 from glinthawk.bench import limits
 from glinthawk.bench.common import BenchContext, best_of, ratio, target
+from glinthawk.compute import sampling
+from glinthawk.compute.sampling import SamplingParams
 
 DEFAULTS = {"contexts": [256, 512, 1024, 2048, 4096, 8192], "attn_batch": 64,
-            "tokens": [1, 8, 32, 64, 128, 256, 512]}
-QUICK = {"contexts": [32, 64, 128], "attn_batch": 4, "tokens": [1, 8, 64]}
+            "tokens": [1, 8, 32, 64, 128, 256, 512], "sample_rows": 128}
+QUICK = {"contexts": [32, 64, 128], "attn_batch": 4, "tokens": [1, 8, 64], "sample_rows": 8}
+SAMPLERS = {"greedy": SamplingParams(temperature=0), "temperature 0.8": SamplingParams(temperature=0.8),
+            "top-p 0.95": SamplingParams(temperature=0.8, top_p=0.95),
+            "top-k 50": SamplingParams(temperature=0.8, top_k=50)}
 
 
 def fill_store(store, layer: int, seq_ids: list, length: int) -> None:
@@ -77,6 +86,24 @@ def layer_point(model, tokens: int, repeats: int) -> dict:
             "samples": samples}
 
 
+def sampling_point(model, rows: int, name: str, repeats: int) -> dict:
+    """``sample`` on ``rows`` rows of random logits (normal, scale 3) in the model's dtype, as
+    built and with the torch expressions instead of the C loop."""
+    vocab = model.config.vocab_size
+    logits = (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows)) * 3).to(model.dtype)
+    params, seeds, steps = [SAMPLERS[name]] * rows, list(range(rows)), [1] * rows
+    built = sampling._sampling
+    best, samples = best_of(lambda: sampling.sample(logits, params, seeds, steps), repeats)
+    try:
+        sampling._sampling = None
+        torch_best, torch_samples = best_of(lambda: sampling.sample(logits, params, seeds, steps), repeats)
+    finally:
+        sampling._sampling = built
+    return {"kernel": "sampling", "sampler": name, "rows": rows, "vocab": vocab, "seconds": best,
+            "torch_seconds": torch_best, "speed_ratio_to_torch": ratio(torch_best, best),
+            "c_sampler": built is not None, "samples": samples, "torch_samples": torch_samples}
+
+
 def run(ctx: BenchContext) -> dict:
     knobs = ctx.knobs("kernels", DEFAULTS, QUICK)
     model, _ = ctx.load()
@@ -99,6 +126,9 @@ def run(ctx: BenchContext) -> dict:
         row["matmul_peak_around"] = (before + limits.matmul_limit(ctx)) / 2
         row["fraction_of_matmul_peak"] = ratio(row["flops_per_s"], row["matmul_peak_around"])
         rows.append(row)
+    for name in SAMPLERS:
+        ctx.echo(f"  sampling, {knobs['sample_rows']} rows, {name}")
+        rows.append(sampling_point(model, knobs["sample_rows"], name, repeats))
     attn = [r for r in rows if r["kernel"] == "decode attention"]
     layer = [r for r in rows if "tokens" in r]
     long_attn = [r["fraction_of_read_bandwidth"] for r in attn if r["context"] >= 1024]
@@ -109,12 +139,17 @@ def run(ctx: BenchContext) -> dict:
     table += [{"kernel": "layer_stage", "size": f"{r['tokens']} tokens", "rate": r["flops_per_s"] / 1e9,
                "unit": "GFLOP/s", "fraction": r["fraction_of_matmul_peak"], "ms": r["seconds"] * 1e3}
               for r in layer]
+    sampled = [r for r in rows if r["kernel"] == "sampling"]
+    table += [{"kernel": "sampling", "size": f"{r['rows']} rows, {r['sampler']}", "rate": r["speed_ratio_to_torch"],
+               "unit": "x torch's", "ms": r["seconds"] * 1e3} for r in sampled]
     return {
         "config": {**knobs, "repeats": repeats, "layer_stage": "stage 1 of the benchmark model"},
         "model": ctx.model_info(),
         "baseline": {"attention": "read bandwidth (limits.read_bandwidth), mean of one run just before and one "
                                   "just after each point",
-                     "layer_stage": f"matmul peak in {ctx.dtype} (limits.matmul_peak), likewise around each point"},
+                     "layer_stage": f"matmul peak in {ctx.dtype} (limits.matmul_peak), likewise around each point",
+                     "sampling": "the torch expressions of sampling.py on the same logits (the path where the C "
+                                 "sampler is not built), same run"},
         "results": rows,
         "summary": {"read_bandwidth": _mean(r["read_bandwidth_around"] for r in attn),
                     "matmul_peak": _mean(r["matmul_peak_around"] for r in layer),
@@ -127,7 +162,9 @@ def run(ctx: BenchContext) -> dict:
                              min(big_layer) if big_layer else None, 0.7),
         },
         "notes": ["attention bytes = K and V of every cached token read once per decode step (one layer)",
-                  "layer_stage FLOPs = 2 x tokens x weights of o_proj, gate_up, down and the next qkv"],
+                  "layer_stage FLOPs = 2 x tokens x weights of o_proj, gate_up, down and the next qkv",
+                  "sampling logits: normal, scale 3, in the model's dtype; greedy rows take the same argmax "
+                  "either way"],
         "table": ([("kernel", "kernel"), ("size", "size"), ("ms", "ms (best)"), ("rate", "rate"), ("unit", "unit"),
                    ("fraction", "of limit")], table),
     }
@@ -149,7 +186,7 @@ def _against_limit(ax, xs: list, rates: list[float], ceilings: list[float], shar
 
 
 def plot(result: dict, figure) -> None:
-    left, right = figure.subplots(1, 2)
+    left, right, third = figure.subplots(1, 3)
     attn = [r for r in result["results"] if r["kernel"] == "decode attention"]
     _against_limit(left, [r["context"] for r in attn], [r["bytes_per_s"] / 1e9 for r in attn],
                    [r["read_bandwidth_around"] / 1e9 for r in attn], 0.6, "attend()", "read bandwidth")
@@ -162,3 +199,14 @@ def plot(result: dict, figure) -> None:
     right.set_xlabel("tokens in batch")
     right.set_ylabel("GFLOP/s")
     right.set_title("Tier 1 projections + MLP")
+    sampled = [r for r in result["results"] if r["kernel"] == "sampling"]
+    names = [r["sampler"] for r in sampled]
+    positions = range(len(sampled))
+    third.bar([p - 0.2 for p in positions], [r["seconds"] * 1e3 for r in sampled], width=0.4, label="sample()")
+    third.bar([p + 0.2 for p in positions], [r["torch_seconds"] * 1e3 for r in sampled], width=0.4,
+              label="torch expressions", color="tab:gray")
+    third.set_xticks(list(positions), names, rotation=20, fontsize=8)
+    third.set_yscale("log")
+    third.set_ylabel("ms per call")
+    third.set_title(f"Tier 1 sampling, {sampled[0]['rows'] if sampled else '?'} rows")
+    third.legend(fontsize=8)

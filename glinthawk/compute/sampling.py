@@ -5,6 +5,11 @@ is a hash of ``(seed, s)``. A seeded request therefore draws the same numbers no
 which other requests share its batch, which micro-batch it rides in, or how often it was
 rebuilt after a node failure. The draw is turned into a token by inverse-CDF over the
 filtered distribution, in vocabulary order.
+
+On the CPU the random rows go to the C loop in ``_sampling.c`` (its filters find their
+thresholds by selection, not by sorting the vocabulary); the torch expressions below do
+the same elsewhere (CUDA, float16, no C compiler at install time). The two agree but for
+float rounding at a filter's edge.
 """
 
 from __future__ import annotations
@@ -18,6 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from glinthawk.compute import elementwise
+
+try:
+    from glinthawk.compute import _sampling
+except ImportError:  # built at install time when a C compiler is present
+    _sampling = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,10 @@ def sample(
     if not random_rows:
         return tokens
     chosen = [params[i] for i in random_rows]
+    draws = uniforms([seeds[i] for i in random_rows], [steps[i] for i in random_rows])
+    if _sampling is not None and elementwise.fits(logits):
+        _sample_in_c(logits.contiguous(), random_rows, chosen, draws, tokens)
+        return tokens
     temperature = torch.tensor([p.temperature for p in chosen], device=logits.device)
     if some_greedy:
         logits = logits.index_select(0, torch.tensor(random_rows, device=logits.device))
@@ -107,9 +121,21 @@ def sample(
     probs = torch.softmax(_top_k_filter(logits / temperature[:, None], [p.top_k for p in chosen]), dim=-1)
     probs = _min_p_filter(probs, [p.min_p for p in chosen])
     probs = _top_p_filter(probs, [p.top_p for p in chosen])
-    draws = uniforms([seeds[i] for i in random_rows], [steps[i] for i in random_rows])
     tokens[torch.tensor(random_rows)] = inverse_cdf(probs, draws.to(logits.device)).cpu()
     return tokens
+
+
+def _sample_in_c(logits: torch.Tensor, rows: list[int], params: list[SamplingParams], draws: torch.Tensor,
+                 tokens: torch.Tensor) -> None:
+    """Fill ``tokens[rows]`` from the contiguous CPU ``logits`` rows that ``_sampling.sample`` draws."""
+    def column(name: str, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor([getattr(p, name) for p in params], dtype=dtype)
+    index = torch.tensor(rows, dtype=torch.int64)
+    temperature, min_p, top_p = (column(name, torch.float32) for name in ("temperature", "min_p", "top_p"))
+    top_k = column("top_k", torch.int64)
+    _sampling.sample(logits.data_ptr(), index.data_ptr(), len(rows), logits.shape[1],
+                     elementwise.C_DTYPE_CODES[logits.dtype], temperature.data_ptr(), top_k.data_ptr(),
+                     min_p.data_ptr(), top_p.data_ptr(), draws.data_ptr(), tokens.data_ptr())
 
 
 CDF_BLOCK = 256
@@ -167,13 +193,13 @@ def _min_p_filter(probs: torch.Tensor, min_ps: list[float]) -> torch.Tensor:
 
 
 def _top_p_filter(probs: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p."""
+    """Keep the smallest set of most likely tokens whose mass reaches top_p, and every token
+    that ties the least likely of them."""
     if all(p >= 1.0 for p in top_ps):
         return probs
     top_p = torch.tensor(top_ps, device=probs.device, dtype=probs.dtype)
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    sorted_probs = torch.sort(probs, dim=-1, descending=True).values
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    total = sorted_probs.sum(dim=-1, keepdim=True)
-    drop_sorted = mass_before >= top_p[:, None] * total
-    drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
-    return probs.masked_fill(drop, 0.0)
+    kept = mass_before < top_p[:, None] * sorted_probs.sum(dim=-1, keepdim=True)
+    least = sorted_probs.masked_fill(~kept, math.inf).amin(dim=-1, keepdim=True)
+    return probs.masked_fill(probs < least, 0.0)
