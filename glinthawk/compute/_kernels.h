@@ -13,57 +13,6 @@
 #define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MULTIVERSION
-/* Index of the first maximum of row[0..cols-1] (float32 or bfloat16), or of its first
- * NaN. One pass keeps LANES running maxima and their first indices in vectors (GCC/Clang
- * vector extensions: a few vector ops per step on the widest unit the CPU has); bf16
- * widens to float32 exactly, so both dtypes pick what torch.argmax picks. */
-#define LANES 16
-typedef float float_lanes __attribute__((vector_size(4 * LANES)));
-typedef int32_t int_lanes __attribute__((vector_size(4 * LANES)));
-typedef uint16_t half_lanes __attribute__((vector_size(2 * LANES)));
-
-static inline __attribute__((always_inline)) float_lanes load_lanes(const void *row, int64_t c, const int dtype) {
-    float_lanes x;
-    if (dtype == FLOAT32) {
-        memcpy(&x, (const float *)row + c, sizeof x);
-    } else {
-        half_lanes bits;
-        memcpy(&bits, (const uint16_t *)row + c, sizeof bits);
-        x = (float_lanes)(__builtin_convertvector(bits, int_lanes) << 16);
-    }
-    return x;
-}
-
-static inline __attribute__((always_inline)) int64_t first_maximum(const void *row, int64_t cols, const int dtype) {
-    float_lanes highest;
-    int_lanes where = {0}, position, nan = {0};
-    for (int j = 0; j < LANES; j++) highest[j] = -INFINITY, position[j] = j;
-    int64_t c = 0;
-    for (; c + LANES <= cols && cols <= INT32_MAX; c += LANES, position += LANES) {
-        const float_lanes x = load_lanes(row, c, dtype);
-        const int_lanes greater = x > highest;  /* strictly: each lane keeps its first maximum */
-        highest = (float_lanes)(((int_lanes)x & greater) | ((int_lanes)highest & ~greater));
-        where = (position & greater) | (where & ~greater);
-        nan |= x != x;
-    }
-    float best = -INFINITY;
-    int64_t index = 0;
-    int any_nan = 0;
-    for (int j = 0; j < LANES; j++) {
-        if (highest[j] > best || (highest[j] == best && where[j] < index)) best = highest[j], index = where[j];
-        any_nan |= nan[j];
-    }
-    for (; c < cols; c++) {
-        const float x = load(row, c, dtype);
-        if (x > best) best = x, index = c;
-        any_nan |= x != x;
-    }
-    if (any_nan)
-        for (c = 0; c < cols; c++)
-            if (load(row, c, dtype) != load(row, c, dtype)) return c;
-    return index;
-}
-
 #endif
 
 enum { FLOAT32 = 0, BFLOAT16 = 1 };

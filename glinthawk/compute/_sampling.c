@@ -187,32 +187,32 @@ static inline __attribute__((always_inline)) int64_t sample_row(const void *row,
     return last_live;
 }
 
-/* The loop over rows, inlined with `dtype` a constant: one compiled variant per dtype and
- * instruction set (the loader picks the widest the CPU has). */
-static inline __attribute__((always_inline)) void sample_rows(
-    const void *logits, const int64_t *rows, int64_t count, int64_t vocab, const int dtype, const float *temperatures,
-    const int64_t *top_ks, const float *min_ps, const float *top_ps, const double *draws, int64_t *out,
-    float *weights, float *scratch, double *histogram, double *block_sums) {
-    const int64_t row_bytes = vocab * (dtype == FLOAT32 ? 4 : 2);
-    for (int64_t r = 0; r < count; r++)
-        out[rows[r]] = sample_row((const char *)logits + rows[r] * row_bytes, vocab, dtype, temperatures[r], top_ks[r],
-                            min_ps[r], top_ps[r], draws[r], weights, scratch, histogram, block_sums);
-}
+/* One call: the requests' settings (each at its index r < count) and the working memory. */
+struct job {
+    const void *logits;
+    const int64_t *rows, *top_ks;
+    int64_t count, vocab;
+    const float *temperatures, *min_ps, *top_ps;
+    const double *draws;
+    int64_t *out;
+    float *weights, *scratch;
+    double *histogram, *block_sums;
+};
 
-MULTIVERSION static void sample_rows_f32(const void *logits, const int64_t *rows, int64_t count, int64_t vocab,
-                                         const float *temperatures, const int64_t *top_ks, const float *min_ps,
-                                         const float *top_ps, const double *draws, int64_t *out, float *weights,
-                                         float *scratch, double *histogram, double *block_sums) {
-    sample_rows(logits, rows, count, vocab, FLOAT32, temperatures, top_ks, min_ps, top_ps, draws, out, weights,
-                scratch, histogram, block_sums);
-}
-
-MULTIVERSION static void sample_rows_bf16(const void *logits, const int64_t *rows, int64_t count, int64_t vocab,
-                                          const float *temperatures, const int64_t *top_ks, const float *min_ps,
-                                          const float *top_ps, const double *draws, int64_t *out, float *weights,
-                                          float *scratch, double *histogram, double *block_sums) {
-    sample_rows(logits, rows, count, vocab, BFLOAT16, temperatures, top_ks, min_ps, top_ps, draws, out, weights,
-                scratch, histogram, block_sums);
+/* One compiled variant per instruction set (the loader picks the widest the CPU has), with
+ * sample_row inlined once per dtype. */
+MULTIVERSION static void sample_rows(const struct job *job, int dtype) {
+    const int64_t row_bytes = job->vocab * (dtype == FLOAT32 ? 4 : 2);
+    for (int64_t r = 0; r < job->count; r++) {
+        const void *row = (const char *)job->logits + job->rows[r] * row_bytes;
+        const float t = job->temperatures[r], m = job->min_ps[r], p = job->top_ps[r];
+        const int64_t k = job->top_ks[r];
+        job->out[job->rows[r]] =
+            dtype == FLOAT32 ? sample_row(row, job->vocab, FLOAT32, t, k, m, p, job->draws[r], job->weights,
+                                          job->scratch, job->histogram, job->block_sums)
+                             : sample_row(row, job->vocab, BFLOAT16, t, k, m, p, job->draws[r], job->weights,
+                                          job->scratch, job->histogram, job->block_sums);
+    }
 }
 
 /* sample(logits, rows, count, vocab, dtype, temperatures, top_ks, min_ps, top_ps, draws, out):
@@ -227,26 +227,23 @@ static PyObject *sample(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KKnniKKKKKK", &logits, &rows, &count, &vocab, &dtype, &temperatures, &top_ks,
                           &min_ps, &top_ps, &draws, &out))
         return NULL;
-    const int64_t blocks = (vocab + BLOCK - 1) / BLOCK;
-    float *weights = malloc((size_t)vocab * sizeof *weights), *scratch = malloc((size_t)vocab * sizeof *scratch);
-    double *histogram = malloc(COPIES * BUCKETS * sizeof *histogram), *block_sums = malloc((size_t)blocks * sizeof *block_sums);
-    if (weights == NULL || scratch == NULL || histogram == NULL || block_sums == NULL) {
-        free(weights), free(scratch), free(histogram), free(block_sums);
-        return PyErr_NoMemory();
+    const struct job job = {
+        .logits = (const void *)(uintptr_t)logits, .rows = (const int64_t *)(uintptr_t)rows,
+        .top_ks = (const int64_t *)(uintptr_t)top_ks, .count = count, .vocab = vocab,
+        .temperatures = (const float *)(uintptr_t)temperatures, .min_ps = (const float *)(uintptr_t)min_ps,
+        .top_ps = (const float *)(uintptr_t)top_ps, .draws = (const double *)(uintptr_t)draws,
+        .out = (int64_t *)(uintptr_t)out, .weights = malloc((size_t)vocab * sizeof(float)),
+        .scratch = malloc((size_t)vocab * sizeof(float)), .histogram = malloc(COPIES * BUCKETS * sizeof(double)),
+        .block_sums = malloc((size_t)((vocab + BLOCK - 1) / BLOCK) * sizeof(double)),
+    };
+    const int allocated = job.weights && job.scratch && job.histogram && job.block_sums;
+    if (allocated) {
+        Py_BEGIN_ALLOW_THREADS
+        sample_rows(&job, dtype);
+        Py_END_ALLOW_THREADS
     }
-    const void *x = (const void *)(uintptr_t)logits;
-    const int64_t *row_index = (const int64_t *)(uintptr_t)rows, *k = (const int64_t *)(uintptr_t)top_ks;
-    const float *t = (const float *)(uintptr_t)temperatures, *m = (const float *)(uintptr_t)min_ps;
-    const float *p = (const float *)(uintptr_t)top_ps;
-    const double *u = (const double *)(uintptr_t)draws;
-    int64_t *tokens = (int64_t *)(uintptr_t)out;
-    Py_BEGIN_ALLOW_THREADS
-    if (dtype == FLOAT32)
-        sample_rows_f32(x, row_index, count, vocab, t, k, m, p, u, tokens, weights, scratch, histogram, block_sums);
-    else
-        sample_rows_bf16(x, row_index, count, vocab, t, k, m, p, u, tokens, weights, scratch, histogram, block_sums);
-    Py_END_ALLOW_THREADS
-    free(weights), free(scratch), free(histogram), free(block_sums);
+    free(job.weights), free(job.scratch), free(job.histogram), free(job.block_sums);
+    if (!allocated) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
