@@ -108,6 +108,36 @@ def test_top_k_keeps_every_token_that_ties_the_kth():
     assert set(draw(probs.log(), SamplingParams(temperature=1.0, top_k=2), range(600)).tolist()) == {0, 2, 3}
 
 
+LARGE = 4096  # enough groups of weights for the C sampler to find top-k and top-p thresholds from their maxima
+
+
+@BOTH
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, top_k=3),
+                                    SamplingParams(temperature=1.0, top_p=0.5),
+                                    SamplingParams(temperature=1.0, top_k=200, top_p=0.3)])
+def test_ties_stay_together_in_a_large_vocabulary(params):
+    """Ten tokens tie far above the rest of 4096 (which still hold a tenth of the mass): a
+    filter that keeps any of the ten keeps all ten, and nothing else."""
+    logits = torch.full((LARGE,), -3.0)
+    tied = torch.arange(7, LARGE, 409)  # ten tokens, spread over the vocabulary
+    logits[tied] = 5.0
+    picked = draw(logits, params, range(1000))
+    assert set(picked.tolist()) == set(tied.tolist())
+
+
+@BOTH
+def test_top_p_beyond_the_largest_of_each_group():
+    """One token in 64 weighs twice the others: a nucleus of 5% of the mass takes all 64 of
+    those and some of the rest, so (ties staying) every token; one of 1% only the 64."""
+    logits = torch.full((LARGE,), math.log(0.5))
+    heavy = torch.arange(0, LARGE, 64)
+    logits[heavy] = 0.0
+    picked = draw(logits, SamplingParams(temperature=1.0, top_p=0.05), range(1000))
+    assert float(((picked % 64) != 0).float().mean()) > 0.9
+    picked = draw(logits, SamplingParams(temperature=1.0, top_p=0.01), range(1000))
+    assert bool(((picked % 64) == 0).all()) and len(set(picked.tolist())) > 40
+
+
 @BOTH
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, top_k=3, top_p=0.5),
                                     SamplingParams(temperature=1.0, top_k=5, min_p=0.3)])
@@ -267,6 +297,7 @@ def test_c_and_torch_samplers_draw_the_same_tokens(dtype, monkeypatch):
     rows = 240
     logits = (torch.randn(rows, 32000, generator=generator) * 3).to(dtype)
     logits[::7] /= 4  # flatter rows: large nuclei
+    logits[1::7] *= 3  # peaked rows: top-p's nucleus, a few tokens, found from the maxima of groups
     kinds = [SamplingParams(temperature=0.8), SamplingParams(temperature=0.7, top_p=0.9),
              SamplingParams(temperature=1.2, top_k=40), SamplingParams(temperature=1.0, min_p=0.05),
              SamplingParams(temperature=0.6, top_k=500, top_p=0.95, min_p=0.01), SamplingParams(temperature=0)]
