@@ -17,7 +17,7 @@ whose waiting workers would hold cores the other nodes need (Tier 1 beside 2 or 
 nodes on 2 cores: its frames otherwise waited behind its spinning worker, 2.7-3.6%
 slower), passed to the child as ``GOMP_SPINCOUNT`` unless the user set one.
 
-The C attention kernels run on torch's own OpenMP workers (``attention._torch_openmp``).
+The C kernels (attention, sampling) run on torch's own OpenMP workers (``torch_openmp``).
 Where they cannot find torch's libgomp (another OpenMP runtime, or two copies of libgomp
 loaded) they fall back to Python threads of their own, which wait for a spinning worker's
 core: a prefill of two 2048-token prompts spent 359 ms in attention at 300,000 rounds
@@ -26,7 +26,9 @@ against 230 at 10,000. Set ``GOMP_SPINCOUNT=10000`` yourself in that case.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 
 LIBGOMP_SPIN_ROUNDS = 300_000  # libgomp's own default, with GOMP_SPINCOUNT unset
 SHARED_CORES_SPIN_ROUNDS = 10_000  # still bridges the gaps between back-to-back torch ops
@@ -40,3 +42,23 @@ def child_spin_env(rounds: int) -> dict[str, str]:
     if rounds == LIBGOMP_SPIN_ROUNDS or any(name in os.environ for name in _USER_SETTINGS):
         return {}
     return {"GOMP_SPINCOUNT": str(rounds)}
+
+
+def torch_openmp() -> tuple[int, int, int] | None:
+    """Addresses of ``GOMP_parallel``, ``omp_get_thread_num`` and ``omp_get_num_threads`` in
+    the GNU OpenMP runtime torch loaded (for the C kernels' ``use_openmp``), or None: not
+    Linux, no libgomp, or more than one."""
+    import torch
+
+    if not sys.platform.startswith("linux") or not torch.backends.openmp.is_available():
+        return None
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if line.rstrip().rsplit("/", 1)[-1].startswith("libgomp")}
+        if len(paths) != 1:
+            return None
+        runtime = ctypes.CDLL(paths.pop())
+        return tuple(ctypes.cast(getattr(runtime, name), ctypes.c_void_p).value
+                     for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads"))
+    except (OSError, AttributeError):
+        return None

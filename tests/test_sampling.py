@@ -346,3 +346,19 @@ def test_c_sampler_weighs_tokens_by_softmax_to_float_precision(gap):
         low, high = (middle, high) if token(double(middle)) == 0 else (low, middle)
     expected = 1 / (1 + math.exp(gap))
     assert abs(double(high) - expected) <= 2e-7 * expected + 1e-12
+
+
+@pytest.mark.skipif(sampling._sampling is None, reason="the C sampler is not built (no C compiler at install time)")
+def test_c_sampler_draws_the_same_on_any_number_of_threads():
+    """Rows split into slices, one per thread (on torch's OpenMP team): each row's token is
+    its own, whatever the split."""
+    generator = torch.Generator().manual_seed(3)
+    logits = (torch.randn(37, 3000, generator=generator) * 3).bfloat16()
+    kinds = [SamplingParams(temperature=0.9, top_p=0.9), SamplingParams(temperature=1.1, top_k=20)]
+    params = [kinds[i % 2] for i in range(37)]
+    draws = uniforms(list(range(37)), [5] * 37)
+    tokens = [torch.empty(37, dtype=torch.int64) for _ in range(3)]
+    for threads, out in zip((1, 2, 5), tokens):
+        sampling._sample_in_c(logits, list(range(37)), params, draws, out, threads=threads)
+    assert torch.equal(tokens[0], tokens[1]) and torch.equal(tokens[0], tokens[2])
+    assert len(set(tokens[0].tolist())) > 20

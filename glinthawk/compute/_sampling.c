@@ -1,12 +1,13 @@
-/* Random (non-greedy) token sampling on the CPU, one row at a time, on the calling thread.
+/* Random (non-greedy) token sampling on the CPU, a slice of rows per thread of torch's.
  *
  * The torch expressions in sampling.py make several whole-batch temporaries (float32
  * copy, scaled logits, softmax, masks), and top-p sorts the whole vocabulary: at 128 rows
  * of 32,000 bf16 logits on 2 AMD EPYC cores, 2.6 ms with temperature alone, 110 ms with
  * top-p and 7.8 ms with top-k 50 (best of 7), against a 38 ms decode step. Here a row's
- * weights go to one scratch row, and the filters find their thresholds by selection
- * (threshold_of), not by sorting: 1.9, 2.8-7 (a nucleus of tens or of hundreds of tokens)
- * and 2.8 ms.
+ * weights go to one scratch row, the filters find their thresholds by selection
+ * (threshold_of), not by sorting, and the rows are split over torch's threads (still
+ * spinning after the LM head's matmul): 1.0, 1.5-3.5 (a nucleus of tens or of hundreds of
+ * tokens) and 1.4 ms.
  *
  *   x = logit / temperature                          (float32)
  *   w = exp(x - max x)                               (softmax, left unnormalised)
@@ -27,6 +28,7 @@
 #include <string.h>
 
 #include "_kernels.h"
+#include "_openmp.h"
 
 /* exp(y) for the softmax's y = x - max <= 0, vectorisable: 2^n * p(r), with n = round(y /
  * ln 2), r = y - n ln 2 in [-ln2/2, ln2/2] and p a degree-6 Taylor polynomial. Relative
@@ -202,38 +204,43 @@ static inline __attribute__((always_inline)) float threshold_of(const float *wei
 
 enum { BLOCK = 256 }; /* the inverse CDF sums blocks of this many weights, then walks one */
 
-/* One call: the requests' settings (each at its index r < count) and the working memory. */
-struct job {
+/* One call's requests: their settings, each at its index r, and where their tokens go. */
+struct batch {
     const void *logits;
     const int64_t *rows, *top_ks;
-    int64_t count, vocab;
+    int64_t vocab;
+    int dtype;
     const float *temperatures, *min_ps, *top_ps;
     const double *draws;
     int64_t *out;
+};
+
+/* One thread's working memory: a row of weights, a scratch row, the group maxima, the
+ * histogram and the inverse CDF's block sums. */
+struct memory {
     float *weights, *scratch, *group_max;
     double *histogram, *block_sums;
 };
 
-/* Draws one token from a row of logits, in the job's working memory. */
-static inline __attribute__((always_inline)) int64_t sample_row(const struct job *job, const void *row,
-                                                                const int dtype, float temperature, int64_t top_k,
-                                                                float min_p, float top_p, double draw) {
-    const int64_t vocab = job->vocab;
-    float *weights = job->weights, *scratch = job->scratch;
-    double *histogram = job->histogram, *block_sums = job->block_sums;
+/* Draws one token from a row of logits. */
+static inline __attribute__((always_inline)) int64_t sample_row(const struct memory *memory, const void *row,
+                                                                int64_t vocab, const int dtype, float temperature,
+                                                                int64_t top_k, float min_p, float top_p, double draw) {
+    float *weights = memory->weights, *scratch = memory->scratch, *group_max = memory->group_max;
+    double *histogram = memory->histogram, *block_sums = memory->block_sums;
     const int64_t best = first_maximum(row, vocab, dtype);
     const float highest = load(row, best, dtype) / temperature; /* dividing by t > 0 keeps the order */
     if (!(highest > -INFINITY && highest < INFINITY)) return best; /* a broken model's row: its argmax */
     for (int64_t i = 0; i < vocab; i++) weights[i] = exp_nonpositive(load(row, i, dtype) / temperature - highest);
     float least = min_p; /* the largest weight is exp(0) = 1: min-p keeps what reaches min_p itself */
     if (top_k > 0 && top_k < vocab) {
-        const float kth = threshold_of(weights, vocab, least, (double)top_k, 0, scratch, job->group_max, histogram);
+        const float kth = threshold_of(weights, vocab, least, (double)top_k, 0, scratch, group_max, histogram);
         least = kth > least ? kth : least;
     }
     if (top_p < 1.0f) {
         double total = 0.0;
         for (int64_t i = 0; i < vocab; i++) total += weights[i] >= least ? weights[i] : 0.0f;
-        least = threshold_of(weights, vocab, least, (double)top_p * total, 1, scratch, job->group_max, histogram);
+        least = threshold_of(weights, vocab, least, (double)top_p * total, 1, scratch, group_max, histogram);
     }
     const int64_t blocks = (vocab + BLOCK - 1) / BLOCK;
     double total = 0.0;
@@ -258,54 +265,75 @@ static inline __attribute__((always_inline)) int64_t sample_row(const struct job
     return last_live;
 }
 
-/* One compiled variant per instruction set (the loader picks the widest the CPU has), with
- * sample_row inlined once per dtype. */
-MULTIVERSION static void sample_rows(const struct job *job, int dtype) {
-    const int64_t row_bytes = job->vocab * (dtype == FLOAT32 ? 4 : 2);
-    for (int64_t r = 0; r < job->count; r++) {
-        const void *row = (const char *)job->logits + job->rows[r] * row_bytes;
-        const float t = job->temperatures[r], m = job->min_ps[r], p = job->top_ps[r];
-        const int64_t k = job->top_ks[r];
-        job->out[job->rows[r]] = dtype == FLOAT32 ? sample_row(job, row, FLOAT32, t, k, m, p, job->draws[r])
-                                                  : sample_row(job, row, BFLOAT16, t, k, m, p, job->draws[r]);
+/* Rows first..last-1 of the batch. One compiled variant per instruction set (the loader
+ * picks the widest the CPU has), with sample_row inlined once per dtype. */
+MULTIVERSION static void sample_rows(const struct batch *batch, const struct memory *memory, int64_t first,
+                                     int64_t last) {
+    const int64_t vocab = batch->vocab, row_bytes = vocab * (batch->dtype == FLOAT32 ? 4 : 2);
+    for (int64_t r = first; r < last; r++) {
+        const void *row = (const char *)batch->logits + batch->rows[r] * row_bytes;
+        const float t = batch->temperatures[r], m = batch->min_ps[r], p = batch->top_ps[r];
+        const int64_t k = batch->top_ks[r];
+        batch->out[batch->rows[r]] = batch->dtype == FLOAT32
+                                         ? sample_row(memory, row, vocab, FLOAT32, t, k, m, p, batch->draws[r])
+                                         : sample_row(memory, row, vocab, BFLOAT16, t, k, m, p, batch->draws[r]);
     }
 }
 
-/* sample(logits, rows, count, vocab, dtype, temperatures, top_ks, min_ps, top_ps, draws, out):
- * for r < count, out[rows[r]] (int64) = the token drawn from row rows[r] of the contiguous
- * [?, vocab] logits with temperature (> 0; float32), top_k (int64; off where not in
- * (0, vocab)), min_p and top_p (float32) and draw (float64 in [0, 1)), each at index r. */
+/* A slice of the batch's rows (see run_slices), in working memory of its own. */
+static int sample_slice(const void *args, int64_t first, int64_t last) {
+    const struct batch *batch = args;
+    const int64_t vocab = batch->vocab;
+    const struct memory memory = {
+        .weights = malloc((size_t)vocab * sizeof(float)), .scratch = malloc((size_t)vocab * sizeof(float)),
+        .group_max = malloc((size_t)(vocab / GROUP_SIZE + 1) * sizeof(float)),
+        .histogram = malloc(COPIES * BUCKETS * sizeof(double)),
+        .block_sums = malloc((size_t)((vocab + BLOCK - 1) / BLOCK) * sizeof(double)),
+    };
+    const int allocated = memory.weights && memory.scratch && memory.group_max && memory.histogram &&
+                          memory.block_sums;
+    if (allocated) sample_rows(batch, &memory, first, last);
+    free(memory.weights), free(memory.scratch), free(memory.group_max), free(memory.histogram),
+        free(memory.block_sums);
+    return allocated ? 0 : -1;
+}
+
+/* sample(logits, rows, count, vocab, dtype, temperatures, top_ks, min_ps, top_ps, draws, out,
+ * threads): for r < count, out[rows[r]] (int64) = the token drawn from row rows[r] of the
+ * contiguous [?, vocab] logits with temperature (> 0; float32), top_k (int64; off where
+ * not in (0, vocab)), min_p and top_p (float32) and draw (float64 in [0, 1)), each at
+ * index r; the rows split into up to `threads` slices (see run_slices). */
 static PyObject *sample(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long logits, rows, temperatures, top_ks, min_ps, top_ps, draws, out;
     Py_ssize_t count, vocab;
-    int dtype;
-    if (!PyArg_ParseTuple(args, "KKnniKKKKKK", &logits, &rows, &count, &vocab, &dtype, &temperatures, &top_ks,
-                          &min_ps, &top_ps, &draws, &out))
+    int dtype, threads;
+    if (!PyArg_ParseTuple(args, "KKnniKKKKKKi", &logits, &rows, &count, &vocab, &dtype, &temperatures, &top_ks,
+                          &min_ps, &top_ps, &draws, &out, &threads))
         return NULL;
-    const struct job job = {
+    const struct batch batch = {
         .logits = (const void *)(uintptr_t)logits, .rows = (const int64_t *)(uintptr_t)rows,
-        .top_ks = (const int64_t *)(uintptr_t)top_ks, .count = count, .vocab = vocab,
+        .top_ks = (const int64_t *)(uintptr_t)top_ks, .vocab = vocab, .dtype = dtype,
         .temperatures = (const float *)(uintptr_t)temperatures, .min_ps = (const float *)(uintptr_t)min_ps,
         .top_ps = (const float *)(uintptr_t)top_ps, .draws = (const double *)(uintptr_t)draws,
-        .out = (int64_t *)(uintptr_t)out, .weights = malloc((size_t)vocab * sizeof(float)),
-        .scratch = malloc((size_t)vocab * sizeof(float)), .group_max = malloc((size_t)(vocab / GROUP_SIZE + 1) * sizeof(float)),
-        .histogram = malloc(COPIES * BUCKETS * sizeof(double)),
-        .block_sums = malloc((size_t)((vocab + BLOCK - 1) / BLOCK) * sizeof(double)),
+        .out = (int64_t *)(uintptr_t)out,
     };
-    const int allocated = job.weights && job.scratch && job.group_max && job.histogram && job.block_sums;
-    if (allocated) {
-        Py_BEGIN_ALLOW_THREADS
-        sample_rows(&job, dtype);
-        Py_END_ALLOW_THREADS
-    }
-    free(job.weights), free(job.scratch), free(job.group_max), free(job.histogram), free(job.block_sums);
-    if (!allocated) return PyErr_NoMemory();
+    const int slices = (int)(threads < count ? threads : count);
+    int64_t *bounds = malloc(2 * (size_t)(slices > 0 ? slices : 1) * sizeof *bounds);
+    if (bounds == NULL) return PyErr_NoMemory();
+    for (int s = 0; s < slices; s++) bounds[2 * s] = count * s / slices, bounds[2 * s + 1] = count * (s + 1) / slices;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = run_slices(sample_slice, &batch, bounds, slices);
+    Py_END_ALLOW_THREADS
+    free(bounds);
+    if (status != 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
-    {"sample", sample, METH_VARARGS, "Draw one token per row of float32 or bfloat16 logits, on this thread."},
+    {"sample", sample, METH_VARARGS, "Draw one token per row of float32 or bfloat16 logits."},
+    {"use_openmp", use_openmp, METH_VARARGS, "Run slices as parallel regions of this OpenMP runtime."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -11,7 +11,7 @@ Decode rows (one token per sequence) go to the fused C kernel in ``_attention.c`
 when it is built and the store is a float32 or bfloat16 CPU store: it reads each cached
 K/V row once, at close to memory bandwidth, spread over torch's thread count. The C
 kernels run their slices on torch's own OpenMP threads where torch's libgomp can be found
-(``_torch_openmp``): those threads are still spinning after the matmul before, and a
+(``omp.torch_openmp``): those threads are still spinning after the matmul before, and a
 thread of ours would have to wait for the core one of them holds. When every
 row is a decode (the steady state) the kernel also appends the new K/V and takes q and
 returns the output in their own dtype, so a step is one call and a few Python lines: Tier
@@ -25,10 +25,8 @@ prefill kernel in ``_attention.c`` where the CPU has AVX512_BF16, else to SDPA.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import itertools
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from glinthawk import omp
 from glinthawk.compute.elementwise import C_DTYPE_CODES
 from glinthawk.compute.kvcache import KVStore
 
@@ -45,25 +44,8 @@ except ImportError:  # built at install time when a C compiler is present
     _attention = None
 
 
-def _torch_openmp() -> tuple[int, int, int] | None:
-    """Addresses of ``GOMP_parallel``, ``omp_get_thread_num`` and ``omp_get_num_threads`` in
-    the GNU OpenMP runtime torch loaded, or None: not Linux, no libgomp, or more than one."""
-    if not sys.platform.startswith("linux") or not torch.backends.openmp.is_available():
-        return None
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if line.rstrip().rsplit("/", 1)[-1].startswith("libgomp")}
-        if len(paths) != 1:
-            return None
-        runtime = ctypes.CDLL(paths.pop())
-        return tuple(ctypes.cast(getattr(runtime, name), ctypes.c_void_p).value
-                     for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads"))
-    except (OSError, AttributeError):
-        return None
-
-
 # Whether the C kernels run all their slices in one call, on torch's OpenMP threads.
-_OPENMP = _attention is not None and (_openmp_entries := _torch_openmp()) is not None
+_OPENMP = _attention is not None and (_openmp_entries := omp.torch_openmp()) is not None
 if _OPENMP:
     _attention.use_openmp(*_openmp_entries)
 

@@ -22,12 +22,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from glinthawk import omp
 from glinthawk.compute import elementwise
 
 try:
     from glinthawk.compute import _sampling
 except ImportError:  # built at install time when a C compiler is present
     _sampling = None
+if _sampling is not None and (_openmp_entries := omp.torch_openmp()) is not None:
+    _sampling.use_openmp(*_openmp_entries)  # slices of rows on torch's threads, else in turn
 
 
 @dataclass(frozen=True)
@@ -126,8 +129,9 @@ def sample(
 
 
 def _sample_in_c(logits: torch.Tensor, rows: list[int], params: list[SamplingParams], draws: torch.Tensor,
-                 tokens: torch.Tensor) -> None:
-    """Fill ``tokens[rows]`` from the contiguous CPU ``logits`` rows that ``_sampling.sample`` draws."""
+                 tokens: torch.Tensor, threads: int | None = None) -> None:
+    """Fill ``tokens[rows]`` from the contiguous CPU ``logits`` rows that ``_sampling.sample``
+    draws, over ``threads`` of torch's (default: all of them)."""
     def column(name: str, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor([getattr(p, name) for p in params], dtype=dtype)
     index = torch.tensor(rows, dtype=torch.int64)
@@ -135,7 +139,8 @@ def _sample_in_c(logits: torch.Tensor, rows: list[int], params: list[SamplingPar
     top_k = column("top_k", torch.int64)
     _sampling.sample(logits.data_ptr(), index.data_ptr(), len(rows), logits.shape[1],
                      elementwise.C_DTYPE_CODES[logits.dtype], temperature.data_ptr(), top_k.data_ptr(),
-                     min_p.data_ptr(), top_p.data_ptr(), draws.data_ptr(), tokens.data_ptr())
+                     min_p.data_ptr(), top_p.data_ptr(), draws.data_ptr(), tokens.data_ptr(),
+                     threads or torch.get_num_threads())
 
 
 CDF_BLOCK = 256
