@@ -27,6 +27,7 @@ against 230 at 10,000. Set ``GOMP_SPINCOUNT=10000`` yourself in that case.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -44,6 +45,7 @@ def child_spin_env(rounds: int) -> dict[str, str]:
     return {"GOMP_SPINCOUNT": str(rounds)}
 
 
+@functools.cache
 def torch_openmp() -> tuple[int, int, int] | None:
     """Addresses of ``GOMP_parallel``, ``omp_get_thread_num`` and ``omp_get_num_threads`` in
     the GNU OpenMP runtime torch loaded (for the C kernels' ``use_openmp``), or None: not
