@@ -68,14 +68,20 @@ static inline __attribute__((always_inline)) void softmax_rows(float *restrict s
     for (int r = 0; r < group; r++) {
         float *restrict s = scores + r * length;
         float highest = s[0];
-        for (int64_t t = 1; t < length; t++) highest = s[t] > highest ? s[t] : highest;
+        float lanes[16];  /* a running maximum per lane: one chain of compares would wait on each */
+        for (int j = 0; j < 16; j++) lanes[j] = highest;
+        int64_t t = 0;
+        for (; t + 16 <= length; t += 16)
+            for (int j = 0; j < 16; j++) lanes[j] = s[t + j] > lanes[j] ? s[t + j] : lanes[j];
+        for (; t < length; t++) highest = s[t] > highest ? s[t] : highest;
+        for (int j = 0; j < 16; j++) highest = lanes[j] > highest ? lanes[j] : highest;
         float total = 0.0f;
-        for (int64_t t = 0; t < length; t++) {
+        for (t = 0; t < length; t++) {
             s[t] = exp_nonpositive(s[t] - highest);
             total += s[t];
         }
         const float inverse = 1.0f / total;
-        for (int64_t t = 0; t < length; t++) s[t] *= inverse;
+        for (t = 0; t < length; t++) s[t] *= inverse;
     }
 }
 
