@@ -2,7 +2,8 @@
 argmax; sampling); everything else is in pyproject.toml.
 
 The extensions are optional: without a C compiler the install still succeeds and torch's
-ops do the same work (slower, same results).
+ops do the same work (slower; the same results but for float rounding, which can move a
+sampled token at a filter's edge).
 """
 
 from setuptools import Extension, setup

@@ -19,9 +19,10 @@ slower), passed to the child as ``GOMP_SPINCOUNT`` unless the user set one.
 
 The C kernels (attention, sampling) run on torch's own OpenMP workers (``torch_openmp``).
 Where they cannot find torch's libgomp (another OpenMP runtime, or two copies of libgomp
-loaded) they fall back to Python threads of their own, which wait for a spinning worker's
-core: a prefill of two 2048-token prompts spent 359 ms in attention at 300,000 rounds
-against 230 at 10,000. Set ``GOMP_SPINCOUNT=10000`` yourself in that case.
+loaded), the sampler runs on the calling thread alone and attention falls back to Python
+threads of its own, which wait for a spinning worker's core: a prefill of two 2048-token
+prompts spent 359 ms in attention at 300,000 rounds against 230 at 10,000. Set
+``GOMP_SPINCOUNT=10000`` yourself in that case.
 """
 
 from __future__ import annotations

@@ -43,26 +43,6 @@ static inline const float *rows_as_float(const void *slab, int64_t t0, int64_t n
     return buffer;
 }
 
-/* e^x for x <= 0 (scores minus their maximum), to about 2 ulp: a polynomial after range
- * reduction, so the softmax loop vectorises without libm (and without -ffast-math, which
- * would switch the whole process to flush-to-zero). */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float n = rintf(x * 1.44269504088896341f);
-    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float power;
-    memcpy(&power, &bits, sizeof power);
-    return p * power;
-}
-
 /* Each of `group` rows of `length` scores becomes its softmax, in place. */
 static inline __attribute__((always_inline)) void softmax_rows(float *restrict scores, int64_t length, int group) {
     for (int r = 0; r < group; r++) {

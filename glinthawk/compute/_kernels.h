@@ -1,6 +1,7 @@
 /* Shared by the C kernels: the element types they take (numbered as C_DTYPE_CODES in
- * elementwise.py), conversions that round as torch does, multiversioning, and the index
- * of a row's first maximum (argmax, and the sampler's softmax). */
+ * elementwise.py), conversions that round as torch does, multiversioning, and two pieces
+ * of a softmax: e^x for x <= 0 (attention, the sampler) and the index of a row's first
+ * maximum (argmax, the sampler). */
 #ifndef GLINTHAWK_KERNELS_H
 #define GLINTHAWK_KERNELS_H
 
@@ -40,6 +41,28 @@ static inline void store(void *base, int64_t i, float value, int dtype) {
         ((float *)base)[i] = value;
     else
         ((uint16_t *)base)[i] = float_to_bf16(value);
+}
+
+/* e^x for x <= 0 (a softmax's scores minus their maximum), vectorisable without libm (and
+ * without -ffast-math, which would switch the whole process to flush-to-zero): 2^n * p(r),
+ * n = round(x / ln 2) (truncating a positive value), r = x - n ln 2, p a degree-7
+ * polynomial (Cephes). Relative error about 1e-7 down to x = -15; the build's reassociation
+ * merges the two-part ln 2, which grows it to about 4e-6 at -87, on values under 3e-7 of
+ * e^0. Below -87 (e^-87 is near float32's smallest normal), and for NaN, 0: a token or
+ * key whose score is -inf weighs nothing. */
+static inline float exp_nonpositive(float x) {
+    const float clamped = x >= -87.0f ? x : -87.0f;
+    const int32_t n = -(int32_t)(0.5f - clamped * 1.44269504088896341f);
+    const float r = (clamped - (float)n * 0.693359375f) + (float)n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const union { uint32_t bits; float value; } scale = {.bits = (uint32_t)(n + 127) << 23};
+    return x >= -87.0f ? p * scale.value : 0.0f;
 }
 
 /* Index of the first maximum of row[0..cols-1] (float32 or bfloat16), or of its first

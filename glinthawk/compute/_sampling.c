@@ -30,26 +30,6 @@
 #include "_kernels.h"
 #include "_openmp.h"
 
-/* exp(y) for the softmax's y = x - max <= 0, vectorisable: 2^n * p(r), with n = round(y /
- * ln 2), r = y - n ln 2 in [-ln2/2, ln2/2] and p a degree-6 Taylor polynomial. Relative
- * error under 1e-7 down to y = -15; below, the float rounding of n ln 2 grows it to 4e-6
- * at -87, on weights under 3e-7 of the largest, which no draw can tell. Below -87 (and
- * for NaN) it is 0. */
-static inline float exp_nonpositive(float y) {
-    const float clamped = y >= -87.0f ? y : -87.0f;
-    const int32_t n = -(int32_t)(0.5f - clamped * 1.44269504f); /* truncating a positive value: round(y / ln 2) */
-    const float r = clamped - (float)n * 0.693147181f;
-    float p = 1.0f / 720;
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const union { uint32_t bits; float value; } scale = {.bits = (uint32_t)(n + 127) << 23};
-    return y >= -87.0f ? p * scale.value : 0.0f;
-}
-
 /* Weights in [0, 1] by their leading bits (exponent and 3 mantissa bits), in the order of
  * their values: a histogram narrows a filter's threshold to one bucket in one pass. */
 enum { BUCKETS = (0x3F800000 >> 20) + 1 };
