@@ -21,13 +21,15 @@ from glinthawk.compute.sampling import (
 )
 
 VOCAB = 50
+NO_C = "the C sampler is not built (no C compiler at install time)"
+NEEDS_C = pytest.mark.skipif(sampling._sampling is None, reason=NO_C)
 
 
 @pytest.fixture(params=["c", "torch"])
 def backend(request, monkeypatch):
     """Which sampler ``sample`` uses for its random rows."""
     if request.param == "c" and sampling._sampling is None:
-        pytest.skip("the C sampler is not built (no C compiler at install time)")
+        pytest.skip(NO_C)
     if request.param == "torch":
         monkeypatch.setattr(sampling, "_sampling", None)
     return request.param
@@ -287,7 +289,7 @@ def test_valid_edges_are_accepted():
     assert SamplingParams(temperature=0).greedy and not SamplingParams(temperature=1e-3).greedy
 
 
-@pytest.mark.skipif(sampling._sampling is None, reason="the C sampler is not built (no C compiler at install time)")
+@NEEDS_C
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_c_and_torch_samplers_draw_the_same_tokens(dtype, monkeypatch):
     """Both samplers, on 32,000-token rows under every filter: the same token but where a
@@ -310,7 +312,7 @@ def test_c_and_torch_samplers_draw_the_same_tokens(dtype, monkeypatch):
     assert len(set(ours.tolist())) > rows // 2  # the draws spread: not all argmax
 
 
-@pytest.mark.skipif(sampling._sampling is None, reason="the C sampler is not built (no C compiler at install time)")
+@NEEDS_C
 def test_c_sampler_keeps_to_the_vocabulary_on_broken_logits():
     logits = torch.randn(4, 300)
     logits[0] = float("nan")
@@ -323,7 +325,7 @@ def test_c_sampler_keeps_to_the_vocabulary_on_broken_logits():
     assert tokens[3] % 2 == 1  # never a token of no probability
 
 
-@pytest.mark.skipif(sampling._sampling is None, reason="the C sampler is not built (no C compiler at install time)")
+@NEEDS_C
 @pytest.mark.parametrize("gap", [0.1, 0.9, 3.3, 10.0, 40.0, 80.0])
 def test_c_sampler_weighs_tokens_by_softmax_to_float_precision(gap):
     """Two tokens whose logits differ by ``gap``: the draw at which the C loop switches
@@ -348,7 +350,7 @@ def test_c_sampler_weighs_tokens_by_softmax_to_float_precision(gap):
     assert abs(double(high) - expected) <= 2e-7 * expected + 1e-12
 
 
-@pytest.mark.skipif(sampling._sampling is None, reason="the C sampler is not built (no C compiler at install time)")
+@NEEDS_C
 def test_c_sampler_draws_the_same_on_any_number_of_threads():
     """Rows split into slices, one per thread (on torch's OpenMP team): each row's token is
     its own, whatever the split."""
