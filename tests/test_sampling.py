@@ -364,3 +364,59 @@ def test_c_sampler_draws_the_same_on_any_number_of_threads():
         sampling._sample_in_c(logits, list(range(37)), params, draws, out, threads=threads)
     assert torch.equal(tokens[0], tokens[1]) and torch.equal(tokens[0], tokens[2])
     assert len(set(tokens[0].tolist())) > 20
+
+
+def median_of_three_killer(n: int, stop: int) -> list[int]:
+    """An order of 0..n-1 on which the C sampler's quickselect (median-of-three pivot,
+    three-way partition, as in ``_sampling.c``), looking for one of the ``stop`` largest,
+    drops only two values a round: each round, its three candidates get the two smallest
+    values not yet given out (the median of the three is then the second smallest), the
+    rest stays larger. McIlroy's adversary, run on the partition's moves."""
+    order = list(range(n))  # order[i]: which element is at position i
+    value: dict[int, int] = {}
+    given = 0
+    size = n
+    while size - 2 >= stop:
+        first, middle = order[0], order[size // 2]
+        value[first], value[middle] = given, given + 1
+        given += 2
+        pivot = given - 1
+        high = mid = 0
+        low = size
+        while mid < low:  # partition(): above the pivot first, equal, then below
+            element = order[mid]
+            v = value.get(element, n)  # not given out yet: above every pivot so far
+            if v > pivot:
+                order[mid], order[high] = order[high], element
+                high += 1
+                mid += 1
+            elif v == pivot:
+                mid += 1
+            else:
+                low -= 1
+                order[mid], order[low] = order[low], element
+        size = high
+    for element in order[:size]:
+        value[element] = given
+        given += 1
+    return [value[element] for element in range(n)]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, top_k=400),
+                                    SamplingParams(temperature=1.0, top_p=0.4)])
+def test_c_sampler_survives_an_adversarial_order(params, monkeypatch):
+    """A row whose weights all share one bucket of the histogram, in an order that makes
+    the quickselect over that bucket quadratic: the C sampler gives up on it after its
+    budget of rounds and sorts, and still keeps exactly the tokens torch keeps."""
+    if sampling._sampling is None:
+        pytest.skip(NO_C)
+    n = 1023
+    ranks = torch.tensor(median_of_three_killer(n, 400), dtype=torch.float64)
+    weights = 0.5 + 0.06 * (ranks + 1) / (n + 1)  # in [0.5, 0.5625): one bucket
+    logits = torch.cat([weights.log(), torch.zeros(1, dtype=torch.float64)]).float()  # and the largest, 1
+    ours = draw(logits, params, range(3000))
+    monkeypatch.setattr(sampling, "_sampling", None)
+    reference = draw(logits, params, range(3000))
+    assert int((ours != reference).sum()) <= 3
+    kept = set(ours.tolist())
+    assert len(kept) > 350 and kept <= set(torch.topk(logits, 400).indices.tolist())

@@ -69,12 +69,34 @@ static float median_of_three(const float *values, int64_t n) {
     return a < c ? a : (b < c ? c : b);
 }
 
+static int descending(const void *a, const void *b) {
+    const float x = *(const float *)a, y = *(const float *)b;
+    return (x < y) - (x > y);
+}
+
+/* select_largest's answer by sorting values[0..n): O(n log n) whatever their order. */
+static float select_by_sorting(float *values, int64_t n, double rank, int by_mass, float least) {
+    qsort(values, (size_t)n, sizeof *values, descending);
+    double reached = 0.0;
+    for (int64_t i = 0; i < n;) {
+        int64_t end = i;
+        for (; end < n && values[end] == values[i]; end++) reached += by_mass ? (double)values[end] : 1.0;
+        if (reached >= rank) return values[i];
+        i = end;
+    }
+    return n > 0 ? values[n - 1] : least;
+}
+
 /* The least of the largest of values[0..n) (which it reorders) that reach `rank` of them
  * (counting ties; with by_mass, whose sum reaches `rank`): quickselect. If rounding leaves
- * a sum out of reach, the least value. */
+ * a sum out of reach, the least value. Median-of-three pivots take about log2(n) rounds on
+ * any order a model's logits give, but an adversarial order takes n / 2 rounds of n: past
+ * a budget of rounds the rest is sorted instead (as introselect does). */
 static float select_largest(float *values, int64_t n, double rank, int by_mass) {
     float least = 0.0f;
+    int rounds_left = n > 0 ? 2 * (64 - __builtin_clzll((unsigned long long)n)) + 16 : 0;
     while (n > 0) {
+        if (rounds_left-- == 0) return select_by_sorting(values, n, rank, by_mass, least);
         const float pivot = median_of_three(values, n);
         int64_t above, equal;
         double above_sum;
