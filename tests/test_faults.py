@@ -237,6 +237,39 @@ async def test_tier2_refuses_work_beyond_its_capacity():
         await node.close()
 
 
+@pytest.mark.parametrize("bad", ["q head_dim", "k head_dim", "v kv_heads", "q heads", "integer q"])
+async def test_tier2_refuses_tensors_that_do_not_fit_its_store(bad):
+    """q, k, v from the network of another head size, head count or dtype than the store's
+    get an ERROR naming them (the C kernels would read and write past the buffers), and the
+    node serves the next frame."""
+    import torch
+
+    from glinthawk.net.connection import client_handshake, open_connection
+    from glinthawk.net.messages import MsgType
+
+    node = Tier2Node(kv_tokens=64)
+    port = await node.start("127.0.0.1", 0)
+    try:
+        conn = await open_connection("127.0.0.1", port)
+        await client_handshake(conn, "tier1", {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "dtype": "float32"})
+        good = {"q": torch.randn(1, 4, 16), "k": torch.randn(1, 2, 16), "v": torch.randn(1, 2, 16)}
+        broken = dict(good, **{"q head_dim": {"q": torch.randn(1, 4, 256)},
+                               "k head_dim": {"k": torch.randn(1, 2, 4)},
+                               "v kv_heads": {"v": torch.randn(1, 1, 16)},
+                               "q heads": {"q": torch.randn(1, 3, 16)},
+                               "integer q": {"q": torch.ones(1, 4, 16, dtype=torch.int32)}}[bad])
+        await conn.send({"type": "attn", "mb": 1, "layer": 1, "seqs": [[7, 0, 1]], "reserve": [[7, 60]]}, broken)
+        reply, _ = await conn.recv()
+        assert reply["type"] == MsgType.ERROR and "for this KV store" in reply["message"]
+        await conn.send({"type": "attn", "mb": 2, "layer": 0, "seqs": [[8, 0, 1]], "reserve": [[8, 60]]}, good)
+        reply, tensors = await conn.recv()
+        assert reply["type"] == MsgType.ATTN_OUT  # its reservation fits: the refused frame kept none
+        assert torch.allclose(tensors["out"][0, :2], good["v"][0, 0].expand(2, 16))  # one token: attends to its v
+        conn.close()
+    finally:
+        await node.close()
+
+
 async def test_a_step_that_fails_fails_its_requests_and_the_node_goes_on(checkpoint, tmp_path, monkeypatch):
     """An error inside one step (here: the compute) gives those requests error lines; later work still runs."""
     from glinthawk.node import merger

@@ -446,6 +446,34 @@ def test_attend_rejects_mismatched_rows():
         attend_with(plan, 0, q, k, v)
 
 
+@pytest.mark.parametrize("shapes, message", [
+    (((1, 4, 2 * DIM), (1, KV_HEADS, DIM), (1, KV_HEADS, DIM)), "q must be"),  # would write past the store
+    (((1, 4, DIM), (1, KV_HEADS, DIM // 2), (1, KV_HEADS, DIM)), "k and v must be"),  # would be read past its end
+    (((1, 4, DIM), (1, KV_HEADS, DIM), (1, KV_HEADS + 1, DIM)), "k and v must be"),
+    (((1, 3, DIM), (1, KV_HEADS, DIM), (1, KV_HEADS, DIM)), "a multiple of"),
+    (((1, 4 * DIM), (1, KV_HEADS, DIM), (1, KV_HEADS, DIM)), "3-D"),
+])
+def test_attend_rejects_tensors_that_do_not_fit_the_store(attention_path, shapes, message):
+    """The kernels trust their shapes: q, k, v of another head size or head count than the
+    store's are refused before anything is written or read."""
+    s = store(8)
+    s.reserve("a", 4)
+    q, k, v = (torch.randn(*shape) for shape in shapes)
+    with pytest.raises(ValueError, match=message):
+        attend(s, 0, ["a"], [0], [1], q, k, v)
+    with pytest.raises(ValueError, match="only 0 written"):
+        s.view(0, "a", 1)
+
+
+def test_attend_rejects_a_query_of_another_dtype_than_the_store():
+    """The bf16 kernels would read a float32 query as bf16 bits: refused instead."""
+    s = KVStore(1, KV_HEADS, 64, 16, dtype=torch.bfloat16)
+    s.reserve("a", 8)
+    q, k, v = torch.randn(8, 4, 64), torch.randn(8, KV_HEADS, 64).bfloat16(), torch.randn(8, KV_HEADS, 64).bfloat16()
+    with pytest.raises(ValueError, match="q must be a 3-D torch.bfloat16 tensor"):
+        attend(s, 0, ["a"], [0], [8], q, k, v)
+
+
 def test_a_plan_made_before_a_compaction_is_replanned_not_used(attention_path):
     """A plan points at buffer rows; after the store compacts it must be made again."""
     s = store(24)

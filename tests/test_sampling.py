@@ -420,3 +420,43 @@ def test_c_sampler_survives_an_adversarial_order(params, monkeypatch):
     assert int((ours != reference).sum()) <= 3
     kept = set(ours.tolist())
     assert len(kept) > 350 and kept <= set(torch.topk(logits, 400).indices.tolist())
+
+
+@BOTH
+def test_a_top_p_too_small_for_float32_keeps_the_most_likely_token():
+    """top_p 1e-50 is 0 in float32: it still keeps the most likely token (and only it), and
+    leaves top-k and min-p as they were."""
+    logits = random_logits(1, seed=5, vocab=4000)[0]
+    logits[7] = logits.max() + 1.0
+    for params in (SamplingParams(temperature=1.0, top_p=1e-50), SamplingParams(temperature=1.0, top_p=1e-50, top_k=1)):
+        assert set(draw(logits, params, range(50)).tolist()) == {7}
+
+
+@BOTH
+def test_a_top_k_beyond_int64_disables_it():
+    logits = random_logits(1, seed=6)[0]
+    huge = draw(logits, SamplingParams(temperature=1.0, top_k=2**64), range(300))
+    assert torch.equal(huge, draw(logits, SamplingParams(temperature=1.0), range(300)))
+
+
+@BOTH
+@pytest.mark.parametrize("case", ["nan", "inf", "all -inf", "temperature 1e-50"])
+def test_rows_with_nothing_to_draw_from_take_their_argmax(case):
+    """NaN or infinite logits, or a temperature that is 0 in float32, leave no distribution:
+    the row's argmax, inside the vocabulary, on both samplers."""
+    logits = random_logits(1, seed=8, vocab=1000)[0]
+    params = SamplingParams(temperature=1e-50 if case == "temperature 1e-50" else 1.0)
+    if case == "nan":
+        logits[3] = float("nan")
+    elif case == "inf":
+        logits[11] = float("inf")
+    elif case == "all -inf":
+        logits[:] = float("-inf")
+    expected = int(torch.argmax(logits))
+    assert set(draw(logits, params, range(20)).tolist()) == {expected}
+
+
+@BOTH
+def test_logits_without_a_vocabulary_are_refused():
+    with pytest.raises(ValueError, match="with a vocabulary"):
+        sample(torch.empty(2, 0), [SamplingParams(temperature=1.0)] * 2, [1, 2], [0, 0])

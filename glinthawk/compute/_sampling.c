@@ -242,7 +242,9 @@ static inline __attribute__((always_inline)) int64_t sample_row(const struct mem
     if (top_p < 1.0f) {
         double total = 0.0;
         for (int64_t i = 0; i < vocab; i++) total += weights[i] >= least ? weights[i] : 0.0f;
-        least = threshold_of(weights, vocab, least, (double)top_p * total, 1, scratch, group_max, histogram);
+        const float nucleus = threshold_of(weights, vocab, least, (double)top_p * total, 1, scratch, group_max,
+                                           histogram);
+        least = nucleus > least ? nucleus : least; /* top-k and min-p stay, whatever rounding does */
     }
     const int64_t blocks = (vocab + BLOCK - 1) / BLOCK;
     double total = 0.0;

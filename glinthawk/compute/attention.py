@@ -252,13 +252,13 @@ def checked_plan(store: KVStore, seq_ids: Sequence[object], starts: Sequence[int
                  q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttentionPlan:
     """``AttentionPlan.of``, once q, k and v are checked to carry a row per token: a bad
     batch is refused before the plan claims any of its rows."""
-    _check_rows(q, k, v, sum(counts))
+    check_shapes(store, q, k, v, sum(counts))
     return AttentionPlan.of(store, seq_ids, starts, counts)
 
 
 def attend_with(plan: AttentionPlan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``attend`` for a batch planned once: append k, v to layer ``layer`` and attend."""
-    _check_rows(q, k, v, plan.tokens)
+    check_shapes(plan.store, q, k, v, plan.tokens)
     if plan.stale:
         raise ValueError("the KV store compacted after this batch was planned: use plan.replanned()")
     store = plan.store
@@ -295,9 +295,23 @@ def attend_with(plan: AttentionPlan, layer: int, q: torch.Tensor, k: torch.Tenso
     return out
 
 
-def _check_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int) -> None:
+def check_shapes(store: KVStore, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int) -> None:
+    """Refuse q, k, v that do not fit the store (the C kernels trust their shapes, and a
+    Tier 2 node takes them from the network): q [tokens, heads, D], k and v [tokens,
+    kv_heads, D] with the store's kv_heads, D and dtype, heads a multiple of kv_heads."""
+    kv_heads, dim = store.num_kv_heads, store.head_dim
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if tensor.dim() != 3 or tensor.dtype != store.dtype:
+            raise ValueError(f"{name} must be a 3-D {store.dtype} tensor [tokens, heads, head_dim] for this KV "
+                             f"store, got {tensor.dtype} of shape {list(tensor.shape)}")
     if not (q.shape[0] == k.shape[0] == v.shape[0] == tokens):
         raise ValueError(f"batch carries {q.shape[0]} query rows for {tokens} tokens")
+    if k.shape[1:] != (kv_heads, dim) or v.shape[1:] != (kv_heads, dim):
+        raise ValueError(f"k and v must be [tokens, {kv_heads}, {dim}] for this KV store, "
+                         f"got {list(k.shape)} and {list(v.shape)}")
+    if q.shape[2] != dim or q.shape[1] == 0 or q.shape[1] % kv_heads:
+        raise ValueError(f"q must be [tokens, a multiple of {kv_heads} heads, {dim}] for this KV store, "
+                         f"got {list(q.shape)}")
 
 
 def fused_decode_available(store: KVStore) -> bool:
@@ -331,11 +345,11 @@ def _decode_fused(
     return out.to(q.dtype)
 
 
-def _prefill_fused_available(keys: torch.Tensor) -> bool:
-    """Whether a prefill chunk over ``keys`` (a store view) runs on the C kernel: bf16 on a
-    CPU with AVX512_BF16, head_dim a multiple of 32 up to 256."""
+def _prefill_fused_available(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether a prefill chunk of ``q`` over ``keys`` (a store view) runs on the C kernel:
+    both bf16 on a CPU with AVX512_BF16, head_dim a multiple of 32 up to 256."""
     return (_attention is not None and _KERNEL_WIDEST >= 2 and keys.device.type == "cpu"
-            and keys.dtype == torch.bfloat16 and keys.shape[-1] % 32 == 0 and keys.shape[-1] <= 256
+            and keys.dtype == q.dtype == torch.bfloat16 and keys.shape[-1] % 32 == 0 and keys.shape[-1] <= 256
             and _attention.prefill_supported())
 
 
@@ -447,7 +461,7 @@ def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start
         scores = torch.matmul(q.view(kv_heads, group, dim), keys.transpose(1, 2)).float() * scale
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         return torch.matmul(probs, values).view(1, heads, dim)
-    if _prefill_fused_available(keys):
+    if _prefill_fused_available(q, keys):
         return _prefill_fused(q, keys, values, start, scale)
     # Prefill chunk: the fused kernel, which maps query heads to their KV head itself (no
     # repeated K/V). A chunk that starts the sequence is plainly causal; a later chunk

@@ -104,6 +104,8 @@ def sample(
     ``seeds[i]`` is row i's effective seed (the request's, or one drawn at admission),
     ``steps[i]`` the index of the token being generated.
     """
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        raise ValueError(f"logits must be [rows, vocab] with a vocabulary, got shape {list(logits.shape)}")
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     some_greedy = len(random_rows) < len(params)
     if some_greedy:
@@ -124,7 +126,12 @@ def sample(
     probs = torch.softmax(_top_k_filter(logits / temperature[:, None], [p.top_k for p in chosen]), dim=-1)
     probs = _min_p_filter(probs, [p.min_p for p in chosen])
     probs = _top_p_filter(probs, [p.top_p for p in chosen])
-    tokens[torch.tensor(random_rows)] = inverse_cdf(probs, draws.to(logits.device)).cpu()
+    drawn = inverse_cdf(probs, draws.to(logits.device))
+    # A row with nothing left to draw from (NaN or infinite logits, or a temperature that is
+    # 0 in float32) takes its argmax, as the C sampler does.
+    total = probs.sum(dim=-1)
+    broken = ~(torch.isfinite(total) & (total > 0))
+    tokens[torch.tensor(random_rows)] = torch.where(broken, torch.argmax(logits, dim=-1), drawn).cpu()
     return tokens
 
 
@@ -135,8 +142,10 @@ def _sample_in_c(logits: torch.Tensor, rows: list[int], params: list[SamplingPar
     def column(name: str, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor([getattr(p, name) for p in params], dtype=dtype)
     index = torch.tensor(rows, dtype=torch.int64)
-    temperature, min_p, top_p = (column(name, torch.float32) for name in ("temperature", "min_p", "top_p"))
-    top_k = column("top_k", torch.int64)
+    temperature, min_p = column("temperature", torch.float32), column("min_p", torch.float32)
+    top_p = column("top_p", torch.float32).clamp_(min=_TINY)
+    vocab = logits.shape[1]
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else 0 for p in params], dtype=torch.int64)
     _sampling.sample(logits.data_ptr(), index.data_ptr(), len(rows), logits.shape[1],
                      elementwise.C_DTYPE_CODES[logits.dtype], temperature.data_ptr(), top_k.data_ptr(),
                      min_p.data_ptr(), top_p.data_ptr(), draws.data_ptr(), tokens.data_ptr(),
@@ -144,6 +153,9 @@ def _sample_in_c(logits: torch.Tensor, rows: list[int], params: list[SamplingPar
 
 
 CDF_BLOCK = 256
+# top_p below float32's smallest normal would round to 0 and keep nothing: it keeps the
+# most likely token(s), as any top_p that small does.
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def inverse_cdf(probs: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
@@ -202,7 +214,7 @@ def _top_p_filter(probs: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
     that ties the least likely of them."""
     if all(p >= 1.0 for p in top_ps):
         return probs
-    top_p = torch.tensor(top_ps, device=probs.device, dtype=probs.dtype)
+    top_p = torch.tensor(top_ps, device=probs.device, dtype=probs.dtype).clamp_(min=_TINY)
     sorted_probs = torch.sort(probs, dim=-1, descending=True).values
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     kept = mass_before < top_p[:, None] * sorted_probs.sum(dim=-1, keepdim=True)

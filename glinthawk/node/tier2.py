@@ -23,7 +23,7 @@ import logging
 
 import torch
 
-from glinthawk.compute.attention import AttentionPlan, attend_with, checked_plan
+from glinthawk.compute.attention import AttentionPlan, attend_with, check_shapes
 from glinthawk.compute.kvcache import KVCapacityError, KVStore, UnknownSequenceError
 from glinthawk.compute.loader import DTYPES
 from glinthawk.metrics import Tier2Metrics
@@ -150,13 +150,14 @@ class Tier2Node:
                 plan = self._plans[mb] = plan.replanned()
             return plan
         self._plans.pop(mb, None)  # a step that fails to plan leaves no plan behind
-        for seq_id, tokens in header.get("reserve", ()):
-            if seq_id not in store:
-                store.reserve(seq_id, tokens)
         ids = [s[0] for s in seqs]
         starts = [int(s[1]) for s in seqs]
         counts = [int(s[2]) for s in seqs]
-        plan = checked_plan(store, ids, starts, counts, q, k, v)
+        check_shapes(store, q, k, v, sum(counts))  # before reserving: a refused frame holds no room
+        for seq_id, tokens in header.get("reserve", ()):
+            if seq_id not in store:
+                store.reserve(seq_id, tokens)
+        plan = AttentionPlan.of(store, ids, starts, counts)
         if len(self._plans) >= _MAX_PLANS:
             del self._plans[next(iter(self._plans))]  # the least recently started step
         self._plans[mb] = plan
