@@ -77,13 +77,20 @@ def test_sigkill_one_of_three_tier2_nodes_mid_run(checkpoint, model_dir, tmp_pat
     assert tokens_by_id(got) == tokens_by_id(expected)
 
 
-async def test_hung_tier2_node_is_dropped_by_heartbeat(checkpoint, tmp_path):
-    """A node that completes the handshake and then never answers is lost after the timeout."""
+@pytest.mark.parametrize("fault", ["hung", "answers without a tensor"])
+async def test_broken_tier2_node_is_dropped_and_its_work_rebuilt(checkpoint, tmp_path, fault):
+    """A node that completes the handshake and then never answers is lost after the
+    heartbeat's timeout; one that answers ATTN_OUT without its tensor, at once. Either way
+    its sequences finish on the healthy node, as in a single process."""
     model, tokenizer = checkpoint
 
     async def hung(conn):
         await server_handshake(conn, {"tier1"}, {"capacity_tokens": 100000, "bytes_per_token": 1})
-        await asyncio.sleep(3600)
+        if fault == "hung":
+            await asyncio.sleep(3600)
+        async for header, _ in conn:
+            if header["type"] == "attn":
+                await conn.send({"type": "attn_out", "mb": header["mb"], "layer": header["layer"]})
 
     hung_server = await start_server(hung, "127.0.0.1", 0)
     healthy = Tier2Node(kv_tokens=4096)

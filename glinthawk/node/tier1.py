@@ -130,6 +130,8 @@ class Tier2Link:
         try:
             async for header, tensors in self.conn:
                 self._last_heard = asyncio.get_running_loop().time()
+                if header["type"] == MsgType.ATTN_OUT and not isinstance(tensors.get("out"), torch.Tensor):
+                    raise ProtocolError("an ATTN_OUT frame without its 'out' tensor")
                 future = self._waiting.pop(header.get("mb"), None)
                 if header["type"] == MsgType.ATTN_OUT and future is not None:
                     future.set_result(tensors["out"])
@@ -139,6 +141,8 @@ class Tier2Link:
                     log.error("Tier 2 %s reports: %s", self.address, header.get("message"))
         except (ConnectionClosed, ProtocolError) as exc:
             reason = str(exc)
+        except Exception as exc:  # whatever else breaks here, the steps waiting on this node must hear of it
+            reason = f"unreadable frame: {exc!r}"
         self._lost(reason)
 
     def close(self) -> None:
