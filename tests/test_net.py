@@ -30,7 +30,8 @@ from glinthawk.net import (
     server_handshake,
     start_server,
 )
-from glinthawk.net.codec import DTYPES
+from glinthawk.net.codec import DEFAULT_MAX_FRAME_BYTES, DTYPES
+from glinthawk.net.connection import HANDSHAKE_MAX_FRAME_BYTES, _FrameProtocol
 
 pytestmark = [pytest.mark.filterwarnings("error"), pytest.mark.timeout(30)]
 
@@ -249,7 +250,7 @@ async def read_raw_frames(reader: asyncio.StreamReader) -> list[dict]:
 
 @pytest.mark.asyncio
 async def test_send_recv_roundtrip() -> None:
-    async with serving(echo) as port:
+    async with serving(echo, handshake_frame_bytes=None) as port:
         conn = await open_connection(HOST, port)
         assert conn.peername[1] == port and not conn.closed
         big = torch.randn(1024, 1024)  # 4 MiB: many reads, and write flow control
@@ -520,6 +521,63 @@ async def test_handshake_accepts_allowed_role() -> None:
 
 
 @pytest.mark.asyncio
+async def test_frames_after_the_handshake_may_be_large() -> None:
+    async with serving(handshaking_server) as port:
+        conn = await open_connection(HOST, port)
+        await client_handshake(conn, "tier2", {"kv": 1})
+        await conn.recv()
+        big = torch.randn(MiB)  # 4 MiB, far over the limit before the handshake
+        await conn.send({"type": MsgType.ATTN}, {"big": big})
+        assert torch.equal((await conn.recv())[1]["big"], big)
+        conn.close()
+
+
+@pytest.mark.asyncio
+async def test_a_huge_frame_before_the_handshake_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    """Four bytes from a peer that has not introduced itself, claiming a frame of almost
+    1 GiB, get it cut off with a reason (they used to make the server allocate it all)."""
+    async with serving(handshaking_server) as port:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        writer.write(struct.pack(">I", DEFAULT_MAX_FRAME_BYTES - 1))
+        headers = await read_raw_frames(reader)
+        writer.close()
+        assert headers[0]["type"] == MsgType.ERROR and "before the handshake" in headers[0]["message"]
+        await roundtrip_after_handshake(port)
+    assert any("before the handshake exceeds the limit" in r.getMessage() for r in caplog.records)
+
+
+async def roundtrip_after_handshake(port: int) -> None:
+    conn = await open_connection(HOST, port)
+    await client_handshake(conn, "tier2", {"kv": 1})
+    assert (await conn.recv())[0]["type"] == MsgType.CAPACITY
+    conn.close()
+
+
+def announced_buffer(protocol: _FrameProtocol, length: int) -> int:
+    """Feed ``protocol`` a frame's length prefix; return the size of the buffer its next read goes to."""
+    protocol.get_buffer(-1)[:4] = struct.pack(">I", length)
+    protocol.buffer_updated(4)
+    return len(protocol.get_buffer(-1))
+
+
+@pytest.mark.asyncio
+async def test_a_frame_buffer_is_allocated_within_the_handshake_limit() -> None:
+    """A frame's buffer is allocated when its length prefix arrives: before the handshake,
+    a prefix over the limit gets none; after it, a large frame gets its whole buffer at
+    once (the socket reads straight into it)."""
+    def fresh() -> _FrameProtocol:
+        return _FrameProtocol(DEFAULT_MAX_FRAME_BYTES, lambda _: None, HANDSHAKE_MAX_FRAME_BYTES)
+
+    refused = fresh()
+    assert announced_buffer(refused, HANDSHAKE_MAX_FRAME_BYTES + 1) == 4  # still the prefix's own
+    assert "before the handshake exceeds the limit" in str(refused.error)
+    assert announced_buffer(fresh(), HANDSHAKE_MAX_FRAME_BYTES) == HANDSHAKE_MAX_FRAME_BYTES
+    accepted = fresh()
+    accepted.end_handshake()
+    assert announced_buffer(accepted, 64 * MiB) == 64 * MiB
+
+
+@pytest.mark.asyncio
 async def test_handshake_refuses_disallowed_role() -> None:
     async with serving(handshaking_server) as port:
         conn = await open_connection(HOST, port)
@@ -590,7 +648,7 @@ def test_a_frame_goes_to_uvloop_in_one_gathered_write() -> None:
     peer is not woken for each tensor; the frame still arrives whole."""
 
     async def main() -> list:
-        async with serving(echo) as port:
+        async with serving(echo, handshake_frame_bytes=None) as port:
             conn = await open_connection(HOST, port)
             recorder = RecordingTransport(conn._protocol.transport)
             conn._protocol.transport = recorder

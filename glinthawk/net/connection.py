@@ -1,7 +1,8 @@
 """Framed, tensor-carrying TCP connections on asyncio (uvloop when available).
 
-Reading uses ``asyncio.BufferedProtocol``: once a frame's 4-byte length is known, a
-bytearray of exactly that size is allocated and the socket reads straight into it;
+Reading uses ``asyncio.BufferedProtocol``: once a frame's 4-byte length is known (and
+within the limit), a bytearray of exactly that size is allocated and the socket reads
+straight into it;
 ``decode_frame`` then wraps the tensors over that bytearray, so a received tensor is
 never copied in Python. Sending writes the prefix+header and then each tensor's own
 memory.
@@ -32,6 +33,10 @@ _MAX_QUEUED_FRAMES = 64  # received but not yet recv()ed; beyond this, stop read
 _MAX_DELAYED_FRAMES = 1024  # sent but held back by a NetEm; beyond this, send() waits
 _COALESCE_BYTES = 16 << 10  # smaller buffers are joined: a copy is cheaper than a syscall
 _LINGER_S = 2.0  # after a protocol error, how long to wait for the peer to hang up
+# A server's limit on frames before server_handshake accepts the peer: a frame's buffer is
+# allocated once its length prefix arrives, so without it 4 bytes from anyone would claim
+# max_frame_bytes. Handshake messages take a few hundred bytes.
+HANDSHAKE_MAX_FRAME_BYTES = 64 << 10
 
 
 class ConnectionClosed(ConnectionError):
@@ -41,8 +46,11 @@ class ConnectionClosed(ConnectionError):
 class _FrameProtocol(asyncio.BufferedProtocol):
     """Transport callbacks: cut the byte stream into frame bodies, track write flow control."""
 
-    def __init__(self, max_frame_bytes: int, on_made: Callable[["_FrameProtocol"], None]) -> None:
+    def __init__(self, max_frame_bytes: int, on_made: Callable[["_FrameProtocol"], None],
+                 handshake_frame_bytes: int | None = None) -> None:
         self.max_frame_bytes = max_frame_bytes
+        # in force until end_handshake(); None: max_frame_bytes from the start
+        self.handshake_frame_bytes = handshake_frame_bytes
         self._on_made = on_made
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -83,6 +91,10 @@ class _FrameProtocol(asyncio.BufferedProtocol):
             if self._filled < 4:
                 return
             length = int.from_bytes(self._prefix, "big")
+            if self.handshake_frame_bytes is not None and length > self.handshake_frame_bytes:
+                self.fail(ProtocolError(f"frame of {length} bytes before the handshake exceeds the limit of "
+                                        f"{self.handshake_frame_bytes}; send HELLO first"))
+                return
             if length > self.max_frame_bytes:
                 self.fail(ProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_frame_bytes}"))
                 return
@@ -138,6 +150,10 @@ class _FrameProtocol(asyncio.BufferedProtocol):
                 return decode_frame(body, max_tensor_bytes=self.max_frame_bytes)
             except ProtocolError as exc:
                 self.fail(exc)
+
+    def end_handshake(self) -> None:
+        """The peer is accepted: frames up to max_frame_bytes from now on."""
+        self.handshake_frame_bytes = None
 
     def _wake_reader(self) -> None:
         if self._frame_waiter is not None and not self._frame_waiter.done():
@@ -366,13 +382,16 @@ async def start_server(
     *,
     netem: NetEm | None = None,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    handshake_frame_bytes: int | None = HANDSHAKE_MAX_FRAME_BYTES,
     max_connections: int = 256,
 ) -> asyncio.Server:
     """Serve: run ``on_connection(conn)`` as a task for every accepted connection.
 
     The connection is closed when its handler returns or raises; an exception is
     logged and affects no other connection. Beyond ``max_connections`` open
-    connections, a new one gets an ERROR frame and is closed at once.
+    connections, a new one gets an ERROR frame and is closed at once. Frames are
+    limited to ``handshake_frame_bytes`` until ``server_handshake`` accepts the peer,
+    then to ``max_frame_bytes``; pass None for a handler that does no handshake.
     """
     loop = asyncio.get_running_loop()
     active: set[_FrameProtocol] = set()
@@ -399,7 +418,7 @@ async def start_server(
         handlers.add(task)
         task.add_done_callback(handlers.discard)
 
-    return await loop.create_server(lambda: _FrameProtocol(max_frame_bytes, accept), host, port)
+    return await loop.create_server(lambda: _FrameProtocol(max_frame_bytes, accept, handshake_frame_bytes), host, port)
 
 
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -470,7 +489,8 @@ async def server_handshake(
     ``welcome`` holds the fields to send back, or computes them from the HELLO. With a
     ``secret`` the peer must answer an HMAC challenge before anything else is read. On
     any mismatch the peer gets an ERROR frame whose "message" says what is wrong, the
-    connection is closed and ProtocolError is raised.
+    connection is closed and ProtocolError is raised. Once the peer is accepted, the
+    server's handshake frame limit is lifted (see ``start_server``).
     """
     hello = await _recv_within(conn, timeout_s, "HELLO")
     client_nonce = hello.get("nonce")
@@ -486,6 +506,7 @@ async def server_handshake(
         problem = await _challenge(conn, secret, client_nonce, timeout_s) if secret is not None else None
         if problem is None:
             fields = welcome(hello) if callable(welcome) else welcome
+            conn._protocol.end_handshake()  # before WELCOME: the peer may send large frames once it has it
             await conn.send({**fields, "type": MsgType.WELCOME, "version": PROTOCOL_VERSION})
             return hello
     await conn.send({"type": MsgType.ERROR, "message": problem})
