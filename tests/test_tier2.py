@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
 from glinthawk.compute.attention import attend
 from glinthawk.compute.kvcache import KVStore
+from glinthawk.net.codec import ProtocolError
 from glinthawk.net.connection import client_handshake, open_connection
 from glinthawk.net.messages import MsgType
+from glinthawk.node.tier1 import Tier1Node
 from glinthawk.node.tier2 import Tier2Node
 
 LAYERS, HEADS, KV_HEADS, DIM = 2, 2, 1, 8
@@ -117,4 +120,32 @@ async def test_frames_are_attended_in_order_on_the_event_loops_thread():
         assert 1 not in node.store and 2 in node.store
         conn.close()
     finally:
+        await node.close()
+
+
+@pytest.mark.parametrize("kv_memory,reason", [(100, "holds no token of 128 B"),
+                                              (1 << 60, "cannot allocate a KV store")])
+async def test_a_kv_memory_that_fits_no_store_is_told_to_tier1(kv_memory, reason):
+    """The node sizes its store from Tier 1's HELLO; when that fails, Tier 1 hears why (it used to
+    see the connection close, and the reason was only in the node's own log)."""
+    node = Tier2Node(kv_memory=kv_memory)
+    port = await node.start("127.0.0.1", 0)
+    try:
+        with pytest.raises(ProtocolError, match=f"server refused the handshake: .*{reason}"):
+            await connect(node, port)
+    finally:
+        await node.close()
+
+
+async def test_tier1_reports_why_no_tier2_node_is_usable(checkpoint):
+    model, tokenizer = checkpoint
+    node = Tier2Node(kv_memory=1)
+    port = await node.start("127.0.0.1", 0)
+    tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{port}"], micro_batches=1)
+    try:
+        with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}: server refused the handshake: --kv-memory 1 B "
+                                                  "holds no token"):
+            await tier1.start("127.0.0.1", 0)
+    finally:
+        await tier1.close()
         await node.close()

@@ -486,7 +486,8 @@ async def server_handshake(
 ) -> dict:
     """Read the peer's HELLO, check version and role, authenticate, answer WELCOME; return the HELLO.
 
-    ``welcome`` holds the fields to send back, or computes them from the HELLO. With a
+    ``welcome`` holds the fields to send back, or computes them from the HELLO (what it
+    raises refuses the peer, with the exception's message). With a
     ``secret`` the peer must answer an HMAC challenge before anything else is read. On
     any mismatch the peer gets an ERROR frame whose "message" says what is wrong, the
     connection is closed and ProtocolError is raised. Once the peer is accepted, the
@@ -505,10 +506,14 @@ async def server_handshake(
     else:
         problem = await _challenge(conn, secret, client_nonce, timeout_s) if secret is not None else None
         if problem is None:
-            fields = welcome(hello) if callable(welcome) else welcome
-            conn._protocol.end_handshake()  # before WELCOME: the peer may send large frames once it has it
-            await conn.send({**fields, "type": MsgType.WELCOME, "version": PROTOCOL_VERSION})
-            return hello
+            try:
+                fields = welcome(hello) if callable(welcome) else welcome
+            except Exception as exc:  # the peer hears why it cannot be served, not just a hang-up
+                problem = str(exc) or repr(exc)
+            else:
+                conn._protocol.end_handshake()  # before WELCOME: the peer may send large frames once it has it
+                await conn.send({**fields, "type": MsgType.WELCOME, "version": PROTOCOL_VERSION})
+                return hello
     await conn.send({"type": MsgType.ERROR, "message": problem})
     conn.close()
     raise ProtocolError(problem)

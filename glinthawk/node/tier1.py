@@ -420,11 +420,11 @@ class Tier1Node:
         self.micro_batch_list = [MicroBatch(self) for _ in range(self.micro_batches)]
         for mb in self.micro_batch_list:
             self._spawn(mb.run())
-        for address in self.tier2_addresses:
-            await self._connect(address)
+        failures = [f"{address}: {reason}" for address in self.tier2_addresses
+                    if (reason := await self._connect(address)) is not None]
         if not self.links:
             raise ConnectionError(
-                f"no Tier 2 node reachable at {', '.join(self.tier2_addresses)}; start them first "
+                f"no Tier 2 node usable ({'; '.join(failures)}); start any that are not running "
                 "(glinthawk-node --role tier2 --listen HOST:PORT)"
             )
         self._spawn(self._reconnect_loop())
@@ -487,7 +487,8 @@ class Tier1Node:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _connect(self, address: str) -> bool:
+    async def _connect(self, address: str) -> str | None:
+        """Connect to a Tier 2 node and introduce ourselves; return why that failed, or None."""
         host, port = address.rsplit(":", 1)
         cfg = self.model.config
         try:
@@ -497,14 +498,14 @@ class Tier1Node:
                 "dtype": str(self.model.dtype).removeprefix("torch."),
             }, secret=self.secret)
         except (OSError, ConnectionClosed, ProtocolError) as exc:
-            log.warning("cannot reach Tier 2 node %s: %s", address, exc)
-            return False
+            log.warning("cannot use Tier 2 node %s: %s", address, exc)
+            return str(exc)
         link = Tier2Link(address, conn, int(welcome["capacity_tokens"]), self.heartbeat_s, self.heartbeat_timeout_s,
                          self.metrics.attention_round_trip)
         self.links[address] = link
         log.info("Tier 2 node %s: %d KV tokens", address, link.capacity_tokens)
         self.place_waiting()
-        return True
+        return None
 
     async def _reconnect_loop(self) -> None:
         """Bring lost (or never reached) Tier 2 nodes back as soon as they answer."""
@@ -513,7 +514,7 @@ class Tier1Node:
             for address in self.tier2_addresses:
                 link = self.links.get(address)
                 if link is None or not link.alive:
-                    if await self._connect(address):
+                    if await self._connect(address) is None:
                         log.info("Tier 2 node %s (re)joined", address)
 
     async def _sample_throughput(self) -> None:

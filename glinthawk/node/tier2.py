@@ -81,8 +81,14 @@ class Tier2Node:
         bytes_per_token = 2 * layers * kv_heads * head_dim * dtype.itemsize
         tokens = self.kv_tokens if self.kv_tokens is not None else self.kv_memory // bytes_per_token
         if tokens <= 0:
-            raise ProtocolError(f"--kv-memory {self.kv_memory} B holds no token of {bytes_per_token} B")
-        self.store = KVStore(layers, kv_heads, head_dim, tokens, dtype)
+            raise ProtocolError(f"--kv-memory {self.kv_memory} B holds no token of {bytes_per_token} B of this model; "
+                                f"give at least {bytes_per_token} B")
+        try:
+            self.store = KVStore(layers, kv_heads, head_dim, tokens, dtype)
+        except (RuntimeError, MemoryError) as exc:
+            log.error("cannot allocate the KV store: %s", exc)
+            raise ProtocolError(f"cannot allocate a KV store of {tokens} tokens ({tokens * bytes_per_token / 2**30:.1f} "
+                                "GiB) on this machine; give a smaller --kv-memory or --kv-tokens") from None
         log.info("KV store: %d tokens, %.1f MiB, %d layers", tokens, tokens * bytes_per_token / 2**20, layers)
         return {"capacity_tokens": tokens, "bytes_per_token": bytes_per_token}
 
