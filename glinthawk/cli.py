@@ -57,6 +57,21 @@ def parse_kv_tokens(kv_memory: str | None, kv_tokens: int | None, bytes_per_toke
     return default
 
 
+def check_output(path: str) -> None:
+    """Fail before anything loads or starts when the results file cannot be opened (say, its directory is missing).
+
+    The test opens it for appending, so a file to --resume is left as it is, and one it created is removed.
+    """
+    created = not Path(path).exists()
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise click.ClickException(f"cannot write output file {path}: {exc.strerror}") from None
+    if created:
+        Path(path).unlink()
+
+
 def open_input(path: str):
     if path == "-":
         return sys.stdin.buffer
@@ -93,19 +108,15 @@ def generate(input_path, output_path, model_dir, dtype, device, kv_tokens, kv_me
     from glinthawk.outputs import ResultWriter, count_lines
     from glinthawk.requests import parse_stream
 
+    check_output(output_path)
     model, tokenizer = load_checkpoint(model_dir, dtype, device)
     capacity = parse_kv_tokens(kv_memory, kv_tokens, model.config.kv_bytes_per_token(model.embed_tokens.element_size()),
                                65536)
     engine = Engine(model, tokenizer, kv_tokens=capacity, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs,
                     model_name=model_dir.name)
     total = None if input_path == "-" else count_lines(input_path)
-    with open_input(input_path) as stream:
-        try:
-            writer = ResultWriter(output_path, total=total, progress=progress)
-        except OSError as exc:
-            raise click.ClickException(f"cannot write output file {output_path}: {exc.strerror}") from None
-        with writer:
-            engine.run(parse_stream(stream), writer.write)
+    with open_input(input_path) as stream, ResultWriter(output_path, total=total, progress=progress) as writer:
+        engine.run(parse_stream(stream), writer.write)
     click.echo(
         f"{writer.done} done, {writer.failed} failed, {engine.stats.generated_tokens} tokens generated -> {output_path}",
         err=True,
@@ -146,6 +157,7 @@ def submit_command(input_path, to, output_path, progress, resume, secret_file) -
     from glinthawk.node.cli import parse_address
 
     host, port = parse_address(to, "--to")
+    check_output(output_path)
     _run_submit(input_path, host, port, output_path, progress, resume, secret_file)
 
 
@@ -181,6 +193,7 @@ def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, 
 
     if not Path(input_path).is_file():
         raise click.ClickException(f"cannot read input file {input_path}: no such file")
+    check_output(output_path)
     cluster = LocalCluster(model_dir, tier2_nodes=tier2_nodes, kv_memory=kv_memory, kv_tokens=kv_tokens,
                            delay_ms=inject_delay_ms, jitter_ms=inject_jitter_ms, bandwidth=inject_bandwidth,
                            dtype=dtype, device=device, micro_batches=micro_batches,

@@ -326,6 +326,29 @@ def test_cli_unwritable_output(tiny_checkpoint, tmp_path):
     assert_clean_failure(result, "cannot write output file", "no-such-dir")
 
 
+@pytest.mark.parametrize("command", ["run", "submit"])
+def test_cli_unwritable_output_fails_before_anything_starts(tiny_checkpoint, tmp_path, command):
+    """``run`` used to start a whole cluster and end in a traceback; ``submit`` to connect first."""
+    inputs, logs = tmp_path / "in.jsonl", tmp_path / "logs"
+    inputs.write_text(GOOD_PROMPT)
+    where = (["--model", str(tiny_checkpoint("llama_gqa")), "--tier2-nodes", "1", "--log-dir", str(logs)]
+             if command == "run" else ["--to", "127.0.0.1:9"])
+    result = CliRunner().invoke(main, [command, str(inputs), "-o", str(tmp_path / "no-such-dir" / "out.jsonl"),
+                                       *where])
+    assert_clean_failure(result, "cannot write output file", "no-such-dir", "No such file")
+    assert not logs.exists()  # no node was started
+
+
+def test_check_output_keeps_a_file_to_resume_and_leaves_none_behind(tmp_path):
+    from glinthawk.cli import check_output
+
+    kept, fresh = tmp_path / "kept.jsonl", tmp_path / "fresh.jsonl"
+    kept.write_text('{"custom_id": "a"}\n')
+    check_output(str(kept))
+    check_output(str(fresh))
+    assert kept.read_text() == '{"custom_id": "a"}\n' and not fresh.exists()
+
+
 def edit_config(directory: Path, **changes) -> None:
     path = directory / "config.json"
     config = json.loads(path.read_text())
