@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -15,6 +16,8 @@ from glinthawk.compute.loader import CheckpointError, DTYPES, load_model
 from glinthawk.net.netem import parse_size
 from glinthawk.tokenizer import Tokenizer, TokenizerError
 
+if TYPE_CHECKING:
+    from glinthawk.cluster import LocalCluster
 
 
 def model_option(f):
@@ -126,16 +129,22 @@ def generate(input_path, output_path, model_dir, dtype, device, kv_tokens, kv_me
 
 
 def _run_submit(input_path: str, host: str, port: int, output_path: str, progress: bool | None,
-                resume: bool = False, secret_file: Path | None = None) -> None:
+                resume: bool = False, secret_file: Path | None = None, cluster: LocalCluster | None = None) -> None:
+    """Submit to Tier 1 at host:port; with ``cluster`` (its local nodes), stop if they die."""
     from glinthawk.client import SubmitError, submit
+    from glinthawk.cluster import ClusterError
     from glinthawk.net.connection import run
     from glinthawk.node.cli import read_secret
 
     secret = read_secret(secret_file)
+    work = submit(input_path, host, port, output_path, progress=progress, resume=resume, secret=secret)
     try:
-        summary = run(submit(input_path, host, port, output_path, progress=progress, resume=resume, secret=secret))
+        summary = run(cluster.watch(work) if cluster is not None else work)
     except SubmitError as exc:
         raise click.ClickException(str(exc)) from None
+    except ClusterError as exc:
+        raise click.ClickException(f"{exc}\nResults that finished are in {output_path}; "
+                                   "rerun with --resume to run the rest.") from None
     click.echo(f"{summary.done} done, {summary.failed} failed, {summary.generated_tokens} tokens generated "
                f"-> {output_path}", err=True)
     if summary.unsent:
@@ -203,7 +212,7 @@ def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, 
         with cluster:
             click.echo(f"cluster up: {tier2_nodes} Tier 2 node(s), logs in {cluster.log_dir}", err=True)
             host, port = cluster.tier1_address
-            _run_submit(input_path, host, port, output_path, progress, resume, secret_file)
+            _run_submit(input_path, host, port, output_path, progress, resume, secret_file, cluster)
     except ClusterError as exc:
         raise click.ClickException(str(exc)) from None
 

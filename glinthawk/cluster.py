@@ -7,6 +7,7 @@ exit path of the context manager, Tier 1 first so it can finish its work.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import signal
@@ -14,13 +15,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from glinthawk import omp
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
+WATCH_INTERVAL_S = 0.5
+
+T = TypeVar("T")
 
 
 class ClusterError(RuntimeError):
@@ -56,6 +62,12 @@ class NodeProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+    def exit_report(self) -> str:
+        """How the node ended, and the tail of its log (a SIGKILL out of nowhere may be the OOM killer)."""
+        code = self.process.returncode
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        return f"{self.name} {how}; log {self.log_path}:\n{self.log_tail()}"
 
 
 @dataclass
@@ -170,12 +182,33 @@ class LocalCluster:
                 node.address = node.ready_file.read_text().strip()
                 return node.address
             if node.process.poll() is not None:
-                raise ClusterError(
-                    f"{node.name} exited with code {node.process.returncode} before it was ready; "
-                    f"log {node.log_path}:\n{node.log_tail()}"
-                )
+                raise ClusterError(f"a node failed to start: {node.exit_report()}")
             time.sleep(0.05)
         raise ClusterError(f"{node.name} not ready after {READY_TIMEOUT_S:.0f} s; log {node.log_path}")
+
+    def check_alive(self) -> None:
+        """Raise ClusterError once the cluster cannot go on: Tier 1 has died, or every Tier 2 node has."""
+        tier1, tier2 = self.nodes[-1], self.nodes[:-1]
+        if tier1.process.poll() is not None:
+            raise ClusterError(f"Tier 1 died: {tier1.exit_report()}")
+        if all(node.process.poll() is not None for node in tier2):
+            raise ClusterError("every Tier 2 node died, so nothing can run: "
+                               + "\n".join(node.exit_report() for node in tier2))
+
+    async def watch(self, work: Awaitable[T]) -> T:
+        """Await ``work`` (a client of this cluster), which the nodes' deaths would leave waiting
+        forever: once ``check_alive`` fails, ``work`` is cancelled and its ClusterError raised."""
+        task = asyncio.ensure_future(work)
+        try:
+            while not (await asyncio.wait({task}, timeout=WATCH_INTERVAL_S))[0]:
+                self.check_alive()
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        if task.exception() is not None:
+            self.check_alive()  # a dead node explains a lost connection better
+        return task.result()
 
     def stop(self) -> None:
         """SIGTERM Tier 1, then the Tier 2 nodes; SIGKILL whatever outlives the timeout."""

@@ -7,7 +7,9 @@ start real processes.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -189,6 +191,67 @@ def test_ctrl_c_leaves_valid_partial_output_and_no_children(tmp_path, model_dir)
     while node_processes(logs) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert node_processes(logs) == []
+
+
+def test_run_stops_with_the_reason_when_its_tier2_nodes_die(tmp_path, model_dir):
+    """A Tier 2 node killed (say by the OOM killer) with none left: ``glinthawk run`` used to wait
+    forever. Now it names the node, shows its log, keeps what finished, and --resume does the rest."""
+    requests = tmp_path / "in.jsonl"
+    write_requests(requests, {"temperature": 0}, [(f"r{i}", "Count with me: 1 2 3", 60) for i in range(40)])
+    out, logs = tmp_path / "out.jsonl", tmp_path / "logs"
+    command = ["run", str(requests), "-o", str(out), "--model", str(model_dir), "--tier2-nodes", "1",
+               "--max-seqs", "2", "--log-dir", str(logs), "--no-progress"]
+    proc = glinthawk(*command)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        (tier2,) = [pid for pid in node_processes(logs)
+                    if b"--role\0tier2" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        os.kill(tier2, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # if it hangs after all: its children die with it
+    assert proc.returncode == 1
+    assert "every Tier 2 node died" in stderr and "tier2-0 was killed by SIGKILL" in stderr, stderr
+    assert "listening on" in stderr and "--resume" in stderr  # its log's tail, and what to do
+    assert 2 <= len(read_results(out)) < 40
+    resumed = glinthawk(*command, "--resume")
+    _, stderr = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, stderr
+    assert sorted(read_results(out)) == sorted(f"r{i}" for i in range(40))
+    assert node_processes(logs) == []
+
+
+def test_cluster_watch_waits_while_a_tier2_node_is_left(tmp_path, model_dir):
+    from glinthawk.cluster import ClusterError, LocalCluster, NodeProcess, WATCH_INTERVAL_S
+
+    cluster = LocalCluster(model_dir, tier2_nodes=2, log_dir=tmp_path)
+    for name in ("tier2-0", "tier2-1", "tier1"):
+        (tmp_path / f"{name}.log").write_text(f"last words of {name}\n")
+        process = subprocess.Popen(["sleep", "600"])
+        cluster.nodes.append(NodeProcess(name, process, tmp_path / f"{name}.log", tmp_path / f"{name}.addr"))
+
+    async def scenario() -> None:
+        work = asyncio.ensure_future(asyncio.sleep(600))
+        watched = asyncio.ensure_future(cluster.watch(work))
+        cluster.kill("tier2-1")
+        await asyncio.sleep(3 * WATCH_INTERVAL_S)
+        assert not watched.done()  # Tier 1 rebuilds that node's sequences on the other one
+        cluster.kill("tier2-0")
+        with pytest.raises(ClusterError, match="every Tier 2 node died") as error:
+            await watched
+        assert "tier2-1 was killed by SIGKILL" in str(error.value) and "last words of tier2-0" in str(error.value)
+        assert work.cancelled()
+        cluster.kill("tier1")
+        with pytest.raises(ClusterError, match="Tier 1 died: tier1 was killed by SIGKILL"):
+            await cluster.watch(asyncio.sleep(600))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        cluster.stop()
 
 
 def test_local_cluster_picks_micro_batches_by_delay(model_dir):
