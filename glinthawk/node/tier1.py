@@ -183,8 +183,6 @@ class Batch:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def deliver(self, line: dict, failed: bool) -> None:
-        self.done += not failed
-        self.failed += failed
         sent = False
         if self.conn is not None and not self.conn.closed:
             try:
@@ -195,6 +193,8 @@ class Batch:
         if not sent:
             with open(self.spool_path, "a", encoding="utf-8") as spool:
                 spool.write(json.dumps(line, ensure_ascii=False) + "\n")
+        self.done += not failed  # counted once written: a line that cannot be is not a result
+        self.failed += failed
         self.maybe_finish()
 
     async def hand_over_spool(self) -> None:
@@ -362,7 +362,13 @@ class MicroBatch:
             for link, ids in self._forget(finished).items():
                 await link.release(ids)
             for seq in finished:
-                await node.finish(seq)
+                batch = node.batch_of[seq.id]
+                try:
+                    await node.finish(seq)
+                except Exception:  # one result that cannot be delivered must not hold back the others
+                    log.exception("line %d: its result could not be delivered and is lost; "
+                                  "glinthawk submit --resume runs it again", seq.request.line)
+                    batch.maybe_finish()
             node.place_waiting()
 
 
