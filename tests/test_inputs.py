@@ -274,6 +274,27 @@ def test_chat_without_a_template(intake_parts, tiny_checkpoint, tmp_path):
         intake.admit(parse({"custom_id": "chat", "messages": [{"role": "user", "content": "hi"}]}))
 
 
+BROKEN_TEMPLATE = "{% for m in messages %}{{ m.content }"
+
+
+def test_chat_with_a_template_that_does_not_compile(intake_parts, tiny_checkpoint, tmp_path):
+    """Each chat line fails, naming the file and the problem; plain prompts still run."""
+    shutil.copy(tiny_checkpoint("llama_gqa") / "tokenizer.json", tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": BROKEN_TEMPLATE}))
+    from glinthawk.tokenizer import Tokenizer
+
+    _, context, vocab = intake_parts
+    intake = Intake(Tokenizer(tmp_path), context, vocab, capacity_tokens=None)
+    chat = {"role": "user", "content": "hi"}
+    for custom_id in ("chat1", "chat2"):
+        with pytest.raises(RequestError) as info:
+            intake.admit(parse({"custom_id": custom_id, "messages": [chat]}))
+        assert info.value.message == (
+            f"line 3: {tmp_path / 'tokenizer_config.json'}: its 'chat_template' does not compile (line 1: "
+            "unexpected '}'); fix the template there, or send plain prompts (/v1/completions) instead of messages")
+    intake.admit(parse({"custom_id": "plain", "prompt": "hi"}))
+
+
 def test_a_bug_met_by_one_request_fails_that_request(intake_parts, monkeypatch):
     """The tokenizer raising something else than TokenizerError (as it did on a lone surrogate) fails one line."""
     tok, context, vocab = intake_parts
@@ -379,6 +400,20 @@ def test_cli_lone_surrogates_fail_their_lines_only(tiny_checkpoint, tmp_path):
     assert {r["custom_id"] for r in records if not is_error(r)} == {"a", "c"}
     assert errors[2]["custom_id"] == "in-prompt" and "'prompt' holds a lone" in errors[2]["error"]["message"]
     assert errors[3]["custom_id"] is None and "'custom_id' holds a lone" in errors[3]["error"]["message"]
+
+
+def test_cli_broken_chat_template_fails_chat_lines_only(checkpoint_copy, tmp_path):
+    model = checkpoint_copy()
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": BROKEN_TEMPLATE}))
+    lines = [{"custom_id": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+             {"custom_id": "plain", "prompt": "Once", "max_tokens": 2, "ignore_eos": True}]
+    result, output = generate(model, tmp_path, "".join(json.dumps(line) + "\n" for line in lines))
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "1 done, 1 failed" in result.output
+    records = {r["custom_id"]: r for r in map(json.loads, output.read_text().splitlines())}
+    assert "tokenizer_config.json: its 'chat_template' does not compile" in records["chat"]["error"]["message"]
+    assert records["plain"]["completion_tokens"] == 2
 
 
 def test_cli_generates_in_process(tiny_checkpoint, tmp_path):
