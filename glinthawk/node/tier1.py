@@ -401,6 +401,7 @@ class Tier1Node:
         self.secret = secret
         self.links: dict[str, Tier2Link] = {}
         self.waiting: deque[Sequence] = deque()
+        self._warned_too_large = False  # a waiting sequence fits no alive node (warned once until the queue empties)
         self.batches: dict[str, Batch] = {}
         self.batch_of: dict[int, Batch] = {}  # sequence id -> its batch
         self._owns_spool_dir = spool_dir is None  # a temporary one, removed on close if empty
@@ -559,19 +560,37 @@ class Tier1Node:
 
     # -- scheduling ---------------------------------------------------------------------
     def place_waiting(self) -> None:
-        """Place queued sequences on the node with the most free KV room that can hold them,
-        in the micro-batch with the fewest sequences."""
-        while self.waiting:
-            seq = self.waiting[0]
-            links = [link for link in self.links.values() if link.alive and link.free_tokens >= seq.reserve_tokens]
+        """Place queued sequences, in order, on the node with the most free KV room that can hold
+        them, in the micro-batch with the fewest sequences.
+
+        A sequence that waits for room holds back those behind it, so it is not starved; one
+        that no alive node could hold even empty (the nodes large enough are gone) is passed
+        over until one (re)joins, so it does not stall the queue.
+        """
+        alive = [link for link in self.links.values() if link.alive]
+        largest = max((link.capacity_tokens for link in alive), default=0)
+        index = 0
+        while index < len(self.waiting) and alive:
+            seq = self.waiting[index]
+            if seq.reserve_tokens > largest:
+                if not self._warned_too_large:
+                    log.warning("line %d of batch %s needs %d KV tokens but the largest alive Tier 2 node holds "
+                                "%d; it waits until a node large enough (re)joins, and requests behind it go first",
+                                seq.request.line, self.batch_of[seq.id].id, seq.reserve_tokens, largest)
+                    self._warned_too_large = True
+                index += 1
+                continue
+            links = [link for link in alive if link.free_tokens >= seq.reserve_tokens]
             mb = min(self.micro_batch_list, key=lambda m: m.size)
             if not links or mb.size >= self.max_seqs:
                 break
             link = max(links, key=lambda l: l.free_tokens)
-            self.waiting.popleft()
+            del self.waiting[index]
             link.free_tokens -= seq.reserve_tokens
             mb.add(seq, link)
             self.last_placed = asyncio.get_running_loop().time()
+        if not self.waiting:
+            self._warned_too_large = False
         if len(self.waiting) < self.max_waiting:
             self._room.set()
         if self.waiting and not any(l.alive for l in self.links.values()):
