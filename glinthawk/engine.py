@@ -18,7 +18,7 @@ from glinthawk.compute.kvcache import KVStore
 from glinthawk.compute.layers import forward, warm_up
 from glinthawk.compute.loader import Model
 from glinthawk.compute.stages import head_and_sample
-from glinthawk.requests import Request, RequestError, error_line, result_line
+from glinthawk.requests import Request, RequestError, error_line, internal_error, result_line
 from glinthawk.sequence import Sequence, commit_step, new_sequence, pack_step, plan_step
 from glinthawk.tokenizer import Tokenizer
 
@@ -48,8 +48,17 @@ class Intake:
         self._seen: set[str] = set()
 
     def admit(self, item: Request | RequestError) -> Sequence:
+        """The request's sequence, or RequestError (whatever goes wrong: one line never stops the others)."""
         if isinstance(item, RequestError):
             raise item
+        try:
+            return self._admit(item)
+        except RequestError:
+            raise
+        except Exception as exc:
+            raise internal_error(exc, item.line, item.custom_id, item.form) from None
+
+    def _admit(self, item: Request) -> Sequence:
         if item.custom_id in self._seen:
             raise RequestError(
                 f"line {item.line}: duplicate custom_id '{item.custom_id}'", item.line, item.custom_id, item.form

@@ -7,6 +7,8 @@ Parsing is strict: an unknown field, a wrong type or an out-of-range value becom
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from glinthawk.compute.sampling import SamplingParams
+
+log = logging.getLogger("glinthawk.requests")
 
 PLAIN, OPENAI = "plain", "openai"
 COMPLETIONS_URL, CHAT_URL = "/v1/completions", "/v1/chat/completions"
@@ -27,6 +31,9 @@ _OPENAI_FIELDS = {"custom_id", "method", "url", "body"}
 # Fields an OpenAI body may carry that change nothing here, with the only value we honour.
 _OPENAI_NEUTRAL = {"model": None, "n": 1, "stream": False, "logprobs": None, "user": None}
 _OPENAI_BODY_FIELDS = {"prompt", "messages", "max_completion_tokens"} | _SAMPLING_FIELDS | set(_OPENAI_NEUTRAL)
+# JSON lets "\ud800" escape half a surrogate pair: it decodes to a str that is not Unicode
+# text, which the tokenizer refuses and no result line can be encoded with.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -51,6 +58,16 @@ class RequestError(ValueError):
     def __init__(self, message: str, line: int | None = None, custom_id: str | None = None, form: str = PLAIN):
         super().__init__(message)
         self.message, self.line, self.custom_id, self.form = message, line, custom_id, form
+
+
+def internal_error(exc: Exception, number: int, custom_id: str | None = None, form: str = PLAIN) -> RequestError:
+    """A bug met while taking one line in, as that line's error: it must fail alone, never the run.
+
+    Call it inside the ``except`` block: the traceback goes to the log.
+    """
+    log.exception("line %d: internal error", number)
+    return RequestError(f"line {number}: internal error while taking this request in ({exc!r}); "
+                        "please report it with the line", number, custom_id, form)
 
 
 def read_lines(stream: BinaryIO, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
@@ -85,6 +102,8 @@ def parse_line(number: int, raw: bytes | None, max_line_bytes: int = MAX_LINE_BY
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RequestError(f"line {number}: invalid JSON ({exc.msg} at column {exc.colno})", number) from None
+    except RecursionError:
+        raise RequestError(f"line {number}: JSON nested too deeply", number) from None
     if not isinstance(obj, dict):
         raise RequestError(f"line {number}: expected a JSON object, got {type(obj).__name__}", number)
     form = OPENAI if ("body" in obj or "url" in obj) else PLAIN
@@ -93,12 +112,39 @@ def parse_line(number: int, raw: bytes | None, max_line_bytes: int = MAX_LINE_BY
         custom_id = f"line-{number}"
     if not isinstance(custom_id, str) or not custom_id:
         raise RequestError(f"line {number}: 'custom_id' must be a non-empty string", number, None, form)
+    where = _lone_surrogate(obj)
+    if where is not None:  # a bad custom_id stays out of the error line: it could not be written either
+        raise RequestError(
+            f"line {number}: {where} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not "
+            "Unicode text; remove it or give the complete surrogate pair",
+            number, None if where == "'custom_id'" else custom_id, form,
+        )
     try:
         return _parse_openai(obj, number, custom_id) if form == OPENAI else _parse_plain(obj, number, custom_id)
     except RequestError:
         raise
     except (ValueError, TypeError) as exc:
         raise RequestError(f"line {number}: {exc}", number, custom_id, form) from None
+    except Exception as exc:
+        raise internal_error(exc, number, custom_id, form) from None
+
+
+def _lone_surrogate(obj: dict[str, Any]) -> str | None:
+    """Where in a parsed line a string or field name holds a lone surrogate (such as 'body.stop[0]'), or None."""
+    stack: list[tuple[Any, str]] = [(obj, "")]
+    while stack:  # iterative: the JSON may nest as deep as the parser allows
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return f"'{path}'"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if _SURROGATE.search(key):
+                    return f"a field name in '{path}'" if path else "a field name"
+                stack.append((item, f"{path}.{key}" if path else key))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value) if isinstance(item, (str, dict, list)))
+    return None
 
 
 def parse_stream(stream: BinaryIO, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Request | RequestError]:

@@ -34,7 +34,8 @@ class Tokenizer:
             self._tok = HFTokenizer.from_file(str(path))
         except Exception as exc:  # the Rust library raises a bare Exception
             raise TokenizerError(f"{path}: cannot load tokenizer ({exc})") from None
-        config = self._read_config(directory / "tokenizer_config.json")
+        self._config_path = directory / "tokenizer_config.json"
+        config = self._read_config(self._config_path)
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         template = config.get("chat_template")
@@ -87,9 +88,9 @@ class Tokenizer:
                 "this model has no chat template (tokenizer_config.json 'chat_template'); "
                 "send plain prompts (/v1/completions) instead of messages"
             )
-        if self._compiled_template is None:
-            self._compiled_template = _compile_template(self.chat_template)
         try:
+            if self._compiled_template is None:
+                self._compiled_template = _compile_template(self.chat_template, self._config_path)
             return self._compiled_template.render(
                 messages=messages,
                 add_generation_prompt=True,
@@ -106,7 +107,8 @@ class Tokenizer:
         return self.encode(self.render_chat(messages), add_special_tokens=False)
 
 
-def _compile_template(source: str):
+def _compile_template(source: str, config_path: Path):
+    from jinja2 import TemplateSyntaxError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
@@ -114,4 +116,10 @@ def _compile_template(source: str):
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(source)
+    try:
+        return env.from_string(source)
+    except TemplateSyntaxError as exc:  # the checkpoint's fault: say where, so it can be fixed
+        raise TokenizerError(
+            f"{config_path}: its 'chat_template' does not compile (line {exc.lineno}: {exc.message}); fix the "
+            "template there, or send plain prompts (/v1/completions) instead of messages"
+        ) from None

@@ -309,3 +309,36 @@ async def test_a_step_that_fails_fails_its_requests_and_the_node_goes_on(checkpo
     assert (summary.done, summary.failed) == (2, 1)
     assert "simulated device fault" in lines["r0"]["error"]["message"]
     assert lines["r1"]["completion_tokens"] == lines["r2"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("bad", ["r0", "r2"])
+async def test_a_result_that_cannot_be_delivered_holds_back_no_other(checkpoint, tmp_path, monkeypatch, caplog, bad):
+    """Three requests finish in one step; delivering one of them fails (first or last in the loop).
+    The others are delivered and the batch ends: the rest of the loop used to be skipped, and the run hung."""
+    from glinthawk.node import tier1 as tier1_module
+
+    real_result_line = tier1_module.result_line
+
+    def result_line(request, done, model_name):
+        if request.custom_id == bad:
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+        return real_result_line(request, done, model_name)
+
+    monkeypatch.setattr(tier1_module, "result_line", result_line)
+    model, tokenizer = checkpoint
+    tier2 = Tier2Node(kv_tokens=4096)
+    tier2_port = await tier2.start("127.0.0.1", 0)
+    tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{tier2_port}"], micro_batches=1)
+    requests = tmp_path / "in.jsonl"
+    requests.write_text("".join(json.dumps({"custom_id": f"r{i}", "prompt": "The quick", "max_tokens": 3,
+                                            "ignore_eos": True}) + "\n" for i in range(3)))
+    try:
+        port = await tier1.start("127.0.0.1", 0)
+        summary = await asyncio.wait_for(submit(requests, "127.0.0.1", port, tmp_path / "out.jsonl",
+                                                progress=False), timeout=120)
+    finally:
+        await tier1.close()
+        await tier2.close()
+    lines = read_results(tmp_path / "out.jsonl")
+    assert set(lines) == {"r0", "r1", "r2"} - {bad} and (summary.done, summary.failed) == (2, 0)
+    assert f"line {int(bad[1]) + 1}: its result could not be delivered" in caplog.text

@@ -31,6 +31,9 @@ BAD_LINES = {
     "unknown url": (b'{"custom_id": "x", "method": "POST", "url": "/v1/embeddings", "body": {"input": "a"}}',
                     "unsupported url"),
     "not an object": (b'[1, 2, 3]', "expected a JSON object"),
+    "lone surrogate in the prompt": (b'{"custom_id": "x", "prompt": "bad \\ud800"}', "'prompt' holds a lone"),
+    "lone surrogate in the custom_id": (b'{"custom_id": "x\\ud800", "prompt": "hi"}', "'custom_id' holds a lone"),
+    "JSON nested too deeply": (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
 }
 
 

@@ -154,6 +154,49 @@ def test_openai_line_without_custom_id_is_an_error():
     assert error.form == OPENAI and error.custom_id is None
 
 
+# -- escapes and numbers JSON allows but nothing downstream takes ---------------------------
+
+
+@pytest.mark.parametrize("obj,where", [
+    ({"custom_id": "a", "prompt": "bad \ud800 text"}, "'prompt'"),
+    ({"custom_id": "a", "prompt": ["\udfff"]}, "'prompt[0]'"),
+    ({"custom_id": "a", "messages": [{"role": "user", "content": "hi \udc00"}]}, "'messages[0].content'"),
+    ({"custom_id": "a", "prompt": "x", "stop": ["\udc00"]}, "'stop[0]'"),
+    ({"custom_id": "a", "url": COMPLETIONS_URL, "body": {"prompt": "x", "model": "m\ud800"}}, "'body.model'"),
+    ({"custom_id": "a", "prompt": "x", "\ud800": 1}, "a field name"),
+    ({"custom_id": "id\ud800", "prompt": "x"}, "'custom_id'"),
+])
+def test_lone_surrogate_escape_is_an_error_that_can_be_written(obj, where):
+    """An escape such as \\ud800 is valid JSON but not text: the tokenizer raised TypeError on it, and a result
+    line holding it could not be encoded, which killed the run (or hung it, for a custom_id)."""
+    error = parse_error(obj, where, "lone UTF-16 surrogate")
+    assert error.custom_id == (None if where == "'custom_id'" else "a")
+    json.dumps(error_line(error), ensure_ascii=False).encode("utf-8")  # the error line itself can be written
+
+
+def test_surrogate_pair_escape_is_text():
+    assert parse({"custom_id": "\ud83d\ude00", "prompt": "smile \ud83d\ude00"}).prompt == "smile \U0001f600"
+
+
+def test_too_deeply_nested_json_is_an_error():
+    parse_error(b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "JSON nested too deeply")
+
+
+def test_integer_too_large_for_a_float_is_an_error():
+    parse_error(b'{"custom_id": "a", "prompt": "x", "temperature": 1' + b"0" * 400 + b"}", "temperature must be")
+
+
+def test_a_bug_met_by_one_line_fails_that_line(monkeypatch):
+    from glinthawk import requests
+
+    def broken(fields):
+        raise KeyError("simulated bug")
+
+    monkeypatch.setattr(requests, "_sampling", broken)
+    error = parse_error({"custom_id": "a", "prompt": "x"}, "internal error", "KeyError('simulated bug')")
+    assert error.custom_id == "a"
+
+
 # -- streams ----------------------------------------------------------------------------
 
 
@@ -231,6 +274,45 @@ def test_chat_without_a_template(intake_parts, tiny_checkpoint, tmp_path):
         intake.admit(parse({"custom_id": "chat", "messages": [{"role": "user", "content": "hi"}]}))
 
 
+BROKEN_TEMPLATE = "{% for m in messages %}{{ m.content }"
+
+
+def test_chat_with_a_template_that_does_not_compile(intake_parts, tiny_checkpoint, tmp_path):
+    """Each chat line fails, naming the file and the problem; plain prompts still run."""
+    shutil.copy(tiny_checkpoint("llama_gqa") / "tokenizer.json", tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": BROKEN_TEMPLATE}))
+    from glinthawk.tokenizer import Tokenizer
+
+    _, context, vocab = intake_parts
+    intake = Intake(Tokenizer(tmp_path), context, vocab, capacity_tokens=None)
+    chat = {"role": "user", "content": "hi"}
+    for custom_id in ("chat1", "chat2"):
+        with pytest.raises(RequestError) as info:
+            intake.admit(parse({"custom_id": custom_id, "messages": [chat]}))
+        assert info.value.message == (
+            f"line 3: {tmp_path / 'tokenizer_config.json'}: its 'chat_template' does not compile (line 1: "
+            "unexpected '}'); fix the template there, or send plain prompts (/v1/completions) instead of messages")
+    intake.admit(parse({"custom_id": "plain", "prompt": "hi"}))
+
+
+def test_a_bug_met_by_one_request_fails_that_request(intake_parts, monkeypatch):
+    """The tokenizer raising something else than TokenizerError (as it did on a lone surrogate) fails one line."""
+    tok, context, vocab = intake_parts
+    intake = Intake(tok, context, vocab, capacity_tokens=None)
+    real_encode = tok.encode
+
+    def encode(text: str, add_special_tokens: bool = True) -> list[int]:
+        if text == "poison":
+            raise TypeError("TextInputSequence must be str")
+        return real_encode(text, add_special_tokens)
+
+    monkeypatch.setattr(tok, "encode", encode)
+    with pytest.raises(RequestError, match=r"line 3: internal error .*TypeError") as info:
+        intake.admit(parse({"custom_id": "p", "prompt": "poison"}))
+    assert info.value.custom_id == "p"
+    intake.admit(parse({"custom_id": "q", "prompt": "fine"}))
+
+
 # -- the CLI ----------------------------------------------------------------------------
 
 GOOD_PROMPT = json.dumps({"custom_id": "ok", "prompt": "Once", "max_tokens": 2}) + "\n"
@@ -301,6 +383,37 @@ def test_cli_end_to_end_with_bad_lines(tiny_checkpoint, tmp_path):
     named = {r["custom_id"]: r["error"]["message"] for r in errors if r.get("custom_id")}
     assert "unknown field(s) colour" in named["d"]
     assert "line 8: duplicate custom_id 'a'" in named["a"]
+
+
+def test_cli_lone_surrogates_fail_their_lines_only(tiny_checkpoint, tmp_path):
+    lines = [
+        {"custom_id": "a", "prompt": "Once", "max_tokens": 2},
+        {"custom_id": "in-prompt", "prompt": "bad \ud800 text", "max_tokens": 2},
+        {"custom_id": "id\ud800", "prompt": "Once", "max_tokens": 2},
+        {"custom_id": "c", "prompt": "Once", "max_tokens": 2},
+    ]
+    result, output = generate(tiny_checkpoint("llama_gqa"), tmp_path, "".join(json.dumps(line) + "\n" for line in lines))
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "2 done, 2 failed" in result.output
+    records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    errors = {r["line"]: r for r in records if is_error(r)}
+    assert {r["custom_id"] for r in records if not is_error(r)} == {"a", "c"}
+    assert errors[2]["custom_id"] == "in-prompt" and "'prompt' holds a lone" in errors[2]["error"]["message"]
+    assert errors[3]["custom_id"] is None and "'custom_id' holds a lone" in errors[3]["error"]["message"]
+
+
+def test_cli_broken_chat_template_fails_chat_lines_only(checkpoint_copy, tmp_path):
+    model = checkpoint_copy()
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": BROKEN_TEMPLATE}))
+    lines = [{"custom_id": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+             {"custom_id": "plain", "prompt": "Once", "max_tokens": 2, "ignore_eos": True}]
+    result, output = generate(model, tmp_path, "".join(json.dumps(line) + "\n" for line in lines))
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "1 done, 1 failed" in result.output
+    records = {r["custom_id"]: r for r in map(json.loads, output.read_text().splitlines())}
+    assert "tokenizer_config.json: its 'chat_template' does not compile" in records["chat"]["error"]["message"]
+    assert records["plain"]["completion_tokens"] == 2
 
 
 def test_cli_generates_in_process(tiny_checkpoint, tmp_path):

@@ -152,3 +152,43 @@ async def test_a_burst_of_requests_starts_in_one_step(checkpoint, tmp_path, monk
     assert summary.done == count
     # Each step is a job per layer plus the final one; a late part of the burst would need a third step.
     assert jobs == max_tokens * (model.config.num_layers + 1)
+
+
+async def test_a_request_no_alive_node_can_hold_does_not_stall_the_queue(checkpoint, tmp_path, caplog):
+    """Nodes of 256 and 64 KV tokens, the large one gone: a request of 100 tokens first in the queue
+    is passed over (with one warning) and those behind it run; one that only waits for room still
+    holds the queue; once the large node is back, the large request is placed first."""
+    from glinthawk.engine import Intake
+    from glinthawk.requests import parse_line
+
+    model, tokenizer = checkpoint
+    node = Tier1Node(model, tokenizer, [], spool_dir=tmp_path)
+    node.micro_batch_list = [tier1.MicroBatch(node)]
+    large = SimpleNamespace(alive=False, capacity_tokens=256, free_tokens=256, sequences=0)
+    small = SimpleNamespace(alive=True, capacity_tokens=64, free_tokens=64, sequences=0)
+    node.links = {"large": large, "small": small}
+    intake = Intake(tokenizer, model.config.max_position_embeddings, model.config.vocab_size, None)
+    queue = {}
+    for number, (custom_id, max_tokens) in enumerate([("large", 91), ("s1", 5), ("s2", 5), ("s3", 5), ("room", 39),
+                                                      ("s4", 5)], 1):
+        line = json.dumps({"custom_id": custom_id, "prompt": [5] * (10 if max_tokens > 5 else 4),
+                           "max_tokens": max_tokens})
+        queue[custom_id] = seq = intake.admit(parse_line(number, line.encode()))
+        node.batch_of[seq.id] = SimpleNamespace(id="b")
+        node.waiting.append(seq)
+    assert [queue[k].reserve_tokens for k in ("large", "s1", "room")] == [100, 8, 48]
+
+    def waiting() -> list[str]:
+        return [seq.request.custom_id for seq in node.waiting]
+
+    node.place_waiting()
+    node.place_waiting()
+    # "room" fits the small node but not its 40 free tokens: s4 behind it waits too.
+    assert waiting() == ["large", "room", "s4"] and small.free_tokens == 40
+    warnings = [r.getMessage() for r in caplog.records if "largest alive Tier 2 node" in r.getMessage()]
+    assert warnings == ["line 1 of batch b needs 100 KV tokens but the largest alive Tier 2 node holds 64; it waits "
+                        "until a node large enough (re)joins, and requests behind it go first"]
+    large.alive = True
+    node.place_waiting()
+    assert waiting() == [] and large.free_tokens == 256 - 100 - 48 - 8
+    assert node.micro_batch_list[0].incoming[3:] == [queue["large"], queue["room"], queue["s4"]]

@@ -183,8 +183,6 @@ class Batch:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def deliver(self, line: dict, failed: bool) -> None:
-        self.done += not failed
-        self.failed += failed
         sent = False
         if self.conn is not None and not self.conn.closed:
             try:
@@ -195,6 +193,8 @@ class Batch:
         if not sent:
             with open(self.spool_path, "a", encoding="utf-8") as spool:
                 spool.write(json.dumps(line, ensure_ascii=False) + "\n")
+        self.done += not failed  # counted once written: a line that cannot be is not a result
+        self.failed += failed
         self.maybe_finish()
 
     async def hand_over_spool(self) -> None:
@@ -362,7 +362,13 @@ class MicroBatch:
             for link, ids in self._forget(finished).items():
                 await link.release(ids)
             for seq in finished:
-                await node.finish(seq)
+                batch = node.batch_of[seq.id]
+                try:
+                    await node.finish(seq)
+                except Exception:  # one result that cannot be delivered must not hold back the others
+                    log.exception("line %d: its result could not be delivered and is lost; "
+                                  "glinthawk submit --resume runs it again", seq.request.line)
+                    batch.maybe_finish()
             node.place_waiting()
 
 
@@ -395,6 +401,7 @@ class Tier1Node:
         self.secret = secret
         self.links: dict[str, Tier2Link] = {}
         self.waiting: deque[Sequence] = deque()
+        self._warned_too_large = False  # a waiting sequence fits no alive node (warned once until the queue empties)
         self.batches: dict[str, Batch] = {}
         self.batch_of: dict[int, Batch] = {}  # sequence id -> its batch
         self._owns_spool_dir = spool_dir is None  # a temporary one, removed on close if empty
@@ -554,19 +561,37 @@ class Tier1Node:
 
     # -- scheduling ---------------------------------------------------------------------
     def place_waiting(self) -> None:
-        """Place queued sequences on the node with the most free KV room that can hold them,
-        in the micro-batch with the fewest sequences."""
-        while self.waiting:
-            seq = self.waiting[0]
-            links = [link for link in self.links.values() if link.alive and link.free_tokens >= seq.reserve_tokens]
+        """Place queued sequences, in order, on the node with the most free KV room that can hold
+        them, in the micro-batch with the fewest sequences.
+
+        A sequence that waits for room holds back those behind it, so it is not starved; one
+        that no alive node could hold even empty (the nodes large enough are gone) is passed
+        over until one (re)joins, so it does not stall the queue.
+        """
+        alive = [link for link in self.links.values() if link.alive]
+        largest = max((link.capacity_tokens for link in alive), default=0)
+        index = 0
+        while index < len(self.waiting) and alive:
+            seq = self.waiting[index]
+            if seq.reserve_tokens > largest:
+                if not self._warned_too_large:
+                    log.warning("line %d of batch %s needs %d KV tokens but the largest alive Tier 2 node holds "
+                                "%d; it waits until a node large enough (re)joins, and requests behind it go first",
+                                seq.request.line, self.batch_of[seq.id].id, seq.reserve_tokens, largest)
+                    self._warned_too_large = True
+                index += 1
+                continue
+            links = [link for link in alive if link.free_tokens >= seq.reserve_tokens]
             mb = min(self.micro_batch_list, key=lambda m: m.size)
             if not links or mb.size >= self.max_seqs:
                 break
             link = max(links, key=lambda l: l.free_tokens)
-            self.waiting.popleft()
+            del self.waiting[index]
             link.free_tokens -= seq.reserve_tokens
             mb.add(seq, link)
             self.last_placed = asyncio.get_running_loop().time()
+        if not self.waiting:
+            self._warned_too_large = False
         if len(self.waiting) < self.max_waiting:
             self._room.set()
         if self.waiting and not any(l.alive for l in self.links.values()):
