@@ -204,11 +204,25 @@ class Batch:
         with open(self.spool_path, encoding="utf-8") as spool:
             for text in spool:
                 await self.conn.send({"type": MsgType.RESULT, "line": json.loads(text)})
-        self.spool_path.unlink()
+        self.spool_path.unlink(missing_ok=True)  # if we die handing it over, our successor is handed it too
 
     def maybe_finish(self) -> None:
         if self.input_done and not self.running:
             self.finished.set()
+
+
+async def _unless_closed(conn: Connection, waiting) -> None:
+    """Await ``waiting``, but raise ConnectionClosed as soon as ``conn`` ends: a handler
+    parked on an event must not outlive its client (a resumed client takes the batch over)."""
+    task = asyncio.ensure_future(waiting)
+    closed = asyncio.ensure_future(conn.wait_closed())
+    try:
+        await asyncio.wait({task, closed}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        task.cancel()
+        closed.cancel()
+    if not task.done():
+        raise ConnectionClosed("connection closed")
 
 
 _mb_ids = itertools.count()
@@ -637,32 +651,37 @@ class Tier1Node:
             while not batch.input_done:
                 while len(self.waiting) >= self.max_waiting and not self._draining:
                     self._room.clear()
-                    await self._room.wait()  # back-pressure: stop reading until the queue drains
+                    await _unless_closed(conn, self._room.wait())  # back-pressure: stop reading until the queue drains
                 if self._draining:
                     await conn.send({"type": MsgType.DRAIN, "message": "Tier 1 is shutting down; resubmit the rest"})
                     batch.input_done = True
                     break
                 header, _ = await conn.recv()
+                if batch.conn is not conn:
+                    return  # a frame of a dead client whose batch another client has taken over
                 if header["type"] == MsgType.SUBMIT:
-                    await self._accept_lines(batch, header.get("lines", []))
+                    await self._accept_lines(batch, header.get("lines", []), conn)
                 elif header["type"] == MsgType.DONE:
                     batch.input_done = True
                 else:
                     await conn.send({"type": MsgType.ERROR, "message": f"unexpected message {header['type']!r}"})
             batch.maybe_finish()
-            await batch.finished.wait()
+            await _unless_closed(conn, batch.finished.wait())
             await conn.send({"type": MsgType.DONE, "done": batch.done, "failed": batch.failed})
             del self.batches[batch.id]
         except (ConnectionClosed, ProtocolError) as exc:
             log.warning("client of batch %s went away (%s); its %d running requests go on, results spooled to %s",
                         batch.id, exc, len(batch.running), batch.spool_path)
         finally:
-            batch.conn = None
+            if batch.conn is conn:  # not a resumed client's, which may have attached meanwhile
+                batch.conn = None
 
-    async def _accept_lines(self, batch: Batch, lines: list) -> None:
+    async def _accept_lines(self, batch: Batch, lines: list, conn: Connection) -> None:
         if not isinstance(lines, list):
             lines = [None]
         for entry in lines:
+            if batch.conn is not conn:
+                break  # the client died while an error line went out, and another has taken the batch over
             try:
                 if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)
                         and isinstance(entry[1], (bytes, type(None)))):
