@@ -63,3 +63,53 @@ async def test_a_client_that_dies_while_tier1_holds_back_its_input_leaves_the_re
     assert [line for line in lines if "error" in line] == []
     assert Counter(line["custom_id"] for line in lines) == Counter(f"r{i}" for i in range(40))
     assert (summary.done, summary.failed) == (40, 0)
+
+
+async def test_submitting_again_without_resume_starts_over(checkpoint, tmp_path):
+    """A new submission of the same files (what LLM.generate does after an interrupted call)
+    used to get the old prompts' results for ids still running, and a duplicate of such an id
+    was admitted over it, so its end raised and failed its whole micro-batch."""
+    requests, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(requests, [{"custom_id": f"r{i}", "prompt": f"Old {i}", "max_tokens": 200, "ignore_eos": True}
+                           for i in range(3)])
+    async with cluster(checkpoint, tmp_path) as (tier1, port):
+        first = asyncio.create_task(submit(requests, "127.0.0.1", port, out, progress=False))
+        while len(tier1.batch_of) < 3:
+            await asyncio.sleep(0.01)
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        new = [{"custom_id": f"r{i}", "prompt": f"New {i}", "max_tokens": 3, "ignore_eos": True} for i in range(3)]
+        write_lines(requests, new[:1] + [{**new[0], "max_tokens": 2}] + new[1:])
+        summary = await asyncio.wait_for(submit(requests, "127.0.0.1", port, out, progress=False), 60)
+        assert not tier1.batch_of and not tier1.waiting
+        assert all(not mb.size for mb in tier1.micro_batch_list)  # the old requests stopped
+    lines = output_lines(out)
+    errors = [line["error"]["message"] for line in lines if "error" in line]
+    assert errors == ["line 2: duplicate custom_id 'r0'"]
+    assert sorted((line["custom_id"], line["completion_tokens"]) for line in lines if "error" not in line) == [
+        ("r0", 3), ("r1", 3), ("r2", 3)]
+    assert (summary.done, summary.failed) == (3, 1)
+
+
+async def test_a_duplicate_of_a_request_still_running_is_refused_on_resume(checkpoint, tmp_path):
+    """The resumed batch's intake knows the ids still running, so a second line with one is a
+    duplicate rather than a request admitted over the running one."""
+    requests, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(requests, [{"custom_id": "a", "prompt": "Long", "max_tokens": 200, "ignore_eos": True},
+                           {"custom_id": "a", "prompt": "Dup", "max_tokens": 2, "ignore_eos": True},
+                           {"custom_id": "b", "prompt": "Other", "max_tokens": 2, "ignore_eos": True}])
+    async with cluster(checkpoint, tmp_path) as (tier1, port):
+        conn = await open_connection("127.0.0.1", port)  # a client that sent the first line and died
+        await client_handshake(conn, "client", {"batch_id": batch_id(requests, out), "resume": False})
+        with open(requests, "rb") as f:
+            await conn.send({"type": "submit", "lines": [list(next(read_lines(f)))]})
+        while not tier1.batch_of:
+            await asyncio.sleep(0.01)
+        conn.close()
+        summary = await asyncio.wait_for(submit(requests, "127.0.0.1", port, out, progress=False, resume=True), 60)
+    lines = output_lines(out)
+    assert [line["error"]["message"] for line in lines if "error" in line] == ["line 2: duplicate custom_id 'a'"]
+    assert sorted((line["custom_id"], line["completion_tokens"]) for line in lines if "error" not in line) == [
+        ("a", 200), ("b", 2)]
+    assert (summary.done, summary.failed) == (2, 1)

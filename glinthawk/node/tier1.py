@@ -283,6 +283,9 @@ class MicroBatch:
                 continue
             self.seqs += self.incoming
             self.incoming.clear()
+            await self._drop_given_up()
+            if not self.seqs:
+                continue
             try:
                 await self._step()
             except LinkLost:
@@ -300,6 +303,15 @@ class MicroBatch:
             if quiet >= GATHER_QUIET_S:
                 return
             await asyncio.sleep(GATHER_QUIET_S - quiet)
+
+    async def _drop_given_up(self) -> None:
+        """Sequences whose batch was given up (submitted again without --resume) stop here."""
+        given_up = [s for s in self.seqs if s.id not in self.node.batch_of]
+        if given_up:
+            self.seqs = [s for s in self.seqs if s.id in self.node.batch_of]
+            for link, ids in self._forget(given_up).items():
+                await link.release(ids)
+            self.node.place_waiting()
 
     def _requeue_lost(self) -> None:
         """Sequences on a lost node go back to the queue (their KV is rebuilt elsewhere); the
@@ -588,13 +600,17 @@ class Tier1Node:
     def requeue(self, seqs: list[Sequence]) -> None:
         """Sequences whose node was lost: rebuild their KV from token history on another node."""
         for seq in reversed(seqs):
+            if seq.id not in self.batch_of:
+                continue  # its batch was given up
             seq.num_cached = 0
             self.waiting.appendleft(seq)
         self.place_waiting()
 
     async def finish(self, seq: Sequence, error: str | None = None) -> None:
         """Deliver a sequence's result (or, with ``error``, an error line in its request's form)."""
-        batch = self.batch_of.pop(seq.id)
+        batch = self.batch_of.pop(seq.id, None)
+        if batch is None:
+            return  # its batch was given up
         del batch.running[seq.request.custom_id]
         if error is not None:
             self.stats.failed += 1
@@ -606,7 +622,12 @@ class Tier1Node:
 
     # -- clients ------------------------------------------------------------------------
     def _batch_for(self, hello: dict) -> Batch:
-        """The batch a client continues (same batch id, no client attached) or a new one."""
+        """The batch a resuming client continues (same batch id, no client attached) or a new one.
+
+        A client that does not resume starts its batch over: what still runs or waits for an
+        earlier submission under the same id is given up, so its old prompts' results are
+        never mistaken for the new ones (the client rewrites its output file anyway).
+        """
         cfg = self.model.config
         batch_id = hello.get("batch_id")
         if not isinstance(batch_id, str) or not batch_id.isalnum() or len(batch_id) > 128:
@@ -614,19 +635,35 @@ class Tier1Node:
         batch = self.batches.get(batch_id)
         if batch is not None and batch.conn is not None and not batch.conn.closed:
             raise ProtocolError(f"batch {batch_id} already has a client attached")
-        intake = Intake(self.tokenizer, cfg.max_position_embeddings, cfg.vocab_size, self.capacity_per_node or None)
+        if batch is not None and not hello.get("resume"):
+            self._give_up(batch)
+            batch = None
+        # A result sent just as the old client died may never have reached its file: the
+        # resumed client sends such lines again, and they run again rather than count as
+        # duplicates. Lines still running are attached to, not rerun, and a second line with
+        # one of their ids is a duplicate.
+        intake = Intake(self.tokenizer, cfg.max_position_embeddings, cfg.vocab_size, self.capacity_per_node or None,
+                        seen=batch.running if batch is not None else ())
         if batch is None:
             batch = Batch(batch_id, intake, self.spool_dir / f"{batch_id}.jsonl")
             self.batches[batch_id] = batch
         else:
-            # A result sent just as the old client died may never have reached its file: the
-            # resumed client sends such lines again, and they run again rather than count as
-            # duplicates. Lines still running are attached to, not rerun.
             batch.intake = intake
         batch.input_done = False
         batch.finished.clear()
         batch.carried_over = set(batch.running)
         return batch
+
+    def _give_up(self, batch: Batch) -> None:
+        """Drop a batch without results: its waiting requests leave the queue, its running ones
+        leave their micro-batches at the next step, and its handler (a dead client's) stops."""
+        for seq in batch.running.values():
+            del self.batch_of[seq.id]
+        self.waiting = deque(seq for seq in self.waiting if seq.id in self.batch_of)
+        batch.running.clear()
+        batch.conn = None
+        del self.batches[batch.id]
+        self.place_waiting()
 
     async def _serve_client(self, conn: Connection) -> None:
         cfg = self.model.config
