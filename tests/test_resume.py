@@ -113,3 +113,18 @@ async def test_a_duplicate_of_a_request_still_running_is_refused_on_resume(check
     assert sorted((line["custom_id"], line["completion_tokens"]) for line in lines if "error" not in line) == [
         ("a", 200), ("b", 2)]
     assert (summary.done, summary.failed) == (2, 1)
+
+
+async def test_resuming_does_not_answer_an_openai_line_without_custom_id_again(checkpoint, tmp_path):
+    """Its error line had neither a custom_id nor a line number, so every resume added another."""
+    body = {"prompt": "Hi", "max_tokens": 2}
+    requests = write_lines(tmp_path / "in.jsonl", [
+        {"custom_id": "ok", "method": "POST", "url": "/v1/completions", "body": body},
+        {"method": "POST", "url": "/v1/completions", "body": body}])
+    out = tmp_path / "out.jsonl"
+    async with cluster(checkpoint, tmp_path) as (_, port):
+        for resume in (False, True):
+            await submit(requests, "127.0.0.1", port, out, progress=False, resume=resume)
+    lines = output_lines(out)
+    assert sorted((line.get("line", 0), str(line["custom_id"]), line["response"]["status_code"]) for line in lines) == [
+        (0, "ok", 200), (2, "None", 400)]
