@@ -128,3 +128,17 @@ async def test_resuming_does_not_answer_an_openai_line_without_custom_id_again(c
     lines = output_lines(out)
     assert sorted((line.get("line", 0), str(line["custom_id"]), line["response"]["status_code"]) for line in lines) == [
         (0, "ok", 200), (2, "None", 400)]
+
+
+async def test_a_duplicate_custom_id_error_does_not_answer_the_first_line_with_that_id(checkpoint, tmp_path):
+    """The error line of line 2 (a duplicate of line 1's id) carries that id: a resume took it
+    for line 1's answer, so line 1 never ran."""
+    requests = write_lines(tmp_path / "in.jsonl", [
+        {"custom_id": "a", "prompt": "First", "max_tokens": 2}, {"custom_id": "a", "prompt": "Dup", "max_tokens": 2}])
+    out = write_lines(tmp_path / "out.jsonl", [  # interrupted before line 1 finished
+        {"custom_id": "a", "error": {"message": "line 2: duplicate custom_id 'a'"}, "line": 2}])
+    async with cluster(checkpoint, tmp_path) as (_, port):
+        summary = await submit(requests, "127.0.0.1", port, out, progress=False, resume=True)
+    assert (summary.done, summary.failed) == (1, 0)
+    assert [line.get("line") for line in output_lines(out)] == [2, None]
+
