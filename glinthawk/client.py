@@ -180,9 +180,10 @@ async def submit(
                 header, _ = await conn.recv()
                 kind = header["type"]
                 if kind == MsgType.RESULT:
-                    writer.write(header["line"])
-                    if sender is None:  # kept by Tier 1 while we were away: not to be sent again
-                        done.add(header["line"])
+                    # Before CAPACITY come the results Tier 1 kept while we were away: not to be sent
+                    # again, nor written twice (a client that died during the hand-over wrote some).
+                    if sender is not None or done.add(header["line"]):
+                        writer.write(header["line"])
                 elif kind == MsgType.CAPACITY and sender is None:
                     sender = asyncio.get_running_loop().create_task(send_all())
                 elif kind == MsgType.DRAIN:

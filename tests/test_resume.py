@@ -142,3 +142,26 @@ async def test_a_duplicate_custom_id_error_does_not_answer_the_first_line_with_t
     assert (summary.done, summary.failed) == (1, 0)
     assert [line.get("line") for line in output_lines(out)] == [2, None]
 
+
+async def test_results_handed_over_twice_are_written_once(checkpoint, tmp_path):
+    """A client that dies while Tier 1 hands over its spool wrote part of it; the next resume
+    is handed all of it again."""
+    requests = write_lines(tmp_path / "in.jsonl", [{"custom_id": f"s{i}", "prompt": "x", "max_tokens": 1}
+                                                   for i in range(6)])
+    out = tmp_path / "out.jsonl"
+    kept = [{"custom_id": f"s{i}", "text": "y", "token_ids": [5], "finish_reason": "length", "prompt_tokens": 1,
+             "completion_tokens": 1} for i in range(6)]
+    async with cluster(checkpoint, tmp_path) as (tier1, port):
+        conn = await open_connection("127.0.0.1", port)  # a batch whose client went away
+        await client_handshake(conn, "client", {"batch_id": batch_id(requests, out), "resume": False})
+        await conn.recv()
+        conn.close()
+        while any(batch.conn is not None for batch in tier1.batches.values()):
+            await asyncio.sleep(0.01)
+        write_lines(tmp_path / "spool" / f"{batch_id(requests, out)}.jsonl", kept)  # finished meanwhile
+        write_lines(out, kept[:4])  # handed to a client that died after writing these
+        summary = await submit(requests, "127.0.0.1", port, out, progress=False, resume=True)
+        assert tier1.stats.admitted == 0
+    assert output_lines(out) == kept
+    assert (summary.done, summary.failed) == (2, 0)
+
