@@ -70,25 +70,32 @@ def answered(output_path: Path) -> Answered:
     """What an output file already answers.
 
     A last line cut off mid-write (no newline, or not JSON) is removed so appending
-    continues from a clean line boundary; that request simply runs again.
+    continues from a clean line boundary; that request simply runs again. An unreadable
+    line with others after it was not cut off: it is kept, with a warning.
     """
     done = Answered()
     if not output_path.exists():
         return done
-    good_bytes = 0
+    offset = 0
+    cut: int | None = None  # where the latest line starts, while it is unreadable
     with open(output_path, "rb") as f:
-        for raw in f:
+        for number, raw in enumerate(f, 1):
+            if cut is not None:
+                log.warning("%s: line %d is not a result line; it is kept, and a request it may have "
+                            "answered runs again", output_path, number - 1)
             try:
                 record = json.loads(raw) if raw.endswith(b"\n") else None
             except ValueError:
                 record = None
-            if not isinstance(record, dict):
-                break
-            good_bytes += len(raw)
-            done.add(record)
-    if good_bytes != output_path.stat().st_size:
+            if isinstance(record, dict):
+                done.add(record)
+                cut = None
+            else:
+                cut = offset
+            offset += len(raw)
+    if cut is not None:
         log.warning("%s: dropping a half-written last line before resuming", output_path)
-        os.truncate(output_path, good_bytes)
+        os.truncate(output_path, cut)
     return done
 
 

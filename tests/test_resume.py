@@ -8,7 +8,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from glinthawk.client import batch_id, submit
+from glinthawk.client import answered, batch_id, submit
 from glinthawk.net.connection import client_handshake, open_connection
 from glinthawk.node.tier1 import Tier1Node
 from glinthawk.node.tier2 import Tier2Node
@@ -165,3 +165,12 @@ async def test_results_handed_over_twice_are_written_once(checkpoint, tmp_path):
     assert output_lines(out) == kept
     assert (summary.done, summary.failed) == (2, 0)
 
+
+def test_resume_keeps_the_results_after_an_unreadable_line(tmp_path, caplog):
+    """Only a cut-off last line is dropped; one before others used to take every later result with it."""
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"custom_id": "a", "text": "x"}\nnot json\n{"custom_id": "b", "text": "y"}\n{"custom_id": "c", "te')
+    done = answered(out)
+    assert out.read_text() == '{"custom_id": "a", "text": "x"}\nnot json\n{"custom_id": "b", "text": "y"}\n'
+    assert done.ids == {"a", "b"}
+    assert "line 2 is not a result line" in caplog.text and "half-written last line" in caplog.text
