@@ -13,14 +13,14 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from glinthawk.net.codec import ProtocolError
 from glinthawk.net.connection import ConnectionClosed, client_handshake, open_connection
 from glinthawk.net.messages import MsgType
 from glinthawk.outputs import ResultWriter, count_lines
-from glinthawk.requests import MAX_LINE_BYTES, read_lines
+from glinthawk.requests import MAX_LINE_BYTES, is_error, read_lines
 
 log = logging.getLogger("glinthawk.client")
 LINES_PER_FRAME = 64
@@ -38,34 +38,65 @@ class SubmitSummary:
     unsent: bool = False  # Tier 1 drained before the whole file was sent
 
 
-def answered(output_path: Path) -> tuple[set[str], set[int]]:
-    """custom_ids (and, for lines that had none, line numbers) already in an output file.
+@dataclass
+class Answered:
+    """What an output file answers: the custom_ids of results, and the input line numbers of
+    error lines and of lines without a custom_id. An error line answers its own line only: a
+    duplicate custom_id's error does not answer the first line with that id."""
+
+    ids: set[str] = field(default_factory=set)
+    lines: set[int] = field(default_factory=set)
+
+    def add(self, record: dict) -> bool:
+        """Count an output line in; False if what it answers was answered already."""
+        custom_id, line = record.get("custom_id"), record.get("line")
+        if isinstance(line, int) and (is_error(record) or not isinstance(custom_id, str)):
+            seen, key = self.lines, line
+        elif isinstance(custom_id, str):
+            seen, key = self.ids, custom_id
+        else:
+            return True
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    def covers(self, number: int, custom_id: str | None) -> bool:
+        """Whether input line ``number``, answered under ``custom_id``, is answered."""
+        return number in self.lines or custom_id in self.ids
+
+
+def answered(output_path: Path) -> Answered:
+    """What an output file already answers.
 
     A last line cut off mid-write (no newline, or not JSON) is removed so appending
-    continues from a clean line boundary; that request simply runs again.
+    continues from a clean line boundary; that request simply runs again. An unreadable
+    line with others after it was not cut off: it is kept, with a warning.
     """
-    ids: set[str] = set()
-    lines: set[int] = set()
+    done = Answered()
     if not output_path.exists():
-        return ids, lines
-    good_bytes = 0
+        return done
+    offset = 0
+    cut: int | None = None  # where the latest line starts, while it is unreadable
     with open(output_path, "rb") as f:
-        for raw in f:
+        for number, raw in enumerate(f, 1):
+            if cut is not None:
+                log.warning("%s: line %d is not a result line; it is kept, and a request it may have "
+                            "answered runs again", output_path, number - 1)
             try:
                 record = json.loads(raw) if raw.endswith(b"\n") else None
             except ValueError:
                 record = None
-            if not isinstance(record, dict):
-                break
-            good_bytes += len(raw)
-            if isinstance(record.get("custom_id"), str):
-                ids.add(record["custom_id"])
-            elif isinstance(record.get("line"), int):
-                lines.add(record["line"])
-    if good_bytes != output_path.stat().st_size:
+            if isinstance(record, dict):
+                done.add(record)
+                cut = None
+            else:
+                cut = offset
+            offset += len(raw)
+    if cut is not None:
         log.warning("%s: dropping a half-written last line before resuming", output_path)
-        os.truncate(output_path, good_bytes)
-    return ids, lines
+        os.truncate(output_path, cut)
+    return done
 
 
 async def fetch_status(host: str, port: int, *, secret: bytes | None = None) -> dict:
@@ -117,7 +148,7 @@ async def submit(
 ) -> SubmitSummary:
     """Run every line of ``input_path`` through Tier 1; with ``resume``, only those not yet in the output."""
     input_path, output_path = Path(input_path), Path(output_path)
-    done_ids, done_lines = answered(output_path) if resume else (set(), set())
+    done = answered(output_path) if resume else Answered()
     try:
         source = open(input_path, "rb")
     except OSError as exc:
@@ -133,10 +164,8 @@ async def submit(
     async def send_all() -> None:
         chunk: list[list] = []
         for number, raw in read_lines(source, max_line_bytes):
-            if resume:
-                custom_id = _line_custom_id(number, raw)
-                if custom_id in done_ids or (custom_id is None and number in done_lines):
-                    continue
+            if resume and done.covers(number, _line_custom_id(number, raw)):
+                continue
             chunk.append([number, raw])
             if len(chunk) >= LINES_PER_FRAME:
                 await conn.send({"type": MsgType.SUBMIT, "lines": chunk})
@@ -147,7 +176,7 @@ async def submit(
 
     total = count_lines(input_path)
     if total is not None and resume:
-        total = max(0, total - len(done_ids) - len(done_lines))
+        total = max(0, total - len(done.ids) - len(done.lines))
     unsent = False
     sender: asyncio.Task | None = None
     with source, ResultWriter(output_path, total=total, progress=progress, append=resume) as writer:
@@ -158,9 +187,10 @@ async def submit(
                 header, _ = await conn.recv()
                 kind = header["type"]
                 if kind == MsgType.RESULT:
-                    writer.write(header["line"])
-                    if sender is None:  # kept by Tier 1 while we were away: not to be sent again
-                        done_ids.add(header["line"].get("custom_id"))
+                    # Before CAPACITY come the results Tier 1 kept while we were away: not to be sent
+                    # again, nor written twice (a client that died during the hand-over wrote some).
+                    if sender is not None or done.add(header["line"]):
+                        writer.write(header["line"])
                 elif kind == MsgType.CAPACITY and sender is None:
                     sender = asyncio.get_running_loop().create_task(send_all())
                 elif kind == MsgType.DRAIN:

@@ -42,10 +42,11 @@ class Intake:
     single-process and distributed.
     """
 
-    def __init__(self, tokenizer: Tokenizer, max_context: int, vocab_size: int, capacity_tokens: int | None):
+    def __init__(self, tokenizer: Tokenizer, max_context: int, vocab_size: int, capacity_tokens: int | None,
+                 seen: Iterable[str] = ()):
         self.tokenizer, self.max_context, self.vocab_size = tokenizer, max_context, vocab_size
         self.capacity_tokens = capacity_tokens
-        self._seen: set[str] = set()
+        self._seen: set[str] = set(seen)  # custom_ids taken (``seen``: by requests admitted before)
 
     def admit(self, item: Request | RequestError) -> Sequence:
         """The request's sequence, or RequestError (whatever goes wrong: one line never stops the others)."""

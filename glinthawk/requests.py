@@ -284,10 +284,13 @@ def result_line(request: Request, done: Completion, model_name: str) -> dict[str
 
 
 def error_line(error: RequestError) -> dict[str, Any]:
+    """The output line of a request that failed; ``line`` (its input line number) lets a
+    resumed run tell which line it answers, even one without a usable custom_id."""
     if error.form == OPENAI:
         body = {"error": {"message": error.message, "type": "invalid_request_error", "param": None, "code": None}}
-        return _openai_line(error.custom_id, 400, body)
-    line: dict[str, Any] = {"custom_id": error.custom_id, "error": {"message": error.message}}
+        line = _openai_line(error.custom_id, 400, body)
+    else:
+        line = {"custom_id": error.custom_id, "error": {"message": error.message}}
     if error.line is not None:
         line["line"] = error.line
     return line

@@ -125,7 +125,7 @@ def test_client_killed_then_resumed_equals_undisturbed_run(checkpoint, model_dir
         client.wait()
         with open(out, "a") as f:  # as if killed in the middle of writing a line
             f.write('{"custom_id": "r17", "text": "half a li')
-        first_pass = answered(out)[0]
+        first_pass = answered(out).ids
         assert 3 <= len(first_pass) < len(FAULT_PROMPTS)
         resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
         assert resumed.returncode == 0, resumed.stderr

@@ -204,11 +204,25 @@ class Batch:
         with open(self.spool_path, encoding="utf-8") as spool:
             for text in spool:
                 await self.conn.send({"type": MsgType.RESULT, "line": json.loads(text)})
-        self.spool_path.unlink()
+        self.spool_path.unlink(missing_ok=True)  # if we die handing it over, our successor is handed it too
 
     def maybe_finish(self) -> None:
         if self.input_done and not self.running:
             self.finished.set()
+
+
+async def _unless_closed(conn: Connection, waiting) -> None:
+    """Await ``waiting``, but raise ConnectionClosed as soon as ``conn`` ends: a handler
+    parked on an event must not outlive its client (a resumed client takes the batch over)."""
+    task = asyncio.ensure_future(waiting)
+    closed = asyncio.ensure_future(conn.wait_closed())
+    try:
+        await asyncio.wait({task, closed}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        task.cancel()
+        closed.cancel()
+    if not task.done():
+        raise ConnectionClosed("connection closed")
 
 
 _mb_ids = itertools.count()
@@ -269,6 +283,9 @@ class MicroBatch:
                 continue
             self.seqs += self.incoming
             self.incoming.clear()
+            await self._drop_given_up()
+            if not self.seqs:
+                continue
             try:
                 await self._step()
             except LinkLost:
@@ -286,6 +303,15 @@ class MicroBatch:
             if quiet >= GATHER_QUIET_S:
                 return
             await asyncio.sleep(GATHER_QUIET_S - quiet)
+
+    async def _drop_given_up(self) -> None:
+        """Sequences whose batch was given up (submitted again without --resume) stop here."""
+        given_up = [s for s in self.seqs if s.id not in self.node.batch_of]
+        if given_up:
+            self.seqs = [s for s in self.seqs if s.id in self.node.batch_of]
+            for link, ids in self._forget(given_up).items():
+                await link.release(ids)
+            self.node.place_waiting()
 
     def _requeue_lost(self) -> None:
         """Sequences on a lost node go back to the queue (their KV is rebuilt elsewhere); the
@@ -600,13 +626,17 @@ class Tier1Node:
     def requeue(self, seqs: list[Sequence]) -> None:
         """Sequences whose node was lost: rebuild their KV from token history on another node."""
         for seq in reversed(seqs):
+            if seq.id not in self.batch_of:
+                continue  # its batch was given up
             seq.num_cached = 0
             self.waiting.appendleft(seq)
         self.place_waiting()
 
     async def finish(self, seq: Sequence, error: str | None = None) -> None:
         """Deliver a sequence's result (or, with ``error``, an error line in its request's form)."""
-        batch = self.batch_of.pop(seq.id)
+        batch = self.batch_of.pop(seq.id, None)
+        if batch is None:
+            return  # its batch was given up
         del batch.running[seq.request.custom_id]
         if error is not None:
             self.stats.failed += 1
@@ -618,7 +648,12 @@ class Tier1Node:
 
     # -- clients ------------------------------------------------------------------------
     def _batch_for(self, hello: dict) -> Batch:
-        """The batch a client continues (same batch id, no client attached) or a new one."""
+        """The batch a resuming client continues (same batch id, no client attached) or a new one.
+
+        A client that does not resume starts its batch over: what still runs or waits for an
+        earlier submission under the same id is given up, so its old prompts' results are
+        never mistaken for the new ones (the client rewrites its output file anyway).
+        """
         cfg = self.model.config
         batch_id = hello.get("batch_id")
         if not isinstance(batch_id, str) or not batch_id.isalnum() or len(batch_id) > 128:
@@ -626,19 +661,35 @@ class Tier1Node:
         batch = self.batches.get(batch_id)
         if batch is not None and batch.conn is not None and not batch.conn.closed:
             raise ProtocolError(f"batch {batch_id} already has a client attached")
-        intake = Intake(self.tokenizer, cfg.max_position_embeddings, cfg.vocab_size, self.capacity_per_node or None)
+        if batch is not None and not hello.get("resume"):
+            self._give_up(batch)
+            batch = None
+        # A result sent just as the old client died may never have reached its file: the
+        # resumed client sends such lines again, and they run again rather than count as
+        # duplicates. Lines still running are attached to, not rerun, and a second line with
+        # one of their ids is a duplicate.
+        intake = Intake(self.tokenizer, cfg.max_position_embeddings, cfg.vocab_size, self.capacity_per_node or None,
+                        seen=batch.running if batch is not None else ())
         if batch is None:
             batch = Batch(batch_id, intake, self.spool_dir / f"{batch_id}.jsonl")
             self.batches[batch_id] = batch
         else:
-            # A result sent just as the old client died may never have reached its file: the
-            # resumed client sends such lines again, and they run again rather than count as
-            # duplicates. Lines still running are attached to, not rerun.
             batch.intake = intake
         batch.input_done = False
         batch.finished.clear()
         batch.carried_over = set(batch.running)
         return batch
+
+    def _give_up(self, batch: Batch) -> None:
+        """Drop a batch without results: its waiting requests leave the queue, its running ones
+        leave their micro-batches at the next step, and its handler (a dead client's) stops."""
+        for seq in batch.running.values():
+            del self.batch_of[seq.id]
+        self.waiting = deque(seq for seq in self.waiting if seq.id in self.batch_of)
+        batch.running.clear()
+        batch.conn = None
+        del self.batches[batch.id]
+        self.place_waiting()
 
     async def _serve_client(self, conn: Connection) -> None:
         cfg = self.model.config
@@ -663,32 +714,37 @@ class Tier1Node:
             while not batch.input_done:
                 while len(self.waiting) >= self.max_waiting and not self._draining:
                     self._room.clear()
-                    await self._room.wait()  # back-pressure: stop reading until the queue drains
+                    await _unless_closed(conn, self._room.wait())  # back-pressure: stop reading until the queue drains
                 if self._draining:
                     await conn.send({"type": MsgType.DRAIN, "message": "Tier 1 is shutting down; resubmit the rest"})
                     batch.input_done = True
                     break
                 header, _ = await conn.recv()
+                if batch.conn is not conn:
+                    return  # a frame of a dead client whose batch another client has taken over
                 if header["type"] == MsgType.SUBMIT:
-                    await self._accept_lines(batch, header.get("lines", []))
+                    await self._accept_lines(batch, header.get("lines", []), conn)
                 elif header["type"] == MsgType.DONE:
                     batch.input_done = True
                 else:
                     await conn.send({"type": MsgType.ERROR, "message": f"unexpected message {header['type']!r}"})
             batch.maybe_finish()
-            await batch.finished.wait()
+            await _unless_closed(conn, batch.finished.wait())
             await conn.send({"type": MsgType.DONE, "done": batch.done, "failed": batch.failed})
             del self.batches[batch.id]
         except (ConnectionClosed, ProtocolError) as exc:
             log.warning("client of batch %s went away (%s); its %d running requests go on, results spooled to %s",
                         batch.id, exc, len(batch.running), batch.spool_path)
         finally:
-            batch.conn = None
+            if batch.conn is conn:  # not a resumed client's, which may have attached meanwhile
+                batch.conn = None
 
-    async def _accept_lines(self, batch: Batch, lines: list) -> None:
+    async def _accept_lines(self, batch: Batch, lines: list, conn: Connection) -> None:
         if not isinstance(lines, list):
             lines = [None]
         for entry in lines:
+            if batch.conn is not conn:
+                break  # the client died while an error line went out, and another has taken the batch over
             try:
                 if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)
                         and isinstance(entry[1], (bytes, type(None)))):
