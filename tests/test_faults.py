@@ -277,11 +277,30 @@ async def test_tier2_refuses_tensors_that_do_not_fit_its_store(bad):
         await node.close()
 
 
+async def three_requests(checkpoint, tmp_path: Path, fields: dict, **tier1_options):
+    """Requests r0..r2 ("The quick", 3 new tokens, plus ``fields``) through a Tier 1 and a
+    Tier 2 node in this process, one micro-batch: the summary and the result lines by id."""
+    model, tokenizer = checkpoint
+    tier2 = Tier2Node(kv_tokens=4096)
+    tier2_port = await tier2.start("127.0.0.1", 0)
+    tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{tier2_port}"], micro_batches=1, **tier1_options)
+    requests = tmp_path / "in.jsonl"
+    requests.write_text("".join(json.dumps({"custom_id": f"r{i}", "prompt": "The quick", "max_tokens": 3, **fields})
+                                + "\n" for i in range(3)))
+    try:
+        port = await tier1.start("127.0.0.1", 0)
+        summary = await asyncio.wait_for(submit(requests, "127.0.0.1", port, tmp_path / "out.jsonl",
+                                                progress=False), timeout=120)
+    finally:
+        await tier1.close()
+        await tier2.close()
+    return summary, read_results(tmp_path / "out.jsonl")
+
+
 async def test_a_step_that_fails_fails_its_requests_and_the_node_goes_on(checkpoint, tmp_path, monkeypatch):
     """An error inside one step (here: the compute) gives those requests error lines; later work still runs."""
     from glinthawk.node import merger
 
-    model, tokenizer = checkpoint
     real_final = merger.final_stage
     calls = {"n": 0}
 
@@ -292,20 +311,7 @@ async def test_a_step_that_fails_fails_its_requests_and_the_node_goes_on(checkpo
         return real_final(*args, **kwargs)
 
     monkeypatch.setattr(merger, "final_stage", flaky_final)
-    tier2 = Tier2Node(kv_tokens=4096)
-    tier2_port = await tier2.start("127.0.0.1", 0)
-    tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{tier2_port}"], micro_batches=1, max_seqs=1)
-    requests = tmp_path / "in.jsonl"
-    requests.write_text("".join(json.dumps({"custom_id": f"r{i}", "prompt": "The quick", "max_tokens": 3,
-                                            "temperature": 0}) + "\n" for i in range(3)))
-    try:
-        port = await tier1.start("127.0.0.1", 0)
-        summary = await asyncio.wait_for(submit(requests, "127.0.0.1", port, tmp_path / "out.jsonl",
-                                                progress=False), timeout=120)
-    finally:
-        await tier1.close()
-        await tier2.close()
-    lines = read_results(tmp_path / "out.jsonl")
+    summary, lines = await three_requests(checkpoint, tmp_path, {"temperature": 0}, max_seqs=1)
     assert (summary.done, summary.failed) == (2, 1)
     assert "simulated device fault" in lines["r0"]["error"]["message"]
     assert lines["r1"]["completion_tokens"] == lines["r2"]["completion_tokens"] == 3
@@ -325,20 +331,6 @@ async def test_a_result_that_cannot_be_delivered_holds_back_no_other(checkpoint,
         return real_result_line(request, done, model_name)
 
     monkeypatch.setattr(tier1_module, "result_line", result_line)
-    model, tokenizer = checkpoint
-    tier2 = Tier2Node(kv_tokens=4096)
-    tier2_port = await tier2.start("127.0.0.1", 0)
-    tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{tier2_port}"], micro_batches=1)
-    requests = tmp_path / "in.jsonl"
-    requests.write_text("".join(json.dumps({"custom_id": f"r{i}", "prompt": "The quick", "max_tokens": 3,
-                                            "ignore_eos": True}) + "\n" for i in range(3)))
-    try:
-        port = await tier1.start("127.0.0.1", 0)
-        summary = await asyncio.wait_for(submit(requests, "127.0.0.1", port, tmp_path / "out.jsonl",
-                                                progress=False), timeout=120)
-    finally:
-        await tier1.close()
-        await tier2.close()
-    lines = read_results(tmp_path / "out.jsonl")
+    summary, lines = await three_requests(checkpoint, tmp_path, {"ignore_eos": True})
     assert set(lines) == {"r0", "r1", "r2"} - {bad} and (summary.done, summary.failed) == (2, 0)
     assert f"line {int(bad[1]) + 1}: its result could not be delivered" in caplog.text

@@ -392,7 +392,8 @@ def test_cli_lone_surrogates_fail_their_lines_only(tiny_checkpoint, tmp_path):
         {"custom_id": "id\ud800", "prompt": "Once", "max_tokens": 2},
         {"custom_id": "c", "prompt": "Once", "max_tokens": 2},
     ]
-    result, output = generate(tiny_checkpoint("llama_gqa"), tmp_path, "".join(json.dumps(line) + "\n" for line in lines))
+    jsonl = "".join(json.dumps(line) + "\n" for line in lines)
+    result, output = generate(tiny_checkpoint("llama_gqa"), tmp_path, jsonl)
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert "2 done, 2 failed" in result.output
     records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]

@@ -87,8 +87,9 @@ class Tier2Node:
             self.store = KVStore(layers, kv_heads, head_dim, tokens, dtype)
         except (RuntimeError, MemoryError) as exc:
             log.error("cannot allocate the KV store: %s", exc)
-            raise ProtocolError(f"cannot allocate a KV store of {tokens} tokens ({tokens * bytes_per_token / 2**30:.1f} "
-                                "GiB) on this machine; give a smaller --kv-memory or --kv-tokens") from None
+            gib = tokens * bytes_per_token / 2**30
+            raise ProtocolError(f"cannot allocate a KV store of {tokens} tokens ({gib:.1f} GiB) on this machine; "
+                                "give a smaller --kv-memory or --kv-tokens") from None
         log.info("KV store: %d tokens, %.1f MiB, %d layers", tokens, tokens * bytes_per_token / 2**20, layers)
         return {"capacity_tokens": tokens, "bytes_per_token": bytes_per_token}
 
