@@ -24,6 +24,9 @@ from glinthawk.requests import MAX_LINE_BYTES, is_error, read_lines
 
 log = logging.getLogger("glinthawk.client")
 LINES_PER_FRAME = 64
+# A SUBMIT frame also ends once its lines reach this many bytes: 64 lines of up to
+# MAX_LINE_BYTES each would pass the 1 GiB frame limit, and Tier 1 would refuse the frame.
+BYTES_PER_FRAME = 32 << 20
 
 
 class SubmitError(RuntimeError):
@@ -163,13 +166,15 @@ async def submit(
 
     async def send_all() -> None:
         chunk: list[list] = []
+        chunk_bytes = 0
         for number, raw in read_lines(source, max_line_bytes):
             if resume and done.covers(number, _line_custom_id(number, raw)):
                 continue
             chunk.append([number, raw])
-            if len(chunk) >= LINES_PER_FRAME:
+            chunk_bytes += len(raw or b"")
+            if len(chunk) >= LINES_PER_FRAME or chunk_bytes >= BYTES_PER_FRAME:
                 await conn.send({"type": MsgType.SUBMIT, "lines": chunk})
-                chunk = []
+                chunk, chunk_bytes = [], 0
         if chunk:
             await conn.send({"type": MsgType.SUBMIT, "lines": chunk})
         await conn.send({"type": MsgType.DONE})

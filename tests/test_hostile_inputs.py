@@ -95,3 +95,28 @@ async def test_empty_file_gives_no_results_and_no_error(checkpoint, tmp_path):
 async def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(SubmitError, match="cannot read input file .*missing.jsonl"):
         await submit(tmp_path / "missing.jsonl", "127.0.0.1", 9, tmp_path / "out.jsonl")
+
+
+async def test_long_lines_go_in_several_submit_frames(checkpoint, tmp_path, monkeypatch):
+    """SUBMIT frames end at a byte budget as well as at 64 lines: 64 lines near the 16 MiB line
+    limit would pass the 1 GiB frame limit, and Tier 1 would refuse the whole frame."""
+    from glinthawk import client
+    from glinthawk.net.connection import Connection
+
+    monkeypatch.setattr(client, "BYTES_PER_FRAME", 1000)
+    frames = []
+    real_send = Connection.send
+
+    async def send(self, msg, tensors=None):
+        if msg.get("type") == "submit":
+            frames.append(msg["lines"])
+        return await real_send(self, msg, tensors)
+
+    monkeypatch.setattr(Connection, "send", send)
+    requests = tmp_path / "in.jsonl"
+    requests.write_text("".join(json.dumps({"custom_id": f"r{i}-" + "x" * 600, "prompt": "The quick", "max_tokens": 2})
+                                + "\n" for i in range(10)))
+    summary, out = await distributed(checkpoint, requests, tmp_path / "out.jsonl", nodes=1, micro_batches=1)
+    assert summary.done == 10 and len(out.read_text().splitlines()) == 10
+    assert sorted(number for frame in frames for number, _ in frame) == list(range(1, 11))
+    assert max(len(frame) for frame in frames) == 2  # 2 lines of ~630 bytes reach the budget
