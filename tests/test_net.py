@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -578,6 +579,29 @@ async def test_a_frame_buffer_is_allocated_within_the_handshake_limit() -> None:
 
 
 @pytest.mark.asyncio
+async def test_connecting_to_an_address_that_drops_packets_times_out() -> None:
+    """A listener whose accept queue is full drops new SYNs, as a dead host's firewall does:
+    the connect gives up after its timeout, naming the address, instead of the kernel's two
+    minutes of retries (Tier 1's reconnect loop tries its nodes one after another)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):  # fill the accept queue
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    try:
+        with pytest.raises(TimeoutError, match=f"no answer from 127.0.0.1:{port} within 0.3 s"):
+            await open_connection("127.0.0.1", port, timeout_s=0.3)
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()
+
+
 async def test_handshake_refuses_disallowed_role() -> None:
     async with serving(handshaking_server) as port:
         conn = await open_connection(HOST, port)

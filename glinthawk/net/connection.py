@@ -37,6 +37,7 @@ _LINGER_S = 2.0  # after a protocol error, how long to wait for the peer to hang
 # allocated once its length prefix arrives, so without it 4 bytes from anyone would claim
 # max_frame_bytes. Handshake messages take a few hundred bytes.
 HANDSHAKE_MAX_FRAME_BYTES = 64 << 10
+CONNECT_TIMEOUT_S = 10.0
 
 
 class ConnectionClosed(ConnectionError):
@@ -369,9 +370,16 @@ async def open_connection(
     *,
     netem: NetEm | None = None,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    timeout_s: float = CONNECT_TIMEOUT_S,
 ) -> Connection:
+    """Connect to ``host:port``; TimeoutError after ``timeout_s`` (an address that drops
+    packets would otherwise hold the caller for the kernel's two minutes of SYN retries)."""
     loop = asyncio.get_running_loop()
-    _, protocol = await loop.create_connection(lambda: _FrameProtocol(max_frame_bytes, lambda _: None), host, port)
+    try:
+        _, protocol = await asyncio.wait_for(
+            loop.create_connection(lambda: _FrameProtocol(max_frame_bytes, lambda _: None), host, port), timeout_s)
+    except TimeoutError:
+        raise TimeoutError(f"no answer from {host}:{port} within {timeout_s:g} s") from None
     return Connection(protocol, netem)
 
 
