@@ -376,8 +376,9 @@ async def open_connection(
     packets would otherwise hold the caller for the kernel's two minutes of SYN retries)."""
     loop = asyncio.get_running_loop()
     try:
-        _, protocol = await asyncio.wait_for(
-            loop.create_connection(lambda: _FrameProtocol(max_frame_bytes, lambda _: None), host, port), timeout_s)
+        async with asyncio.timeout(timeout_s):  # in this task: no extra loop pass before the caller's first send
+            _, protocol = await loop.create_connection(lambda: _FrameProtocol(max_frame_bytes, lambda _: None), host,
+                                                       port)
     except TimeoutError:
         raise TimeoutError(f"no answer from {host}:{port} within {timeout_s:g} s") from None
     return Connection(protocol, netem)
