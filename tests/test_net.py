@@ -252,7 +252,7 @@ async def read_raw_frames(reader: asyncio.StreamReader) -> list[dict]:
 @pytest.mark.asyncio
 async def test_send_recv_roundtrip() -> None:
     async with serving(echo, handshake_frame_bytes=None) as port:
-        conn = await open_connection(HOST, port)
+        conn = await open_connection(HOST, port, handshake_frame_bytes=None)
         assert conn.peername[1] == port and not conn.closed
         big = torch.randn(1024, 1024)  # 4 MiB: many reads, and write flow control
         inputs = {"q": torch.randn(3, 4, 8).to(torch.float16), "big": big, "empty": torch.zeros(0, 4)}
@@ -579,6 +579,53 @@ async def test_a_frame_buffer_is_allocated_within_the_handshake_limit() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_huge_frame_from_a_server_before_its_welcome_is_refused() -> None:
+    """The same limit on the client's side: a server that answers HELLO with four bytes
+    claiming a frame of almost 1 GiB (anyone can pose as a Tier 2 node before it has
+    authenticated) is refused, and no buffer of that size is allocated."""
+    async def fake_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read(4)
+            writer.write(struct.pack(">I", DEFAULT_MAX_FRAME_BYTES - 1))
+            await writer.drain()
+            await reader.read()  # until the client hangs up
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(fake_server, HOST, 0)
+    try:
+        conn = await open_connection(HOST, server.sockets[0].getsockname()[1])
+        with pytest.raises(ProtocolError, match="before the handshake exceeds the limit"):
+            await client_handshake(conn, "tier1", {})
+        assert conn._protocol._body is None  # no buffer for the frame it claimed
+        conn.close()
+        await conn.wait_closed()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("secret", [None, b"shared"])
+async def test_a_large_frame_in_the_same_read_as_the_welcome_is_accepted(secret: bytes | None) -> None:
+    """The client's limit lifts as the server's last handshake frame arrives (WELCOME, after a
+    CHALLENGE with a secret), before a large frame sent right behind it is measured."""
+    big = torch.randn(MiB)  # 4 MiB
+
+    async def eager_server(conn: Connection) -> None:
+        await server_handshake(conn, {"client"}, {}, secret=secret)
+        await conn.send({"type": MsgType.RESULT}, {"big": big})  # no request awaited first
+        await conn.wait_closed()
+
+    async with serving(eager_server) as port:
+        conn = await open_connection(HOST, port)
+        await client_handshake(conn, "client", {}, secret=secret)
+        header, tensors = await conn.recv()
+        assert header["type"] == MsgType.RESULT and torch.equal(tensors["big"], big)
+        conn.close()
+
+
+@pytest.mark.asyncio
 async def test_connecting_to_an_address_that_drops_packets_times_out() -> None:
     """A listener whose accept queue is full drops new SYNs, as a dead host's firewall does:
     the connect gives up after its timeout, naming the address, instead of the kernel's two
@@ -673,7 +720,7 @@ def test_a_frame_goes_to_uvloop_in_one_gathered_write() -> None:
 
     async def main() -> list:
         async with serving(echo, handshake_frame_bytes=None) as port:
-            conn = await open_connection(HOST, port)
+            conn = await open_connection(HOST, port, handshake_frame_bytes=None)
             recorder = RecordingTransport(conn._protocol.transport)
             conn._protocol.transport = recorder
             tensors = {name: torch.randn(64, 12, 64).to(torch.bfloat16) for name in ("q", "k", "v")}

@@ -50,8 +50,11 @@ class _FrameProtocol(asyncio.BufferedProtocol):
     def __init__(self, max_frame_bytes: int, on_made: Callable[["_FrameProtocol"], None],
                  handshake_frame_bytes: int | None = None) -> None:
         self.max_frame_bytes = max_frame_bytes
-        # in force until end_handshake(); None: max_frame_bytes from the start
+        # in force until end_handshake(), or until the frames end_handshake_after() names have
+        # arrived; None: max_frame_bytes from the start
         self.handshake_frame_bytes = handshake_frame_bytes
+        self._handshake_frames: int | None = None
+        self._frames_received = 0
         self._on_made = on_made
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -94,7 +97,7 @@ class _FrameProtocol(asyncio.BufferedProtocol):
             length = int.from_bytes(self._prefix, "big")
             if self.handshake_frame_bytes is not None and length > self.handshake_frame_bytes:
                 self.fail(ProtocolError(f"frame of {length} bytes before the handshake exceeds the limit of "
-                                        f"{self.handshake_frame_bytes}; send HELLO first"))
+                                        f"{self.handshake_frame_bytes}; a handshake comes first"))
                 return
             if length > self.max_frame_bytes:
                 self.fail(ProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_frame_bytes}"))
@@ -108,6 +111,9 @@ class _FrameProtocol(asyncio.BufferedProtocol):
             self.frames.append(self._body)
             self._body = None
             self._filled = 0
+            self._frames_received += 1
+            if self._handshake_frames is not None and self._frames_received >= self._handshake_frames:
+                self.end_handshake()
             if len(self.frames) >= _MAX_QUEUED_FRAMES and self.transport is not None:
                 self.transport.pause_reading()
                 self._reading_paused = True
@@ -155,6 +161,13 @@ class _FrameProtocol(asyncio.BufferedProtocol):
     def end_handshake(self) -> None:
         """The peer is accepted: frames up to max_frame_bytes from now on."""
         self.handshake_frame_bytes = None
+
+    def end_handshake_after(self, frames: int) -> None:
+        """The handshake takes the peer's first ``frames`` frames: the limit lifts as the last
+        of them arrives, here, before a next frame in the same read is measured against it."""
+        self._handshake_frames = frames
+        if self._frames_received >= frames:
+            self.end_handshake()
 
     def _wake_reader(self) -> None:
         if self._frame_waiter is not None and not self._frame_waiter.done():
@@ -370,15 +383,21 @@ async def open_connection(
     *,
     netem: NetEm | None = None,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    handshake_frame_bytes: int | None = HANDSHAKE_MAX_FRAME_BYTES,
     timeout_s: float = CONNECT_TIMEOUT_S,
 ) -> Connection:
     """Connect to ``host:port``; TimeoutError after ``timeout_s`` (an address that drops
-    packets would otherwise hold the caller for the kernel's two minutes of SYN retries)."""
+    packets would otherwise hold the caller for the kernel's two minutes of SYN retries).
+
+    As on a server, frames are limited to ``handshake_frame_bytes`` until ``client_handshake``
+    has the server's answer (a server we have not authenticated could otherwise make us
+    allocate ``max_frame_bytes`` with 4 bytes); pass None to a server that does no handshake.
+    """
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout_s):  # in this task: no extra loop pass before the caller's first send
-            _, protocol = await loop.create_connection(lambda: _FrameProtocol(max_frame_bytes, lambda _: None), host,
-                                                       port)
+            _, protocol = await loop.create_connection(
+                lambda: _FrameProtocol(max_frame_bytes, lambda _: None, handshake_frame_bytes), host, port)
     except TimeoutError:
         raise TimeoutError(f"no answer from {host}:{port} within {timeout_s:g} s") from None
     return Connection(protocol, netem)
@@ -456,6 +475,8 @@ async def client_handshake(
     """
     if clash := {"type", "version", "role", "nonce"} & info.keys():
         raise ValueError(f"handshake info may not set {sorted(clash)}")
+    # The server answers with one frame (WELCOME or ERROR), after a CHALLENGE where we authenticate.
+    conn._protocol.end_handshake_after(2 if secret is not None else 1)
     nonce = auth.new_nonce()
     await conn.send({**info, "type": MsgType.HELLO, "version": PROTOCOL_VERSION, "role": role, "nonce": nonce})
     reply = await _recv_within(conn, timeout_s, "handshake reply")
