@@ -32,7 +32,7 @@ from glinthawk.net import (
     start_server,
 )
 from glinthawk.net.codec import DEFAULT_MAX_FRAME_BYTES, DTYPES
-from glinthawk.net.connection import HANDSHAKE_MAX_FRAME_BYTES, _FrameProtocol
+from glinthawk.net.connection import HANDSHAKE_MAX_FRAME_BYTES, KEEPALIVE_IDLE_S, KEEPALIVE_PROBES, _FrameProtocol
 
 pytestmark = [pytest.mark.filterwarnings("error"), pytest.mark.timeout(30)]
 
@@ -622,6 +622,29 @@ async def test_a_large_frame_in_the_same_read_as_the_welcome_is_accepted(secret:
         await client_handshake(conn, "client", {}, secret=secret)
         header, tensors = await conn.recv()
         assert header["type"] == MsgType.RESULT and torch.equal(tensors["big"], big)
+        conn.close()
+
+
+@pytest.mark.asyncio
+async def test_both_ends_probe_a_silent_peer() -> None:
+    """TCP keepalive on both ends, so a peer whose host died is dropped (a Tier 2 node would
+    otherwise refuse a restarted Tier 1 forever, its old owner's connection never closing)."""
+    accepted: list[Connection] = []
+
+    async def hold(conn: Connection) -> None:
+        accepted.append(conn)
+        await conn.wait_closed()
+
+    async with serving(hold, handshake_frame_bytes=None) as port:
+        conn = await open_connection(HOST, port, handshake_frame_bytes=None)
+        while not accepted:
+            await asyncio.sleep(0.01)
+        for end in (conn, accepted[0]):
+            sock = end._protocol.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+            if hasattr(socket, "TCP_KEEPIDLE"):
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE_S
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == KEEPALIVE_PROBES
         conn.close()
 
 

@@ -44,6 +44,22 @@ class ConnectionClosed(ConnectionError):
     """The connection is closed: the peer hung up at a frame boundary, or we closed it."""
 
 
+# A peer whose host died (or whose network went) sends no FIN: without probes its
+# connection stays open forever, and a Tier 2 node would keep refusing a restarted Tier 1
+# as "already served". The kernel answers probes for a process busy computing, so only a
+# dead peer is dropped: after KEEPALIVE_IDLE_S of silence, KEEPALIVE_PROBES unanswered
+# probes KEEPALIVE_INTERVAL_S apart (25 s in all).
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 10, 5, 3
+
+
+def _keep_alive(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+                          ("TCP_KEEPCNT", KEEPALIVE_PROBES)):
+        if hasattr(socket, option):  # Linux; other systems keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
 class _FrameProtocol(asyncio.BufferedProtocol):
     """Transport callbacks: cut the byte stream into frame bodies, track write flow control."""
 
@@ -79,6 +95,7 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _keep_alive(sock)
         self._on_made(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
