@@ -14,7 +14,7 @@ import pytest
 
 from glinthawk.client import answered, submit
 from glinthawk.cluster import LocalCluster
-from glinthawk.net.connection import server_handshake, start_server
+from glinthawk.net.connection import client_handshake, open_connection, server_handshake, start_server
 from glinthawk.node.tier1 import Tier1Node
 from glinthawk.node.tier2 import Tier2Node
 
@@ -334,3 +334,31 @@ async def test_a_result_that_cannot_be_delivered_holds_back_no_other(checkpoint,
     summary, lines = await three_requests(checkpoint, tmp_path, {"ignore_eos": True})
     assert set(lines) == {"r0", "r1", "r2"} - {bad} and (summary.done, summary.failed) == (2, 0)
     assert f"line {int(bad[1]) + 1}: its result could not be delivered" in caplog.text
+
+
+def test_a_tier1_loop_held_up_longer_than_the_heartbeat_timeout_loses_no_node():
+    """Tier 1 computes on its event loop's thread: a long stage (or tokenizing a huge line)
+    can hold the loop past the heartbeat's timeout while the node's PONGs wait unread. On
+    uvloop the heartbeat's timer ran before the reader got them, and a healthy node was
+    declared lost; a heartbeat that overslept now judges nothing that round."""
+    from glinthawk.net.connection import run
+    from glinthawk.node.tier1 import Tier2Link
+
+    async def main() -> bool:
+        node = Tier2Node(kv_tokens=64)
+        port = await node.start("127.0.0.1", 0)
+        try:
+            conn = await open_connection("127.0.0.1", port)
+            welcome = await client_handshake(conn, "tier1", {"num_layers": 1, "num_kv_heads": 1, "head_dim": 8,
+                                                             "dtype": "float32"})
+            link = Tier2Link(f"127.0.0.1:{port}", conn, welcome["capacity_tokens"], heartbeat_s=0.05, timeout_s=0.3)
+            await asyncio.sleep(0.2)  # a few PONGs
+            time.sleep(0.6)  # the loop held up for twice the timeout
+            await asyncio.sleep(0.3)
+            alive = link.alive
+            link.close()
+            return alive
+        finally:
+            await node.close()
+
+    assert run(main())

@@ -89,7 +89,13 @@ class Tier2Link:
         """A node that stops answering (hung, partitioned) is lost even if its socket stays open."""
         loop = asyncio.get_running_loop()
         while self.alive:
+            asleep_since = loop.time()
             await asyncio.sleep(every_s)
+            # Time our own loop was held up (a long stage, a huge line to tokenize) is not the
+            # node's silence: we sent no PING then, nor read what it sent (on uvloop this timer
+            # even runs before the waiting frames are read).
+            held_up = max(0.0, loop.time() - asleep_since - every_s)
+            self._last_heard = min(loop.time(), self._last_heard + held_up)
             if loop.time() - self._last_heard > timeout_s:
                 self._lost(f"no answer for {timeout_s:.0f} s")
                 return
