@@ -24,6 +24,9 @@ from glinthawk import omp
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
+# Tier 1 finishes running requests for up to node.tier1.DRAIN_TIMEOUT_S (60 s) on SIGTERM: a
+# SIGKILL before that would lose their results and leave its spool directory behind.
+TIER1_STOP_TIMEOUT_S = 75.0
 WATCH_INTERVAL_S = 0.5
 
 T = TypeVar("T")
@@ -213,7 +216,7 @@ class LocalCluster:
     def stop(self) -> None:
         """SIGTERM Tier 1, then the Tier 2 nodes; SIGKILL whatever outlives the timeout."""
         for node in reversed(self.nodes):  # Tier 1 was started last
-            stop_process(node.process)
+            stop_process(node.process, TIER1_STOP_TIMEOUT_S if node is self.nodes[-1] else STOP_TIMEOUT_S)
 
     def kill(self, name: str) -> None:
         """SIGKILL one node (for failure tests)."""

@@ -254,6 +254,22 @@ def test_cluster_watch_waits_while_a_tier2_node_is_left(tmp_path, model_dir):
         cluster.stop()
 
 
+def test_stopping_waits_for_tier1_to_finish_its_drain(tmp_path, model_dir, monkeypatch):
+    """On SIGTERM Tier 1 finishes running requests for up to its drain timeout: stop() must not
+    SIGKILL it before (their results would be lost, its spool directory left behind)."""
+    from glinthawk import cluster as cluster_module
+    from glinthawk.node.tier1 import DRAIN_TIMEOUT_S
+
+    waited = {}  # a node's name (its stand-in process here) -> how long stop() lets it take
+    monkeypatch.setattr(cluster_module, "stop_process", lambda process, timeout_s: waited.setdefault(process, timeout_s))
+    cluster = cluster_module.LocalCluster(model_dir, tier2_nodes=1, log_dir=tmp_path)
+    for name in ("tier2-0", "tier1"):
+        log, address = tmp_path / f"{name}.log", tmp_path / f"{name}.addr"
+        cluster.nodes.append(cluster_module.NodeProcess(name, name, log, address))
+    cluster.stop()
+    assert waited["tier1"] > DRAIN_TIMEOUT_S >= waited["tier2-0"]
+
+
 def test_local_cluster_picks_micro_batches_by_delay(model_dir):
     """No delay to hide: one micro-batch (the largest batch). Injected delay: several in flight."""
     from glinthawk.cluster import LocalCluster

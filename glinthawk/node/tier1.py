@@ -232,6 +232,7 @@ async def _unless_closed(conn: Connection, waiting) -> None:
 
 
 _mb_ids = itertools.count()
+DRAIN_TIMEOUT_S = 60.0  # on SIGTERM, how long running requests may take to finish (cluster.py waits longer)
 
 # An idle micro-batch that gets work waits while a burst of requests is still being placed
 # (placements less than GATHER_QUIET_S apart), at most GATHER_MAX_S: a sequence that misses
@@ -471,7 +472,7 @@ class Tier1Node:
         self._server = await start_server(self._serve_client, host, port)
         return self._server.sockets[0].getsockname()[1]
 
-    async def drain(self, timeout_s: float = 60.0) -> None:
+    async def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
         """Stop taking input and hand back what has not started; finish what runs, for up to ``timeout_s``.
 
         Handed-back requests simply get no result line: ``glinthawk submit --resume`` runs them.
