@@ -216,19 +216,25 @@ def test_100k_line_submission_keeps_tier1_memory_bounded(model_dir, tmp_path):
     assert big_peak - small_peak < 64 * 1024, (small_peak, big_peak)
 
 
+async def as_tier1(port: int, kv_heads: int = 1, head_dim: int = 8, layers: int = 1):
+    """A connection to the Tier 2 node at ``port``, introduced as its Tier 1 with a float32
+    model of that geometry; returns it and the node's WELCOME."""
+    conn = await open_connection("127.0.0.1", port)
+    welcome = await client_handshake(conn, "tier1", {"num_layers": layers, "num_kv_heads": kv_heads,
+                                                     "head_dim": head_dim, "dtype": "float32"})
+    return conn, welcome
+
+
 async def test_tier2_refuses_work_beyond_its_capacity():
     """A reservation larger than the free KV room gets an ERROR, not an allocation."""
     import torch
 
-    from glinthawk.net.connection import client_handshake, open_connection
     from glinthawk.net.messages import MsgType
 
     node = Tier2Node(kv_tokens=32)
     port = await node.start("127.0.0.1", 0)
     try:
-        conn = await open_connection("127.0.0.1", port)
-        welcome = await client_handshake(conn, "tier1", {"num_layers": 1, "num_kv_heads": 1, "head_dim": 8,
-                                                         "dtype": "float32"})
+        conn, welcome = await as_tier1(port)
         assert welcome["capacity_tokens"] == 32
         q = k = v = torch.zeros(1, 1, 8)
         await conn.send({"type": "attn", "mb": 1, "layer": 0, "seqs": [[1, 0, 1]], "reserve": [[1, 33]]},
@@ -251,14 +257,12 @@ async def test_tier2_refuses_tensors_that_do_not_fit_its_store(bad):
     node serves the next frame."""
     import torch
 
-    from glinthawk.net.connection import client_handshake, open_connection
     from glinthawk.net.messages import MsgType
 
     node = Tier2Node(kv_tokens=64)
     port = await node.start("127.0.0.1", 0)
     try:
-        conn = await open_connection("127.0.0.1", port)
-        await client_handshake(conn, "tier1", {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "dtype": "float32"})
+        conn, _ = await as_tier1(port, kv_heads=2, head_dim=16, layers=2)
         good = {"q": torch.randn(1, 4, 16), "k": torch.randn(1, 2, 16), "v": torch.randn(1, 2, 16)}
         broken = dict(good, **{"q head_dim": {"q": torch.randn(1, 4, 256)},
                                "k head_dim": {"k": torch.randn(1, 2, 4)},
@@ -340,7 +344,7 @@ def test_a_tier1_loop_held_up_longer_than_the_heartbeat_timeout_loses_no_node():
     """Tier 1 computes on its event loop's thread: a long stage (or tokenizing a huge line)
     can hold the loop past the heartbeat's timeout while the node's PONGs wait unread. On
     uvloop the heartbeat's timer ran before the reader got them, and a healthy node was
-    declared lost; a heartbeat that overslept now judges nothing that round."""
+    declared lost. The time the loop was held up no longer counts as the node's silence."""
     from glinthawk.net.connection import run
     from glinthawk.node.tier1 import Tier2Link
 
@@ -348,9 +352,7 @@ def test_a_tier1_loop_held_up_longer_than_the_heartbeat_timeout_loses_no_node():
         node = Tier2Node(kv_tokens=64)
         port = await node.start("127.0.0.1", 0)
         try:
-            conn = await open_connection("127.0.0.1", port)
-            welcome = await client_handshake(conn, "tier1", {"num_layers": 1, "num_kv_heads": 1, "head_dim": 8,
-                                                             "dtype": "float32"})
+            conn, welcome = await as_tier1(port)
             link = Tier2Link(f"127.0.0.1:{port}", conn, welcome["capacity_tokens"], heartbeat_s=0.05, timeout_s=0.3)
             await asyncio.sleep(0.2)  # a few PONGs
             time.sleep(0.6)  # the loop held up for twice the timeout
