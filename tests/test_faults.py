@@ -340,6 +340,26 @@ async def test_a_result_that_cannot_be_delivered_holds_back_no_other(checkpoint,
     assert f"line {int(bad[1]) + 1}: its result could not be delivered" in caplog.text
 
 
+async def test_a_sequence_whose_batch_was_given_up_mid_step_fails_no_other(checkpoint, tmp_path, monkeypatch):
+    """A batch given up (its file submitted again without --resume) while a step is in flight
+    loses its sequences of that step; the other sequences that finish in it are delivered.
+    The finish loop used to look the given-up sequence's batch up, and its KeyError failed
+    every request of the micro-batch."""
+    from glinthawk.node import tier1 as tier1_module
+
+    real_forget = tier1_module.MicroBatch._forget
+
+    def forget(self, seqs):
+        for seq in seqs:
+            if seq.request.custom_id == "r0" and seq.id in self.node.batch_of:  # what _give_up does to r0
+                del self.node.batch_of.pop(seq.id).running["r0"]
+        return real_forget(self, seqs)
+
+    monkeypatch.setattr(tier1_module.MicroBatch, "_forget", forget)
+    summary, lines = await three_requests(checkpoint, tmp_path, {"ignore_eos": True})
+    assert set(lines) == {"r1", "r2"} and (summary.done, summary.failed) == (2, 0)
+
+
 def test_a_tier1_loop_held_up_longer_than_the_heartbeat_timeout_loses_no_node():
     """Tier 1 computes on its event loop's thread: a long stage (or tokenizing a huge line)
     can hold the loop past the heartbeat's timeout while the node's PONGs wait unread. On

@@ -201,7 +201,6 @@ class Batch:
                 spool.write(json.dumps(line, ensure_ascii=False) + "\n")
         self.done += not failed  # counted once written: a line that cannot be is not a result
         self.failed += failed
-        self.maybe_finish()
 
     async def hand_over_spool(self) -> None:
         """Send what finished while no client was attached, then forget it."""
@@ -395,13 +394,11 @@ class MicroBatch:
             for link, ids in self._forget(finished).items():
                 await link.release(ids)
             for seq in finished:
-                batch = node.batch_of[seq.id]
                 try:
                     await node.finish(seq)
                 except Exception:  # one result that cannot be delivered must not hold back the others
                     log.exception("line %d: its result could not be delivered and is lost; "
                                   "glinthawk submit --resume runs it again", seq.request.line)
-                    batch.maybe_finish()
             node.place_waiting()
 
 
@@ -645,13 +642,17 @@ class Tier1Node:
         if batch is None:
             return  # its batch was given up
         del batch.running[seq.request.custom_id]
-        if error is not None:
-            self.stats.failed += 1
-            request = seq.request
-            await batch.deliver(error_line(RequestError(error, request.line, request.custom_id, request.form)), True)
-            return
-        self.stats.finished += 1
-        await batch.deliver(result_line(seq.request, seq.completion(self.tokenizer), self.model_name), False)
+        try:
+            if error is not None:
+                self.stats.failed += 1
+                request = seq.request
+                line = error_line(RequestError(error, request.line, request.custom_id, request.form))
+                await batch.deliver(line, True)
+            else:
+                self.stats.finished += 1
+                await batch.deliver(result_line(seq.request, seq.completion(self.tokenizer), self.model_name), False)
+        finally:
+            batch.maybe_finish()  # even if the line could not be delivered: the batch must still end
 
     # -- clients ------------------------------------------------------------------------
     def _batch_for(self, hello: dict) -> Batch:
