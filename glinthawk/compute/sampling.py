@@ -150,8 +150,8 @@ def _sample_in_c(logits: torch.Tensor, rows: list[int], params: list[SamplingPar
     temperature, min_p = column("temperature", torch.float32), column("min_p", torch.float32)
     top_p = column("top_p", torch.float32).clamp_(min=_TINY)
     vocab = logits.shape[1]
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else 0 for p in params], dtype=torch.int64)
-    _sampling.sample(logits.data_ptr(), index.data_ptr(), len(rows), logits.shape[1],
+    top_k = torch.tensor(_active_top_ks([p.top_k for p in params], vocab), dtype=torch.int64)
+    _sampling.sample(logits.data_ptr(), index.data_ptr(), len(rows), vocab,
                      elementwise.C_DTYPE_CODES[logits.dtype], temperature.data_ptr(), top_k.data_ptr(),
                      min_p.data_ptr(), top_p.data_ptr(), draws.data_ptr(), tokens.data_ptr(),
                      threads or torch.get_num_threads())
@@ -194,8 +194,13 @@ def _last_nonzero(values: torch.Tensor) -> torch.Tensor:
     return values.shape[-1] - 1 - (values > 0).flip(-1).int().argmax(-1, keepdim=True)
 
 
+def _active_top_ks(top_ks: list[int], vocab: int) -> list[int]:
+    """Each top_k, or 0 where it filters nothing (0, -1, or at least the vocabulary)."""
+    return [k if 0 < k < vocab else 0 for k in top_ks]
+
+
 def _top_k_filter(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
-    ks = [k if 0 < k < logits.shape[1] else 0 for k in top_ks]
+    ks = _active_top_ks(top_ks, logits.shape[1])
     if not any(ks):
         return logits
     kmax = max(ks)

@@ -33,9 +33,10 @@ _MAX_QUEUED_FRAMES = 64  # received but not yet recv()ed; beyond this, stop read
 _MAX_DELAYED_FRAMES = 1024  # sent but held back by a NetEm; beyond this, send() waits
 _COALESCE_BYTES = 16 << 10  # smaller buffers are joined: a copy is cheaper than a syscall
 _LINGER_S = 2.0  # after a protocol error, how long to wait for the peer to hang up
-# A server's limit on frames before server_handshake accepts the peer: a frame's buffer is
-# allocated once its length prefix arrives, so without it 4 bytes from anyone would claim
-# max_frame_bytes. Handshake messages take a few hundred bytes.
+# The limit on frames until the handshake is done, on either end (a server until
+# server_handshake accepts the peer, a client until client_handshake has the answer): a
+# frame's buffer is allocated once its length prefix arrives, so without it 4 bytes from
+# anyone would claim max_frame_bytes. Handshake messages take a few hundred bytes.
 HANDSHAKE_MAX_FRAME_BYTES = 64 << 10
 CONNECT_TIMEOUT_S = 10.0
 

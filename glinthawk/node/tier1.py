@@ -624,7 +624,7 @@ class Tier1Node:
             self._warned_too_large = False
         if len(self.waiting) < self.max_waiting:
             self._room.set()
-        if self.waiting and not any(l.alive for l in self.links.values()):
+        if self.waiting and not alive:
             log.error("no Tier 2 node is alive; %d requests wait until one (re)joins", len(self.waiting))
 
     def requeue(self, seqs: list[Sequence]) -> None:
