@@ -345,11 +345,12 @@ def _decode_fused(
     return out.to(q.dtype)
 
 
-def _prefill_fused_available(q: torch.Tensor, keys: torch.Tensor) -> bool:
-    """Whether a prefill chunk of ``q`` over ``keys`` (a store view) runs on the C kernel:
-    both bf16 on a CPU with AVX512_BF16, head_dim a multiple of 32 up to 256."""
+def _prefill_fused_available(keys: torch.Tensor) -> bool:
+    """Whether a prefill chunk over ``keys`` (a store view; q has the store's dtype, see
+    ``check_shapes``) runs on the C kernel: bf16 on a CPU with AVX512_BF16, head_dim a
+    multiple of 32 up to 256."""
     return (_attention is not None and _KERNEL_WIDEST >= 2 and keys.device.type == "cpu"
-            and keys.dtype == q.dtype == torch.bfloat16 and keys.shape[-1] % 32 == 0 and keys.shape[-1] <= 256
+            and keys.dtype == torch.bfloat16 and keys.shape[-1] % 32 == 0 and keys.shape[-1] <= 256
             and _attention.prefill_supported())
 
 
@@ -461,7 +462,7 @@ def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start
         scores = torch.matmul(q.view(kv_heads, group, dim), keys.transpose(1, 2)).float() * scale
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         return torch.matmul(probs, values).view(1, heads, dim)
-    if _prefill_fused_available(q, keys):
+    if _prefill_fused_available(keys):
         return _prefill_fused(q, keys, values, start, scale)
     # Prefill chunk: the fused kernel, which maps query heads to their KV head itself (no
     # repeated K/V). A chunk that starts the sequence is plainly causal; a later chunk
