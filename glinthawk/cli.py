@@ -8,45 +8,22 @@ from typing import TYPE_CHECKING
 
 import click
 
-from glinthawk import DEFAULT_MODEL
 from glinthawk.allocator import tune_malloc
 from glinthawk.cluster_options import run_cluster_option
-from glinthawk.compute.config import ModelConfigError
-from glinthawk.compute.loader import CheckpointError, DTYPES, load_model
 from glinthawk.net.netem import parse_size
-from glinthawk.tokenizer import Tokenizer, TokenizerError
+from glinthawk.options import (
+    device_option,
+    dtype_option,
+    load_checkpoint,
+    model_option,
+    parse_address,
+    read_secret,
+    setting_options,
+)
+from glinthawk.settings import NetemSettings, StepSettings, Tier2Settings
 
 if TYPE_CHECKING:
     from glinthawk.cluster import LocalCluster
-
-
-def model_option(f):
-    return click.option(
-        "--model", "model_dir", type=click.Path(path_type=Path), default=DEFAULT_MODEL, show_default="bundled model",
-        help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json).",
-    )(f)
-
-
-def dtype_option(f):
-    return click.option(
-        "--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True,
-        help="auto: bfloat16 on CUDA (a float16 checkpoint keeps float16) and on CPUs that multiply bf16 natively "
-             "(AVX-512 BF16, AMX); float32 on other CPUs.",
-    )(f)
-
-
-def device_option(f):
-    return click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")(f)
-
-
-def load_checkpoint(model_dir: Path, dtype: str, device: str):
-    """Model + tokenizer, with every loading problem turned into a clean CLI error."""
-    try:
-        model = load_model(model_dir, dtype=dtype, device=device)
-        tokenizer = Tokenizer(model_dir, extra_eos_ids=model.config.eos_token_ids)
-    except (CheckpointError, ModelConfigError, TokenizerError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    return model, tokenizer
 
 
 def parse_kv_tokens(kv_memory: str | None, kv_tokens: int | None, bytes_per_token: int, default: int) -> int:
@@ -99,10 +76,7 @@ def main() -> None:
 @device_option
 @click.option("--kv-tokens", type=click.IntRange(min=1), default=None, help="KV cache capacity in tokens.")
 @click.option("--kv-memory", default=None, help="KV cache capacity as a size, e.g. 2GiB (default: 65536 tokens).")
-@click.option("--max-batch-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="Tokens (decode + prefill chunks) per forward pass.")
-@click.option("--max-seqs", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Sequences running at once.")
+@setting_options(StepSettings)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def generate(input_path, output_path, model_dir, dtype, device, kv_tokens, kv_memory, max_batch_tokens, max_seqs,
              progress) -> None:
@@ -134,7 +108,6 @@ def _run_submit(input_path: str, host: str, port: int, output_path: str, progres
     from glinthawk.client import SubmitError, submit
     from glinthawk.cluster import ClusterError
     from glinthawk.net.connection import run
-    from glinthawk.node.cli import read_secret
 
     secret = read_secret(secret_file)
     work = submit(input_path, host, port, output_path, progress=progress, resume=resume, secret=secret)
@@ -163,8 +136,6 @@ def _run_submit(input_path: str, host: str, port: int, output_path: str, progres
               help="Shared secret of the cluster (default: $GLINTHAWK_SECRET if set).")
 def submit_command(input_path, to, output_path, progress, resume, secret_file) -> None:
     """Send a prompts file to a running Tier 1 and write the results as they arrive."""
-    from glinthawk.node.cli import parse_address
-
     host, port = parse_address(to, "--to")
     check_output(output_path)
     _run_submit(input_path, host, port, output_path, progress, resume, secret_file)
@@ -177,37 +148,30 @@ def submit_command(input_path, to, output_path, progress, resume, secret_file) -
 @model_option
 @dtype_option
 @device_option
-@click.option("--tier2-nodes", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--kv-memory", default="1GiB", show_default=True, help="KV cache per Tier 2 node.")
-@click.option("--kv-tokens", type=click.IntRange(min=1), default=None, help="KV cache per Tier 2 node, in tokens.")
+@click.option("--tier2-nodes", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Tier 2 processes to start.")
+@setting_options(Tier2Settings, role="each Tier 2 node")
 @click.option("--micro-batches", type=click.IntRange(min=1), default=None,
               help="Micro-batches in flight (default: 1 without injected delay, the largest batch; 4 with it, "
                    "to hide the delay).")
-@click.option("--max-batch-tokens", type=click.IntRange(min=1), default=2048, show_default=True)
-@click.option("--max-seqs", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--inject-delay-ms", type=click.FloatRange(min=0), default=0.0, help="One-way delay between the tiers.")
-@click.option("--inject-jitter-ms", type=click.FloatRange(min=0), default=0.0)
-@click.option("--inject-bandwidth", default=None, help="Bandwidth cap per direction, e.g. 1Gbit.")
+@setting_options(StepSettings)
+@setting_options(NetemSettings)
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the nodes' logs go (default: a new temporary directory).")
-@click.option("--progress/--no-progress", default=None)
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @click.option("--resume", is_flag=True, help="Keep the output file; skip every custom_id already answered in it.")
 @click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Shared secret the nodes authenticate each other with (optional on loopback).")
-def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, kv_memory, kv_tokens, micro_batches,
-                max_batch_tokens, max_seqs, inject_delay_ms, inject_jitter_ms, inject_bandwidth, log_dir,
-                progress, resume, secret_file) -> None:
+def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, micro_batches, log_dir, progress,
+                resume, secret_file, **settings) -> None:
     """Start a two-tier cluster on loopback (N Tier 2 + 1 Tier 1), run the file through it, stop it."""
     from glinthawk.cluster import ClusterError, LocalCluster
 
     if not Path(input_path).is_file():
         raise click.ClickException(f"cannot read input file {input_path}: no such file")
     check_output(output_path)
-    cluster = LocalCluster(model_dir, tier2_nodes=tier2_nodes, kv_memory=kv_memory, kv_tokens=kv_tokens,
-                           delay_ms=inject_delay_ms, jitter_ms=inject_jitter_ms, bandwidth=inject_bandwidth,
-                           dtype=dtype, device=device, micro_batches=micro_batches,
-                           max_batch_tokens=max_batch_tokens, max_seqs=max_seqs, log_dir=log_dir,
-                           secret_file=secret_file)
+    cluster = LocalCluster(model_dir, tier2_nodes=tier2_nodes, dtype=dtype, device=device,
+                           micro_batches=micro_batches, log_dir=log_dir, secret_file=secret_file, **settings)
     try:
         with cluster:
             click.echo(f"cluster up: {tier2_nodes} Tier 2 node(s), logs in {cluster.log_dir}", err=True)
@@ -228,7 +192,6 @@ def status_command(address, secret_file, as_json) -> None:
 
     from glinthawk.client import SubmitError, fetch_status
     from glinthawk.net.connection import run
-    from glinthawk.node.cli import parse_address, read_secret
 
     host, port = parse_address(address, "HOST:PORT")
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import os
 import signal
 import subprocess
@@ -16,11 +17,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from glinthawk import omp
+from glinthawk.settings import NetemSettings, Tier1Settings, Tier2Settings, split, to_args
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
@@ -73,23 +75,22 @@ class NodeProcess:
         return f"{self.name} {how}; log {self.log_path}:\n{self.log_tail()}"
 
 
-@dataclass
 class LocalCluster:
-    model_dir: Path
-    tier2_nodes: int = 2
-    kv_memory: str | None = None
-    kv_tokens: int | None = None
-    delay_ms: float = 0.0
-    jitter_ms: float = 0.0
-    bandwidth: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    micro_batches: int | None = None  # default: 1 on a plain loopback (largest batch), 4 with injected delay
-    max_batch_tokens: int = 2048
-    max_seqs: int = 256
-    log_dir: Path | None = None
-    secret_file: Path | None = None
-    nodes: list[NodeProcess] = field(default_factory=list)
+    """``tier2_nodes`` Tier 2 processes and one Tier 1 on this machine.
+
+    ``settings``: any field of ``Tier1Settings`` (``max_seqs=2``), ``Tier2Settings`` (each
+    node's ``kv_memory`` or ``kv_tokens``) or ``NetemSettings`` (``delay_ms=10``), all
+    defaulting as the nodes do. ``micro_batches`` left out: 1 on a plain loopback (the
+    largest batch), 4 with injected delay.
+    """
+
+    def __init__(self, model_dir: Path, tier2_nodes: int = 2, *, dtype: str = "auto", device: str = "auto",
+                 micro_batches: int | None = None, log_dir: Path | None = None, secret_file: Path | None = None,
+                 **settings: Any):
+        self.model_dir, self.tier2_nodes, self.dtype, self.device = model_dir, tier2_nodes, dtype, device
+        self.micro_batches, self.log_dir, self.secret_file = micro_batches, log_dir, secret_file
+        self.tier1, self.tier2, self.netem = split(settings, Tier1Settings, Tier2Settings, NetemSettings)
+        self.nodes: list[NodeProcess] = []
 
     def __enter__(self) -> "LocalCluster":
         if self.tier2_nodes < 1:
@@ -97,13 +98,12 @@ class LocalCluster:
         self.log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="glinthawk-run-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
-            kv = ["--kv-tokens", str(self.kv_tokens)] if self.kv_tokens else ["--kv-memory", self.kv_memory or "1GiB"]
-            tier2 = [self._spawn(f"tier2-{i}", ["--role", "tier2", *kv]) for i in range(self.tier2_nodes)]
+            tier2 = [self._spawn(f"tier2-{i}", ["--role", "tier2", *self.tier2.kv_args])
+                     for i in range(self.tier2_nodes)]
             addresses = ",".join(self._wait_ready(node) for node in tier2)
             tier1 = self._spawn("tier1", [
                 "--role", "tier1", "--model", str(self.model_dir), "--tier2", addresses, "--dtype", self.dtype,
-                "--device", self.device, "--micro-batches", str(self.in_flight),
-                "--max-batch-tokens", str(self.max_batch_tokens), "--max-seqs", str(self.max_seqs),
+                "--device", self.device, *to_args(dataclasses.replace(self.tier1, micro_batches=self.in_flight)),
             ])
             self._wait_ready(tier1)
         except BaseException:
@@ -117,7 +117,7 @@ class LocalCluster:
     @property
     def in_flight(self) -> int:
         """Micro-batches for Tier 1: hiding latency needs several; without any, one batch is largest."""
-        return self.micro_batches or (4 if self.delay_ms or self.jitter_ms else 1)
+        return self.micro_batches or (4 if self.netem.delay_ms or self.netem.jitter_ms else 1)
 
     @property
     def tier1_address(self) -> tuple[str, int]:
@@ -163,9 +163,7 @@ class LocalCluster:
         ready = self.log_dir / f"{name}.addr"
         ready.unlink(missing_ok=True)
         log_path = self.log_dir / f"{name}.log"
-        netem = ["--inject-delay-ms", str(self.delay_ms), "--inject-jitter-ms", str(self.jitter_ms)]
-        if self.bandwidth:
-            netem += ["--inject-bandwidth", self.bandwidth]
+        netem = to_args(self.netem)
         if self.secret_file:
             netem += ["--secret-file", str(self.secret_file)]
         threads = self.threads_for(name)

@@ -14,8 +14,6 @@ import click
 from glinthawk.clusterfile import ClusterFileError, load_cluster_file, local_cluster_kwargs, node_args
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
-# The LocalCluster settings that ``glinthawk run`` names differently; the others share their names.
-_RUN_OPTION_NAMES = {"delay_ms": "inject_delay_ms", "jitter_ms": "inject_jitter_ms", "bandwidth": "inject_bandwidth"}
 _NODE_META = ("glinthawk.cluster", "glinthawk.name")
 
 
@@ -26,7 +24,7 @@ def _run_defaults(ctx: click.Context, param: click.Parameter, value: Path | None
         settings = local_cluster_kwargs(load_cluster_file(value))
     except ClusterFileError as exc:
         raise click.BadParameter(str(exc), ctx, param) from None
-    ctx.default_map = {_RUN_OPTION_NAMES.get(key, key): setting for key, setting in settings.items()}
+    ctx.default_map = settings  # ``glinthawk run``'s options share LocalCluster's names
 
 
 def run_cluster_option(f):

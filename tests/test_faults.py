@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from glinthawk.client import answered, submit
 from glinthawk.cluster import LocalCluster
@@ -166,21 +167,29 @@ async def test_results_of_a_vanished_client_are_kept_and_handed_over(checkpoint,
     assert not list((tmp_path / "spool").glob("*.jsonl"))
 
 
-async def test_a_temporary_spool_directory_goes_with_the_node_unless_results_are_in_it(checkpoint, caplog):
+async def test_a_spool_directory_exists_only_while_it_holds_results(checkpoint, caplog):
+    """Tier 1 makes its temporary spool directory when it first spools a result: a node that
+    fails to start (or is killed before spooling) leaves none behind. One holding results is
+    kept at close, and its path logged."""
+    from glinthawk.node.batches import Batch
+
     model, tokenizer = checkpoint
-    empty = Tier1Node(model, tokenizer, ["127.0.0.1:1"])
-    assert empty.spool_dir.is_dir()
-    await empty.close()
-    assert not empty.spool_dir.exists()
+    failed = Tier1Node(model, tokenizer, ["127.0.0.1:1"])
+    with pytest.raises(ConnectionError, match="no Tier 2 node usable"):
+        await failed.start("127.0.0.1", 0)
+    assert not failed.spool_dir.exists()  # before close: a killed node leaves nothing either
+    await failed.close()
+    assert not failed.spool_dir.exists()
 
     kept = Tier1Node(model, tokenizer, ["127.0.0.1:1"])
-    (kept.spool_dir / "batch.jsonl").write_text('{"custom_id": "a"}\n')
+    batch = Batch("b", None, kept.spool_dir / "b.jsonl")
+    await batch.deliver({"custom_id": "a"}, failed=False)  # no client attached: spooled
     try:
         await kept.close()
-        assert (kept.spool_dir / "batch.jsonl").exists()
+        assert (kept.spool_dir / "b.jsonl").read_text() == '{"custom_id": "a"}\n'
         assert str(kept.spool_dir) in caplog.text
     finally:
-        (kept.spool_dir / "batch.jsonl").unlink()
+        (kept.spool_dir / "b.jsonl").unlink()
         kept.spool_dir.rmdir()
 
 
@@ -303,9 +312,9 @@ async def three_requests(checkpoint, tmp_path: Path, fields: dict, **tier1_optio
 
 async def test_a_step_that_fails_fails_its_requests_and_the_node_goes_on(checkpoint, tmp_path, monkeypatch):
     """An error inside one step (here: the compute) gives those requests error lines; later work still runs."""
-    from glinthawk.node import merger
+    from glinthawk import step
 
-    real_final = merger.final_stage
+    real_final = step.final_stage
     calls = {"n": 0}
 
     def flaky_final(*args, **kwargs):
@@ -314,7 +323,7 @@ async def test_a_step_that_fails_fails_its_requests_and_the_node_goes_on(checkpo
             raise RuntimeError("simulated device fault")
         return real_final(*args, **kwargs)
 
-    monkeypatch.setattr(merger, "final_stage", flaky_final)
+    monkeypatch.setattr(step, "final_stage", flaky_final)
     summary, lines = await three_requests(checkpoint, tmp_path, {"temperature": 0}, max_seqs=1)
     assert (summary.done, summary.failed) == (2, 1)
     assert "simulated device fault" in lines["r0"]["error"]["message"]
@@ -345,17 +354,17 @@ async def test_a_sequence_whose_batch_was_given_up_mid_step_fails_no_other(check
     loses its sequences of that step; the other sequences that finish in it are delivered.
     The finish loop used to look the given-up sequence's batch up, and its KeyError failed
     every request of the micro-batch."""
-    from glinthawk.node import tier1 as tier1_module
+    from glinthawk.node import microbatch
 
-    real_forget = tier1_module.MicroBatch._forget
+    real_forget = microbatch.MicroBatch._forget
 
     def forget(self, seqs):
         for seq in seqs:
-            if seq.request.custom_id == "r0" and seq.id in self.node.batch_of:  # what _give_up does to r0
-                del self.node.batch_of.pop(seq.id).running["r0"]
+            if seq.request.custom_id == "r0" and seq.id in self.host.batch_of:  # what _give_up does to r0
+                del self.host.batch_of.pop(seq.id).running["r0"]
         return real_forget(self, seqs)
 
-    monkeypatch.setattr(tier1_module.MicroBatch, "_forget", forget)
+    monkeypatch.setattr(microbatch.MicroBatch, "_forget", forget)
     summary, lines = await three_requests(checkpoint, tmp_path, {"ignore_eos": True})
     assert set(lines) == {"r1", "r2"} and (summary.done, summary.failed) == (2, 0)
 
@@ -366,7 +375,7 @@ def test_a_tier1_loop_held_up_longer_than_the_heartbeat_timeout_loses_no_node():
     uvloop the heartbeat's timer ran before the reader got them, and a healthy node was
     declared lost. The time the loop was held up no longer counts as the node's silence."""
     from glinthawk.net.connection import run
-    from glinthawk.node.tier1 import Tier2Link
+    from glinthawk.node.links import Tier2Link
 
     async def main() -> bool:
         node = Tier2Node(kv_tokens=64)
@@ -384,3 +393,65 @@ def test_a_tier1_loop_held_up_longer_than_the_heartbeat_timeout_loses_no_node():
             await node.close()
 
     assert run(main())
+
+
+async def test_a_node_that_hangs_mid_step_is_lost_long_before_the_heartbeat_timeout(checkpoint, tmp_path, caplog):
+    """A node that stops answering in the middle of a step is judged against the round trips
+    the same micro-batch just measured, not the (here 60 s) silence timeout: its sequences
+    finish on the healthy node well within the timeout, as in a single process."""
+    model, tokenizer = checkpoint
+    hanging, healthy = Tier2Node(kv_tokens=8192), Tier2Node(kv_tokens=4096)
+    real_attend, frames = hanging._attend, []
+
+    async def attend_then_hang(*args):
+        frames.append(1)
+        if len(frames) > 20:
+            await asyncio.sleep(3600)  # hung: answers nothing more, PINGs included
+        await real_attend(*args)
+
+    hanging._attend = attend_then_hang
+    ports = [await hanging.start("127.0.0.1", 0), await healthy.start("127.0.0.1", 0)]
+    # The hanging node has more free room, so placement sends work there first.
+    tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{p}" for p in ports], micro_batches=2, heartbeat_s=0.2,
+                      heartbeat_timeout_s=60.0, reconnect_seconds=3600)
+    requests = mixed_requests(tmp_path / "in.jsonl")
+    try:
+        port = await tier1.start("127.0.0.1", 0)
+        summary = await asyncio.wait_for(submit(requests, "127.0.0.1", port, tmp_path / "out.jsonl", progress=False),
+                                         timeout=45)  # a safety net: the silence timeout alone would take 60 s
+    finally:
+        await tier1.close()
+        await hanging.close()
+        await healthy.close()
+    assert summary.done == len(FAULT_PROMPTS) and summary.failed == 0
+    assert tokens_by_id(read_results(tmp_path / "out.jsonl")) == tokens_by_id(single_process(checkpoint, requests))
+    lost = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lost Tier 2 node")]
+    assert len(lost) == 1 and "attention within 1.0 s" in lost[0], lost
+
+
+async def test_an_answer_is_not_due_before_those_sent_ahead_of_it_on_the_same_node():
+    """A node answers in order, so a frame queued behind a long one (a new sequence's first
+    step, which may compact the store) gets that one's deadline, not its own short one."""
+    from glinthawk.node.links import DEADLINE_FLOOR_S, Tier2Link
+
+    async def silent(conn):
+        await server_handshake(conn, {"tier1"}, {"capacity_tokens": 100, "bytes_per_token": 1})
+        await asyncio.sleep(3600)
+
+    server = await start_server(silent, "127.0.0.1", 0)
+    conn = await open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    await client_handshake(conn, "tier1", {})
+    link = Tier2Link("silent", conn, 100, heartbeat_s=3600, timeout_s=30.0)
+    try:
+        q = torch.zeros(1, 1, 8)
+        await link.send_attention(0, 0, {}, q, q, q, expected_s=None)  # the whole timeout
+        await link.send_attention(1, 3, {}, q, q, q, expected_s=0.001)  # alone: the floor
+        (_, first, first_allowed), (_, second, second_allowed) = link._waiting[0], link._waiting[1]
+        assert first_allowed == 30.0 and second == first and second_allowed > DEADLINE_FLOOR_S
+        await link.send_attention(2, 3, {}, q, q, q, expected_s=0.001)
+        link._waiting.clear()
+        await link.send_attention(3, 3, {}, q, q, q, expected_s=0.001)
+        assert link._waiting[3][2] == DEADLINE_FLOOR_S
+    finally:
+        link.close()
+        server.close()

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from glinthawk.cli import main
-from glinthawk.engine import Intake
+from glinthawk.scheduling import Intake
 from glinthawk.requests import (
     CHAT_URL, COMPLETIONS_URL, OPENAI, PLAIN, RequestError, error_line, is_error, parse_line, parse_stream,
 )

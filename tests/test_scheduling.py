@@ -12,7 +12,8 @@ import torch
 
 from glinthawk.client import submit
 from glinthawk.compute.rope import Rotary
-from glinthawk.node import tier1
+from glinthawk.node import microbatch, tier1
+from glinthawk.node.microbatch import MicroBatch
 from glinthawk.node.merger import StageMerger, StageWork
 from glinthawk.node.tier1 import Tier1Node
 from glinthawk.node.tier2 import Tier2Node
@@ -131,8 +132,8 @@ async def test_tier1_touches_torch_from_one_thread(checkpoint, tmp_path, monkeyp
 async def test_a_burst_of_requests_starts_in_one_step(checkpoint, tmp_path, monkeypatch):
     """Requests arriving in several SUBMIT frames all make the idle micro-batch's first step."""
     # A burst on a slow machine is still one burst; the micro-batch starts as soon as it is full.
-    monkeypatch.setattr(tier1, "GATHER_QUIET_S", 0.3)
-    monkeypatch.setattr(tier1, "GATHER_MAX_S", 5.0)
+    monkeypatch.setattr(microbatch, "GATHER_QUIET_S", 0.3)
+    monkeypatch.setattr(microbatch, "GATHER_MAX_S", 5.0)
     model, tokenizer = checkpoint
     count, max_tokens = 200, 2  # over three client frames
     requests = tmp_path / "in.jsonl"
@@ -158,12 +159,13 @@ async def test_a_request_no_alive_node_can_hold_does_not_stall_the_queue(checkpo
     """Nodes of 256 and 64 KV tokens, the large one gone: a request of 100 tokens first in the queue
     is passed over (with one warning) and those behind it run; one that only waits for room still
     holds the queue; once the large node is back, the large request is placed first."""
-    from glinthawk.engine import Intake
+    from glinthawk.scheduling import Intake
     from glinthawk.requests import parse_line
 
     model, tokenizer = checkpoint
     node = Tier1Node(model, tokenizer, [], spool_dir=tmp_path)
-    node.micro_batch_list = [tier1.MicroBatch(node)]
+    node.micro_batch_list = [MicroBatch(node, model, tokenizer, node.settings.max_seqs,
+                                        node.settings.max_batch_tokens)]
     large = SimpleNamespace(alive=False, capacity_tokens=256, free_tokens=256, sequences=0)
     small = SimpleNamespace(alive=True, capacity_tokens=64, free_tokens=64, sequences=0)
     node.links = {"large": large, "small": small}
@@ -175,7 +177,7 @@ async def test_a_request_no_alive_node_can_hold_does_not_stall_the_queue(checkpo
                            "max_tokens": max_tokens})
         queue[custom_id] = seq = intake.admit(parse_line(number, line.encode()))
         node.batch_of[seq.id] = SimpleNamespace(id="b")
-        node.waiting.append(seq)
+        node.waiting.append("b", seq)
     assert [queue[k].reserve_tokens for k in ("large", "s1", "room")] == [100, 8, 48]
 
     def waiting() -> list[str]:

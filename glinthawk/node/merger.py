@@ -32,36 +32,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from glinthawk.compute.loader import Model
 from glinthawk.compute.rope import Rotary
-from glinthawk.compute.sampling import SamplingParams
-from glinthawk.compute.stages import final_stage, layer_stage
+from glinthawk.step import StageWork, compute_stage
 
-
-@dataclass
-class StageWork:
-    """One micro-batch's input to one stage. Tensors live on the CPU; results come back there."""
-
-    stage: int
-    rot: Rotary  # the step's cos/sin (on the model's device), computed once for all its stages
-    token_ids: torch.Tensor | None = None  # stage 0
-    x: torch.Tensor | None = None  # on the model's device; stays there between stages
-    attn_out: torch.Tensor | None = None
-    sample_rows: torch.Tensor | None = None  # final stage
-    params: Sequence[SamplingParams] = ()
-    seeds: Sequence[int] = ()
-    steps: Sequence[int] = ()
-    future: asyncio.Future | None = field(default=None, repr=False)
-
-    @property
-    def rows(self) -> int:
-        return int(self.rot.cos.shape[0])
+__all__ = ["MergerStats", "StageMerger", "StageWork"]
 
 
 @dataclass
@@ -196,25 +176,31 @@ class StageMerger:
 
     @torch.inference_mode()
     def _compute(self, stage: int, works: list[StageWork]) -> list:
-        device = self.model.device
-
-        def cat(name: str) -> torch.Tensor:
-            parts = [getattr(w, name) for w in works]
-            return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(device, non_blocking=True)
-
-        sizes = [w.rows for w in works]
+        result = compute_stage(self.model, works[0] if len(works) == 1 else _merged(works))
         if stage == self.final:
-            offsets = torch.tensor([0] + sizes[:-1]).cumsum(0)
-            rows = torch.cat([w.sample_rows + off for w, off in zip(works, offsets.tolist())]).to(device)
-            tokens = final_stage(self.model, cat("x"), cat("attn_out"), rows, [p for w in works for p in w.params],
-                                 [s for w in works for s in w.seeds], [s for w in works for s in w.steps])
-            return list(tokens.split([len(w.params) for w in works]))
-        rot = works[0].rot if len(works) == 1 else Rotary(*(torch.cat(parts) for parts in zip(*(w.rot for w in works))))
-        if stage == 0:
-            x, q, k, v = layer_stage(self.model, 0, rot, token_ids=cat("token_ids"))
-        else:
-            x, q, k, v = layer_stage(self.model, stage, rot, x=cat("x"), attn_out=cat("attn_out"))
-        q, k, v = q.cpu(), k.cpu(), v.contiguous().cpu()
+            return [result] if len(works) == 1 else list(result.split([len(w.params) for w in works]))
+        x, q, k, v = result
+        q, k, v = q.cpu(), k.cpu(), v.contiguous().cpu()  # they go on the wire
         if len(works) == 1:  # a micro-batch alone: 10 µs of splits saved on every layer's round trip
             return [(x, q, k, v)]
+        sizes = [w.rows for w in works]
         return list(zip(x.split(sizes), q.split(sizes), k.split(sizes), v.split(sizes)))
+
+
+def _merged(works: list[StageWork]) -> StageWork:
+    """The works of one stage as one batch: their rows one after another."""
+    def cat(name: str) -> torch.Tensor | None:
+        parts = [getattr(w, name) for w in works]
+        return None if parts[0] is None else torch.cat(parts)
+
+    first = works[0]
+    sample_rows = None
+    if first.sample_rows is not None:
+        offsets = torch.tensor([0] + [w.rows for w in works[:-1]]).cumsum(0).tolist()
+        sample_rows = torch.cat([w.sample_rows + offset for w, offset in zip(works, offsets)])
+    return StageWork(
+        first.stage, Rotary(*(torch.cat(parts) for parts in zip(*(w.rot for w in works)))),
+        token_ids=cat("token_ids"), x=cat("x"), attn_out=cat("attn_out"), sample_rows=sample_rows,
+        params=[p for w in works for p in w.params], seeds=[s for w in works for s in w.seeds],
+        steps=[s for w in works for s in w.steps],
+    )

@@ -1,0 +1,115 @@
+"""Every role's settings, each declared once: name, default, valid range and help text.
+
+The nodes take these objects; the command-line options (``options.setting_options``),
+the cluster file's keys and ``LocalCluster`` are all built from the same fields, so a
+default lives in exactly one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def setting(default: Any, help: str, *, minimum: float | None = None, flag: str | None = None) -> Any:
+    """A settings field: its default, its help text and the least value it takes."""
+    return field(default=default, metadata={"help": help, "minimum": minimum, "flag": flag})
+
+
+def _check_minimums(settings: object) -> None:
+    for item in dataclasses.fields(settings):
+        value, minimum = getattr(settings, item.name), item.metadata.get("minimum")
+        if minimum is not None and value is not None and value < minimum:
+            raise ValueError(f"{item.name} must be at least {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How large a step is: shared by the single-process engine and Tier 1."""
+
+    max_batch_tokens: int = setting(2048, "Tokens (decode + prefill chunks) per step.", minimum=1)
+    max_seqs: int = setting(256, "Sequences running at once (on Tier 1: per micro-batch).", minimum=1)
+
+    def __post_init__(self) -> None:
+        _check_minimums(self)
+
+
+@dataclass(frozen=True)
+class Tier1Settings(StepSettings):
+    micro_batches: int = setting(4, "Micro-batches in flight (each may span every Tier 2 node).", minimum=1)
+    max_waiting: int = setting(4096, "Requests queued for KV room before clients are read no further.", minimum=1)
+    heartbeat_s: float = setting(2.0, "Seconds between PINGs to each Tier 2 node.", minimum=0.01,
+                                 flag="--heartbeat-interval")
+    heartbeat_timeout_s: float = setting(
+        10.0, "Seconds a Tier 2 node may stay silent before it is declared lost (an answer that is overdue "
+        "against the node's measured round trips is declared sooner).", minimum=0.1, flag="--heartbeat-timeout")
+    reconnect_seconds: float = setting(1.0, "Seconds between attempts to reach a Tier 2 node that is down.",
+                                       minimum=0.01, flag="--reconnect-interval")
+
+
+DEFAULT_KV_MEMORY = "1GiB"
+
+
+@dataclass(frozen=True)
+class Tier2Settings:
+    """A Tier 2 node's KV cache: a size in tokens, else in bytes (default ``DEFAULT_KV_MEMORY``)."""
+
+    kv_memory: str | None = setting(None, f"KV cache size, e.g. 8GiB (default: {DEFAULT_KV_MEMORY}).")
+    kv_tokens: int | None = setting(None, "KV cache size in tokens (wins over --kv-memory).", minimum=1)
+
+    def __post_init__(self) -> None:
+        _check_minimums(self)
+
+    @property
+    def kv_args(self) -> list[str]:
+        """The node's command-line arguments for this size."""
+        if self.kv_tokens is not None:
+            return ["--kv-tokens", str(self.kv_tokens)]
+        return ["--kv-memory", self.kv_memory or DEFAULT_KV_MEMORY]
+
+
+@dataclass(frozen=True)
+class NetemSettings:
+    """A slower network, emulated by every node on what it sends."""
+
+    delay_ms: float = setting(0.0, "One-way delay added to everything a node sends (emulates a slower network).",
+                              minimum=0, flag="--inject-delay-ms")
+    jitter_ms: float = setting(0.0, "± jitter on that delay.", minimum=0, flag="--inject-jitter-ms")
+    bandwidth: str | None = setting(None, "Cap on what a node sends, e.g. 1Gbit.", flag="--inject-bandwidth")
+
+    def __post_init__(self) -> None:
+        _check_minimums(self)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.delay_ms or self.jitter_ms or self.bandwidth)
+
+
+def flag_of(item: dataclasses.Field) -> str:
+    return item.metadata.get("flag") or "--" + item.name.replace("_", "-")
+
+
+def to_args(settings: object) -> list[str]:
+    """The command-line arguments that give a node ``settings`` (fields that are None are left out)."""
+    return [arg for item in dataclasses.fields(settings) if (value := getattr(settings, item.name)) is not None
+            for arg in (flag_of(item), str(value))]
+
+
+def field_names(cls: type) -> tuple[str, ...]:
+    return tuple(item.name for item in dataclasses.fields(cls))
+
+
+def pick(cls: type, values: dict[str, Any]):
+    """``cls`` from the entries of ``values`` that are its fields and not None (the others keep their defaults)."""
+    names = field_names(cls)
+    return cls(**{key: value for key, value in values.items() if key in names and value is not None})
+
+
+def split(values: dict[str, Any], *classes: type) -> list:
+    """One settings object of each of ``classes`` from flat keyword arguments; TypeError names
+    a key that none of them has (a typo must not become a default)."""
+    known = {name for cls in classes for name in field_names(cls)}
+    if unknown := sorted(set(values) - known):
+        raise TypeError(f"unknown setting(s) {', '.join(unknown)}; the settings are: {', '.join(sorted(known))}")
+    return [pick(cls, values) for cls in classes]

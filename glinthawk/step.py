@@ -1,0 +1,95 @@
+"""One step of a batch of sequences through the model: the core both engines share.
+
+A step is stage 0 (embedding and layer 0's q, k, v), then per layer: attention, and the
+next stage (that layer's post-attention fused with the next one's pre-attention), and at
+the end the head and the sampler for the rows that are sampled. ``run_step`` says that
+once; where the work runs is plugged in:
+
+- ``compute(work)`` runs one stage: on Tier 1, the ``StageMerger`` that merges the
+  micro-batches ready at the same stage into one job; in the single process, at once.
+- ``attend(layer, q, k, v)``: on Tier 1, a round trip to the Tier 2 nodes; in the single
+  process, the local KV store.
+
+The single-process engine drives the coroutine with ``run_now``: nothing it awaits ever
+suspends, so it stays a plain loop that the tests can trust as their oracle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from glinthawk.compute.loader import Model
+from glinthawk.compute.rope import Rotary, rotary
+from glinthawk.compute.sampling import SamplingParams
+from glinthawk.compute.stages import final_stage, layer_stage
+from glinthawk.sequence import StepBatch
+
+T = TypeVar("T")
+
+
+@dataclass
+class StageWork:
+    """One batch's input to one stage. ``x`` stays on the model's device between stages."""
+
+    stage: int
+    rot: Rotary  # the step's cos/sin (on the model's device), computed once for all its stages
+    token_ids: torch.Tensor | None = None  # stage 0
+    x: torch.Tensor | None = None
+    attn_out: torch.Tensor | None = None
+    sample_rows: torch.Tensor | None = None  # final stage
+    params: Seq[SamplingParams] = ()
+    seeds: Seq[int] = ()
+    steps: Seq[int] = ()
+    future: asyncio.Future | None = field(default=None, repr=False)  # where a merger answers it
+
+    @property
+    def rows(self) -> int:
+        return int(self.rot.cos.shape[0])
+
+
+Compute = Callable[[StageWork], Awaitable[Any]]
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Awaitable[torch.Tensor]]
+
+
+async def run_step(model: Model, batch: StepBatch, compute: Compute, attend: Attend) -> torch.Tensor:
+    """The next token of every sampled sequence of ``batch`` (int64, on the CPU)."""
+    num_layers = model.config.num_layers
+    rot = rotary(model.inv_freq, batch.positions.to(model.device), model.dtype)
+    x, q, k, v = await compute(StageWork(0, rot, token_ids=batch.token_ids))
+    for layer in range(num_layers):
+        out = await attend(layer, q, k, v)
+        if layer + 1 < num_layers:
+            x, q, k, v = await compute(StageWork(layer + 1, rot, x=x, attn_out=out))
+    if not batch.sampled:
+        return torch.empty(0, dtype=torch.int64)
+    seqs = batch.sampled
+    return await compute(StageWork(num_layers, rot, x=x, attn_out=out, sample_rows=batch.sample_rows,
+                                   params=[s.params for s in seqs], seeds=[s.seed for s in seqs],
+                                   steps=[len(s.generated) for s in seqs]))
+
+
+def compute_stage(model: Model, work: StageWork) -> Any:
+    """Run one stage in this thread: (x, q, k, v) on the model's device, or the sampled tokens."""
+    device = model.device
+    if work.stage == model.config.num_layers:
+        return final_stage(model, work.x, work.attn_out.to(device), work.sample_rows.to(device), work.params,
+                           work.seeds, work.steps)
+    if work.stage == 0:
+        return layer_stage(model, 0, work.rot, token_ids=work.token_ids.to(device))
+    return layer_stage(model, work.stage, work.rot, x=work.x, attn_out=work.attn_out.to(device))
+
+
+def run_now(step: Coroutine[Any, Any, T]) -> T:
+    """The result of a coroutine that never suspends (an in-process step)."""
+    try:
+        step.send(None)
+    except StopIteration as done:
+        return done.value
+    step.close()
+    raise RuntimeError("an in-process step suspended; its compute and attention must not await")
