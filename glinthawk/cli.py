@@ -38,18 +38,15 @@ def parse_kv_tokens(kv_memory: str | None, kv_tokens: int | None, bytes_per_toke
 
 
 def check_output(path: str) -> None:
-    """Fail before anything loads or starts when the results file cannot be opened (say, its directory is missing).
-
-    The test opens it for appending, so a file to --resume is left as it is, and one it created is removed.
+    """Fail before anything loads or starts when the results file cannot be opened (say, its directory is
+    missing) or another glinthawk process writes it. A file to --resume is left as it is, and none is left behind.
     """
-    created = not Path(path).exists()
+    from glinthawk.outputs import OutputError, probe_output
+
     try:
-        with open(path, "a", encoding="utf-8"):
-            pass
-    except OSError as exc:
-        raise click.ClickException(f"cannot write output file {path}: {exc.strerror}") from None
-    if created:
-        Path(path).unlink()
+        probe_output(path)
+    except OutputError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def open_input(path: str):
@@ -82,7 +79,7 @@ def generate(input_path, output_path, model_dir, dtype, device, kv_tokens, kv_me
              progress) -> None:
     """Single-process generation: read prompts JSONL, write results JSONL."""
     from glinthawk.engine import Engine
-    from glinthawk.outputs import ResultWriter, count_lines
+    from glinthawk.outputs import OutputError, ResultWriter, count_lines
     from glinthawk.requests import parse_stream
 
     check_output(output_path)
@@ -92,8 +89,11 @@ def generate(input_path, output_path, model_dir, dtype, device, kv_tokens, kv_me
     engine = Engine(model, tokenizer, kv_tokens=capacity, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs,
                     model_name=model_dir.name)
     total = None if input_path == "-" else count_lines(input_path)
-    with open_input(input_path) as stream, ResultWriter(output_path, total=total, progress=progress) as writer:
-        engine.run(parse_stream(stream), writer.write)
+    try:
+        with open_input(input_path) as stream, ResultWriter(output_path, total=total, progress=progress) as writer:
+            engine.run(parse_stream(stream), writer.write)
+    except OutputError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(
         f"{writer.done} done, {writer.failed} failed, {engine.stats.generated_tokens} tokens generated -> {output_path}",
         err=True,

@@ -15,11 +15,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from glinthawk.net.codec import ProtocolError
-from glinthawk.net.connection import ConnectionClosed, client_handshake, open_connection
+from glinthawk.net.connection import Connection, ConnectionClosed, client_handshake, open_connection
 from glinthawk.net.messages import MsgType
-from glinthawk.outputs import ResultWriter, count_lines
+from glinthawk.outputs import Output, OutputError, ResultWriter, count_lines
 from glinthawk.requests import MAX_LINE_BYTES, is_error, read_lines
 
 log = logging.getLogger("glinthawk.client")
@@ -149,71 +150,122 @@ async def submit(
     resume: bool = False,
     secret: bytes | None = None,
 ) -> SubmitSummary:
-    """Run every line of ``input_path`` through Tier 1; with ``resume``, only those not yet in the output."""
-    input_path, output_path = Path(input_path), Path(output_path)
-    done = answered(output_path) if resume else Answered()
-    try:
-        source = open(input_path, "rb")
-    except OSError as exc:
-        raise SubmitError(f"cannot read input file {input_path}: {exc.strerror}") from None
-    try:
-        conn = await open_connection(host, port)
-        await client_handshake(conn, "client", {"batch_id": batch_id(input_path, output_path), "resume": resume},
-                               secret=secret)
-    except (OSError, ConnectionClosed, ProtocolError) as exc:
-        source.close()
-        raise SubmitError(f"cannot reach Tier 1 at {host}:{port}: {exc}") from None
+    """Run every line of ``input_path`` through Tier 1; with ``resume``, only those not yet in the output.
 
-    async def send_all() -> None:
+    The output file is held (locked) for the whole run but read or changed only once Tier 1 has
+    accepted the batch: a refused client leaves it exactly as it was.
+    """
+    input_path, output_path = Path(input_path), Path(output_path)
+    try:
+        output = Output(output_path)
+    except OutputError as exc:
+        raise SubmitError(str(exc)) from None
+    with output:
+        try:
+            source = open(input_path, "rb")
+        except OSError as exc:
+            raise SubmitError(f"cannot read input file {input_path}: {exc.strerror}") from None
+        with source:
+            try:
+                conn = await open_connection(host, port)
+                await client_handshake(conn, "client", {"batch_id": batch_id(input_path, output_path),
+                                                        "resume": resume}, secret=secret)
+            except (OSError, ConnectionClosed, ProtocolError) as exc:
+                raise SubmitError(f"cannot reach Tier 1 at {host}:{port}: {exc}") from None
+            run = _Run(conn, source, output, input_path, resume, progress, max_line_bytes)
+            try:
+                return await run.receive()
+            finally:
+                run.close()
+
+
+@dataclass
+class _Run:
+    """One attached submission: sends the input once Tier 1 asks for it, writes results as they come."""
+
+    conn: Connection
+    source: BinaryIO
+    output: Output
+    input_path: Path
+    resume: bool
+    progress: bool | None
+    max_line_bytes: int
+    done: Answered = field(default_factory=Answered)
+    writer: ResultWriter | None = None  # set once Tier 1 accepts the batch
+    sender: asyncio.Task | None = None
+    unsent: bool = False  # Tier 1 drained before the whole file was sent
+
+    def accept(self) -> ResultWriter:
+        """Tier 1 took the batch (its first RESULT or CAPACITY): only now is the output read or emptied."""
+        if self.resume:
+            self.done = answered(self.output.path)
+        total = count_lines(self.input_path)
+        if total is not None and self.resume:
+            total = max(0, total - len(self.done.ids) - len(self.done.lines))
+        self.writer = ResultWriter(self.output, total=total, progress=self.progress, append=self.resume)
+        return self.writer
+
+    async def receive(self) -> SubmitSummary:
+        try:
+            while True:
+                if self.sender is not None and self.sender.done() and self.sender.exception() is not None:
+                    raise SubmitError(f"sending to Tier 1 failed: {self.sender.exception()}")
+                header, _ = await self.conn.recv()
+                kind = header["type"]
+                if kind == MsgType.ERROR:  # as the first frame, a refusal: the output was neither read nor written
+                    raise SubmitError(f"Tier 1 error: {header.get('message')}")
+                writer = self.writer or self.accept()
+                if kind == MsgType.RESULT:
+                    # Before CAPACITY come the results Tier 1 kept while we were away: not to be sent
+                    # again, nor written twice (a client that died during the hand-over wrote some).
+                    if self.sender is not None or self.done.add(header["line"]):
+                        writer.write(header["line"])
+                elif kind == MsgType.CAPACITY and self.sender is None:
+                    self.sender = asyncio.get_running_loop().create_task(self.send_all())
+                elif kind == MsgType.DRAIN:
+                    self.unsent = True
+                    log.warning("%s", header.get("message"))
+                elif kind == MsgType.DONE:
+                    break
+        except (ConnectionClosed, ProtocolError) as exc:
+            if self.unsent:  # Tier 1 announced its shutdown: what we have is whole, the rest is resumable
+                return self.summary()
+            raise SubmitError(f"lost the connection to Tier 1 ({exc}); {self.written()} results were written") from None
+        except OutputError as exc:
+            # The connection closes: Tier 1 spools what finishes from now on, for a --resume to collect.
+            raise SubmitError(f"{exc}. Once it can be written again (a full disk: once there is room), rerun with "
+                              "--resume (same input and -o): it collects the results Tier 1 kept meanwhile and runs "
+                              "the rest") from None
+        return self.summary()
+
+    async def send_all(self) -> None:
         chunk: list[list] = []
         chunk_bytes = 0
-        for number, raw in read_lines(source, max_line_bytes):
-            if resume and done.covers(number, _line_custom_id(number, raw)):
+        for number, raw in read_lines(self.source, self.max_line_bytes):
+            if self.resume and self.done.covers(number, _line_custom_id(number, raw)):
                 continue
             chunk.append([number, raw])
             chunk_bytes += len(raw or b"")
             if len(chunk) >= LINES_PER_FRAME or chunk_bytes >= BYTES_PER_FRAME:
-                await conn.send({"type": MsgType.SUBMIT, "lines": chunk})
+                await self.conn.send({"type": MsgType.SUBMIT, "lines": chunk})
                 chunk, chunk_bytes = [], 0
         if chunk:
-            await conn.send({"type": MsgType.SUBMIT, "lines": chunk})
-        await conn.send({"type": MsgType.DONE})
+            await self.conn.send({"type": MsgType.SUBMIT, "lines": chunk})
+        await self.conn.send({"type": MsgType.DONE})
 
-    total = count_lines(input_path)
-    if total is not None and resume:
-        total = max(0, total - len(done.ids) - len(done.lines))
-    unsent = False
-    sender: asyncio.Task | None = None
-    with source, ResultWriter(output_path, total=total, progress=progress, append=resume) as writer:
-        try:
-            while True:
-                if sender is not None and sender.done() and sender.exception() is not None:
-                    raise SubmitError(f"sending to Tier 1 failed: {sender.exception()}")
-                header, _ = await conn.recv()
-                kind = header["type"]
-                if kind == MsgType.RESULT:
-                    # Before CAPACITY come the results Tier 1 kept while we were away: not to be sent
-                    # again, nor written twice (a client that died during the hand-over wrote some).
-                    if sender is not None or done.add(header["line"]):
-                        writer.write(header["line"])
-                elif kind == MsgType.CAPACITY and sender is None:
-                    sender = asyncio.get_running_loop().create_task(send_all())
-                elif kind == MsgType.DRAIN:
-                    unsent = True
-                    log.warning("%s", header.get("message"))
-                elif kind == MsgType.DONE:
-                    break
-                elif kind == MsgType.ERROR:
-                    raise SubmitError(f"Tier 1 error: {header.get('message')}")
-        except (ConnectionClosed, ProtocolError) as exc:
-            if unsent:  # Tier 1 announced its shutdown: what we have is whole, the rest is resumable
-                return SubmitSummary(writer.done, writer.failed, writer.generated_tokens, True)
-            raise SubmitError(
-                f"lost the connection to Tier 1 ({exc}); {writer.done + writer.failed} results were written"
-            ) from None
-        finally:
-            if sender is not None:
-                sender.cancel()
-            conn.close()
-        return SubmitSummary(writer.done, writer.failed, writer.generated_tokens,
-                             unsent or sender is None or not sender.done())
+    def written(self) -> int:
+        return self.writer.done + self.writer.failed if self.writer is not None else 0
+
+    def summary(self) -> SubmitSummary:
+        writer = self.writer
+        unsent = self.unsent or self.sender is None or not self.sender.done()
+        if writer is None:
+            return SubmitSummary(0, 0, 0, unsent)
+        return SubmitSummary(writer.done, writer.failed, writer.generated_tokens, unsent)
+
+    def close(self) -> None:
+        if self.sender is not None:
+            self.sender.cancel()
+        self.conn.close()
+        if self.writer is not None:
+            self.writer.close()
