@@ -16,7 +16,7 @@ import torch
 
 from glinthawk.compute.sampling import SamplingParams
 from glinthawk.requests import Completion, Request, RequestError
-from glinthawk.tokenizer import Tokenizer, TokenizerError
+from glinthawk.tokenizer import Tokenizer, TokenizerError, TooManyTokens
 
 _ids = itertools.count()
 
@@ -91,31 +91,41 @@ class Sequence:
 
 
 def new_sequence(request: Request, tokenizer: Tokenizer, max_context: int, vocab_size: int) -> Sequence:
-    """Tokenize and check a request against the model; raises RequestError."""
+    """Tokenize and check a request against the model; raises RequestError.
+
+    Its cost is bounded by the context, not by the line: a prompt that cannot fit fails
+    before it is tokenized whole (or, as token ids, before they are looked at).
+    """
     def fail(message: str) -> RequestError:
         return RequestError(f"line {request.line}: {message}", request.line, request.custom_id, request.form)
 
+    max_tokens = request.params.max_tokens
+    room = max_context - max_tokens  # prompt tokens the context leaves
+
+    def over(count: int, exact: bool = True) -> RequestError:
+        tokens, total = (f"{count} tokens", f" = {count + max_tokens}") if exact else (f"at least {count} tokens", "")
+        return fail(f"prompt ({tokens}) + max_tokens ({max_tokens}){total} exceeds the model's context of "
+                    f"{max_context} tokens; shorten the prompt or lower max_tokens")
+
     try:
         if request.messages is not None:
-            prompt_ids = tokenizer.encode_chat(request.messages)
+            prompt_ids = tokenizer.encode_chat(request.messages, limit=room)
         elif isinstance(request.prompt, str):
-            prompt_ids = tokenizer.encode(request.prompt)
+            prompt_ids = tokenizer.encode_within(request.prompt, room)
         else:
-            prompt_ids = list(request.prompt or [])
+            prompt_ids = request.prompt or []
+    except TooManyTokens as exc:
+        raise over(exc.at_least, exact=False) from None
     except TokenizerError as exc:
         raise fail(str(exc)) from None
     if not prompt_ids:
         raise fail("the prompt encodes to no tokens")
+    if len(prompt_ids) > room:  # before the ids are looked at: a line may hold millions
+        raise over(len(prompt_ids))
     if any(not 0 <= t < vocab_size for t in prompt_ids):
         raise fail(f"prompt token ids must lie in [0, {vocab_size})")
-    needed = len(prompt_ids) + request.params.max_tokens
-    if needed > max_context:
-        raise fail(
-            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.params.max_tokens}) = {needed} "
-            f"exceeds the model's context of {max_context} tokens"
-        )
     seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
-    return Sequence(request, prompt_ids, seed)
+    return Sequence(request, list(prompt_ids), seed)
 
 
 def plan_step(running: Seq[Sequence], budget: int) -> list[tuple[Sequence, int]]:
