@@ -76,10 +76,9 @@ class Sequence:
         return self.finish_reason is not None
 
     def _hit_stop_string(self, tokenizer: Tokenizer) -> bool:
-        text = tokenizer.decode(self.generated)
-        at = self.stops.find(text)
-        if at is not None:
-            self.stop_text = text[:at]
+        at = self.stops.find(tokenizer, self.generated)
+        if at is not None:  # once per sequence: the whole text, to cut it
+            self.stop_text = tokenizer.decode(self.generated)[:at]
         return at is not None
 
     def completion(self, tokenizer: Tokenizer) -> Completion:

@@ -42,9 +42,8 @@ class StopMatcher:
         self.automaton.make_automaton()
         self.longest = max(len(s) for s in stops)
 
-    def earliest(self, text: str, start: int) -> int | None:
-        """Index in ``text`` of the earliest stop string that starts at ``start`` or later, or None."""
-        window = text[start:]
+    def earliest(self, window: str) -> int | None:
+        """Index in ``window`` of the earliest stop string in it, or None."""
         best: int | None = None
         for end, length in self.automaton.iter(window):  # matches come in order of their end
             begin = end - length + 1
@@ -52,7 +51,7 @@ class StopMatcher:
                 best = begin
             if end - self.longest + 1 >= best:  # every later match starts at best or after
                 break
-        return None if best is None else start + best
+        return best
 
 
 @lru_cache(maxsize=16)
@@ -61,20 +60,52 @@ def matcher_for(stops: tuple[str, ...]) -> StopMatcher:
     return StopMatcher(stops)
 
 
+class GeneratedText:
+    """The decoded text of a growing token list, read near its end.
+
+    Where decoding concatenates (byte-level BPE: one lossy UTF-8 decode of the tokens'
+    bytes), the text up to the last token that ended on a complete character is settled:
+    later tokens only append to it, so only the tokens after it are decoded each time.
+    Other tokenizers decode the whole list, which is exact for any decoder.
+    """
+
+    def __init__(self, keep: int):
+        self.keep = keep  # settled characters kept: the most a window reaches back
+        self.settled_tokens, self.settled_length, self.settled_tail = 0, 0, ""
+
+    def since(self, tokenizer, ids: list[int], start: int) -> tuple[int, str]:
+        """(length of the whole text, its characters from ``start``); ``start`` may reach back at most
+        ``keep`` characters before the end of the text as of the previous call."""
+        if not getattr(tokenizer, "decode_concatenates", False):
+            text = tokenizer.decode(ids)
+            return len(text), text[start:]
+        pending = tokenizer.decode(ids[self.settled_tokens:])
+        length = self.settled_length + len(pending)
+        back = self.settled_length - start
+        window = pending[-back:] if back < 0 else self.settled_tail[len(self.settled_tail) - back:] + pending
+        if not pending.endswith("\ufffd"):  # ends on a complete character: later tokens cannot change it
+            self.settled_tail = (self.settled_tail + pending)[-self.keep:]
+            self.settled_tokens, self.settled_length = len(ids), length
+        return length, window
+
+
 class StopState:
     """A sequence's stop rules, built at its first generated token."""
 
     def __init__(self, stops: tuple[str, ...], stop_token_ids: tuple[int, ...]):
         self.token_ids = frozenset(stop_token_ids)
         self.matcher = matcher_for(stops) if stops else None
+        self.back = (self.matcher.longest if self.matcher else 0) + UTF8_SLACK
+        self.text = GeneratedText(self.back)
         self.checked = 0  # length of the generated text searched up to last time
 
-    def find(self, text: str) -> int | None:
-        """Where the earliest stop string in the generated ``text`` starts, looking only where the newest
+    def find(self, tokenizer, ids: list[int]) -> int | None:
+        """Where in the text of ``ids`` the earliest stop string starts, looking only where the newest
         token can have completed one; None when no stop string is there."""
         if self.matcher is None:
             return None
         # Anchored on the previous text, not on the end: the newest token's own text may be long.
-        start = max(0, self.checked - self.matcher.longest - UTF8_SLACK)
-        self.checked = len(text)
-        return self.matcher.earliest(text, start)
+        start = max(0, self.checked - self.back)
+        self.checked, window = self.text.since(tokenizer, ids, start)
+        at = self.matcher.earliest(window)
+        return None if at is None else start + at

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders
 
 
 class TokenizerError(ValueError):
@@ -122,6 +123,12 @@ class Tokenizer:
 
     def decode(self, token_ids: list[int]) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=True)
+
+    @property
+    def decode_concatenates(self) -> bool:
+        """decode(a + b) == decode(a) + decode(b) whenever decode(a) ends on a complete character:
+        true of a plain byte-level decoder (bytes of each token, then one lossy UTF-8 decode)."""
+        return isinstance(self._tok.decoder, decoders.ByteLevel)
 
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         """Render chat messages into a prompt string with the checkpoint's chat template."""

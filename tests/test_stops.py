@@ -138,17 +138,83 @@ def _reference_search(text: str, checked: int, stop: tuple[str, ...]) -> int | N
     return min(hits) if hits else None
 
 
-def test_matches_the_search_per_stop_string():
-    """Same earliest match as one find per stop string, on random growing texts with overlapping stops."""
+class _PieceTokenizer:
+    """Decodes ids by a table of pieces; says it concatenates (as byte-level decoding does) or not."""
+
+    eos_token_ids = frozenset()
+
+    def __init__(self, concatenates: bool):
+        self.pieces: list[str] = []
+        self.decode_concatenates = concatenates
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids)
+
+
+@pytest.mark.parametrize("concatenates", [False, True])
+def test_matches_the_search_per_stop_string(concatenates):
+    """Same earliest match as one find per stop string over the whole text, on random growing texts with
+    overlapping stops and pieces that end in U+FFFD (as an incomplete UTF-8 character decodes)."""
     rng = random.Random(5)
     alphabet = "ab c\n\ufffdé😀"
     for _ in range(300):
         stop = tuple({"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 8))})
-        state, text, checked = stops.StopState(stop, ()), "", 0
-        while len(text) < 80:
-            text += "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 7)))
+        tok, ids = _PieceTokenizer(concatenates), []
+        state, checked = stops.StopState(stop, ()), 0
+        while len(tok.decode(ids)) < 80:
+            tok.pieces.append("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 7))))
+            ids.append(len(tok.pieces) - 1)
+            text = tok.decode(ids)
             expected = _reference_search(text, checked, stop)
             checked = len(text)
-            assert state.find(text) == expected, (text, stop)
+            assert state.find(tok, ids) == expected, (text, stop)
             if expected is not None:
                 break
+
+
+def test_byte_level_text_is_read_near_its_end_exactly(tiny_model):
+    """Random ids of the byte-level test tokenizer (many split UTF-8 characters, special tokens): the window
+    read equals the whole decode's tail, while only the tokens since the last complete character are decoded."""
+    _, tok = tiny_model("llama_gqa")
+    assert tok.decode_concatenates
+    decoded = []
+    real_decode = tok.decode
+
+    class Counting:
+        decode_concatenates = True
+
+        def decode(self, ids):
+            decoded.append(len(ids))
+            return real_decode(ids)
+
+    rng = random.Random(11)
+    for _ in range(20):
+        keep, ids, checked = rng.randint(1, 12), [], 0
+        text_of = stops.GeneratedText(keep)
+        for _ in range(150):
+            ids.append(rng.randrange(tok.vocab_size))
+            start = max(0, checked - keep)
+            length, window = text_of.since(Counting(), ids, start)
+            whole = real_decode(ids)
+            assert (length, window) == (len(whole), whole[start:]), ids
+            checked = length
+    assert max(decoded) < 30 and sum(decoded) < 20 * 150 * 3  # not the whole list each token
+
+
+def test_a_sequence_decodes_only_its_newest_tokens_for_the_stop_search(tiny_model):
+    _, tok = tiny_model("llama_gqa")
+    sizes = []
+
+    class Recording:
+        eos_token_ids = tok.eos_token_ids
+        decode_concatenates = tok.decode_concatenates
+
+        def decode(self, ids):
+            sizes.append(len(ids))
+            return tok.decode(ids)
+
+    ascii_ids = [i for i in range(tok.vocab_size) if tok.decode([i]).isascii() and tok.decode([i])][:50]
+    seq = Sequence(request("c", [3], max_tokens=300, stop=("\x00never",)), [3], seed=0)
+    for token in ascii_ids * 4:
+        assert not seq.append(token, Recording())
+    assert len(sizes) == 200 and max(sizes) == 1
