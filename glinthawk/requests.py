@@ -11,7 +11,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -22,6 +22,10 @@ log = logging.getLogger("glinthawk.requests")
 PLAIN, OPENAI = "plain", "openai"
 COMPLETIONS_URL, CHAT_URL = "/v1/completions", "/v1/chat/completions"
 MAX_LINE_BYTES = 16 * 1024 * 1024
+# Numbers one line may hold (a prompt of token ids is the only field with many): JSON makes each
+# a Python int of some 40 bytes, so a line of nothing else would cost ~7x its size.
+MAX_LINE_NUMBERS = 1 << 20
+_COUNT_NUMBERS_FROM = 1 << 20  # bytes: a shorter line cannot hold MAX_LINE_NUMBERS numbers
 
 _SAMPLING_FIELDS = {
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
@@ -99,7 +103,7 @@ def parse_line(number: int, raw: bytes | None, max_line_bytes: int = MAX_LINE_BY
     except UnicodeDecodeError as exc:
         raise RequestError(f"line {number}: not valid UTF-8 ({exc.reason} at byte {exc.start})", number) from None
     try:
-        obj = json.loads(text)
+        obj = json.loads(text) if len(raw) < _COUNT_NUMBERS_FROM else _loads_counting(text, number)
     except json.JSONDecodeError as exc:
         raise RequestError(f"line {number}: invalid JSON ({exc.msg} at column {exc.colno})", number) from None
     except RecursionError:
@@ -127,6 +131,30 @@ def parse_line(number: int, raw: bytes | None, max_line_bytes: int = MAX_LINE_BY
         raise RequestError(f"line {number}: {exc}", number, custom_id, form) from None
     except Exception as exc:
         raise internal_error(exc, number, custom_id, form) from None
+
+
+class _TooManyNumbers(Exception):
+    pass
+
+
+def _loads_counting(text: str, number: int) -> Any:
+    """``json.loads``, stopped (RequestError) at the first number past MAX_LINE_NUMBERS."""
+    count = 0
+
+    def counted(kind: type) -> Callable[[str], Any]:
+        def parse(digits: str) -> Any:
+            nonlocal count
+            count += 1
+            if count > MAX_LINE_NUMBERS:
+                raise _TooManyNumbers
+            return kind(digits)
+        return parse
+
+    try:
+        return json.loads(text, parse_int=counted(int), parse_float=counted(float))
+    except _TooManyNumbers:
+        raise RequestError(f"line {number}: holds more than {MAX_LINE_NUMBERS} numbers; a prompt of token ids "
+                           f"may hold at most {MAX_LINE_NUMBERS} (send longer prompts as text)", number) from None
 
 
 def _lone_surrogate(obj: dict[str, Any]) -> str | None:

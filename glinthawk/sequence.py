@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -16,7 +17,8 @@ import torch
 
 from glinthawk.compute.sampling import SamplingParams
 from glinthawk.requests import Completion, Request, RequestError
-from glinthawk.tokenizer import Tokenizer, TokenizerError
+from glinthawk.stops import StopState
+from glinthawk.tokenizer import Tokenizer, TokenizerError, TooManyTokens
 
 _ids = itertools.count()
 
@@ -31,7 +33,7 @@ class Sequence:
     num_cached: int = 0  # tokens whose K/V are in the cache
     finish_reason: str | None = None
     stop_text: str | None = None  # generated text cut before a stop string, once one is hit
-    stop_checked: int = 0  # length of the generated text the stop strings were last searched in
+    stops: StopState | None = field(default=None, repr=False)  # built at the first generated token
 
     @property
     def params(self) -> SamplingParams:
@@ -63,7 +65,9 @@ class Sequence:
         """Record a sampled token; returns True when the sequence has finished."""
         self.generated.append(token)
         params = self.params
-        if (token in tokenizer.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+        if self.stops is None:
+            self.stops = StopState(params.stop, params.stop_token_ids)
+        if (token in tokenizer.eos_token_ids and not params.ignore_eos) or token in self.stops.token_ids:
             self.finish_reason = "stop"
         elif params.stop and self._hit_stop_string(tokenizer):
             self.finish_reason = "stop"
@@ -72,18 +76,10 @@ class Sequence:
         return self.finish_reason is not None
 
     def _hit_stop_string(self, tokenizer: Tokenizer) -> bool:
-        text = tokenizer.decode(self.generated)
-        # Only text the newest token can have completed needs a look: everything after what
-        # was searched last time, plus a stop string's length back (and slack for a UTF-8
-        # character that an earlier token left incomplete). The newest token's own text may
-        # be long, so the window is anchored on the previous text, not on the end.
-        window = max(len(s) for s in self.params.stop) + 16
-        tail_start = max(0, self.stop_checked - window)
-        self.stop_checked = len(text)
-        hits = [i for i in (text.find(s, tail_start) for s in self.params.stop) if i >= 0]
-        if hits:
-            self.stop_text = text[:min(hits)]
-        return bool(hits)
+        at = self.stops.find(tokenizer, self.generated)
+        if at is not None:  # once per sequence: the whole text, to cut it
+            self.stop_text = tokenizer.decode(self.generated)[:at]
+        return at is not None
 
     def completion(self, tokenizer: Tokenizer) -> Completion:
         text = self.stop_text if self.stop_text is not None else tokenizer.decode(self.generated)
@@ -91,31 +87,49 @@ class Sequence:
 
 
 def new_sequence(request: Request, tokenizer: Tokenizer, max_context: int, vocab_size: int) -> Sequence:
-    """Tokenize and check a request against the model; raises RequestError."""
+    """Tokenize and check a request against the model; raises RequestError.
+
+    Its cost is bounded by the context, not by the line: a prompt that cannot fit fails
+    before it is tokenized whole (or, as token ids, before they are looked at).
+    """
     def fail(message: str) -> RequestError:
         return RequestError(f"line {request.line}: {message}", request.line, request.custom_id, request.form)
 
+    max_tokens = request.params.max_tokens
+    room = max_context - max_tokens  # prompt tokens the context leaves
+
+    def over(count: int, exact: bool = True) -> RequestError:
+        tokens, total = (f"{count} tokens", f" = {count + max_tokens}") if exact else (f"at least {count} tokens", "")
+        return fail(f"prompt ({tokens}) + max_tokens ({max_tokens}){total} exceeds the model's context of "
+                    f"{max_context} tokens; shorten the prompt or lower max_tokens")
+
+    _check_stop_token_ids(request.params.stop_token_ids, vocab_size, fail)
     try:
         if request.messages is not None:
-            prompt_ids = tokenizer.encode_chat(request.messages)
+            prompt_ids = tokenizer.encode_chat(request.messages, limit=room)
         elif isinstance(request.prompt, str):
-            prompt_ids = tokenizer.encode(request.prompt)
+            prompt_ids = tokenizer.encode_within(request.prompt, room)
         else:
-            prompt_ids = list(request.prompt or [])
+            prompt_ids = request.prompt or []
+    except TooManyTokens as exc:
+        raise over(exc.at_least, exact=False) from None
     except TokenizerError as exc:
         raise fail(str(exc)) from None
     if not prompt_ids:
         raise fail("the prompt encodes to no tokens")
+    if len(prompt_ids) > room:  # before the ids are looked at: a line may hold millions
+        raise over(len(prompt_ids))
     if any(not 0 <= t < vocab_size for t in prompt_ids):
         raise fail(f"prompt token ids must lie in [0, {vocab_size})")
-    needed = len(prompt_ids) + request.params.max_tokens
-    if needed > max_context:
-        raise fail(
-            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.params.max_tokens}) = {needed} "
-            f"exceeds the model's context of {max_context} tokens"
-        )
     seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
-    return Sequence(request, prompt_ids, seed)
+    return Sequence(request, list(prompt_ids), seed)
+
+
+def _check_stop_token_ids(ids: Seq[int], vocab_size: int, fail: Callable[[str], RequestError]) -> None:
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise fail(f"'stop_token_ids' holds {bad}, outside this model's vocabulary [0, {vocab_size}); "
+                   "give ids below the vocabulary size")
 
 
 def plan_step(running: Seq[Sequence], budget: int) -> list[tuple[Sequence, int]]:

@@ -12,10 +12,28 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders
 
 
 class TokenizerError(ValueError):
     """The tokenizer files are missing or broken, or a chat request cannot be rendered."""
+
+
+class TooManyTokens(ValueError):
+    """A text certainly encodes to more than a limit, found without encoding all of it."""
+
+    def __init__(self, at_least: int):
+        super().__init__(f"at least {at_least} tokens")
+        self.at_least = at_least
+
+
+# A text longer than this many characters per allowed token is counted, chunk by chunk, before
+# it is encoded: encoding costs some hundred times its size, so a huge prompt must fail first.
+DIRECT_CHARS_PER_TOKEN = 8
+COUNT_CHUNK_CHARS = 32 * 1024
+# Tokens a cut can save against encoding the text whole (merges across the cut, a prefix the
+# normalizer adds to each chunk). Cuts fall at whitespace; a chunk holds thousands of tokens.
+CUT_MARGIN_TOKENS = 16
 
 
 def _token_text(value: Any) -> str | None:
@@ -78,8 +96,39 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_within(self, text: str, limit: int, add_special_tokens: bool = True) -> list[int]:
+        """``encode(text)``, or TooManyTokens when the text certainly encodes to more than ``limit`` tokens.
+
+        Memory and time stay bounded by ``limit``, not by the text: a long text is counted in
+        chunks first, and only one that may fit is encoded whole (so exactly as ``encode``).
+        """
+        if len(text) > max(COUNT_CHUNK_CHARS, DIRECT_CHARS_PER_TOKEN * max(limit, 0)):
+            at_least = self._count_past(text, limit)
+            if at_least is not None:
+                raise TooManyTokens(at_least)
+        return self.encode(text, add_special_tokens)
+
+    def _count_past(self, text: str, limit: int) -> int | None:
+        """A count of text's tokens proven above ``limit`` (stopping as soon as it is), or None."""
+        counted, start = 0, 0
+        while start < len(text):
+            end = _cut(text, start, COUNT_CHUNK_CHARS)
+            counted += len(self._tok.encode(text[start:end], add_special_tokens=False).ids)
+            start = end
+            if start < len(text):
+                counted -= CUT_MARGIN_TOKENS
+            if counted > limit:
+                return counted
+        return None
+
     def decode(self, token_ids: list[int]) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=True)
+
+    @property
+    def decode_concatenates(self) -> bool:
+        """decode(a + b) == decode(a) + decode(b) whenever decode(a) ends on a complete character:
+        true of a plain byte-level decoder (bytes of each token, then one lossy UTF-8 decode)."""
+        return isinstance(self._tok.decoder, decoders.ByteLevel)
 
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         """Render chat messages into a prompt string with the checkpoint's chat template."""
@@ -102,9 +151,28 @@ class Tokenizer:
         except Exception as exc:  # jinja2 errors of any kind from a user-supplied template
             raise TokenizerError(f"chat template failed to render these messages: {exc}") from None
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], limit: int | None = None) -> list[int]:
+        """Render and encode chat messages; with ``limit``, as ``encode_within`` (TooManyTokens)."""
         # The rendered template already carries BOS and friends, as in apply_chat_template.
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+        text = self.render_chat(messages)
+        if limit is None:
+            return self.encode(text, add_special_tokens=False)
+        return self.encode_within(text, limit, add_special_tokens=False)
+
+
+def _cut(text: str, start: int, size: int) -> int:
+    """Where a counting chunk from ``start`` ends: at the start of a whitespace run in its second
+    half, where pre-tokenizers split anyway; else (no whitespace) after ``size`` characters."""
+    end = start + size
+    if end >= len(text):
+        return len(text)
+    low = start + size // 2
+    cut = max(text.rfind(" ", low, end), text.rfind("\n", low, end), text.rfind("\t", low, end))
+    if cut < 0:
+        return end
+    while cut > low and text[cut - 1].isspace():
+        cut -= 1
+    return cut
 
 
 def _compile_template(source: str, config_path: Path):

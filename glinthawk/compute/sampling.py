@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from glinthawk import omp
+from glinthawk.stops import check_stop_limits
 from glinthawk.compute import elementwise
 
 try:
@@ -62,6 +63,7 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        check_stop_limits(self.stop, self.stop_token_ids)
 
     @property
     def greedy(self) -> bool:
