@@ -1,0 +1,92 @@
+"""A Tier 2 node serves one Tier 1: claimed atomically in the handshake, its KV store tied to that connection."""
+
+from __future__ import annotations
+
+import asyncio
+
+from glinthawk.client import submit
+from glinthawk.net.connection import Connection
+from glinthawk.node import tier2 as tier2_module
+from glinthawk.node.tier1 import Tier1Node
+from glinthawk.node.tier2 import Tier2Node
+
+from cluster_util import read_results, single_process, write_requests
+
+HOST = "127.0.0.1"
+
+
+def handshakes_in_step(monkeypatch, port: int) -> list[Connection]:
+    """Hold the first two handshakes on ``port`` until both have begun, so they overlap as when
+    two Tier 1 nodes reconnect to a restarted node at the same moment; returns every connection
+    that reached the handshake on that port."""
+    real = tier2_module.server_handshake
+    reached: list[Connection] = []
+    both = asyncio.Event()
+
+    async def in_step(conn: Connection, *args, **kwargs):
+        if sockname(conn)[1] == port:
+            reached.append(conn)
+            if len(reached) == 2:
+                both.set()
+            await both.wait()
+        return await real(conn, *args, **kwargs)
+
+    monkeypatch.setattr(tier2_module, "server_handshake", in_step)
+    return reached
+
+
+def sockname(conn: Connection) -> tuple:
+    return conn._protocol.transport.get_extra_info("sockname")
+
+
+async def until(condition) -> None:
+    async with asyncio.timeout(60):  # a safety net; the condition is what the test waits for
+        while not condition():
+            await asyncio.sleep(0.02)
+
+
+async def test_two_tier1_nodes_racing_for_one_tier2_node_get_it_once(checkpoint, tmp_path, monkeypatch):
+    """Two Tier 1 nodes list the same Tier 2 node and handshake with it at the same moment: one
+    is served by it, the other is refused and runs on its own node; all requests of both succeed,
+    and the owner's KV store outlives the refused one's retries and departure."""
+    model, tokenizer = checkpoint
+    shared = Tier2Node(kv_tokens=8192)  # the most free room: placement sends work there first
+    shared_port = await shared.start(HOST, 0)
+    own = [Tier2Node(kv_tokens=4096) for _ in range(2)]
+    own_ports = [await node.start(HOST, 0) for node in own]
+    reached = handshakes_in_step(monkeypatch, shared_port)
+    shared_address = f"{HOST}:{shared_port}"
+    tier1s = [Tier1Node(model, tokenizer, [shared_address, f"{HOST}:{port}"], micro_batches=2,
+                        reconnect_seconds=0.05) for port in own_ports]
+    requests = write_requests(tmp_path / "in.jsonl", {"temperature": 0})
+    expected = {k: v["token_ids"] for k, v in single_process(checkpoint, requests).items()}
+    try:
+        ports = await asyncio.gather(*(tier1.start(HOST, 0) for tier1 in tier1s))
+        summaries = await asyncio.wait_for(asyncio.gather(*(
+            submit(requests, HOST, port, tmp_path / f"out{i}.jsonl", progress=False) for i, port in enumerate(ports))),
+            timeout=240)
+        for i, summary in enumerate(summaries):
+            assert (summary.done, summary.failed) == (len(expected), 0), f"Tier 1 #{i}"
+            got = read_results(tmp_path / f"out{i}.jsonl")
+            assert {k: v["token_ids"] for k, v in got.items()} == expected, f"Tier 1 #{i}"
+        served = [tier1 for tier1 in tier1s if shared_address in tier1.links and tier1.links[shared_address].alive]
+        assert len(served) == 1, "the shared Tier 2 node serves exactly one Tier 1"
+        owner, refused = served[0], next(tier1 for tier1 in tier1s if tier1 is not served[0])
+        store = shared.store
+        assert store is not None and shared.owner.peername == sockname(owner.links[shared_address].conn)
+
+        await until(lambda: len(reached) >= 4)  # the refused Tier 1 tried again, twice
+        await refused.close()
+        await until(lambda: all(conn.closed for conn in reached if conn is not shared.owner))
+        assert shared.store is store and not shared.owner.closed
+        again = await asyncio.wait_for(submit(requests, HOST, ports[tier1s.index(owner)], tmp_path / "again.jsonl",
+                                              progress=False), timeout=240)
+        assert (again.done, again.failed) == (len(expected), 0)
+        assert {k: v["token_ids"] for k, v in read_results(tmp_path / "again.jsonl").items()} == expected
+        assert shared.store is store
+    finally:
+        for tier1 in tier1s:
+            await tier1.close()
+        for node in (shared, *own):
+            await node.close()
+
