@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from glinthawk.client import submit
-from glinthawk.net.connection import Connection
+from glinthawk.net.codec import ProtocolError
+from glinthawk.net.connection import Connection, client_handshake, open_connection
+from glinthawk.net.messages import PROTOCOL_VERSION, MsgType
 from glinthawk.node import tier2 as tier2_module
 from glinthawk.node.tier1 import Tier1Node
 from glinthawk.node.tier2 import Tier2Node
@@ -90,3 +94,34 @@ async def test_two_tier1_nodes_racing_for_one_tier2_node_get_it_once(checkpoint,
         for node in (shared, *own):
             await node.close()
 
+
+GEOMETRY = {"num_layers": 1, "num_kv_heads": 1, "head_dim": 8, "dtype": "float32"}
+
+
+@pytest.mark.parametrize("role", ["tier1", "client"])
+async def test_an_unauthenticated_peer_learns_nothing_but_the_challenge(role):
+    """With a secret, a peer that has not authenticated hears neither whom an owned node serves
+    nor which roles it takes: the CHALLENGE, then a generic authentication failure. A Tier 1 that
+    authenticates is told the node is taken."""
+    node = Tier2Node(kv_tokens=64, secret=b"s3cret")
+    port = await node.start(HOST, 0)
+    try:
+        owner = await open_connection(HOST, port)
+        await client_handshake(owner, "tier1", GEOMETRY, secret=b"s3cret")
+        intruder = await open_connection(HOST, port)
+        await intruder.send({"type": MsgType.HELLO, "version": PROTOCOL_VERSION, "role": role, "nonce": b"n" * 32,
+                             **GEOMETRY})
+        heard = [(await intruder.recv())[0]]
+        assert heard[0]["type"] == MsgType.CHALLENGE, heard
+        await intruder.send({"type": MsgType.AUTH, "proof": b"\0" * 32})
+        heard += [header async for header, _ in intruder]
+        assert [h["type"] for h in heard] == [MsgType.CHALLENGE, MsgType.ERROR], heard
+        assert heard[1]["message"] == "authentication failed: wrong or missing shared secret"
+
+        second = await open_connection(HOST, port)
+        with pytest.raises(ProtocolError, match="server refused the handshake: this Tier 2 node already serves"):
+            await client_handshake(second, "tier1", GEOMETRY, secret=b"s3cret")
+        assert node.owner is not None and not node.owner.closed and node.store is not None
+        owner.close()
+    finally:
+        await node.close()
