@@ -49,13 +49,16 @@ async def until(condition) -> None:
             await asyncio.sleep(0.02)
 
 
-async def test_two_tier1_nodes_racing_for_one_tier2_node_get_it_once(checkpoint, tmp_path, monkeypatch):
+async def test_two_tier1_nodes_racing_for_one_tier2_node_get_it_once(checkpoint, tmp_path, monkeypatch, caplog):
     """Two Tier 1 nodes list the same Tier 2 node and handshake with it at the same moment: one
     is served by it, the other is refused and runs on its own node; all requests of both succeed,
     and the owner's KV store outlives the refused one's retries and departure."""
     model, tokenizer = checkpoint
     shared = Tier2Node(kv_tokens=8192)  # the most free room: placement sends work there first
     shared_port = await shared.start(HOST, 0)
+    attended: list[int] = []
+    compute = shared._compute
+    shared._compute = lambda *args: attended.append(1) or compute(*args)
     own = [Tier2Node(kv_tokens=4096) for _ in range(2)]
     own_ports = [await node.start(HOST, 0) for node in own]
     reached = handshakes_in_step(monkeypatch, shared_port)
@@ -78,8 +81,11 @@ async def test_two_tier1_nodes_racing_for_one_tier2_node_get_it_once(checkpoint,
         owner, refused = served[0], next(tier1 for tier1 in tier1s if tier1 is not served[0])
         store = shared.store
         assert store is not None and shared.owner.peername == sockname(owner.links[shared_address].conn)
+        assert attended  # the owner's requests ran through it
 
         await until(lambda: len(reached) >= 4)  # the refused Tier 1 tried again, twice
+        assert (f"cannot use Tier 2 node {shared_address}: server refused the handshake: this Tier 2 node already "
+                "serves another Tier 1; list each Tier 2 node in one Tier 1 only") in caplog.text
         await refused.close()
         await until(lambda: all(conn.closed for conn in reached if conn is not shared.owner))
         assert shared.store is store and not shared.owner.closed
