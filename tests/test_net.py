@@ -397,20 +397,21 @@ async def test_handler_exception_is_logged_and_isolated(caplog: pytest.LogCaptur
 
 @pytest.mark.asyncio
 async def test_max_connections() -> None:
-    async with serving(echo, max_connections=2) as port:
-        first = await open_connection(HOST, port)
-        second = await open_connection(HOST, port)
+    """On a server without a handshake every connection counts against the cap from the start."""
+    async with serving(echo, max_connections=2, handshake_frame_bytes=None) as port:
+        first = await open_connection(HOST, port, handshake_frame_bytes=None)
+        second = await open_connection(HOST, port, handshake_frame_bytes=None)
         for conn in (first, second):
             await conn.send({"type": "ping"})
             await conn.recv()
-        third = await open_connection(HOST, port)
+        third = await open_connection(HOST, port, handshake_frame_bytes=None)
         header, _ = await third.recv()
         assert header["type"] == MsgType.ERROR and "limit of 2" in header["message"]
         with pytest.raises(ConnectionClosed):
             await third.recv()
         first.close()
         for _ in range(100):  # the server notices the close asynchronously
-            retry = await open_connection(HOST, port)
+            retry = await open_connection(HOST, port, handshake_frame_bytes=None)
             await retry.send({"type": "ping"})
             header, _ = await retry.recv()
             retry.close()

@@ -93,8 +93,8 @@ async def test_frames_are_attended_in_order_on_the_event_loops_thread():
     node = Tier2Node(kv_tokens=32)
     computed: list[tuple[object, int]] = []
     compute = node._compute
-    node._compute = lambda header, tensors: computed.append((header["mb"], threading.get_ident())) or compute(
-        header, tensors)
+    node._compute = lambda session, header, tensors: computed.append((header["mb"], threading.get_ident())) or compute(
+        session, header, tensors)
     port = await node.start("127.0.0.1", 0)
     reference = KVStore(LAYERS, KV_HEADS, DIM, 32)
     try:

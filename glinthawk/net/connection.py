@@ -10,11 +10,10 @@ memory.
 
 import asyncio
 import collections
-import logging
 import random
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -24,7 +23,6 @@ from .codec import DEFAULT_MAX_FRAME_BYTES, ProtocolError, decode_frame, encode_
 from .messages import PROTOCOL_VERSION, MsgType
 from .netem import NetEm
 
-log = logging.getLogger("glinthawk.net")
 
 T = TypeVar("T")
 Tensors = Mapping[str, torch.Tensor]
@@ -73,6 +71,9 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         self._handshake_frames: int | None = None
         self._frames_received = 0
         self._on_made = on_made
+        # called by server_handshake as it accepts the peer; a server sets it to count the peer
+        # against its limit (raising ProtocolError at the limit)
+        self.admit: Callable[[], None] = lambda: None
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.frames: collections.deque[bytearray] = collections.deque()
@@ -218,6 +219,18 @@ class _FrameProtocol(asyncio.BufferedProtocol):
             self._reading_paused = False
             transport.resume_reading()
         asyncio.get_running_loop().call_later(_LINGER_S, transport.close)
+
+    def refuse(self, message: str) -> None:
+        """Tell the peer why in an ERROR frame and close at once. For peers not yet accepted,
+        which may be closed as fast as an attacker opens them: ``fail``'s linger would hold a
+        socket and a buffer for each."""
+        if self.closed_reason is None:
+            self.error = ProtocolError(message)
+            self.closed_reason = f"closed: {message}"
+        self.frames.clear()
+        self.write(encode_frame({"type": MsgType.ERROR, "message": message}))
+        self.close()
+        self._wake_reader()
 
     # -- writing
 
@@ -421,52 +434,6 @@ async def open_connection(
     return Connection(protocol, netem)
 
 
-async def start_server(
-    on_connection: Callable[[Connection], Awaitable[None]],
-    host: str | None,
-    port: int,
-    *,
-    netem: NetEm | None = None,
-    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-    handshake_frame_bytes: int | None = HANDSHAKE_MAX_FRAME_BYTES,
-    max_connections: int = 256,
-) -> asyncio.Server:
-    """Serve: run ``on_connection(conn)`` as a task for every accepted connection.
-
-    The connection is closed when its handler returns or raises; an exception is
-    logged and affects no other connection. Beyond ``max_connections`` open
-    connections, a new one gets an ERROR frame and is closed at once. Frames are
-    limited to ``handshake_frame_bytes`` until ``server_handshake`` accepts the peer,
-    then to ``max_frame_bytes``; pass None for a handler that does no handshake.
-    """
-    loop = asyncio.get_running_loop()
-    active: set[_FrameProtocol] = set()
-    handlers: set[asyncio.Task[None]] = set()  # strong references to running handlers
-
-    async def handle(conn: Connection) -> None:
-        try:
-            await on_connection(conn)
-        except (ProtocolError, ConnectionClosed) as exc:
-            log.warning("connection from %s ended: %s", conn.peername, exc)
-        except Exception:
-            log.exception("handler for connection from %s failed", conn.peername)
-        finally:
-            conn.close()
-
-    def accept(protocol: _FrameProtocol) -> None:
-        if len(active) >= max_connections:
-            log.warning("refusing connection: %d connections open", len(active))
-            protocol.fail(ProtocolError(f"server is at its limit of {max_connections} connections"))
-            return
-        active.add(protocol)
-        protocol.lost.add_done_callback(lambda _: active.discard(protocol))
-        task = loop.create_task(handle(Connection(protocol, netem)))
-        handlers.add(task)
-        task.add_done_callback(handlers.discard)
-
-    return await loop.create_server(lambda: _FrameProtocol(max_frame_bytes, accept, handshake_frame_bytes), host, port)
-
-
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
@@ -524,61 +491,6 @@ async def client_handshake(
     raise ProtocolError(problem)
 
 
-async def server_handshake(
-    conn: Connection,
-    allowed_roles: set[str],
-    welcome: Mapping[str, Any] | Callable[[dict], Mapping[str, Any]],
-    *,
-    secret: bytes | None = None,
-    timeout_s: float = HANDSHAKE_TIMEOUT_S,
-) -> dict:
-    """Read the peer's HELLO, check version and role, authenticate, answer WELCOME; return the HELLO.
-
-    ``welcome`` holds the fields to send back, or computes them from the HELLO (what it
-    raises refuses the peer, with the exception's message). With a
-    ``secret`` the peer must answer an HMAC challenge before anything else is read. On
-    any mismatch the peer gets an ERROR frame whose "message" says what is wrong, the
-    connection is closed and ProtocolError is raised. Once the peer is accepted, the
-    server's handshake frame limit is lifted (see ``start_server``).
-    """
-    hello = await _recv_within(conn, timeout_s, "HELLO")
-    client_nonce = hello.get("nonce")
-    if hello["type"] != MsgType.HELLO:
-        problem = f"expected HELLO, got {hello['type']!r}"
-    elif hello.get("version") != PROTOCOL_VERSION:
-        problem = f"protocol version mismatch: server speaks {PROTOCOL_VERSION}, client sent {hello.get('version')!r}"
-    elif hello.get("role") not in allowed_roles:
-        problem = f"role {hello.get('role')!r} is not accepted here (accepted: {', '.join(sorted(allowed_roles))})"
-    elif secret is not None and not isinstance(client_nonce, bytes):
-        problem = "HELLO carries no nonce; this server requires authentication"
-    else:
-        problem = await _challenge(conn, secret, client_nonce, timeout_s) if secret is not None else None
-        if problem is None:
-            try:
-                fields = welcome(hello) if callable(welcome) else welcome
-            except Exception as exc:  # the peer hears why it cannot be served, not just a hang-up
-                problem = str(exc) or repr(exc)
-            else:
-                conn._protocol.end_handshake()  # before WELCOME: the peer may send large frames once it has it
-                await conn.send({**fields, "type": MsgType.WELCOME, "version": PROTOCOL_VERSION})
-                return hello
-    await conn.send({"type": MsgType.ERROR, "message": problem})
-    conn.close()
-    raise ProtocolError(problem)
-
-
-async def _challenge(conn: Connection, secret: bytes, client_nonce: bytes, timeout_s: float) -> str | None:
-    """Prove ourselves and check the peer's proof; returns the problem, or None when authenticated."""
-    nonce = auth.new_nonce()
-    await conn.send({"type": MsgType.CHALLENGE, "nonce": nonce,
-                     "proof": auth.proof(secret, b"server", client_nonce, nonce)})
-    answer = await _recv_within(conn, timeout_s, "AUTH")
-    if answer["type"] != MsgType.AUTH or not auth.verify(auth.proof(secret, b"client", nonce, client_nonce),
-                                                          answer.get("proof")):
-        return "authentication failed: wrong or missing shared secret"
-    return None
-
-
 def _uvloop() -> Any:
     try:
         import uvloop
@@ -600,3 +512,7 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     uvloop = _uvloop()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None) as runner:
         return runner.run(main)
+
+
+# The server side lives in server.py; these names stay importable from here.
+from .server import start_server, server_handshake  # noqa: E402

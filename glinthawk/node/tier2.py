@@ -39,18 +39,33 @@ log = logging.getLogger("glinthawk.tier2")
 _MAX_PLANS = 1024
 
 
+class _Session:
+    """One Tier 1's claim on this node: the KV store and step plans it built, which live and die
+    with the connection that claimed them (another connection's end must not drop them)."""
+
+    def __init__(self, conn: Connection, store: KVStore) -> None:
+        self.conn, self.store = conn, store
+        self.plans: dict[object, AttentionPlan] = {}  # micro-batch -> its step's plan
+
+
 class Tier2Node:
     def __init__(self, kv_memory: int | None = None, kv_tokens: int | None = None, netem: NetEm | None = None,
                  secret: bytes | None = None):
         if (kv_memory is None) == (kv_tokens is None):
             raise ValueError("give exactly one of kv_memory (bytes) or kv_tokens")
         self.kv_memory, self.kv_tokens, self.netem, self.secret = kv_memory, kv_tokens, netem, secret
-        self.store: KVStore | None = None
-        self._plans: dict[object, AttentionPlan] = {}  # micro-batch -> its step's plan
+        self.session: _Session | None = None
         self.metrics = Tier2Metrics(self)
-        self.owner: Connection | None = None
         self._server: asyncio.AbstractServer | None = None
         self._closing = False
+
+    @property
+    def store(self) -> KVStore | None:
+        return self.session.store if self.session is not None else None
+
+    @property
+    def owner(self) -> Connection | None:
+        return self.session.conn if self.session is not None else None
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port (useful with port 0)."""
@@ -66,11 +81,22 @@ class Tier2Node:
         self._closing = True  # frames still arriving are dropped
         if self._server is not None:
             self._server.close()
-        if self.owner is not None:
-            self.owner.close()
+        if self.session is not None:
+            self.session.conn.close()
 
     # -- connection -------------------------------------------------------------------
-    def _welcome(self, hello: dict) -> dict:
+    def _claim(self, conn: Connection, hello: dict) -> dict:
+        """The handshake's welcome: claim this node for ``conn`` and build its KV store. Synchronous,
+        so two Tier 1 nodes whose handshakes overlap cannot both pass the check; what it raises
+        refuses the peer, which hears why."""
+        if self.session is not None and not self.session.conn.closed:
+            raise ProtocolError("this Tier 2 node already serves another Tier 1; list each Tier 2 node "
+                                "in one Tier 1 only")
+        store, fields = self._new_store(hello)
+        self.session = _Session(conn, store)
+        return fields
+
+    def _new_store(self, hello: dict) -> tuple[KVStore, dict]:
         try:
             layers, kv_heads, head_dim = (int(hello[k]) for k in ("num_layers", "num_kv_heads", "head_dim"))
             dtype = DTYPES[hello["dtype"]]
@@ -84,47 +110,50 @@ class Tier2Node:
             raise ProtocolError(f"--kv-memory {self.kv_memory} B holds no token of {bytes_per_token} B of this model; "
                                 f"give at least {bytes_per_token} B")
         try:
-            self.store = KVStore(layers, kv_heads, head_dim, tokens, dtype)
+            store = KVStore(layers, kv_heads, head_dim, tokens, dtype)
         except (RuntimeError, MemoryError) as exc:
             log.error("cannot allocate the KV store: %s", exc)
             gib = tokens * bytes_per_token / 2**30
             raise ProtocolError(f"cannot allocate a KV store of {tokens} tokens ({gib:.1f} GiB) on this machine; "
                                 "give a smaller --kv-memory or --kv-tokens") from None
         log.info("KV store: %d tokens, %.1f MiB, %d layers", tokens, tokens * bytes_per_token / 2**20, layers)
-        return {"capacity_tokens": tokens, "bytes_per_token": bytes_per_token}
+        return store, {"capacity_tokens": tokens, "bytes_per_token": bytes_per_token}
 
     async def _serve(self, conn: Connection) -> None:
-        if self.owner is not None and not self.owner.closed:
-            await conn.send({"type": MsgType.ERROR, "message": "this Tier 2 node already serves a Tier 1"})
-            conn.close()
-            return
-        await server_handshake(conn, {"tier1"}, self._welcome, secret=self.secret)
-        self.owner = conn
+        try:
+            await server_handshake(conn, {"tier1"}, lambda hello: self._claim(conn, hello), secret=self.secret)
+            session = self.session
+            if session is None or session.conn is not conn:  # it hung up as WELCOME went out, and another claimed us
+                return
+            await self._serve_session(session)
+        finally:
+            if self.session is not None and self.session.conn is conn:  # only its owner's end drops the store
+                self.session = None  # a new Tier 1 starts from an empty cache
+                log.info("Tier 1 disconnected; KV store dropped")
+
+    async def _serve_session(self, session: _Session) -> None:
+        conn = session.conn
         try:
             async for header, tensors in conn:
                 if self._closing:
                     break
                 kind = header["type"]
                 if kind == MsgType.ATTN:
-                    await self._attend(conn, header, tensors)
+                    await self._attend(session, header, tensors)
                 elif kind == MsgType.RELEASE and isinstance(header.get("seqs"), list):
-                    self._release(header["seqs"])
+                    self._release(session.store, header["seqs"])
                 elif kind == MsgType.PING:
                     await conn.send({"type": MsgType.PONG, "nonce": header.get("nonce")})
                 else:
                     await conn.send({"type": MsgType.ERROR, "message": f"unexpected message type {kind!r}"})
         except (ConnectionClosed, ProtocolError) as exc:
             log.warning("Tier 1 connection ended: %s", exc)
-        finally:
-            self.owner = None
-            self.store = None  # a new Tier 1 starts from an empty cache
-            self._plans = {}
-            log.info("Tier 1 disconnected; KV store dropped")
 
-    async def _attend(self, conn: Connection, header: dict, tensors: dict[str, torch.Tensor]) -> None:
+    async def _attend(self, session: _Session, header: dict, tensors: dict[str, torch.Tensor]) -> None:
         mb = header.get("mb")
+        conn = session.conn
         try:
-            out = self._compute(header, tensors)
+            out = self._compute(session, header, tensors)
         except Exception as exc:  # a malformed request fails alone; the node keeps serving
             if not isinstance(exc, (KVCapacityError, UnknownSequenceError)):
                 log.warning("bad ATTN frame: %r", exc)
@@ -132,31 +161,30 @@ class Tier2Node:
             return
         await conn.send({"type": MsgType.ATTN_OUT, "mb": mb, "layer": header.get("layer")}, {"out": out})
 
-    def _compute(self, header: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        store = self.store
-        if store is None:
-            raise ValueError("no KV store (Tier 1 not introduced)")
+    def _compute(self, session: _Session, header: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        store = session.store
         layer = int(header["layer"])
         if not 0 <= layer < store.num_layers:
             raise ValueError(f"layer {layer} out of range")
         q, k, v = tensors["q"], tensors["k"], tensors["v"]
         with self.metrics.attention_seconds.labels(layer=str(layer)).time():
-            return attend_with(self._plan(store, header, q, k, v), layer, q, k, v)
+            return attend_with(self._plan(session, header, q, k, v), layer, q, k, v)
 
-    def _plan(self, store: KVStore, header: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttentionPlan:
+    def _plan(self, session: _Session, header: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttentionPlan:
         """The plan of the frame's step: made from its ``seqs`` (a step's first frame), else
         the one its micro-batch's first frame made (made again if the store has compacted
         since, for another micro-batch's reservation)."""
         mb = header.get("mb")
         seqs = header.get("seqs")
+        store, plans = session.store, session.plans
         if seqs is None:
-            plan = self._plans.get(mb)
+            plan = plans.get(mb)
             if plan is None:
                 raise ValueError(f"micro-batch {mb!r}: a frame without seqs, and no earlier frame of its step had them")
             if plan.stale:
-                plan = self._plans[mb] = plan.replanned()
+                plan = plans[mb] = plan.replanned()
             return plan
-        self._plans.pop(mb, None)  # a step that fails to plan leaves no plan behind
+        plans.pop(mb, None)  # a step that fails to plan leaves no plan behind
         ids = [s[0] for s in seqs]
         starts = [int(s[1]) for s in seqs]
         counts = [int(s[2]) for s in seqs]
@@ -165,14 +193,13 @@ class Tier2Node:
             if seq_id not in store:
                 store.reserve(seq_id, tokens)
         plan = AttentionPlan.of(store, ids, starts, counts)
-        if len(self._plans) >= _MAX_PLANS:
-            del self._plans[next(iter(self._plans))]  # the least recently started step
-        self._plans[mb] = plan
+        if len(plans) >= _MAX_PLANS:
+            del plans[next(iter(plans))]  # the least recently started step
+        plans[mb] = plan
         return plan
 
-    def _release(self, seq_ids: list) -> None:
-        if self.store is None:
-            return
+    @staticmethod
+    def _release(store: KVStore, seq_ids: list) -> None:
         for seq_id in seq_ids:
-            if isinstance(seq_id, (int, str)) and seq_id in self.store:
-                self.store.free(seq_id)
+            if isinstance(seq_id, (int, str)) and seq_id in store:
+                store.free(seq_id)
