@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,6 +61,7 @@ class NodeProcess:
     log_path: Path
     ready_file: Path
     address: str | None = None
+    args: list[str] = field(default_factory=list)  # its role's arguments, to start it again
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -159,7 +160,7 @@ class LocalCluster:
         """Node ``name``'s environment: this one, with its spin-wait (unless the user set one)."""
         return {**os.environ, **omp.child_spin_env(self.spin_rounds_for(name))}
 
-    def _spawn(self, name: str, args: list[str]) -> NodeProcess:
+    def _spawn(self, name: str, args: list[str], listen: str = "127.0.0.1:0") -> NodeProcess:
         ready = self.log_dir / f"{name}.addr"
         ready.unlink(missing_ok=True)
         log_path = self.log_dir / f"{name}.log"
@@ -167,12 +168,12 @@ class LocalCluster:
         if self.secret_file:
             netem += ["--secret-file", str(self.secret_file)]
         threads = self.threads_for(name)
-        command = [sys.executable, "-m", "glinthawk.node", *args, "--listen", "127.0.0.1:0",
+        command = [sys.executable, "-m", "glinthawk.node", *args, "--listen", listen,
                    "--ready-file", str(ready), "--threads", str(threads), *netem]
-        with open(log_path, "wb") as log:
+        with open(log_path, "ab") as log:  # a restarted node's log goes on after its first life's
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env=self.env_for(name), preexec_fn=_die_with_parent, start_new_session=True)
-        node = NodeProcess(name, process, log_path, ready)
+        node = NodeProcess(name, process, log_path, ready, args=args)
         self.nodes.append(node)
         return node
 
@@ -221,3 +222,13 @@ class LocalCluster:
         node = next(n for n in self.nodes if n.name == name)
         os.kill(node.process.pid, signal.SIGKILL)
         node.process.wait()
+
+    def restart(self, name: str) -> None:
+        """Start a Tier 2 node that died again, at its address, where Tier 1 looks for it (for failure tests)."""
+        index, node = next((i, n) for i, n in enumerate(self.nodes) if n.name == name)
+        if node is self.nodes[-1] or node.process.poll() is None:
+            raise ValueError(f"{name} is Tier 1 or still running")
+        self.nodes.remove(node)
+        fresh = self._spawn(name, node.args, listen=node.address)
+        self.nodes.insert(index, self.nodes.pop())  # back in its place: Tier 1 stays last
+        self._wait_ready(fresh)

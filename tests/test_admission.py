@@ -9,14 +9,8 @@ import torch
 
 from glinthawk.client import submit
 from glinthawk.net.codec import ProtocolError
-from glinthawk.net.connection import (
-    Connection,
-    client_handshake,
-    open_connection,
-    run,
-    server_handshake,
-    start_server,
-)
+from glinthawk.net.connection import Connection, client_handshake, open_connection, run
+from glinthawk.net.server import server_handshake, start_server
 from glinthawk.node.tier1 import Tier1Node
 from glinthawk.node.tier2 import Tier2Node
 

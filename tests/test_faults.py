@@ -15,7 +15,8 @@ import torch
 
 from glinthawk.client import answered, submit
 from glinthawk.cluster import LocalCluster
-from glinthawk.net.connection import client_handshake, open_connection, server_handshake, start_server
+from glinthawk.net.connection import client_handshake, open_connection
+from glinthawk.net.server import server_handshake, start_server
 from glinthawk.node.tier1 import Tier1Node
 from glinthawk.node.tier2 import Tier2Node
 
@@ -24,13 +25,14 @@ from cluster_util import read_results, single_process
 FAULT_PROMPTS = [(f"r{i}", f"Request {i}: the quick brown fox", 30 + i % 7) for i in range(18)]
 
 
-def mixed_requests(path: Path) -> Path:
-    """Greedy and seeded-sampling requests, all of fixed length."""
+def mixed_requests(path: Path, copies: int = 1) -> Path:
+    """Greedy and seeded-sampling requests, all of fixed length (``copies`` of each, under ids of their own)."""
     with open(path, "w") as f:
-        for i, (custom_id, prompt, max_tokens) in enumerate(FAULT_PROMPTS):
-            sampling = {"temperature": 0} if i % 2 else {"temperature": 0.8, "top_p": 0.95, "seed": i}
-            f.write(json.dumps({"custom_id": custom_id, "prompt": prompt, "max_tokens": max_tokens,
-                                "ignore_eos": True, **sampling}) + "\n")
+        for copy in range(copies):
+            for i, (custom_id, prompt, max_tokens) in enumerate(FAULT_PROMPTS):
+                sampling = {"temperature": 0} if i % 2 else {"temperature": 0.8, "top_p": 0.95, "seed": i + copy}
+                f.write(json.dumps({"custom_id": custom_id + (f"-{copy}" if copy else ""), "prompt": prompt,
+                                    "max_tokens": max_tokens, "ignore_eos": True, **sampling}) + "\n")
     return path
 
 

@@ -8,11 +8,10 @@ from .connection import (
     install_event_loop_policy,
     open_connection,
     run,
-    server_handshake,
-    start_server,
 )
 from .messages import KNOWN_TYPES, PROTOCOL_VERSION, MsgType
 from .netem import NetEm, parse_bandwidth, parse_size
+from .server import server_handshake, start_server
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",

@@ -512,7 +512,3 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     uvloop = _uvloop()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None) as runner:
         return runner.run(main)
-
-
-# The server side lives in server.py; these names stay importable from here.
-from .server import start_server, server_handshake  # noqa: E402

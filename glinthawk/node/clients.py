@@ -14,7 +14,8 @@ from pathlib import Path
 
 from glinthawk.compute.loader import Model
 from glinthawk.net.codec import ProtocolError
-from glinthawk.net.connection import Connection, ConnectionClosed, server_handshake
+from glinthawk.net.connection import Connection, ConnectionClosed
+from glinthawk.net.server import server_handshake
 from glinthawk.net.messages import MsgType
 from glinthawk.node.batches import Batch, unless_closed
 from glinthawk.requests import RequestError, error_line, parse_line

@@ -25,12 +25,8 @@ from glinthawk.compute.layers import warm_up
 from glinthawk.compute.loader import Model
 from glinthawk.metrics import Tier1Metrics
 from glinthawk.net.codec import ProtocolError
-from glinthawk.net.connection import (
-    ConnectionClosed,
-    client_handshake,
-    open_connection,
-    start_server,
-)
+from glinthawk.net.connection import ConnectionClosed, client_handshake, open_connection
+from glinthawk.net.server import start_server
 from glinthawk.net.messages import MsgType
 from glinthawk.net.netem import NetEm
 from glinthawk.node.batches import Batch

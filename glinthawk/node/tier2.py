@@ -28,7 +28,8 @@ from glinthawk.compute.kvcache import KVCapacityError, KVStore, UnknownSequenceE
 from glinthawk.compute.loader import DTYPES
 from glinthawk.metrics import Tier2Metrics
 from glinthawk.net.codec import ProtocolError
-from glinthawk.net.connection import Connection, ConnectionClosed, server_handshake, start_server
+from glinthawk.net.connection import Connection, ConnectionClosed
+from glinthawk.net.server import server_handshake, start_server
 from glinthawk.net.messages import MsgType
 from glinthawk.net.netem import NetEm
 
