@@ -125,6 +125,11 @@ def batch_id(input_path: Path, output_path: Path) -> str:
     return hashlib.sha256(key).hexdigest()[:32]
 
 
+def input_key(input_path: Path) -> str:
+    """Names a submission's input alone: resumed under another output path, it still finds its results."""
+    return hashlib.sha256(str(input_path.resolve()).encode()).hexdigest()[:32]
+
+
 def _line_custom_id(number: int, raw: bytes | None) -> str | None:
     """The custom_id a line will be answered under, without judging the rest of it."""
     try:
@@ -169,7 +174,8 @@ async def submit(
             try:
                 conn = await open_connection(host, port)
                 await client_handshake(conn, "client", {"batch_id": batch_id(input_path, output_path),
-                                                        "resume": resume}, secret=secret)
+                                                        "input_key": input_key(input_path), "resume": resume},
+                                       secret=secret)
             except (OSError, ConnectionClosed, ProtocolError) as exc:
                 raise SubmitError(f"cannot reach Tier 1 at {host}:{port}: {exc}") from None
             run = _Run(conn, source, output, input_path, resume, progress, max_line_bytes)

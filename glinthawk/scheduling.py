@@ -121,6 +121,10 @@ class FairQueue:
         """Each key with its queue, in turn order (a snapshot: the caller may change the queues)."""
         return iter(list(self._queues.items()))
 
+    def rekey(self, old: Hashable, new: Hashable) -> None:
+        """``old``'s queue goes on under ``new``, in the same turn."""
+        self._queues = OrderedDict((new if key == old else key, queue) for key, queue in self._queues.items())
+
     def take(self, key: Hashable, seq: Sequence) -> None:
         """Remove ``seq`` from ``key``'s queue; the key goes to the back of the line."""
         queue = self._queues[key]

@@ -174,3 +174,29 @@ def test_resume_keeps_the_results_after_an_unreadable_line(tmp_path, caplog):
     assert out.read_text() == '{"custom_id": "a", "text": "x"}\nnot json\n{"custom_id": "b", "text": "y"}\n'
     assert done.ids == {"a", "b"}
     assert "line 2 is not a result line" in caplog.text and "half-written last line" in caplog.text
+
+
+async def test_a_batch_resumed_under_another_output_path_gets_what_tier1_kept(checkpoint, tmp_path):
+    """The client of in.jsonl -> first.jsonl vanishes and its results are spooled; resuming
+    in.jsonl into second.jsonl is handed them, and runs only the rest, instead of running every
+    line again while the spooled results stay on Tier 1 for nobody."""
+    requests = write_lines(tmp_path / "in.jsonl", [
+        {"custom_id": f"r{i}", "prompt": f"Request {i}", "max_tokens": 4, "ignore_eos": True} for i in range(12)])
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    async with cluster(checkpoint, tmp_path) as (tier1, port):
+        vanished = asyncio.create_task(submit(requests, "127.0.0.1", port, first, progress=False))
+        while not (first.exists() and first.read_text().count("\n") >= 2):
+            await asyncio.sleep(0.01)
+        vanished.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await vanished
+        while tier1.batch_of:  # the rest finishes into the spool
+            await asyncio.sleep(0.05)
+        kept = sum(path.read_text().count("\n") for path in (tmp_path / "spool").glob("*.jsonl"))
+        admitted = tier1.stats.admitted
+        summary = await asyncio.wait_for(submit(requests, "127.0.0.1", port, second, progress=False, resume=True),
+                                         60)
+        assert kept > 0 and tier1.stats.admitted - admitted == 12 - kept
+        assert not list((tmp_path / "spool").glob("*.jsonl"))
+    assert Counter(line["custom_id"] for line in output_lines(second)) == Counter(f"r{i}" for i in range(12))
+    assert (summary.done, summary.failed) == (12, 0)

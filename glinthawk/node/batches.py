@@ -27,6 +27,7 @@ class Batch:
     intake: Intake
     spool_path: Path
     conn: Connection | None = None
+    input_key: str | None = None  # names the input file alone: a client may resume it under another output
     running: dict[str, Sequence] = field(default_factory=dict)  # custom_id -> sequence in flight
     carried_over: set[str] = field(default_factory=set)  # running when a resuming client attached
     input_done: bool = False

@@ -54,9 +54,11 @@ class ClientService:
         """
         cfg = self.model.config
         batch_id = hello.get("batch_id")
-        if not isinstance(batch_id, str) or not batch_id.isalnum() or len(batch_id) > 128:
+        if not _is_key(batch_id):
             batch_id = uuid.uuid4().hex
         batch = self.batches.get(batch_id)
+        if batch is None and hello.get("resume"):
+            batch = self._adopt(hello.get("input_key"), batch_id)
         if batch is not None and batch.conn is not None and not batch.conn.closed:
             raise ProtocolError(f"batch {batch_id} already has a client attached")
         if batch is not None and not hello.get("resume"):
@@ -69,7 +71,9 @@ class ClientService:
         intake = Intake(self.tokenizer, cfg.max_position_embeddings, cfg.vocab_size, self.capacity_per_node or None,
                         seen=batch.running if batch is not None else ())
         if batch is None:
-            batch = Batch(batch_id, intake, self.spool_dir / f"{batch_id}.jsonl")
+            input_key = hello.get("input_key")
+            batch = Batch(batch_id, intake, self.spool_dir / f"{batch_id}.jsonl",
+                          input_key=input_key if _is_key(input_key) else None)
             self.batches[batch_id] = batch
         else:
             batch.intake = intake
@@ -77,6 +81,26 @@ class ClientService:
         batch.finished.clear()
         batch.carried_over = set(batch.running)
         return batch
+
+    def _adopt(self, input_key: object, batch_id: str) -> Batch | None:
+        """A batch of the same input file whose client is gone, for a client that resumes it
+        under another output path: what it kept and what still runs go to that client rather
+        than staying on Tier 1 for nobody."""
+        if not _is_key(input_key):
+            return None
+        old = next((b for b in self.batches.values()
+                    if b.input_key == input_key and (b.conn is None or b.conn.closed)), None)
+        if old is None:
+            return None
+        del self.batches[old.id]
+        self.waiting.rekey(old.id, batch_id)
+        spool = self.spool_dir / f"{batch_id}.jsonl"
+        if old.spool_path.exists():
+            old.spool_path.replace(spool)
+        log.info("batch %s (the same input, another output file) is resumed as batch %s", old.id, batch_id)
+        old.id, old.spool_path = batch_id, spool
+        self.batches[batch_id] = old
+        return old
 
     def _give_up(self, batch: Batch) -> None:
         """Drop a batch without results: its waiting requests leave the queue, its running ones
@@ -170,3 +194,8 @@ class ClientService:
             self.batch_of[seq.id] = batch
             self.waiting.append(batch.id, seq)
         self.place_waiting()
+
+
+def _is_key(value: object) -> bool:
+    """A batch id or input key as clients make them (hex digests), not anything a peer may send."""
+    return isinstance(value, str) and value.isalnum() and len(value) <= 128
