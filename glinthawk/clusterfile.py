@@ -8,19 +8,22 @@ Relative paths (model, secret file) are relative to the cluster file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 import tomllib
-from collections.abc import Callable
-from dataclasses import dataclass
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from glinthawk import DEFAULT_MODEL
 from glinthawk.compute.loader import DTYPES
 from glinthawk.net.auth import is_loopback
 from glinthawk.net.netem import parse_bandwidth, parse_size
+from glinthawk.settings import NetemSettings, Tier1Settings, Tier2Settings, args_for, field_names
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -38,12 +41,26 @@ class ModelSpec:
     device: str | None = None
 
 
+class _Options:
+    """The role settings a file gives (``options``), also readable as attributes: one that the
+    file leaves out reads None, and the node's own default applies."""
+
+    SETTINGS: ClassVar[type]
+    options: Mapping[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        if name != "options" and name in field_names(self.SETTINGS):
+            return self.options.get(name)
+        raise AttributeError(name)
+
+
 @dataclass(frozen=True)
-class NodeSpec:
+class NodeSpec(_Options):
     name: str
     host: str  # the address the other nodes and the clients connect to
     port: int
     listen: str  # the address to bind: ``host`` unless the file says otherwise (e.g. 0.0.0.0)
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -52,22 +69,18 @@ class NodeSpec:
 
 @dataclass(frozen=True)
 class Tier1Spec(NodeSpec):
-    micro_batches: int | None = None
-    max_batch_tokens: int | None = None
-    max_seqs: int | None = None
+    SETTINGS: ClassVar[type] = Tier1Settings
 
 
 @dataclass(frozen=True)
 class Tier2Spec(NodeSpec):
-    kv_memory: str | None = None
-    kv_tokens: int | None = None
+    SETTINGS: ClassVar[type] = Tier2Settings
 
 
 @dataclass(frozen=True)
-class InjectSpec:
-    delay_ms: float | None = None
-    jitter_ms: float | None = None
-    bandwidth: str | None = None
+class InjectSpec(_Options):
+    SETTINGS: ClassVar[type] = NetemSettings
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -128,12 +141,11 @@ def node_args(spec: ClusterSpec, name: str) -> list[str]:
     node = spec.node(name)
     if isinstance(node, Tier1Spec):
         role = ["--role", "tier1", "--tier2", ",".join(t.address for t in spec.tier2), *_flags(
-            model=spec.model.path, dtype=spec.model.dtype, device=spec.model.device,
-            micro_batches=node.micro_batches, max_batch_tokens=node.max_batch_tokens, max_seqs=node.max_seqs)]
+            model=spec.model.path, dtype=spec.model.dtype, device=spec.model.device)]
     else:
-        role = ["--role", "tier2", *_flags(kv_memory=node.kv_memory, kv_tokens=node.kv_tokens)]
-    common = _flags(secret_file=spec.secret_file, inject_delay_ms=spec.inject.delay_ms,
-                    inject_jitter_ms=spec.inject.jitter_ms, inject_bandwidth=spec.inject.bandwidth)
+        role = ["--role", "tier2"]
+    common = [*args_for(node.SETTINGS, node.options), *_flags(secret_file=spec.secret_file),
+              *args_for(NetemSettings, spec.inject.options)]
     return [*role, "--listen", f"{node.listen}:{node.port}", *common, *(["--insecure"] if spec.insecure else [])]
 
 
@@ -143,19 +155,16 @@ def local_cluster_kwargs(spec: ClusterSpec) -> dict[str, Any]:
     The same model, sizes, secret and delays; names, hosts and ports are not used (a local cluster binds
     free loopback ports). Settings the file leaves out are left out here too, so LocalCluster's defaults apply.
     """
-    sizes = {(t.kv_memory, t.kv_tokens) for t in spec.tier2}
+    sizes = {tuple(sorted(t.options.items())) for t in spec.tier2}
     if len(sizes) > 1:
         raise ClusterFileError(
             f"{spec.source}: a local cluster gives every Tier 2 node the same KV cache size, but the [[tier2]] "
             "nodes differ in kv_memory / kv_tokens; give them all the same size to run this file on loopback"
         )
-    [(kv_memory, kv_tokens)] = sizes
     settings = {
         "model_dir": spec.model.path or DEFAULT_MODEL, "dtype": spec.model.dtype, "device": spec.model.device,
-        "tier2_nodes": len(spec.tier2), "kv_memory": kv_memory, "kv_tokens": kv_tokens,
-        "micro_batches": spec.tier1.micro_batches, "max_batch_tokens": spec.tier1.max_batch_tokens,
-        "max_seqs": spec.tier1.max_seqs, "delay_ms": spec.inject.delay_ms, "jitter_ms": spec.inject.jitter_ms,
-        "bandwidth": spec.inject.bandwidth, "secret_file": spec.secret_file,
+        "tier2_nodes": len(spec.tier2), **spec.tier2[0].options, **spec.tier1.options, **spec.inject.options,
+        "secret_file": spec.secret_file,
     }
     return {key: value for key, value in settings.items() if value is not None}
 
@@ -188,15 +197,13 @@ def _node(t: _Table) -> dict[str, Any]:
 
 
 def _tier1(t: _Table) -> Tier1Spec:
-    spec = Tier1Spec(**_node(t), micro_batches=t.integer("micro_batches", minimum=1),
-                     max_batch_tokens=t.integer("max_batch_tokens", minimum=1),
-                     max_seqs=t.integer("max_seqs", minimum=1))
+    spec = Tier1Spec(**_node(t), options=_settings(t, Tier1Settings))
     t.finish()
     return spec
 
 
 def _tier2(t: _Table) -> Tier2Spec:
-    spec = Tier2Spec(**_node(t), kv_memory=t.size("kv_memory"), kv_tokens=t.integer("kv_tokens", minimum=1))
+    spec = Tier2Spec(**_node(t), options=_settings(t, Tier2Settings))
     if spec.kv_memory is not None and spec.kv_tokens is not None:
         raise t.error("give kv_memory or kv_tokens, not both")
     t.finish()
@@ -204,10 +211,30 @@ def _tier2(t: _Table) -> Tier2Spec:
 
 
 def _inject(t: _Table) -> InjectSpec:
-    spec = InjectSpec(delay_ms=t.number("delay_ms"), jitter_ms=t.number("jitter_ms"),
-                      bandwidth=t.bandwidth("bandwidth"))
+    spec = InjectSpec(options=_settings(t, NetemSettings))
     t.finish()
     return spec
+
+
+def _settings(t: _Table, cls: type) -> dict[str, Any]:
+    """The fields of the settings class ``cls`` that table ``t`` gives, each checked as the node checks it."""
+    hints = typing.get_type_hints(cls)
+    given = {}
+    for item in dataclasses.fields(cls):
+        kind, minimum, text = hints[item.name], item.metadata.get("minimum"), item.metadata.get("text")
+        if kind is int or kind == int | None:
+            value = t.integer(item.name, minimum=int(minimum or 0))
+        elif kind is float:
+            value = t.number(item.name, minimum=minimum or 0)
+        elif text == "size":
+            value = t.size(item.name)
+        elif text == "bandwidth":
+            value = t.bandwidth(item.name)
+        else:
+            value = t.text(item.name)
+        if value is not None:
+            given[item.name] = value
+    return given
 
 
 def _check_unique(spec: ClusterSpec) -> None:
@@ -295,10 +322,10 @@ class _Table:
             raise self.error(f"expected {expected}, got {value}", key)
         return value
 
-    def number(self, key: str) -> float | None:
-        expected = "a number >= 0"
+    def number(self, key: str, *, minimum: float = 0) -> float | None:
+        expected = f"a number >= {minimum:g}"
         value = self._take(key, (int, float), expected)
-        if value is not None and not (math.isfinite(value) and value >= 0):
+        if value is not None and not (math.isfinite(value) and value >= minimum):
             raise self.error(f"expected {expected}, got {value}", key)
         return None if value is None else float(value)
 

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def setting(default: Any, help: str, *, minimum: float | None = None, flag: str | None = None) -> Any:
-    """A settings field: its default, its help text and the least value it takes."""
-    return field(default=default, metadata={"help": help, "minimum": minimum, "flag": flag})
+def setting(default: Any, help: str, *, minimum: float | None = None, flag: str | None = None,
+            text: str | None = None) -> Any:
+    """A settings field: its default, its help text, the least value it takes, its command-line
+    flag (default: from its name) and, for text, what it holds ("size", "bandwidth")."""
+    return field(default=default, metadata={"help": help, "minimum": minimum, "flag": flag, "text": text})
 
 
 def _check_minimums(settings: object) -> None:
@@ -55,7 +57,7 @@ DEFAULT_KV_MEMORY = "1GiB"
 class Tier2Settings:
     """A Tier 2 node's KV cache: a size in tokens, else in bytes (default ``DEFAULT_KV_MEMORY``)."""
 
-    kv_memory: str | None = setting(None, f"KV cache size, e.g. 8GiB (default: {DEFAULT_KV_MEMORY}).")
+    kv_memory: str | None = setting(None, f"KV cache size, e.g. 8GiB (default: {DEFAULT_KV_MEMORY}).", text="size")
     kv_tokens: int | None = setting(None, "KV cache size in tokens (wins over --kv-memory).", minimum=1)
 
     def __post_init__(self) -> None:
@@ -76,7 +78,8 @@ class NetemSettings:
     delay_ms: float = setting(0.0, "One-way delay added to everything a node sends (emulates a slower network).",
                               minimum=0, flag="--inject-delay-ms")
     jitter_ms: float = setting(0.0, "± jitter on that delay.", minimum=0, flag="--inject-jitter-ms")
-    bandwidth: str | None = setting(None, "Cap on what a node sends, e.g. 1Gbit.", flag="--inject-bandwidth")
+    bandwidth: str | None = setting(None, "Cap on what a node sends, e.g. 1Gbit.", flag="--inject-bandwidth",
+                                    text="bandwidth")
 
     def __post_init__(self) -> None:
         _check_minimums(self)
@@ -92,7 +95,12 @@ def flag_of(item: dataclasses.Field) -> str:
 
 def to_args(settings: object) -> list[str]:
     """The command-line arguments that give a node ``settings`` (fields that are None are left out)."""
-    return [arg for item in dataclasses.fields(settings) if (value := getattr(settings, item.name)) is not None
+    return args_for(type(settings), dataclasses.asdict(settings))
+
+
+def args_for(cls: type, values: dict[str, Any]) -> list[str]:
+    """The command-line arguments for the entries of ``values`` that are fields of ``cls`` and not None."""
+    return [arg for item in dataclasses.fields(cls) if (value := values.get(item.name)) is not None
             for arg in (flag_of(item), str(value))]
 
 

@@ -206,3 +206,14 @@ def test_run_cluster_option(tmp_path):
     broken = write(tmp_path, edited(("port = 7700", "port = 0")))
     with pytest.raises(click.BadParameter, match=r"tier1\.port"):
         _invoke(run, ["in.jsonl", "-o", "out.jsonl", "--cluster", str(broken)], "run")
+
+
+def test_every_tier1_setting_is_a_key_and_means_what_its_option_means(tmp_path):
+    """[tier1] takes every field of Tier1Settings under its own name, checked and passed on as the
+    node's option (heartbeat_timeout_s as --heartbeat-timeout); a value below the option's range is refused."""
+    spec = load_cluster_file(write(tmp_path, edited(("port = 7700", "port = 7700\nheartbeat_timeout_s = 3\n"
+                                                                     "max_waiting = 64"))))
+    tier1 = parse_node_args(node_args(spec, "tier1"))
+    assert (tier1["heartbeat_timeout_s"], tier1["max_waiting"], tier1["max_seqs"]) == (3.0, 64, 256)
+    with pytest.raises(ClusterFileError, match=r"tier1.heartbeat_timeout_s: expected a number >= 0.1, got 0.01"):
+        load_cluster_file(write(tmp_path, edited(("port = 7700", "port = 7700\nheartbeat_timeout_s = 0.01"))))
