@@ -25,6 +25,7 @@ from glinthawk.client import submit
 from glinthawk.cluster import LocalCluster
 from glinthawk.compute.sampling import SamplingParams
 from glinthawk.net.connection import run
+from glinthawk.settings import LOCAL_TIER2_NODES
 
 class GenerationError(RuntimeError):
     """A request of the batch failed; the message says which and why."""
@@ -47,7 +48,7 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, model: str | Path = DEFAULT_MODEL, *, tier2_nodes: int = 2, endpoint: str | None = None,
+    def __init__(self, model: str | Path = DEFAULT_MODEL, *, tier2_nodes: int = LOCAL_TIER2_NODES, endpoint: str | None = None,
                  secret: bytes | None = None, **cluster_options: Any):
         """Start a local cluster on ``model`` (``cluster_options`` go to LocalCluster: kv_memory,
         dtype, micro_batches, ...), or use the running Tier 1 at ``endpoint``."""

@@ -20,7 +20,7 @@ from glinthawk.options import (
     read_secret,
     setting_options,
 )
-from glinthawk.settings import NetemSettings, StepSettings, Tier2Settings
+from glinthawk.settings import LOCAL_TIER2_NODES, NetemSettings, StepSettings, Tier2Settings
 
 if TYPE_CHECKING:
     from glinthawk.cluster import LocalCluster
@@ -148,7 +148,7 @@ def submit_command(input_path, to, output_path, progress, resume, secret_file) -
 @model_option
 @dtype_option
 @device_option
-@click.option("--tier2-nodes", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--tier2-nodes", type=click.IntRange(min=1), default=LOCAL_TIER2_NODES, show_default=True,
               help="Tier 2 processes to start.")
 @setting_options(Tier2Settings, role="each Tier 2 node")
 @click.option("--micro-batches", type=click.IntRange(min=1), default=None,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from glinthawk import omp
-from glinthawk.settings import NetemSettings, Tier1Settings, Tier2Settings, split, to_args
+from glinthawk.settings import LOCAL_TIER2_NODES, NetemSettings, Tier1Settings, Tier2Settings, split, to_args
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
@@ -85,7 +85,7 @@ class LocalCluster:
     largest batch), 4 with injected delay.
     """
 
-    def __init__(self, model_dir: Path, tier2_nodes: int = 2, *, dtype: str = "auto", device: str = "auto",
+    def __init__(self, model_dir: Path, tier2_nodes: int = LOCAL_TIER2_NODES, *, dtype: str = "auto", device: str = "auto",
                  micro_batches: int | None = None, log_dir: Path | None = None, secret_file: Path | None = None,
                  **settings: Any):
         self.model_dir, self.tier2_nodes, self.dtype, self.device = model_dir, tier2_nodes, dtype, device

@@ -51,6 +51,7 @@ class Tier1Settings(StepSettings):
 
 
 DEFAULT_KV_MEMORY = "1GiB"
+LOCAL_TIER2_NODES = 2  # Tier 2 processes a local cluster (glinthawk run, LLM()) starts
 
 
 @dataclass(frozen=True)
