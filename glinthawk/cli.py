@@ -84,7 +84,7 @@ def generate(input_path, output_path, model_dir, dtype, device, kv_tokens, kv_me
 
     check_output(output_path)
     model, tokenizer = load_checkpoint(model_dir, dtype, device)
-    capacity = parse_kv_tokens(kv_memory, kv_tokens, model.config.kv_bytes_per_token(model.embed_tokens.element_size()),
+    capacity = parse_kv_tokens(kv_memory, kv_tokens, model.config.kv_bytes_per_token(model.dtype.itemsize),
                                65536)
     engine = Engine(model, tokenizer, kv_tokens=capacity, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs,
                     model_name=model_dir.name)

@@ -27,7 +27,7 @@ import torch
 from glinthawk.compute.loader import Model
 from glinthawk.compute.rope import Rotary, rotary
 from glinthawk.compute.sampling import SamplingParams
-from glinthawk.compute.stages import final_stage, layer_stage
+from glinthawk.compute.stages import final_stage, hand_off_stage, layer_stage
 from glinthawk.sequence import StepBatch
 
 T = TypeVar("T")
@@ -57,32 +57,42 @@ Compute = Callable[[StageWork], Awaitable[Any]]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Awaitable[torch.Tensor]]
 
 
-async def run_step(model: Model, batch: StepBatch, compute: Compute, attend: Attend) -> torch.Tensor:
-    """The next token of every sampled sequence of ``batch`` (int64, on the CPU)."""
-    num_layers = model.config.num_layers
+async def run_step(model: Model, batch: StepBatch, compute: Compute, attend: Attend,
+                   x: torch.Tensor | None = None) -> torch.Tensor:
+    """The next token of every sampled sequence of ``batch`` (int64, on the CPU), or, on a
+    pipeline stage before the model's last, the hidden states to hand on; ``x``: those the
+    stage before handed on (a stage after the first)."""
+    layers = model.layer_range
     rot = rotary(model.inv_freq, batch.positions.to(model.device), model.dtype)
-    x, q, k, v = await compute(StageWork(0, rot, token_ids=batch.token_ids))
-    for layer in range(num_layers):
+    x, q, k, v = await compute(StageWork(layers.start, rot, token_ids=batch.token_ids if model.is_first else None,
+                                         x=x))
+    for layer in layers:
         out = await attend(layer, q, k, v)
-        if layer + 1 < num_layers:
+        if layer + 1 < layers.stop:
             x, q, k, v = await compute(StageWork(layer + 1, rot, x=x, attn_out=out))
+    if not model.is_last:
+        return await compute(StageWork(layers.stop, rot, x=x, attn_out=out))
     if not batch.sampled:
         return torch.empty(0, dtype=torch.int64)
     seqs = batch.sampled
-    return await compute(StageWork(num_layers, rot, x=x, attn_out=out, sample_rows=batch.sample_rows,
+    return await compute(StageWork(layers.stop, rot, x=x, attn_out=out, sample_rows=batch.sample_rows,
                                    params=[s.params for s in seqs], seeds=[s.seed for s in seqs],
                                    steps=[len(s.generated) for s in seqs]))
 
 
 def compute_stage(model: Model, work: StageWork) -> Any:
-    """Run one stage in this thread: (x, q, k, v) on the model's device, or the sampled tokens."""
+    """Run one stage in this thread: (x, q, k, v) on the model's device; at the end of the
+    model the sampled tokens, at the end of a pipeline stage before it the hidden states."""
     device = model.device
+    attn_out = work.attn_out.to(device) if work.attn_out is not None else None
     if work.stage == model.config.num_layers:
-        return final_stage(model, work.x, work.attn_out.to(device), work.sample_rows.to(device), work.params,
-                           work.seeds, work.steps)
+        return final_stage(model, work.x, attn_out, work.sample_rows.to(device), work.params, work.seeds,
+                           work.steps)
+    if work.stage == model.layer_range.stop:
+        return hand_off_stage(model, work.x, attn_out)
     if work.stage == 0:
         return layer_stage(model, 0, work.rot, token_ids=work.token_ids.to(device))
-    return layer_stage(model, work.stage, work.rot, x=work.x, attn_out=work.attn_out.to(device))
+    return layer_stage(model, work.stage, work.rot, x=work.x.to(device), attn_out=attn_out)
 
 
 def run_now(step: Coroutine[Any, Any, T]) -> T:

@@ -39,6 +39,8 @@ def warm_up(model: Model, max_rows: int, max_sampled_rows: int) -> None:
             linear(x, layer.gate_up)
             linear(torch.zeros(rows, layer.o_proj.shape[1], dtype=model.dtype), layer.o_proj)
             linear(torch.zeros(rows, layer.down.shape[1], dtype=model.dtype), layer.down)
+        if model.lm_head is None:  # a pipeline stage before the last
+            return
         for rows in sorted({padded_rows(n) for n in range(1, min(max_sampled_rows, head_rows(model)) + 1)}):
             linear(torch.zeros(rows, cfg.hidden_size, dtype=model.dtype), model.lm_head)
 

@@ -42,20 +42,34 @@ class LayerWeights:
 
 @dataclass
 class Model:
+    """A model's weights, or one stage's: the layers of ``layer_range``, with the embedding
+    only where that range starts the model and the final norm and LM head only where it ends it."""
+
     config: ModelConfig
-    embed_tokens: torch.Tensor  # [vocab, hidden]
-    layers: list[LayerWeights]
-    norm: torch.Tensor  # [hidden]
-    lm_head: torch.Tensor  # [vocab, hidden]; embed_tokens itself when tied, unless packed (matmul.pack)
+    embed_tokens: torch.Tensor | None  # [vocab, hidden]
+    layers: list[LayerWeights]  # those of layer_range
+    norm: torch.Tensor | None  # [hidden]
+    lm_head: torch.Tensor | None  # [vocab, hidden]; embed_tokens itself when tied, unless packed (matmul.pack)
     inv_freq: torch.Tensor  # [head_dim // 2], float32
+    dtype: torch.dtype
+    device: torch.device
+    layer_range: range = None  # type: ignore[assignment]  # default: every layer
+
+    def __post_init__(self) -> None:
+        if self.layer_range is None:
+            self.layer_range = range(self.config.num_layers)
+
+    def layer(self, index: int) -> LayerWeights:
+        """Layer ``index`` of the whole model (it must lie in this stage's ``layer_range``)."""
+        return self.layers[index - self.layer_range.start]
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.embed_tokens.dtype
+    def is_first(self) -> bool:
+        return self.layer_range.start == 0
 
     @property
-    def device(self) -> torch.device:
-        return self.embed_tokens.device
+    def is_last(self) -> bool:
+        return self.layer_range.stop == self.config.num_layers
 
     def weight_bytes(self) -> int:
         """Bytes the weights hold in memory (a tensor in two roles counted once)."""
@@ -63,11 +77,12 @@ class Model:
 
     def parameter_count(self) -> int:
         """The checkpoint's parameters: a tied LM head is the embedding, even where it is held twice."""
-        tied = self.config.tie_word_embeddings
-        return sum(t.numel() for t in self._tensors() if t is not self.lm_head) + (0 if tied else self.lm_head.numel())
+        tied = self.config.tie_word_embeddings and self.embed_tokens is not None
+        head = self.lm_head.numel() if self.lm_head is not None and not tied else 0
+        return sum(t.numel() for t in self._tensors() if t is not self.lm_head) + head
 
     def _tensors(self) -> Iterator[torch.Tensor]:
-        yield from (self.embed_tokens, self.norm, self.lm_head)
+        yield from (t for t in (self.embed_tokens, self.norm, self.lm_head) if t is not None)
         for layer in self.layers:
             yield from (t for t in vars(layer).values() if t is not None)
 
@@ -180,69 +195,80 @@ class _TensorSource:
         return tensor.to(device=device, dtype=dtype)
 
 
-def load_model(directory: str | Path, dtype: str = "float32", device: str | None = None) -> Model:
-    """Load config.json + safetensors weights from ``directory`` (``dtype`` may be ``auto``)."""
+def load_model(directory: str | Path, dtype: str = "float32", device: str | None = None,
+               layers: range | None = None) -> Model:
+    """Load config.json + safetensors weights from ``directory`` (``dtype`` may be ``auto``);
+    with ``layers``, only that stage's share of them (see ``Model``)."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: model directory does not exist")
+        what = "is a file, not a directory" if directory.exists() else "does not exist"
+        raise CheckpointError(f"{directory}: model directory {what}")
     config = ModelConfig.from_file(directory / "config.json")
+    layers = range(config.num_layers) if layers is None else layers
+    if not (0 <= layers.start < layers.stop <= config.num_layers and layers.step == 1):
+        raise CheckpointError(f"{directory}: layers {layers.start}:{layers.stop} are not a range of the model's "
+                              f"{config.num_layers} layers; give A:B with 0 <= A < B <= {config.num_layers}")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device, config.torch_dtype)
     with ExitStack() as stack:
         source = _TensorSource(directory, stack)
-        return _assemble(config, source, torch_dtype, torch_device)
+        return _assemble(config, source, torch_dtype, torch_device, layers)
 
 
-def _assemble(config: ModelConfig, source: _TensorSource, dtype: torch.dtype, device: torch.device) -> Model:
-    hidden, inter, dim = config.hidden_size, config.intermediate_size, config.head_dim
-    q_rows, kv_rows = config.num_heads * dim, config.num_kv_heads * dim
+def _assemble(config: ModelConfig, source: _TensorSource, dtype: torch.dtype, device: torch.device,
+              layer_range: range) -> Model:
+    hidden = config.hidden_size
 
     def get(name: str, *shape: int) -> torch.Tensor:
         return source.get(name, tuple(shape), dtype, device)
 
-    layers = []
-    for i in range(config.num_layers):
-        p = f"model.layers.{i}."
-        qkv = torch.cat([
-            get(p + "self_attn.q_proj.weight", q_rows, hidden),
-            get(p + "self_attn.k_proj.weight", kv_rows, hidden),
-            get(p + "self_attn.v_proj.weight", kv_rows, hidden),
+    layers = [_layer(config, source, get, i) for i in layer_range]
+    first, last = layer_range.start == 0, layer_range.stop == config.num_layers
+    embed = get("model.embed_tokens.weight", config.vocab_size, hidden) if first else None
+    lm_head = norm = None
+    if last:
+        norm = get("model.norm.weight", hidden)
+        if config.tie_word_embeddings or "lm_head.weight" not in source:
+            if not config.tie_word_embeddings:
+                raise CheckpointError(
+                    f"{source.directory}: tensor 'lm_head.weight' is missing and tie_word_embeddings is false"
+                )
+            lm_head = embed if embed is not None else get("model.embed_tokens.weight", config.vocab_size, hidden)
+        else:
+            lm_head = get("lm_head.weight", config.vocab_size, hidden)
+        lm_head = pack(lm_head)  # when tied, a packed copy: the embedding stays plain for its lookups
+    return Model(config=config, embed_tokens=embed, layers=layers, norm=norm, lm_head=lm_head,
+                 inv_freq=inverse_frequencies(config.rope, config.head_dim).to(device), dtype=dtype,
+                 device=torch.device(device), layer_range=layer_range)
+
+
+def _layer(config: ModelConfig, source: _TensorSource, get, index: int) -> LayerWeights:
+    hidden, inter, dim = config.hidden_size, config.intermediate_size, config.head_dim
+    q_rows, kv_rows = config.num_heads * dim, config.num_kv_heads * dim
+    p = f"model.layers.{index}."
+    qkv = torch.cat([
+        get(p + "self_attn.q_proj.weight", q_rows, hidden),
+        get(p + "self_attn.k_proj.weight", kv_rows, hidden),
+        get(p + "self_attn.v_proj.weight", kv_rows, hidden),
+    ])
+    qkv_bias = None
+    if config.attention_bias:
+        qkv_bias = torch.cat([
+            get(p + "self_attn.q_proj.bias", q_rows),
+            get(p + "self_attn.k_proj.bias", kv_rows),
+            get(p + "self_attn.v_proj.bias", kv_rows),
         ])
-        qkv_bias = None
-        if config.attention_bias:
-            qkv_bias = torch.cat([
-                get(p + "self_attn.q_proj.bias", q_rows),
-                get(p + "self_attn.k_proj.bias", kv_rows),
-                get(p + "self_attn.v_proj.bias", kv_rows),
-            ])
-        if config.mlp_bias or p + "self_attn.o_proj.bias" in source:
-            raise ModelConfigError(f"{source.directory}: mlp_bias / o_proj bias is not supported")
-        layers.append(LayerWeights(
-            input_norm=get(p + "input_layernorm.weight", hidden),
-            qkv=pack(qkv),
-            qkv_bias=qkv_bias,
-            o_proj=pack(get(p + "self_attn.o_proj.weight", hidden, q_rows)),
-            post_norm=get(p + "post_attention_layernorm.weight", hidden),
-            gate_up=pack(torch.cat([
-                get(p + "mlp.gate_proj.weight", inter, hidden),
-                get(p + "mlp.up_proj.weight", inter, hidden),
-            ])),
-            down=pack(get(p + "mlp.down_proj.weight", hidden, inter)),
-        ))
-    embed = get("model.embed_tokens.weight", config.vocab_size, hidden)
-    if config.tie_word_embeddings or "lm_head.weight" not in source:
-        if not config.tie_word_embeddings:
-            raise CheckpointError(
-                f"{source.directory}: tensor 'lm_head.weight' is missing and tie_word_embeddings is false"
-            )
-        lm_head = embed
-    else:
-        lm_head = get("lm_head.weight", config.vocab_size, hidden)
-    return Model(
-        config=config,
-        embed_tokens=embed,
-        layers=layers,
-        norm=get("model.norm.weight", hidden),
-        lm_head=pack(lm_head),  # when tied, a packed copy: the embedding stays plain for its lookups
-        inv_freq=inverse_frequencies(config.rope, config.head_dim).to(device),
+    if config.mlp_bias or p + "self_attn.o_proj.bias" in source:
+        raise ModelConfigError(f"{source.directory}: mlp_bias / o_proj bias is not supported")
+    return LayerWeights(
+        input_norm=get(p + "input_layernorm.weight", hidden),
+        qkv=pack(qkv),
+        qkv_bias=qkv_bias,
+        o_proj=pack(get(p + "self_attn.o_proj.weight", hidden, q_rows)),
+        post_norm=get(p + "post_attention_layernorm.weight", hidden),
+        gate_up=pack(torch.cat([
+            get(p + "mlp.gate_proj.weight", inter, hidden),
+            get(p + "mlp.up_proj.weight", inter, hidden),
+        ])),
+        down=pack(get(p + "mlp.down_proj.weight", hidden, inter)),
     )

@@ -3,7 +3,9 @@
 Stage ``l`` (0 <= l < layers) ends with layer l's q, k, v ready to send: it is the
 embedding (l = 0) or layer l-1's post-attention, fused with layer l's pre-attention, so
 each layer costs one round trip. The final stage is the last post-attention, the head and
-the sampler.
+the sampler. A model cut into pipeline stages (``Model.layer_range``) starts a stage from
+the hidden states the one before handed on (no post-attention: that stage ran it), and
+ends a stage that is not the last with a post-attention alone (``hand_off_stage``).
 Every function takes a packed batch, so Tier 1 can run several micro-batches that are
 at the same stage as one.
 """
@@ -29,19 +31,27 @@ def layer_stage(
     attn_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (x, q, k, v) with layer ``stage``'s attention inputs; ``rot``: the batch's
-    ``rope.rotary``, computed once per step for all its stages."""
+    ``rope.rotary``, computed once per step for all its stages. Without ``attn_out`` (a
+    pipeline stage's first layer), ``x`` is the hidden state the stage before handed on."""
     if stage == 0:
         x = embed(model, token_ids)
-    else:
-        x = post_attention(model, model.layers[stage - 1], x, attn_out)
-    q, k, v = pre_attention(model, model.layers[stage], x, rot)
+    elif attn_out is not None:
+        x = post_attention(model, model.layer(stage - 1), x, attn_out)
+    q, k, v = pre_attention(model, model.layer(stage), x, rot)
     return x, q, k, v
+
+
+def hand_off_stage(model: Model, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    """The last post-attention of a pipeline stage that is not the model's last: the hidden
+    states the next stage starts from."""
+    return post_attention(model, model.layer(model.layer_range.stop - 1), x, attn_out)
 
 
 def final_stage(model: Model, x: torch.Tensor, attn_out: torch.Tensor, sample_rows: torch.Tensor,
                 params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
     """Last layer's post-attention, the head and the sampler, for the rows that are sampled."""
-    x = post_attention(model, model.layers[-1], x.index_select(0, sample_rows), attn_out.index_select(0, sample_rows))
+    last = model.layer(model.config.num_layers - 1)
+    x = post_attention(model, last, x.index_select(0, sample_rows), attn_out.index_select(0, sample_rows))
     return head_and_sample(model, x, params, seeds, steps)
 
 

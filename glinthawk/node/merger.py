@@ -179,6 +179,8 @@ class StageMerger:
         result = compute_stage(self.model, works[0] if len(works) == 1 else _merged(works))
         if stage == self.final:
             return [result] if len(works) == 1 else list(result.split([len(w.params) for w in works]))
+        if stage == self.model.layer_range.stop:  # a pipeline stage's hidden states, to hand on
+            return [result] if len(works) == 1 else list(result.split([w.rows for w in works]))
         x, q, k, v = result
         q, k, v = q.cpu(), k.cpu(), v.contiguous().cpu()  # they go on the wire
         if len(works) == 1:  # a micro-batch alone: 10 µs of splits saved on every layer's round trip
