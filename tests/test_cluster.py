@@ -174,7 +174,8 @@ def test_glinthawk_run_end_to_end_on_bundled_model(tmp_path):
 
 def test_ctrl_c_leaves_valid_partial_output_and_no_children(tmp_path, model_dir):
     requests = tmp_path / "in.jsonl"
-    write_requests(requests, {"temperature": 0}, [(f"r{i}", "Count with me: 1 2 3", 60) for i in range(40)])
+    # Long requests: under load the run must not be able to end before the SIGINT arrives.
+    write_requests(requests, {"temperature": 0}, [(f"r{i}", "Count with me: 1 2 3", 200) for i in range(40)])
     out, logs = tmp_path / "out.jsonl", tmp_path / "logs"
     proc = glinthawk("run", str(requests), "-o", str(out), "--model", str(model_dir), "--tier2-nodes", "2",
                      "--max-seqs", "2", "--micro-batches", "2", "--log-dir", str(logs), "--no-progress")
