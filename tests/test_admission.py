@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 import torch
@@ -65,26 +66,32 @@ async def authenticated_roundtrip(port: int) -> Connection:
     return conn
 
 
-async def test_authenticated_clients_are_served_while_300_idle_connections_are_open():
-    """At the default limits: 300 idle connections, topped up to 300 again whenever the server
-    closes some, do not keep authenticated clients out (they were refused at 256 connections)."""
-    server = await start_server(authenticated_echo, HOST, 0)
-    port = server.sockets[0].getsockname()[1]
-    crowd = IdleCrowd(port)
+@contextlib.asynccontextmanager
+async def crowded_server(**limits):
+    """An authenticated echo server with an idle crowd at its door; yields the crowd and a list
+    for the connections it serves, all closed afterwards."""
+    server = await start_server(authenticated_echo, HOST, 0, **limits)
+    crowd = IdleCrowd(server.sockets[0].getsockname()[1])
     served: list[Connection] = []
     try:
-        async with asyncio.timeout(60):  # a safety net
-            for _ in range(5):
-                await crowd.fill(300)
-                served.append(await authenticated_roundtrip(port))
-            for conn in served:  # they stay served while the crowd goes on
-                await conn.send({"type": "ping"})
-                assert (await conn.recv())[0] == {"type": "ping"}
+        yield crowd, served
     finally:
         for conn in served:
             conn.close()
         crowd.close()
         server.close()
+
+
+async def test_authenticated_clients_are_served_while_300_idle_connections_are_open():
+    """At the default limits: 300 idle connections, topped up to 300 again whenever the server
+    closes some, do not keep authenticated clients out (they were refused at 256 connections)."""
+    async with crowded_server() as (crowd, served), asyncio.timeout(60):  # a safety net
+        for _ in range(5):
+            await crowd.fill(300)
+            served.append(await authenticated_roundtrip(crowd.port))
+        for conn in served:  # they stay served while the crowd goes on
+            await conn.send({"type": "ping"})
+            assert (await conn.recv())[0] == {"type": "ping"}
 
 
 def test_the_same_on_uvloop():
@@ -125,25 +132,15 @@ async def test_a_connection_that_does_not_complete_the_handshake_in_time_is_clos
 async def test_only_authenticated_peers_count_against_the_connection_cap():
     """Two authenticated peers fill a cap of 2 though idle connections keep arriving; a third
     authenticated peer is refused, naming the cap."""
-    server = await start_server(authenticated_echo, HOST, 0, max_connections=2, max_unauthenticated=2)
-    port = server.sockets[0].getsockname()[1]
-    crowd = IdleCrowd(port)
-    served: list[Connection] = []
-    try:
-        async with asyncio.timeout(30):  # a safety net
-            for _ in range(2):
-                await crowd.fill(5)
-                served.append(await authenticated_roundtrip(port))
+    async with crowded_server(max_connections=2, max_unauthenticated=2) as (crowd, served), asyncio.timeout(30):
+        for _ in range(2):
             await crowd.fill(5)
-            third = await open_connection(HOST, port)
-            with pytest.raises(ProtocolError, match="server refused the handshake: server is at its limit of 2 "
-                                                    "connections; try again later"):
-                await client_handshake(third, "client", {}, secret=SECRET)
-    finally:
-        for conn in served:
-            conn.close()
-        crowd.close()
-        server.close()
+            served.append(await authenticated_roundtrip(crowd.port))
+        await crowd.fill(5)
+        third = await open_connection(HOST, crowd.port)
+        with pytest.raises(ProtocolError, match="server refused the handshake: server is at its limit of 2 "
+                                                "connections; try again later"):
+            await client_handshake(third, "client", {}, secret=SECRET)
 
 
 async def test_tier1_joins_its_tier2_node_and_serves_a_client_while_both_are_flooded(checkpoint, tmp_path):
