@@ -174,23 +174,21 @@ def test_glinthawk_run_end_to_end_on_bundled_model(tmp_path):
 
 def test_ctrl_c_leaves_valid_partial_output_and_no_children(tmp_path, model_dir):
     requests = tmp_path / "in.jsonl"
-    # A long run (a minute or more): under load it must not be able to end before the SIGINT arrives.
-    write_requests(requests, {"temperature": 0}, [(f"r{i}", "Count with me: 1 2 3", 200) for i in range(400)])
+    write_requests(requests, {"temperature": 0}, [(f"r{i}", "Count with me: 1 2 3", 60) for i in range(40)])
     out, logs = tmp_path / "out.jsonl", tmp_path / "logs"
+    # As from a terminal: SIGINT at its default. A child of this process once inherited SIGINT and
+    # SIGQUIT ignored, the mark of C's system() running on some thread of it (libtorch calls it),
+    # and rightly kept ignoring the Ctrl-C.
     proc = glinthawk("run", str(requests), "-o", str(out), "--model", str(model_dir), "--tier2-nodes", "2",
-                     "--max-seqs", "2", "--micro-batches", "2", "--log-dir", str(logs), "--no-progress")
+                     "--max-seqs", "2", "--micro-batches", "2", "--log-dir", str(logs), "--no-progress",
+                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out.exists() and out.read_text().count("\n") >= 2) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.1)
-    masks = [line for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines() if line.startswith("Sig")]
     proc.send_signal(signal.SIGINT)
-    try:
-        _, stderr = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(("glinthawk run went on after SIGINT", masks, proc.communicate()[1])) from None
-    assert proc.returncode != 0, (masks, stderr)  # the signal masks say whether SIGINT was blocked or ignored
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0, stderr
     partial = read_results(out)  # every line is whole JSON
     assert 2 <= len(partial) < 40
     deadline = time.monotonic() + 30
