@@ -457,3 +457,30 @@ async def test_an_answer_is_not_due_before_those_sent_ahead_of_it_on_the_same_no
     finally:
         link.close()
         server.close()
+
+
+async def test_a_tier2_node_that_stays_down_is_tried_less_often_and_reported_once(checkpoint, caplog):
+    """Retried every 20 ms it would be tried some 75 times in 1.5 s, with a warning each time;
+    each failure doubles the wait instead, and only the first is a warning."""
+    model, tokenizer = checkpoint
+    healthy = Tier2Node(kv_tokens=64)
+    port = await healthy.start("127.0.0.1", 0)
+    dead = "127.0.0.1:1"
+    tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{port}", dead], reconnect_seconds=0.02)
+    attempts = []
+    real_connect = tier1._connect
+
+    async def counted(address, **how):
+        attempts.extend([address] if address == dead else [])
+        return await real_connect(address, **how)
+
+    tier1._connect = counted
+    try:
+        await tier1.start("127.0.0.1", 0)
+        await asyncio.sleep(1.5)
+    finally:
+        await tier1.close()
+        await healthy.close()
+    assert 2 <= len(attempts) <= 10, len(attempts)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and dead in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -33,6 +34,7 @@ log = logging.getLogger("glinthawk.node")
 
 
 @click.command()
+@click.version_option(package_name="glinthawk", prog_name="glinthawk-node")
 @node_cluster_options
 @click.option("--role", type=click.Choice(["tier1", "tier2"]), required=True)
 @click.option("--listen", default="127.0.0.1:0", show_default=True, help="HOST:PORT to listen on (port 0: any).")
@@ -107,10 +109,24 @@ def _tier1_node(settings: dict, tier2_nodes: str | None, model_dir: Path, dtype:
 
 async def _serve(node, host: str, port: int, ready_file: Path | None, metrics_port: int | None) -> None:
     """Start ``node``, announce readiness, and run until SIGTERM/SIGINT, then shut down cleanly."""
-    bound = await node.start(host, port)
+    try:
+        bound = await node.start(host, port)
+    except ConnectionError:  # no Tier 2 node usable (main says so)
+        await node.close()
+        raise
+    except OSError as exc:  # Tier 1 handles its connections' own errors: this one is the bind
+        await node.close()
+        raise click.ClickException(f"cannot listen on {host}:{port}: {_reason(exc)}; choose another --listen port, "
+                                   "or stop what uses this one") from None
     log.info("listening on %s:%d", host, bound)
     if metrics_port is not None:
-        log.info("metrics on http://%s:%d/metrics", host, serve_metrics(node.metrics.registry, host, metrics_port))
+        try:
+            metrics_bound = serve_metrics(node.metrics.registry, host, metrics_port)
+        except OSError as exc:
+            await node.close()
+            raise click.ClickException(f"cannot serve metrics on {host}:{metrics_port}: {_reason(exc)}; "
+                                       "choose another --metrics-port") from None
+        log.info("metrics on http://%s:%d/metrics", host, metrics_bound)
     if ready_file is not None:
         tmp = ready_file.with_suffix(".tmp")
         tmp.write_text(f"{host}:{bound}\n")
@@ -124,3 +140,8 @@ async def _serve(node, host: str, port: int, ready_file: Path | None, metrics_po
     await node.drain()
     await node.close()
     log.info("stopped")
+
+
+def _reason(exc: OSError) -> str:
+    """The system's words for a failed bind (event loops wrap them in longer messages of their own)."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)

@@ -43,6 +43,7 @@ from glinthawk.tokenizer import Tokenizer
 
 log = logging.getLogger("glinthawk.tier1")
 
+RECONNECT_MAX_S = 30.0  # the longest wait between attempts to reach a Tier 2 node that keeps failing
 DRAIN_TIMEOUT_S = 60.0  # on SIGTERM, how long running requests may take to finish (cluster.py waits longer)
 
 
@@ -158,8 +159,9 @@ class Tier1Node(ClientService):
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _connect(self, address: str) -> str | None:
-        """Connect to a Tier 2 node and introduce ourselves; return why that failed, or None."""
+    async def _connect(self, address: str, quiet: bool = False) -> str | None:
+        """Connect to a Tier 2 node and introduce ourselves; return why that failed, or None
+        (``quiet``: a node already reported down fails at debug level)."""
         host, port = address.rsplit(":", 1)
         cfg = self.model.config
         try:
@@ -169,7 +171,8 @@ class Tier1Node(ClientService):
                 "dtype": str(self.model.dtype).removeprefix("torch."),
             }, secret=self.secret)
         except (OSError, ConnectionClosed, ProtocolError) as exc:
-            log.warning("cannot use Tier 2 node %s: %s", address, exc)
+            log.log(logging.DEBUG if quiet else logging.WARNING, "cannot use Tier 2 node %s: %s%s", address, exc,
+                    "" if quiet else "; trying again, less often while it keeps failing")
             return str(exc)
         link = Tier2Link(address, conn, int(welcome["capacity_tokens"]), self.settings.heartbeat_s,
                          self.settings.heartbeat_timeout_s, self.metrics.attention_round_trip)
@@ -179,14 +182,29 @@ class Tier1Node(ClientService):
         return None
 
     async def _reconnect_loop(self) -> None:
-        """Bring lost (or never reached) Tier 2 nodes back as soon as they answer."""
+        """Bring lost (or never reached) Tier 2 nodes back as soon as they answer. A node that
+        keeps failing is tried half as often after each failure (up to every RECONNECT_MAX_S)
+        and reported once, not at every attempt."""
+        loop = asyncio.get_running_loop()
+        every_s = self.settings.reconnect_seconds
+        backoff = {address: every_s for address in self.tier2_addresses}
+        due = {address: loop.time() + every_s for address in self.tier2_addresses if address not in self.links}
         while True:
-            await asyncio.sleep(self.settings.reconnect_seconds)
+            await asyncio.sleep(every_s)
             for address in self.tier2_addresses:
                 link = self.links.get(address)
-                if link is None or not link.alive:
-                    if await self._connect(address) is None:
-                        log.info("Tier 2 node %s (re)joined", address)
+                if link is not None and link.alive:
+                    backoff[address] = every_s
+                    due.pop(address, None)
+                    continue
+                if loop.time() < due.setdefault(address, loop.time()):
+                    continue
+                reported = backoff[address] > every_s or address not in self.links  # down since start: reported
+                if await self._connect(address, quiet=reported) is None:
+                    log.info("Tier 2 node %s (re)joined", address)
+                    continue
+                backoff[address] = min(2 * backoff[address], max(every_s, RECONNECT_MAX_S))
+                due[address] = loop.time() + backoff[address]
 
     async def _sample_throughput(self) -> None:
         while True:
