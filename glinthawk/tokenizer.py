@@ -56,10 +56,7 @@ class Tokenizer:
         config = self._read_config(self._config_path)
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
-        template = config.get("chat_template")
-        if isinstance(template, list):  # named templates: use "default"
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-        self.chat_template: str | None = template if isinstance(template, str) else None
+        self.chat_template, self._template_path = _chat_template(directory, config)
         eos = set(extra_eos_ids) | self._generation_eos(directory / "generation_config.json")
         if self.eos_token is not None and self._tok.token_to_id(self.eos_token) is not None:
             eos.add(self._tok.token_to_id(self.eos_token))
@@ -134,12 +131,13 @@ class Tokenizer:
         """Render chat messages into a prompt string with the checkpoint's chat template."""
         if self.chat_template is None:
             raise TokenizerError(
-                "this model has no chat template (tokenizer_config.json 'chat_template'); "
+                "this model has no chat template (chat_template.jinja, tokenizer_config.json 'chat_template' or "
+                "chat_template.json); "
                 "send plain prompts (/v1/completions) instead of messages"
             )
         try:
             if self._compiled_template is None:
-                self._compiled_template = _compile_template(self.chat_template, self._config_path)
+                self._compiled_template = _compile_template(self.chat_template, self._template_path)
             return self._compiled_template.render(
                 messages=messages,
                 add_generation_prompt=True,
@@ -173,6 +171,27 @@ def _cut(text: str, start: int, size: int) -> int:
     while cut > low and text[cut - 1].isspace():
         cut -= 1
     return cut
+
+
+def _chat_template(directory: Path, config: dict[str, Any]) -> tuple[str | None, Path]:
+    """The checkpoint's chat template and the file it comes from, where transformers finds it:
+    ``chat_template.jinja`` (how transformers 5 saves it) before tokenizer_config.json's
+    ``chat_template``, and the older processors' ``chat_template.json`` last."""
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_text(encoding="utf-8"), jinja
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TokenizerError(f"{jinja}: cannot read the chat template ({exc})") from None
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: use "default"
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if isinstance(template, str):
+        return template, directory / "tokenizer_config.json"
+    legacy = directory / "chat_template.json"
+    template = Tokenizer._read_config(legacy).get("chat_template") if legacy.is_file() else None
+    return (template if isinstance(template, str) else None), legacy
 
 
 def _compile_template(source: str, config_path: Path):

@@ -574,3 +574,41 @@ def test_cli_no_weights_at_all(checkpoint_copy, tmp_path):
     (model / "model.safetensors").unlink()
     result, _ = generate(model, tmp_path)
     assert_clean_failure(result, "no weights found", "model.safetensors")
+
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick brown fox?"}]
+
+
+@pytest.mark.parametrize("where", ["chat_template.jinja", "chat_template.json"])
+def test_chat_template_where_current_checkpoints_keep_it(tiny_checkpoint, tmp_path, where):
+    """transformers 5 saves the chat template as chat_template.jinja (older processors as
+    chat_template.json), not in tokenizer_config.json: such a checkpoint's chat lines are rendered
+    and tokenized exactly as transformers' apply_chat_template does."""
+    from transformers import AutoTokenizer
+
+    from glinthawk.tokenizer import Tokenizer
+
+    source = tiny_checkpoint("llama_gqa")
+    shutil.copy(source / "tokenizer.json", tmp_path)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    template = config.pop("chat_template")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    if where == "chat_template.jinja":
+        (tmp_path / where).write_text(template)
+        expected = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(MESSAGES, add_generation_prompt=True)
+    else:
+        (tmp_path / where).write_text(json.dumps({"chat_template": template}))
+        expected = AutoTokenizer.from_pretrained(source).apply_chat_template(MESSAGES, add_generation_prompt=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected  # transformers 5: an encoding
+    assert Tokenizer(tmp_path).encode_chat(MESSAGES) == list(expected)
+
+
+def test_a_chat_template_jinja_file_comes_before_tokenizer_config(tiny_checkpoint, tmp_path):
+    """As in transformers: the .jinja file wins over a template tokenizer_config.json still carries."""
+    from glinthawk.tokenizer import Tokenizer
+
+    source = tiny_checkpoint("llama_gqa")
+    shutil.copy(source / "tokenizer.json", tmp_path)
+    shutil.copy(source / "tokenizer_config.json", tmp_path)
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    assert Tokenizer(tmp_path).render_chat(MESSAGES) == "[Be brief.][The quick brown fox?]"
