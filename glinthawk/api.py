@@ -48,8 +48,8 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, model: str | Path = DEFAULT_MODEL, *, tier2_nodes: int = LOCAL_TIER2_NODES, endpoint: str | None = None,
-                 secret: bytes | None = None, **cluster_options: Any):
+    def __init__(self, model: str | Path = DEFAULT_MODEL, *, tier2_nodes: int = LOCAL_TIER2_NODES,
+                 endpoint: str | None = None, secret: bytes | None = None, **cluster_options: Any):
         """Start a local cluster on ``model`` (``cluster_options`` go to LocalCluster: kv_memory,
         dtype, micro_batches, ...), or use the running Tier 1 at ``endpoint``."""
         self._cluster: LocalCluster | None = None

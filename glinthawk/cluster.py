@@ -85,9 +85,9 @@ class LocalCluster:
     largest batch), 4 with injected delay.
     """
 
-    def __init__(self, model_dir: Path, tier2_nodes: int = LOCAL_TIER2_NODES, *, dtype: str = "auto", device: str = "auto",
-                 micro_batches: int | None = None, log_dir: Path | None = None, secret_file: Path | None = None,
-                 **settings: Any):
+    def __init__(self, model_dir: Path, tier2_nodes: int = LOCAL_TIER2_NODES, *, dtype: str = "auto",
+                 device: str = "auto", micro_batches: int | None = None, log_dir: Path | None = None,
+                 secret_file: Path | None = None, **settings: Any):
         self.model_dir, self.tier2_nodes, self.dtype, self.device = model_dir, tier2_nodes, dtype, device
         self.micro_batches, self.log_dir, self.secret_file = micro_batches, log_dir, secret_file
         self.tier1, self.tier2, self.netem = split(settings, Tier1Settings, Tier2Settings, NetemSettings)
@@ -99,14 +99,14 @@ class LocalCluster:
         self.log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="glinthawk-run-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
-            tier2 = [self._spawn(f"tier2-{i}", ["--role", "tier2", *self.tier2.kv_args])
-                     for i in range(self.tier2_nodes)]
-            addresses = ",".join(self._wait_ready(node) for node in tier2)
-            tier1 = self._spawn("tier1", [
+            for i in range(self.tier2_nodes):  # each in self.nodes at once: stop() covers it if the next fails
+                self.nodes.append(self._spawn(f"tier2-{i}", ["--role", "tier2", *self.tier2.kv_args]))
+            addresses = ",".join(self._wait_ready(node) for node in self.nodes)
+            self.nodes.append(self._spawn("tier1", [
                 "--role", "tier1", "--model", str(self.model_dir), "--tier2", addresses, "--dtype", self.dtype,
                 "--device", self.device, *to_args(dataclasses.replace(self.tier1, micro_batches=self.in_flight)),
-            ])
-            self._wait_ready(tier1)
+            ]))
+            self._wait_ready(self.nodes[-1])
         except BaseException:
             self.stop()
             raise
@@ -173,9 +173,7 @@ class LocalCluster:
         with open(log_path, "ab") as log:  # a restarted node's log goes on after its first life's
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env=self.env_for(name), preexec_fn=_die_with_parent, start_new_session=True)
-        node = NodeProcess(name, process, log_path, ready, args=args)
-        self.nodes.append(node)
-        return node
+        return NodeProcess(name, process, log_path, ready, args=args)
 
     def _wait_ready(self, node: NodeProcess) -> str:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -228,7 +226,5 @@ class LocalCluster:
         index, node = next((i, n) for i, n in enumerate(self.nodes) if n.name == name)
         if node is self.nodes[-1] or node.process.poll() is None:
             raise ValueError(f"{name} is Tier 1 or still running")
-        self.nodes.remove(node)
-        fresh = self._spawn(name, node.args, listen=node.address)
-        self.nodes.insert(index, self.nodes.pop())  # back in its place: Tier 1 stays last
+        self.nodes[index] = fresh = self._spawn(name, node.args, listen=node.address)
         self._wait_ready(fresh)

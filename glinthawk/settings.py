@@ -19,22 +19,22 @@ def setting(default: Any, help: str, *, minimum: float | None = None, flag: str 
     return field(default=default, metadata={"help": help, "minimum": minimum, "flag": flag, "text": text})
 
 
-def _check_minimums(settings: object) -> None:
-    for item in dataclasses.fields(settings):
-        value, minimum = getattr(settings, item.name), item.metadata.get("minimum")
-        if minimum is not None and value is not None and value < minimum:
-            raise ValueError(f"{item.name} must be at least {minimum}, got {value!r}")
+class _Settings:
+    """Refuses a value below its field's least one, as the command line does."""
+
+    def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            value, minimum = getattr(self, item.name), item.metadata.get("minimum")
+            if minimum is not None and value is not None and value < minimum:
+                raise ValueError(f"{item.name} must be at least {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True)
-class StepSettings:
+class StepSettings(_Settings):
     """How large a step is: shared by the single-process engine and Tier 1."""
 
     max_batch_tokens: int = setting(2048, "Tokens (decode + prefill chunks) per step.", minimum=1)
     max_seqs: int = setting(256, "Sequences running at once (on Tier 1: per micro-batch).", minimum=1)
-
-    def __post_init__(self) -> None:
-        _check_minimums(self)
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,11 @@ LOCAL_TIER2_NODES = 2  # Tier 2 processes a local cluster (glinthawk run, LLM())
 
 
 @dataclass(frozen=True)
-class Tier2Settings:
+class Tier2Settings(_Settings):
     """A Tier 2 node's KV cache: a size in tokens, else in bytes (default ``DEFAULT_KV_MEMORY``)."""
 
     kv_memory: str | None = setting(None, f"KV cache size, e.g. 8GiB (default: {DEFAULT_KV_MEMORY}).", text="size")
     kv_tokens: int | None = setting(None, "KV cache size in tokens (wins over --kv-memory).", minimum=1)
-
-    def __post_init__(self) -> None:
-        _check_minimums(self)
 
     @property
     def kv_args(self) -> list[str]:
@@ -73,7 +70,7 @@ class Tier2Settings:
 
 
 @dataclass(frozen=True)
-class NetemSettings:
+class NetemSettings(_Settings):
     """A slower network, emulated by every node on what it sends."""
 
     delay_ms: float = setting(0.0, "One-way delay added to everything a node sends (emulates a slower network).",
@@ -81,13 +78,6 @@ class NetemSettings:
     jitter_ms: float = setting(0.0, "± jitter on that delay.", minimum=0, flag="--inject-jitter-ms")
     bandwidth: str | None = setting(None, "Cap on what a node sends, e.g. 1Gbit.", flag="--inject-bandwidth",
                                     text="bandwidth")
-
-    def __post_init__(self) -> None:
-        _check_minimums(self)
-
-    @property
-    def active(self) -> bool:
-        return bool(self.delay_ms or self.jitter_ms or self.bandwidth)
 
 
 def flag_of(item: dataclasses.Field) -> str:

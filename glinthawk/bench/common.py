@@ -435,8 +435,9 @@ def check_results(lines: list[dict], expected_tokens: int) -> int:
     return generated
 
 
-def run_engine(model, tokenizer, lines: list[dict], *, kv_tokens: int, max_batch_tokens: int = StepSettings.max_batch_tokens,
-               max_seqs: int = StepSettings.max_seqs, roofline: Roofline | None = None) -> RunResult:
+def run_engine(model, tokenizer, lines: list[dict], *, kv_tokens: int,
+               max_batch_tokens: int = StepSettings.max_batch_tokens, max_seqs: int = StepSettings.max_seqs,
+               roofline: Roofline | None = None) -> RunResult:
     """The single-process Engine on ``lines``; records each step (and its roofline floor)."""
     from glinthawk.engine import Engine
 
@@ -526,7 +527,8 @@ async def _two_tier(model, tokenizer, requests_path: Path, out_path: Path, *, no
 
 
 def run_two_tier_inprocess(model, tokenizer, lines: list[dict], work_dir: Path, *, nodes: int = 1,
-                           micro_batches: int = Tier1Settings.micro_batches, delay_ms: float = 0.0, kv_tokens: int, max_batch_tokens: int = StepSettings.max_batch_tokens,
+                           micro_batches: int = Tier1Settings.micro_batches, delay_ms: float = 0.0, kv_tokens: int,
+                           max_batch_tokens: int = StepSettings.max_batch_tokens,
                            max_seqs: int = StepSettings.max_seqs, poll_s: float = 0.005) -> RunResult:
     """Tier 1 and Tier 2 nodes in this process (one event loop, real TCP on loopback, real delays)."""
     from glinthawk.net.connection import run
@@ -544,7 +546,8 @@ def run_two_tier_inprocess(model, tokenizer, lines: list[dict], work_dir: Path, 
 
 
 def run_local_cluster(model_dir: Path, lines: list[dict], work_dir: Path, *, dtype: str, tier2_nodes: int,
-                      kv_tokens: int, micro_batches: int = Tier1Settings.micro_batches, max_batch_tokens: int = StepSettings.max_batch_tokens, max_seqs: int = StepSettings.max_seqs,
+                      kv_tokens: int, micro_batches: int = Tier1Settings.micro_batches,
+                      max_batch_tokens: int = StepSettings.max_batch_tokens, max_seqs: int = StepSettings.max_seqs,
                       delay_ms: float = 0.0) -> RunResult:
     """``glinthawk run``: real Tier 2 and Tier 1 processes on loopback; times the submit only."""
     from glinthawk.client import submit

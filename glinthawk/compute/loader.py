@@ -53,11 +53,7 @@ class Model:
     inv_freq: torch.Tensor  # [head_dim // 2], float32
     dtype: torch.dtype
     device: torch.device
-    layer_range: range = None  # type: ignore[assignment]  # default: every layer
-
-    def __post_init__(self) -> None:
-        if self.layer_range is None:
-            self.layer_range = range(self.config.num_layers)
+    layer_range: range  # the whole model's layer indices this one holds
 
     def layer(self, index: int) -> LayerWeights:
         """Layer ``index`` of the whole model (it must lie in this stage's ``layer_range``)."""

@@ -188,7 +188,7 @@ class Tier1Node(ClientService):
         loop = asyncio.get_running_loop()
         every_s = self.settings.reconnect_seconds
         backoff = {address: every_s for address in self.tier2_addresses}
-        due = {address: loop.time() + every_s for address in self.tier2_addresses if address not in self.links}
+        due: dict[str, float] = {}  # when a node that is down is tried next
         while True:
             await asyncio.sleep(every_s)
             for address in self.tier2_addresses:
