@@ -47,7 +47,9 @@ class _NodeMetrics(Collector):
         self.registry.register(self)
 
 
-class Tier1Metrics(_NodeMetrics):
+class StageMetrics(_NodeMetrics):
+    """A pipeline stage after the first: its compute and its Tier 2 nodes."""
+
     def __init__(self, node) -> None:
         super().__init__(node)
         self.attention_round_trip = Histogram(
@@ -56,6 +58,18 @@ class Tier1Metrics(_NodeMetrics):
         )
 
     def collect(self) -> Iterator[Metric]:
+        node = self.node
+        yield _counter("glinthawk_tier1_busy_seconds", "Seconds Tier 1 spent computing stages",
+                       node.merger.stats.busy_seconds if node.merger else 0.0)
+        links = {a: l for a, l in node.links.items() if l.alive}
+        yield _per_node("glinthawk_network_sent_bytes", "Frame bytes sent to each Tier 2 node",
+                        {a: l.conn.bytes_sent for a, l in links.items()}, CounterMetricFamily)
+        yield _per_node("glinthawk_network_received_bytes", "Frame bytes received from each Tier 2 node",
+                        {a: l.conn.bytes_received for a, l in links.items()}, CounterMetricFamily)
+
+
+class Tier1Metrics(StageMetrics):
+    def collect(self) -> Iterator[Metric]:
         node, stats = self.node, self.node.stats
         yield _counter("glinthawk_requests_admitted", "Requests accepted into the queue", stats.admitted)
         yield _counter("glinthawk_requests_finished", "Requests answered with a result", stats.finished)
@@ -63,8 +77,6 @@ class Tier1Metrics(_NodeMetrics):
         yield _counter("glinthawk_generated_tokens", "Tokens sampled", node.generated_tokens)
         yield _counter("glinthawk_first_tokens", "Requests that finished prefill (got their first token)",
                        stats.first_tokens)
-        yield _counter("glinthawk_tier1_busy_seconds", "Seconds Tier 1 spent computing stages",
-                       node.merger.stats.busy_seconds if node.merger else 0.0)
         yield _gauge("glinthawk_requests_waiting", "Requests queued for KV room", len(node.waiting))
         yield _gauge("glinthawk_micro_batches_in_flight", "Micro-batches holding sequences",
                      node.micro_batches_in_flight)
@@ -73,10 +85,7 @@ class Tier1Metrics(_NodeMetrics):
                         {a: l.used_tokens for a, l in links.items()})
         yield _per_node("glinthawk_kv_tokens_free", "KV tokens free on each Tier 2 node",
                         {a: l.free_tokens for a, l in links.items()})
-        yield _per_node("glinthawk_network_sent_bytes", "Frame bytes sent to each Tier 2 node",
-                        {a: l.conn.bytes_sent for a, l in links.items()}, CounterMetricFamily)
-        yield _per_node("glinthawk_network_received_bytes", "Frame bytes received from each Tier 2 node",
-                        {a: l.conn.bytes_received for a, l in links.items()}, CounterMetricFamily)
+        yield from super().collect()
 
 
 class Tier2Metrics(_NodeMetrics):

@@ -62,14 +62,15 @@ def device_option(f):
     return click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")(f)
 
 
-def load_checkpoint(model_dir: Path, dtype: str, device: str):
-    """Model + tokenizer, with every loading problem turned into a clean CLI error."""
+def load_checkpoint(model_dir: Path, dtype: str, device: str, layers: range | None = None):
+    """Model (or the pipeline stage of its ``layers``) + tokenizer, with every loading problem
+    turned into a clean CLI error."""
     from glinthawk.compute.config import ModelConfigError
     from glinthawk.compute.loader import CheckpointError, load_model
     from glinthawk.tokenizer import Tokenizer, TokenizerError
 
     try:
-        model = load_model(model_dir, dtype=dtype, device=device)
+        model = load_model(model_dir, dtype=dtype, device=device, layers=layers)
         tokenizer = Tokenizer(model_dir, extra_eos_ids=model.config.eos_token_ids)
     except (CheckpointError, ModelConfigError, TokenizerError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None

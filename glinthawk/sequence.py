@@ -163,6 +163,11 @@ class StepBatch:
     sample_rows: torch.Tensor  # rows of the packed batch whose logits are sampled
     sampled: list[Sequence]  # the sequences those rows belong to
 
+    def sampling(self) -> tuple[list[SamplingParams], list[int], list[int]]:
+        """What the sampler draws with: each sampled sequence's parameters, seed and step."""
+        seqs = self.sampled
+        return [s.params for s in seqs], [s.seed for s in seqs], [len(s.generated) for s in seqs]
+
     @property
     def first_tokens(self) -> int:
         """How many sequences get their first generated token this step (read before commit_step)."""

@@ -20,7 +20,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -29,6 +29,9 @@ from glinthawk.compute.rope import Rotary, rotary
 from glinthawk.compute.sampling import SamplingParams
 from glinthawk.compute.stages import final_stage, hand_off_stage, layer_stage
 from glinthawk.sequence import StepBatch
+
+if TYPE_CHECKING:
+    from glinthawk.node.chain import StageBatch
 
 T = TypeVar("T")
 
@@ -57,7 +60,7 @@ Compute = Callable[[StageWork], Awaitable[Any]]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Awaitable[torch.Tensor]]
 
 
-async def run_step(model: Model, batch: StepBatch, compute: Compute, attend: Attend,
+async def run_step(model: Model, batch: StepBatch | StageBatch, compute: Compute, attend: Attend,
                    x: torch.Tensor | None = None) -> torch.Tensor:
     """The next token of every sampled sequence of ``batch`` (int64, on the CPU), or, on a
     pipeline stage before the model's last, the hidden states to hand on; ``x``: those the
@@ -72,12 +75,11 @@ async def run_step(model: Model, batch: StepBatch, compute: Compute, attend: Att
             x, q, k, v = await compute(StageWork(layer + 1, rot, x=x, attn_out=out))
     if not model.is_last:
         return await compute(StageWork(layers.stop, rot, x=x, attn_out=out))
-    if not batch.sampled:
+    if not len(batch.sample_rows):
         return torch.empty(0, dtype=torch.int64)
-    seqs = batch.sampled
+    params, seeds, steps = batch.sampling()
     return await compute(StageWork(layers.stop, rot, x=x, attn_out=out, sample_rows=batch.sample_rows,
-                                   params=[s.params for s in seqs], seeds=[s.seed for s in seqs],
-                                   steps=[len(s.generated) for s in seqs]))
+                                   params=params, seeds=seeds, steps=steps))
 
 
 def compute_stage(model: Model, work: StageWork) -> Any:

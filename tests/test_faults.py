@@ -468,13 +468,13 @@ async def test_a_tier2_node_that_stays_down_is_tried_less_often_and_reported_onc
     dead = "127.0.0.1:1"
     tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{port}", dead], reconnect_seconds=0.02)
     attempts = []
-    real_connect = tier1._connect
+    real_connect = tier1.pool.connect
 
     async def counted(address, **how):
         attempts.extend([address] if address == dead else [])
         return await real_connect(address, **how)
 
-    tier1._connect = counted
+    tier1.pool.connect = counted
     try:
         await tier1.start("127.0.0.1", 0)
         await asyncio.sleep(1.5)

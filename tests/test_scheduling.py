@@ -168,7 +168,7 @@ async def test_a_request_no_alive_node_can_hold_does_not_stall_the_queue(checkpo
                                         node.settings.max_batch_tokens)]
     large = SimpleNamespace(alive=False, capacity_tokens=256, free_tokens=256, sequences=0)
     small = SimpleNamespace(alive=True, capacity_tokens=64, free_tokens=64, sequences=0)
-    node.links = {"large": large, "small": small}
+    node.pool.links = {"large": large, "small": small}
     intake = Intake(tokenizer, model.config.max_position_embeddings, model.config.vocab_size, None)
     queue = {}
     for number, (custom_id, max_tokens) in enumerate([("large", 91), ("s1", 5), ("s2", 5), ("s3", 5), ("room", 39),

@@ -2,7 +2,7 @@
 
 from enum import StrEnum
 
-PROTOCOL_VERSION = 2  # 2: an ATTN frame lists its sequences only for the first layer of a step
+PROTOCOL_VERSION = 3  # 3: pipeline stages (HIDDEN, TOKENS, STEP_FAILED, NODES, STAGE_DOWN, RESET)
 
 
 class MsgType(StrEnum):
@@ -28,6 +28,13 @@ class MsgType(StrEnum):
     DRAIN = "drain"
     DONE = "done"
     STATUS = "status"
+    # Between the pipeline stages of Tier 1 (see node/chain.py)
+    HIDDEN = "hidden"  # a micro-batch's hidden states and step plan, to the next stage
+    TOKENS = "tokens"  # its sampled tokens, back from the last stage
+    STEP_FAILED = "step_failed"  # its step could not be finished downstream (a node lost, an error)
+    NODES = "nodes"  # a stage's Tier 2 nodes changed (lost, rejoined)
+    STAGE_DOWN = "stage_down"  # a stage further down is unreachable
+    RESET = "reset"  # the first stage is gone: give back every sequence's KV room
 
 
 KNOWN_TYPES: frozenset[str] = frozenset(t.value for t in MsgType)

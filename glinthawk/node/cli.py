@@ -53,10 +53,15 @@ log = logging.getLogger("glinthawk.node")
 @dtype_option
 @device_option
 @click.option("--tier2", "tier2_nodes", default=None, help="tier1: Tier 2 nodes, HOST:PORT[,HOST:PORT...].")
+@click.option("--layers", default=None, metavar="A:B",
+              help="tier1: serve layers A..B-1 only, as one pipeline stage (default: all). The stage with layer 0 "
+                   "takes the clients; each stage but the last needs --next.")
+@click.option("--next", "next_stage", default=None, metavar="HOST:PORT",
+              help="tier1: the stage that serves the layers after --layers (start it first).")
 @setting_options(Tier1Settings, role="tier1")
 @setting_options(Tier2Settings, role="tier2")
 def main(role, listen, ready_file, log_level, log_format, metrics_port, threads, secret_file, insecure, model_dir,
-         dtype, device, tier2_nodes, **settings) -> None:
+         dtype, device, tier2_nodes, layers, next_stage, **settings) -> None:
     """Run a Glinthawk node: Tier 1 (weights, scheduling) or Tier 2 (KV cache + attention)."""
     configure_logging(log_level, log_format)
     tune_malloc()
@@ -75,7 +80,7 @@ def main(role, listen, ready_file, log_level, log_format, metrics_port, threads,
     if role == "tier2":
         node = _tier2_node(settings, netem, secret)
     else:
-        node = _tier1_node(settings, tier2_nodes, model_dir, dtype, device, netem, secret)
+        node = _tier1_node(settings, tier2_nodes, model_dir, dtype, device, netem, secret, layers, next_stage)
     try:
         run(_serve(node, host, port, ready_file, metrics_port))
     except ConnectionError as exc:
@@ -94,17 +99,38 @@ def _tier2_node(settings: dict, netem, secret: bytes | None):
 
 
 def _tier1_node(settings: dict, tier2_nodes: str | None, model_dir: Path, dtype: str, device: str, netem,
-                secret: bytes | None):
+                secret: bytes | None, layers: str | None, next_stage: str | None):
     if not tier2_nodes:
         raise click.UsageError("tier1 needs --tier2 HOST:PORT[,HOST:PORT...]")
     addresses = [a.strip() for a in tier2_nodes.split(",") if a.strip()]
     for address in addresses:
         parse_address(address, "--tier2")
-    model, tokenizer = load_checkpoint(model_dir, dtype, device)
+    if next_stage is not None:
+        parse_address(next_stage, "--next")
+    model, tokenizer = load_checkpoint(model_dir, dtype, device, _layer_range(layers))
+    if next_stage is None and not model.is_last:
+        raise click.UsageError(f"--layers {layers} ends before the model's last layer ({model.config.num_layers}); "
+                               "give --next HOST:PORT of the stage that serves the layers after it")
+    if next_stage is not None and model.is_last:
+        raise click.UsageError("--next is for a stage before the last; this one ends at the model's last layer")
+    tier1 = pick(Tier1Settings, settings)
+    if not model.is_first:
+        from glinthawk.node.stage import StageNode
+
+        return StageNode(model, addresses, next_stage, netem=netem, secret=secret, settings=tier1)
     from glinthawk.node.tier1 import Tier1Node
 
     return Tier1Node(model, tokenizer, addresses, netem=netem, model_name=model_dir.name, secret=secret,
-                     settings=pick(Tier1Settings, settings))
+                     settings=tier1, next_stage=next_stage)
+
+
+def _layer_range(layers: str | None) -> range | None:
+    if layers is None:
+        return None
+    first, sep, stop = layers.partition(":")
+    if not sep or not first.strip().isdigit() or not stop.strip().isdigit():
+        raise click.BadParameter(f"expected A:B (layers A..B-1), got {layers!r}", param_hint="--layers")
+    return range(int(first), int(stop))
 
 
 async def _serve(node, host: str, port: int, ready_file: Path | None, metrics_port: int | None) -> None:

@@ -40,6 +40,7 @@ class ClientService:
     capacity_per_node: int
     _room: asyncio.Event
     _draining: bool
+    chain_down: str | None  # why the run stopped (a pipeline stage is unreachable)
 
     def place_waiting(self) -> None: ...
 
@@ -52,6 +53,8 @@ class ClientService:
         earlier submission under the same id is given up, so its old prompts' results are
         never mistaken for the new ones (the client rewrites its output file anyway).
         """
+        if self.chain_down is not None:
+            raise ProtocolError(self.chain_down)
         cfg = self.model.config
         batch_id = hello.get("batch_id")
         if not _is_key(batch_id):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import torch
 from prometheus_client import Histogram
@@ -36,8 +37,9 @@ class LinkLost(ConnectionError):
 
 class Tier2Link:
     def __init__(self, address: str, conn: Connection, capacity_tokens: int, heartbeat_s: float = 2.0,
-                 timeout_s: float = 10.0, round_trip: Histogram | None = None):
-        self.address, self.conn, self.round_trip = address, conn, round_trip
+                 timeout_s: float = 10.0, round_trip: Histogram | None = None,
+                 on_lost: Callable[["Tier2Link"], None] | None = None):
+        self.address, self.conn, self.round_trip, self.on_lost = address, conn, round_trip, on_lost
         self.capacity_tokens = self.free_tokens = capacity_tokens
         self.sequences = 0  # sequences placed here (all micro-batches)
         self.alive = True
@@ -159,3 +161,5 @@ class Tier2Link:
         self._waiting.clear()
         self._heartbeat.cancel()
         self.conn.close()
+        if self.on_lost is not None:
+            self.on_lost(self)

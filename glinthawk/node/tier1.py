@@ -1,9 +1,11 @@
 """Tier 1: weights, scheduling, sampling; attention is sent to the Tier 2 nodes.
 
-``Tier1Node`` is the node's lifecycle, its Tier 2 links, the placement of waiting
-requests and its clients. The pieces it is made of each have a module: ``links``
-(one Tier 2 node), ``microbatch`` (stepping sequences through the layers), ``merger``
-(the one thread that computes), ``batches`` (a client's submission and its spool).
+``Tier1Node`` is the node's lifecycle, the placement of waiting requests and its
+clients. The pieces it is made of each have a module: ``pool`` and ``links`` (its Tier 2
+nodes), ``microbatch`` (stepping sequences through the layers), ``merger`` (the one thread
+that computes), ``batches`` (a client's submission and its spool). As the first of several
+pipeline stages (``next_stage``) it also places every sequence on the later stages' nodes
+(``pipeline``) and hands each step on (``chain``); later stages are ``stage.StageNode``.
 
 A node that is lost hands its sequences back to the queue: they are placed again and
 their KV rebuilt from prompt + tokens generated so far (sampling is counter-based, so the
@@ -19,21 +21,26 @@ import tempfile
 import time
 import uuid
 from collections import deque
+from collections.abc import Sequence as Seq
 from pathlib import Path
+
+import torch
 
 from glinthawk.compute.layers import warm_up
 from glinthawk.compute.loader import Model
 from glinthawk.metrics import Tier1Metrics
-from glinthawk.net.codec import ProtocolError
-from glinthawk.net.connection import ConnectionClosed, client_handshake, open_connection
-from glinthawk.net.server import start_server
+from glinthawk.net.connection import ConnectionClosed
 from glinthawk.net.messages import MsgType
 from glinthawk.net.netem import NetEm
+from glinthawk.net.server import start_server
 from glinthawk.node.batches import Batch
+from glinthawk.node.chain import ChainEvents, Downstream, NextStage, handoff_header
 from glinthawk.node.clients import ClientService
 from glinthawk.node.links import Tier2Link
 from glinthawk.node.merger import StageMerger
-from glinthawk.node.microbatch import MicroBatch
+from glinthawk.node.microbatch import MicroBatch, Route
+from glinthawk.node.pipeline import LaterStages
+from glinthawk.node.pool import Tier2Pool
 from glinthawk.requests import RequestError, error_line, result_line
 from glinthawk.scheduling import FairQueue, RunStats
 from glinthawk.sequence import Sequence, StepBatch
@@ -43,20 +50,19 @@ from glinthawk.tokenizer import Tokenizer
 
 log = logging.getLogger("glinthawk.tier1")
 
-RECONNECT_MAX_S = 30.0  # the longest wait between attempts to reach a Tier 2 node that keeps failing
 DRAIN_TIMEOUT_S = 60.0  # on SIGTERM, how long running requests may take to finish (cluster.py waits longer)
 
 
 class Tier1Node(ClientService):
     def __init__(self, model: Model, tokenizer: Tokenizer, tier2_addresses: list[str], *, netem: NetEm | None = None,
                  model_name: str = "glinthawk", secret: bytes | None = None, spool_dir: Path | None = None,
-                 settings: Tier1Settings | None = None, **overrides):
-        """``settings``, or any of its fields as keywords (``micro_batches=2``)."""
+                 settings: Tier1Settings | None = None, next_stage: str | None = None, **overrides):
+        """``settings``, or any of its fields as keywords (``micro_batches=2``); ``next_stage``:
+        HOST:PORT of the stage that serves the layers after this model's (see ``load_model``'s ``layers``)."""
         self.settings = dataclasses.replace(settings or Tier1Settings(), **overrides)
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.tier2_addresses, self.netem, self.secret = tier2_addresses, netem, secret
         self.last_placed = 0.0  # event-loop time of the latest placement
-        self.links: dict[str, Tier2Link] = {}
         self.waiting = FairQueue()  # by batch id: batches take turns for KV room
         self._warned_too_large = False  # a waiting sequence fits no alive node (warned once until the queue empties)
         self.batches: dict[str, Batch] = {}
@@ -69,6 +75,15 @@ class Tier1Node(ClientService):
             self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.stats = RunStats()
         self.metrics = Tier1Metrics(self)
+        self.pool = Tier2Pool(tier2_addresses, model, self.settings, netem=netem, secret=secret,
+                              round_trip=self.metrics.attention_round_trip, on_change=lambda link: self.place_waiting())
+        self.downstream: Downstream | None = None
+        if next_stage is not None:
+            events = ChainEvents(nodes=self._stage_nodes_changed, lost_nodes=lambda lost: self.later.mark_lost(lost),
+                                 down=self.stop_run, up=self._chain_whole)
+            self.downstream = Downstream(next_stage, model, self.settings, events, netem=netem, secret=secret)
+        self.later = LaterStages(self._send_down)
+        self.chain_down: str | None = None  # why the run stopped: a later stage is unreachable
         self._started = time.monotonic()
         self._token_samples: deque[tuple[float, int]] = deque(maxlen=11)  # (time, tokens) once a second
         self.merger: StageMerger | None = None
@@ -92,17 +107,26 @@ class Tier1Node(ClientService):
                                             settings.max_batch_tokens) for _ in range(settings.micro_batches)]
         for mb in self.micro_batch_list:
             self._spawn(mb.run())
-        failures = [f"{address}: {reason}" for address in self.tier2_addresses
-                    if (reason := await self._connect(address)) is not None]
+        failures = await self.pool.connect_all()
         if not self.links:
             raise ConnectionError(
                 f"no Tier 2 node usable ({'; '.join(failures)}); start any that are not running "
                 "(glinthawk-node --role tier2 --listen HOST:PORT)"
             )
-        self._spawn(self._reconnect_loop())
+        if self.downstream is not None:
+            await self._connect_downstream()
+        self._spawn(self.pool.reconnect_forever())
         self._spawn(self._sample_throughput())
         self._server = await start_server(self._serve_client, host, port)
         return self._server.sockets[0].getsockname()[1]
+
+    async def _connect_downstream(self) -> None:
+        reason = await self.downstream.connect()
+        if reason is not None:
+            raise ConnectionError(f"the next stage at {self.downstream.address} cannot be used: {reason}; start the "
+                                  "stages from the last one, each with --next naming the one after it")
+        self.later.reset(self.downstream.link.stages)
+        self._spawn(self.downstream.keep_up())
 
     async def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
         """Stop taking input and hand back what has not started; finish what runs, for up to ``timeout_s``.
@@ -134,8 +158,9 @@ class Tier1Node(ClientService):
             self._server.close()
         for task in self._tasks:
             task.cancel()
-        for link in self.links.values():
-            link.close()
+        self.pool.close()
+        if self.downstream is not None:
+            self.downstream.close()
         if self.merger is not None:
             await self.merger.close()
         self._remove_spool_dir()
@@ -158,53 +183,6 @@ class Tier1Node(ClientService):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-    async def _connect(self, address: str, quiet: bool = False) -> str | None:
-        """Connect to a Tier 2 node and introduce ourselves; return why that failed, or None
-        (``quiet``: a node already reported down fails at debug level)."""
-        host, port = address.rsplit(":", 1)
-        cfg = self.model.config
-        try:
-            conn = await open_connection(host, int(port), netem=self.netem)
-            welcome = await client_handshake(conn, "tier1", {
-                "num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-                "dtype": str(self.model.dtype).removeprefix("torch."),
-            }, secret=self.secret)
-        except (OSError, ConnectionClosed, ProtocolError) as exc:
-            log.log(logging.DEBUG if quiet else logging.WARNING, "cannot use Tier 2 node %s: %s%s", address, exc,
-                    "" if quiet else "; trying again, less often while it keeps failing")
-            return str(exc)
-        link = Tier2Link(address, conn, int(welcome["capacity_tokens"]), self.settings.heartbeat_s,
-                         self.settings.heartbeat_timeout_s, self.metrics.attention_round_trip)
-        self.links[address] = link
-        log.info("Tier 2 node %s: %d KV tokens", address, link.capacity_tokens)
-        self.place_waiting()
-        return None
-
-    async def _reconnect_loop(self) -> None:
-        """Bring lost (or never reached) Tier 2 nodes back as soon as they answer. A node that
-        keeps failing is tried half as often after each failure (up to every RECONNECT_MAX_S)
-        and reported once, not at every attempt."""
-        loop = asyncio.get_running_loop()
-        every_s = self.settings.reconnect_seconds
-        backoff = {address: every_s for address in self.tier2_addresses}
-        due: dict[str, float] = {}  # when a node that is down is tried next
-        while True:
-            await asyncio.sleep(every_s)
-            for address in self.tier2_addresses:
-                link = self.links.get(address)
-                if link is not None and link.alive:
-                    backoff[address] = every_s
-                    due.pop(address, None)
-                    continue
-                if loop.time() < due.setdefault(address, loop.time()):
-                    continue
-                reported = backoff[address] > every_s or address not in self.links  # down since start: reported
-                if await self._connect(address, quiet=reported) is None:
-                    log.info("Tier 2 node %s (re)joined", address)
-                    continue
-                backoff[address] = min(2 * backoff[address], max(every_s, RECONNECT_MAX_S))
-                due[address] = loop.time() + backoff[address]
 
     async def _sample_throughput(self) -> None:
         while True:
@@ -231,6 +209,8 @@ class Tier1Node(ClientService):
                 "kv_tokens_used": link.used_tokens,
                 "sequences": link.sequences,
             } for link in self.links.values()],
+            **({"layers": [self.model.layer_range.start, self.model.layer_range.stop], "stages": self.later.status(),
+                "stopped": self.chain_down} if self.downstream is not None else {}),
         }
 
     @property
@@ -238,12 +218,59 @@ class Tier1Node(ClientService):
         return sum(1 for mb in self.micro_batch_list if mb.size)
 
     @property
+    def links(self) -> dict[str, Tier2Link]:
+        return self.pool.links
+
+    @property
     def capacity_per_node(self) -> int:
-        return max((link.capacity_tokens for link in self.links.values()), default=0)
+        """The most KV one sequence can have: the largest node's, in the stage whose largest is smallest."""
+        stages = [self.links.values(), *self.later.nodes.values()]
+        return min(max((node.capacity_tokens for node in nodes), default=0) for nodes in stages)
+
+    # -- the later pipeline stages ------------------------------------------------------
+    async def _send_down(self, header: dict) -> None:
+        await self.downstream.send(header)
+
+    def _stage_nodes_changed(self, header: dict) -> None:
+        self.later.update(int(header.get("stage", -1)), list(header.get("nodes") or ()))
+        self.place_waiting()
+
+    def _chain_whole(self, link: NextStage) -> None:
+        self.later.reset(link.stages)
+        if self.chain_down is not None:
+            log.info("every stage answers again; the run can be resumed (glinthawk submit --resume)")
+        self.chain_down = None
+        self.place_waiting()
+
+    def stop_run(self, message: str) -> None:
+        """A later stage is unreachable: every batch stops with ``message`` (its client keeps what
+        was written and can --resume once the stage is back); new batches are refused until then."""
+        if self.chain_down is not None:
+            return
+        self.chain_down = f"{message}; restart it, then rerun with --resume"
+        log.error("the run stops: %s", self.chain_down)
+        self.later.mark_all_lost()
+        for batch in list(self.batches.values()):
+            conn = batch.conn
+            self._give_up(batch)
+            if conn is not None and not conn.closed:
+                self._spawn(self._tell_and_close(conn, self.chain_down))
+
+    @staticmethod
+    async def _tell_and_close(conn, message: str) -> None:
+        try:
+            await conn.send({"type": MsgType.ERROR, "message": message})
+        except (ConnectionClosed, ConnectionError):
+            pass
+        conn.close()
 
     # -- scheduling (what a micro-batch needs of its node: microbatch.Host) ---------------
     def compute(self, work: StageWork):
         return self.merger.run(work, alone=self.micro_batches_in_flight == 1)
+
+    def forward(self, mb: int, batch: StepBatch, routes: Seq[Route], reserve: dict[int, int],
+                hidden: torch.Tensor):
+        return self.downstream.forward(mb, handoff_header(mb, batch, routes, reserve), hidden)
 
     def wanted(self, seq: Sequence) -> bool:
         return seq.id in self.batch_of
@@ -259,27 +286,29 @@ class Tier1Node(ClientService):
         no alive node could hold even empty (the nodes large enough are gone) is passed over
         until one (re)joins, so it does not stall the queue.
         """
-        alive = [link for link in self.links.values() if link.alive]
-        largest = max((link.capacity_tokens for link in alive), default=0)
+        stages = [self.pool.alive, *self.later.alive()]  # a sequence takes a node of each
+        largest = min(max((node.capacity_tokens for node in nodes), default=0) for nodes in stages)
         placed = False
-        while alive and (seq_key := self._next_placeable(largest)) is not None:
+        while all(stages) and (seq_key := self._next_placeable(largest)) is not None:
             key, seq = seq_key
-            links = [link for link in alive if link.free_tokens >= seq.reserve_tokens]
+            route = tuple(max(fits, key=lambda node: node.free_tokens) for nodes in stages
+                          if (fits := [node for node in nodes if node.free_tokens >= seq.reserve_tokens]))
             mb = min(self.micro_batch_list, key=lambda m: m.size)
-            if not links or mb.size >= self.settings.max_seqs:
+            if len(route) < len(stages) or mb.size >= self.settings.max_seqs:
                 break
-            link = max(links, key=lambda candidate: candidate.free_tokens)
             self.waiting.take(key, seq)
-            link.free_tokens -= seq.reserve_tokens
-            mb.add(seq, link)
+            for node in route:
+                node.free_tokens -= seq.reserve_tokens
+            mb.add(seq, route)
             self.last_placed = asyncio.get_running_loop().time()
             placed = True
         if not self.waiting:
             self._warned_too_large = False
         if placed or len(self.waiting) < self.settings.max_waiting:
             self._room.set()
-        if self.waiting and not alive:
-            log.error("no Tier 2 node is alive; %d requests wait until one (re)joins", len(self.waiting))
+        if self.waiting and not all(stages):
+            log.error("no Tier 2 node is alive%s; %d requests wait until one (re)joins",
+                      " in some stage" if len(stages) > 1 else "", len(self.waiting))
 
     def _next_placeable(self, largest: int) -> tuple[str, Sequence] | None:
         """The batch whose turn it is and its first sequence that an alive node could hold."""

@@ -1,0 +1,66 @@
+"""The first stage's view of the pipeline stages after it: an account of each of their Tier 2
+nodes, kept current from what comes up the chain, so that placement and admission by KV room
+work for every stage from one place and no stage's nodes are ever over-committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from glinthawk.node.chain import RemoteNode, stage_name
+
+log = logging.getLogger("glinthawk.tier1")
+
+
+class LaterStages:
+    def __init__(self, send: Callable):
+        self.send = send  # into the chain (releases)
+        self.layers: dict[int, list[int]] = {}  # a stage's first layer -> [first, stop]
+        self.nodes: dict[int, list[RemoteNode]] = {}  # a stage's first layer -> its nodes, in configured order
+
+    def reset(self, stages: list[dict]) -> None:
+        """The chain as a (re)connected next stage described it: every node starts empty."""
+        self.layers = {int(s["layers"][0]): [int(s["layers"][0]), int(s["layers"][1])] for s in stages}
+        self.nodes = {int(s["layers"][0]): [self._account(int(s["layers"][0]), i, node)
+                                            for i, node in enumerate(s["nodes"])] for s in stages}
+
+    def _account(self, stage: int, index: int, node: list) -> RemoteNode:
+        address, capacity, alive = node
+        return RemoteNode(stage, index, str(address), int(capacity), bool(alive), self.send)
+
+    def update(self, stage: int, nodes: list) -> None:
+        """A NODES frame: a node lost, or one (re)joined with an empty store (a new account, so
+        the sequences placed on its former life are seen as lost)."""
+        accounts = self.nodes.get(stage)
+        if accounts is None:
+            return
+        for index, node in enumerate(nodes[:len(accounts)]):
+            current = accounts[index]
+            if node[2] and not current.alive:
+                accounts[index] = self._account(stage, index, node)
+                log.info("%s: Tier 2 node %s (re)joined", stage_name(self.layers[stage]), node[0])
+            elif not node[2] and current.alive:
+                current.alive = False
+                log.error("%s: lost Tier 2 node %s; its sequences will be rebuilt elsewhere",
+                          stage_name(self.layers[stage]), node[0])
+
+    def mark_lost(self, lost: list[list[int]]) -> None:
+        for stage, index in lost:
+            accounts = self.nodes.get(stage, [])
+            if 0 <= index < len(accounts):
+                accounts[index].alive = False
+
+    def mark_all_lost(self) -> None:
+        for accounts in self.nodes.values():
+            for account in accounts:
+                account.alive = False
+
+    def alive(self) -> list[list[RemoteNode]]:
+        """Each later stage's alive nodes, in stage order."""
+        return [[a for a in self.nodes[stage] if a.alive] for stage in sorted(self.nodes)]
+
+    def status(self) -> list[dict]:
+        return [{"layers": self.layers[stage], "tier2": [{
+            "address": a.address, "alive": a.alive, "kv_tokens": a.capacity_tokens, "kv_tokens_used": a.used_tokens,
+            "sequences": a.sequences} for a in self.nodes[stage]]} for stage in sorted(self.nodes)]
