@@ -149,7 +149,10 @@ def submit_command(input_path, to, output_path, progress, resume, secret_file) -
 @dtype_option
 @device_option
 @click.option("--tier2-nodes", type=click.IntRange(min=1), default=LOCAL_TIER2_NODES, show_default=True,
-              help="Tier 2 processes to start.")
+              help="Tier 2 processes to start (per stage, with --stages).")
+@click.option("--stages", default=None, metavar="N|A:B,B:C,...",
+              help="Cut Tier 1 into pipeline stages, each a process with its own Tier 2 nodes: N splits the "
+                   "layers evenly, or give each stage's layer range.")
 @setting_options(Tier2Settings, role="each Tier 2 node")
 @click.option("--micro-batches", type=click.IntRange(min=1), default=None,
               help="Micro-batches in flight (default: 1 without injected delay, the largest batch; 4 with it, "
@@ -162,19 +165,23 @@ def submit_command(input_path, to, output_path, progress, resume, secret_file) -
 @click.option("--resume", is_flag=True, help="Keep the output file; skip every custom_id already answered in it.")
 @click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Shared secret the nodes authenticate each other with (optional on loopback).")
-def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, micro_batches, log_dir, progress,
-                resume, secret_file, **settings) -> None:
+def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, stages, micro_batches, log_dir,
+                progress, resume, secret_file, **settings) -> None:
     """Start a two-tier cluster on loopback (N Tier 2 + 1 Tier 1), run the file through it, stop it."""
     from glinthawk.cluster import ClusterError, LocalCluster
 
     if not Path(input_path).is_file():
         raise click.ClickException(f"cannot read input file {input_path}: no such file")
     check_output(output_path)
-    cluster = LocalCluster(model_dir, tier2_nodes=tier2_nodes, dtype=dtype, device=device,
-                           micro_batches=micro_batches, log_dir=log_dir, secret_file=secret_file, **settings)
+    try:
+        cluster = LocalCluster(model_dir, tier2_nodes=tier2_nodes, dtype=dtype, device=device, stages=stages,
+                               micro_batches=micro_batches, log_dir=log_dir, secret_file=secret_file, **settings)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--stages" if stages else "--model") from None
     try:
         with cluster:
-            click.echo(f"cluster up: {tier2_nodes} Tier 2 node(s), logs in {cluster.log_dir}", err=True)
+            shape = f"{len(cluster.stages)} stages, each with " if stages else ""
+            click.echo(f"cluster up: {shape}{tier2_nodes} Tier 2 node(s), logs in {cluster.log_dir}", err=True)
             host, port = cluster.tier1_address
             _run_submit(input_path, host, port, output_path, progress, resume, secret_file, cluster)
     except ClusterError as exc:

@@ -1,4 +1,5 @@
-"""A whole Glinthawk cluster on loopback: N Tier 2 processes and one Tier 1 process.
+"""A whole Glinthawk cluster on loopback: N Tier 2 processes and one Tier 1 process, or Tier 1
+cut into pipeline stages, each with N Tier 2 processes of its own.
 
 Each child binds port 0 and reports its address through a ready file, so there is no
 port race. Children get SIGTERM when this process dies (PR_SET_PDEATHSIG) and on every
@@ -76,8 +77,31 @@ class NodeProcess:
         return f"{self.name} {how}; log {self.log_path}:\n{self.log_tail()}"
 
 
+def stage_layers(stages: int | str | None, num_layers: int) -> list[range]:
+    """Tier 1's layer ranges: ``stages`` as a count (layers split evenly, the first stages
+    taking one more where they do not divide) or as "A:B,B:C,..." ranges; None: one stage."""
+    if stages is None:
+        return [range(num_layers)]
+    if isinstance(stages, int) or str(stages).strip().isdigit():
+        count = int(stages)
+        if not 1 <= count <= num_layers:
+            raise ValueError(f"--stages {count}: give 1 to {num_layers} stages (the model has {num_layers} layers)")
+        bounds = [i * num_layers // count for i in range(count + 1)]
+        return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+    try:
+        ranges = [range(int(a), int(b)) for a, b in (part.split(":") for part in str(stages).split(","))]
+    except ValueError:
+        raise ValueError(f"--stages {stages!r}: give a count or layer ranges A:B,B:C,...") from None
+    if ranges[0].start != 0 or ranges[-1].stop != num_layers or any(
+            not r or nxt.start != r.stop for r, nxt in zip(ranges, [*ranges[1:], range(num_layers, num_layers + 1)])):
+        raise ValueError(f"--stages {stages}: the ranges must cover layers 0:{num_layers} in order, each after the "
+                         "one before without gap or overlap")
+    return ranges
+
+
 class LocalCluster:
-    """``tier2_nodes`` Tier 2 processes and one Tier 1 on this machine.
+    """``tier2_nodes`` Tier 2 processes and one Tier 1 on this machine; with ``stages`` (see
+    ``stage_layers``), a Tier 1 process per stage, each with ``tier2_nodes`` of its own.
 
     ``settings``: any field of ``Tier1Settings`` (``max_seqs=2``), ``Tier2Settings`` (each
     node's ``kv_memory`` or ``kv_tokens``) or ``NetemSettings`` (``delay_ms=10``), all
@@ -87,8 +111,9 @@ class LocalCluster:
 
     def __init__(self, model_dir: Path, tier2_nodes: int = LOCAL_TIER2_NODES, *, dtype: str = "auto",
                  device: str = "auto", micro_batches: int | None = None, log_dir: Path | None = None,
-                 secret_file: Path | None = None, **settings: Any):
+                 secret_file: Path | None = None, stages: int | str | None = None, **settings: Any):
         self.model_dir, self.tier2_nodes, self.dtype, self.device = model_dir, tier2_nodes, dtype, device
+        self.stages = stage_layers(stages, _num_layers(model_dir)) if stages is not None else [None]
         self.micro_batches, self.log_dir, self.secret_file = micro_batches, log_dir, secret_file
         self.tier1, self.tier2, self.netem = split(settings, Tier1Settings, Tier2Settings, NetemSettings)
         self.nodes: list[NodeProcess] = []
@@ -99,26 +124,42 @@ class LocalCluster:
         self.log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="glinthawk-run-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
-            for i in range(self.tier2_nodes):  # each in self.nodes at once: stop() covers it if the next fails
-                self.nodes.append(self._spawn(f"tier2-{i}", ["--role", "tier2", *self.tier2.kv_args]))
-            addresses = ",".join(self._wait_ready(node) for node in self.nodes)
-            self.nodes.append(self._spawn("tier1", [
-                "--role", "tier1", "--model", str(self.model_dir), "--tier2", addresses, "--dtype", self.dtype,
-                "--device", self.device, *to_args(dataclasses.replace(self.tier1, micro_batches=self.in_flight)),
-            ]))
-            self._wait_ready(self.nodes[-1])
+            next_stage = None
+            for index in reversed(range(len(self.stages))):  # from the last stage: each needs its next
+                next_stage = self._start_stage(index, next_stage)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _start_stage(self, index: int, next_stage: str | None) -> str:
+        """Start stage ``index``'s Tier 2 nodes, then the stage; returns its address."""
+        prefix = f"stage-{index}-" if index else ""
+        first = len(self.nodes)
+        for i in range(self.tier2_nodes):  # each in self.nodes at once: stop() covers it if the next fails
+            self.nodes.append(self._spawn(f"{prefix}tier2-{i}", ["--role", "tier2", *self.tier2.kv_args]))
+        addresses = ",".join(self._wait_ready(node) for node in self.nodes[first:])
+        layers = self.stages[index]
+        args = ["--role", "tier1", "--model", str(self.model_dir), "--tier2", addresses, "--dtype", self.dtype,
+                "--device", self.device, *to_args(dataclasses.replace(self.tier1, micro_batches=self.in_flight))]
+        if layers is not None:
+            args += ["--layers", f"{layers.start}:{layers.stop}"]
+        if next_stage is not None:
+            args += ["--next", next_stage]
+        self.nodes.append(self._spawn(f"stage-{index}" if index else "tier1", args))
+        return self._wait_ready(self.nodes[-1])
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
     @property
     def in_flight(self) -> int:
-        """Micro-batches for Tier 1: hiding latency needs several; without any, one batch is largest."""
-        return self.micro_batches or (4 if self.netem.delay_ms or self.netem.jitter_ms else 1)
+        """Micro-batches for Tier 1: hiding latency needs several; without any, one batch is largest.
+        With stages, one more than there are stages, so that each stage has one to compute."""
+        if self.micro_batches:
+            return self.micro_batches
+        base = 4 if self.netem.delay_ms or self.netem.jitter_ms else 1
+        return base if len(self.stages) == 1 else max(base, len(self.stages) + 1)
 
     @property
     def tier1_address(self) -> tuple[str, int]:
@@ -137,7 +178,7 @@ class LocalCluster:
         cores = os.cpu_count() or 1
         if name == "tier1" and self.in_flight == 1:
             return cores
-        return max(1, cores // (self.tier2_nodes + 1))
+        return max(1, cores // (len(self.stages) * (self.tier2_nodes + 1)))
 
     def spin_rounds_for(self, name: str) -> int:
         """libgomp spin-wait rounds for node ``name``: all nodes share this machine's cores.
@@ -187,13 +228,20 @@ class LocalCluster:
         raise ClusterError(f"{node.name} not ready after {READY_TIMEOUT_S:.0f} s; log {node.log_path}")
 
     def check_alive(self) -> None:
-        """Raise ClusterError once the cluster cannot go on: Tier 1 has died, or every Tier 2 node has."""
-        tier1, tier2 = self.nodes[-1], self.nodes[:-1]
+        """Raise ClusterError once the cluster cannot go on: a Tier 1 stage has died, or every
+        Tier 2 node of one stage has."""
+        tier1 = self.nodes[-1]
         if tier1.process.poll() is not None:
             raise ClusterError(f"Tier 1 died: {tier1.exit_report()}")
-        if all(node.process.poll() is not None for node in tier2):
-            raise ClusterError("every Tier 2 node died, so nothing can run: "
-                               + "\n".join(node.exit_report() for node in tier2))
+        for index, layers in enumerate(self.stages):
+            prefix = f"stage-{index}-" if index else ""
+            stage = next(n for n in self.nodes if n.name == (f"stage-{index}" if index else "tier1"))
+            if stage.process.poll() is not None:
+                raise ClusterError(f"Tier 1 stage {layers.start}:{layers.stop} died: {stage.exit_report()}")
+            tier2 = [n for n in self.nodes if n.name.startswith(f"{prefix}tier2-")]
+            if all(node.process.poll() is not None for node in tier2):
+                raise ClusterError("every Tier 2 node" + (f" of stage {layers.start}:{layers.stop}" if index else "")
+                                   + " died, so nothing can run: " + "\n".join(n.exit_report() for n in tier2))
 
     async def watch(self, work: Awaitable[T]) -> T:
         """Await ``work`` (a client of this cluster), which the nodes' deaths would leave waiting
@@ -211,8 +259,8 @@ class LocalCluster:
         return task.result()
 
     def stop(self) -> None:
-        """SIGTERM Tier 1, then the Tier 2 nodes; SIGKILL whatever outlives the timeout."""
-        for node in reversed(self.nodes):  # Tier 1 was started last
+        """SIGTERM Tier 1, then the Tier 2 nodes and the later stages; SIGKILL whatever outlives the timeout."""
+        for node in reversed(self.nodes):  # Tier 1 (the first stage) was started last
             stop_process(node.process, TIER1_STOP_TIMEOUT_S if node is self.nodes[-1] else STOP_TIMEOUT_S)
 
     def kill(self, name: str) -> None:
@@ -222,9 +270,16 @@ class LocalCluster:
         node.process.wait()
 
     def restart(self, name: str) -> None:
-        """Start a Tier 2 node that died again, at its address, where Tier 1 looks for it (for failure tests)."""
+        """Start a Tier 2 node or later stage that died again, at its address, where the others look for it
+        (for failure tests)."""
         index, node = next((i, n) for i, n in enumerate(self.nodes) if n.name == name)
         if node is self.nodes[-1] or node.process.poll() is None:
             raise ValueError(f"{name} is Tier 1 or still running")
         self.nodes[index] = fresh = self._spawn(name, node.args, listen=node.address)
         self._wait_ready(fresh)
+
+
+def _num_layers(model_dir: Path) -> int:
+    from glinthawk.compute.config import ModelConfig
+
+    return ModelConfig.from_file(Path(model_dir) / "config.json").num_layers

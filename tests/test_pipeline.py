@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import pytest
 
-from glinthawk.client import submit
+from glinthawk.client import SubmitError, submit
 from glinthawk.compute.loader import load_model
+from glinthawk.node.stage import StageNode
 from glinthawk.tokenizer import Tokenizer
 
 from checkpoints import build_checkpoint
@@ -47,3 +51,81 @@ async def test_stages_give_the_single_process_tokens(four_layers, tmp_path, vari
     got = read_results(tmp_path / "out.jsonl")
     want = reference(directory, requests)
     assert {k: v["token_ids"] for k, v in got.items()} == {k: v["token_ids"] for k, v in want.items()}
+
+
+def fault_requests(path):
+    """Greedy and seeded requests long enough for a failure to land mid-run."""
+    with open(path, "w") as f:
+        for i in range(16):
+            sampling = GREEDY if i % 2 else {**SEEDED, "seed": i}
+            f.write(json.dumps({"custom_id": f"r{i}", "prompt": f"Request {i}: the quick brown fox",
+                                "max_tokens": 24 + i % 5, "ignore_eos": True, **sampling}) + "\n")
+    return path
+
+
+async def wait_for_lines(path, count: int) -> None:
+    while not path.exists() or path.read_text().count("\n") < count:
+        await asyncio.sleep(0.01)
+
+
+async def released(nodes) -> None:
+    while any(node.store is not None and node.store.num_sequences for node in nodes):
+        await asyncio.sleep(0.01)
+
+
+async def test_a_lost_tier2_node_of_a_later_stage_changes_no_token(four_layers, tmp_path, caplog):
+    """One of stage 2:4's two Tier 2 nodes goes away mid-run: its sequences are given back on
+    every other stage's nodes and rebuilt, and every result is what one process gives."""
+    directory = four_layers()
+    requests = fault_requests(tmp_path / "in.jsonl")
+    out = tmp_path / "out.jsonl"
+    async with pipeline(directory, [2], nodes_per_stage=2, micro_batches=2, max_seqs=2, max_batch_tokens=16,
+                        heartbeat_s=0.2, reconnect_seconds=3600) as p:
+        run = asyncio.ensure_future(submit(requests, "127.0.0.1", p.port, out, progress=False))
+        await asyncio.wait_for(wait_for_lines(out, 2), 60)
+        await p.tier2[1][0].close()
+        summary = await asyncio.wait_for(run, 120)
+        alive = [*p.tier2[0], p.tier2[1][1]]
+        await asyncio.wait_for(released(alive), 10)  # no KV room is left held, on any stage
+    assert summary.done == 16 and summary.failed == 0
+    assert "stage 2:4: lost Tier 2 node" in caplog.text and "go back to the queue" in caplog.text
+    got = read_results(out)
+    want = reference(directory, requests)
+    assert {k: v["token_ids"] for k, v in got.items()} == {k: v["token_ids"] for k, v in want.items()}
+
+
+async def test_a_lost_stage_stops_the_run_naming_it_and_resume_finishes_it(four_layers, tmp_path):
+    """Stage 2:4 goes away mid-run: the client stops with an error naming it, its output holds
+    whole lines only; once a new stage 2:4 listens where the old one did, --resume finishes the
+    file, each request once, with the single process's tokens."""
+    directory = four_layers()
+    requests = fault_requests(tmp_path / "in.jsonl")
+    out = tmp_path / "out.jsonl"
+    async with pipeline(directory, [2], micro_batches=2, max_seqs=2, max_batch_tokens=16, heartbeat_s=0.2,
+                        reconnect_seconds=0.05) as p:
+        run = asyncio.ensure_future(submit(requests, "127.0.0.1", p.port, out, progress=False))
+        await asyncio.wait_for(wait_for_lines(out, 2), 60)
+        stage = p.stages[0]
+        stage_port = stage._server.sockets[0].getsockname()[1]
+        await stage.close()
+        with pytest.raises(SubmitError, match=r"stage 2:4 at 127\.0\.0\.1:\d+ is unreachable.*restart it, then rerun "
+                                              r"with --resume"):
+            await asyncio.wait_for(run, 60)
+        partial = read_results(out)  # whole lines, each id once
+        assert 2 <= len(partial) < 16
+        with pytest.raises(SubmitError, match="stage 2:4"):  # refused while the stage is down
+            await submit(requests, "127.0.0.1", p.port, out, progress=False, resume=True)
+        again = StageNode(stage.model, [f"127.0.0.1:{port}" for port in p.tier2_ports[1]], settings=stage.settings)
+        p.stages[0] = again
+        await again.start("127.0.0.1", stage_port)
+        await asyncio.wait_for(chain_whole(p.tier1), 30)
+        summary = await asyncio.wait_for(submit(requests, "127.0.0.1", p.port, out, progress=False, resume=True), 120)
+    assert summary.failed == 0 and summary.done == 16 - len(partial)
+    got = read_results(out)
+    want = reference(directory, requests)
+    assert {k: v["token_ids"] for k, v in got.items()} == {k: v["token_ids"] for k, v in want.items()}
+
+
+async def chain_whole(tier1) -> None:
+    while tier1.chain_down is not None:
+        await asyncio.sleep(0.01)
