@@ -264,8 +264,9 @@ def _parse_openai(obj: dict, number: int, custom_id: str) -> Request:
         if name in body and honoured is not None and body[name] != honoured:
             raise ValueError(f"'{name}' must be {json.dumps(honoured)} (got {json.dumps(body[name])})")
     fields = dict(body)
-    if "max_completion_tokens" in fields:
-        fields.setdefault("max_tokens", fields.pop("max_completion_tokens"))
+    completion_tokens = fields.pop("max_completion_tokens", None)
+    if fields.get("max_tokens") is None:  # absent or null: max_completion_tokens (its newer name) counts
+        fields["max_tokens"] = completion_tokens
     model = body.get("model")
     request = Request(custom_id, number, OPENAI, _sampling(fields), url=url,
                       model=model if isinstance(model, str) else None, unset=_unset(fields))

@@ -81,6 +81,10 @@ def test_the_fields_a_line_leaves_out():
     openai = parse_line(2, json.dumps({"custom_id": "o", "url": "/v1/completions", "body": body}).encode())
     assert openai.params.max_tokens == 5 and not {"max_tokens", "top_p"} & openai.unset
     assert {"temperature", "top_k", "min_p"} <= openai.unset
+    # max_completion_tokens given with a null max_tokens (as SDKs send unset fields) is given.
+    body = {"prompt": "x", "max_tokens": None, "max_completion_tokens": 5}
+    openai = parse_line(3, json.dumps({"custom_id": "o", "url": "/v1/completions", "body": body}).encode())
+    assert openai.params.max_tokens == 5 and "max_tokens" not in openai.unset
 
 
 def test_engine_takes_the_checkpoint_defaults_for_fields_left_out(with_defaults, tiny_model, tmp_path):
