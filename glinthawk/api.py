@@ -24,6 +24,7 @@ from glinthawk import DEFAULT_MODEL
 from glinthawk.client import submit
 from glinthawk.cluster import LocalCluster
 from glinthawk.compute.sampling import SamplingParams
+from glinthawk.generation_config import DEFAULTED_FIELDS
 from glinthawk.net.connection import run
 from glinthawk.settings import LOCAL_TIER2_NODES
 
@@ -64,7 +65,8 @@ class LLM:
 
     def generate(self, prompts: str | Sequence[str], sampling_params: SamplingParams | None = None
                  ) -> list[RequestOutput]:
-        """Complete each prompt; results in the order of ``prompts``."""
+        """Complete each prompt; results in the order of ``prompts``. Without ``sampling_params``,
+        the checkpoint's generation_config.json sampling defaults apply (as in vLLM)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         return self._run([{"prompt": p} for p in prompts], prompts, sampling_params)
 
@@ -75,7 +77,7 @@ class LLM:
         return self._run([{"messages": c} for c in conversations], conversations, sampling_params)
 
     def _run(self, bodies: list[dict], prompts: list, params: SamplingParams | None) -> list[RequestOutput]:
-        fields = _sampling_fields(params or SamplingParams())
+        fields = _sampling_fields(params) if params is not None else {}
         workdir = Path(self._workdir.name)
         requests, results = workdir / "requests.jsonl", workdir / "results.jsonl"
         with open(requests, "w", encoding="utf-8") as f:
@@ -112,11 +114,14 @@ class LLM:
 
 
 def _sampling_fields(params: SamplingParams) -> dict[str, Any]:
-    """The request fields that differ from the defaults (so the request line stays small)."""
+    """The request fields of ``params``: those a checkpoint may default (generation_config.py)
+    always, as vLLM takes given SamplingParams whole; the others where they differ from the
+    defaults (so the request line stays small). Without params, the line leaves all of them
+    to the checkpoint's defaults."""
     defaults = SamplingParams()
     fields = {}
     for item in dataclasses.fields(params):
         value = getattr(params, item.name)
-        if value != getattr(defaults, item.name):
+        if value != getattr(defaults, item.name) or item.name in DEFAULTED_FIELDS.values():
             fields[item.name] = list(value) if isinstance(value, tuple) else value
     return fields

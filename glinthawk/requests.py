@@ -50,6 +50,10 @@ class Request:
     messages: list[dict[str, Any]] | None = None
     url: str = COMPLETIONS_URL
     model: str | None = None
+    # The sampling fields the line left out (or gave as null): the checkpoint's
+    # generation_config.json may set their defaults (generation_config.py). A Request made
+    # in code leaves it empty, so its params are taken as they are.
+    unset: frozenset[str] = frozenset()
 
     @property
     def is_chat(self) -> bool:
@@ -190,6 +194,11 @@ def _check_fields(obj: dict, allowed: set[str], where: str) -> None:
         raise ValueError(f"unknown field(s) {', '.join(unknown)} in {where}; supported: {', '.join(sorted(allowed))}")
 
 
+def _unset(fields: dict[str, Any]) -> frozenset[str]:
+    """The sampling fields a line leaves to the defaults: absent or null (as OpenAI clients send them)."""
+    return frozenset(name for name in _SAMPLING_FIELDS if fields.get(name) is None)
+
+
 def _sampling(fields: dict[str, Any]) -> SamplingParams:
     kwargs = {k: v for k, v in fields.items() if k in _SAMPLING_FIELDS and v is not None}
     stop = kwargs.get("stop", ())
@@ -233,7 +242,7 @@ def _parse_plain(obj: dict, number: int, custom_id: str) -> Request:
     _check_fields(obj, _PLAIN_FIELDS, "the request")
     if ("prompt" in obj) == ("messages" in obj):
         raise ValueError("give exactly one of 'prompt' or 'messages'")
-    request = Request(custom_id, number, PLAIN, _sampling(obj))
+    request = Request(custom_id, number, PLAIN, _sampling(obj), unset=_unset(obj))
     if "prompt" in obj:
         request.prompt = _prompt(obj["prompt"])
     else:
@@ -255,11 +264,12 @@ def _parse_openai(obj: dict, number: int, custom_id: str) -> Request:
         if name in body and honoured is not None and body[name] != honoured:
             raise ValueError(f"'{name}' must be {json.dumps(honoured)} (got {json.dumps(body[name])})")
     fields = dict(body)
-    if "max_completion_tokens" in fields:
-        fields.setdefault("max_tokens", fields.pop("max_completion_tokens"))
+    completion_tokens = fields.pop("max_completion_tokens", None)
+    if fields.get("max_tokens") is None:  # absent or null: max_completion_tokens (its newer name) counts
+        fields["max_tokens"] = completion_tokens
     model = body.get("model")
     request = Request(custom_id, number, OPENAI, _sampling(fields), url=url,
-                      model=model if isinstance(model, str) else None)
+                      model=model if isinstance(model, str) else None, unset=_unset(fields))
     if url == CHAT_URL:
         if "prompt" in body:
             raise ValueError(f"{CHAT_URL} takes 'messages', not 'prompt'")

@@ -95,7 +95,11 @@ def new_sequence(request: Request, tokenizer: Tokenizer, max_context: int, vocab
     def fail(message: str) -> RequestError:
         return RequestError(f"line {request.line}: {message}", request.line, request.custom_id, request.form)
 
-    max_tokens = request.params.max_tokens
+    generation = tokenizer.generation
+    # A max_tokens the checkpoint supplies is capped at what the prompt leaves (below), so
+    # any prompt that leaves room for one token fits.
+    default_max = "max_tokens" in request.unset and "max_tokens" in generation.sampling_defaults
+    max_tokens = 1 if default_max else request.params.max_tokens
     room = max_context - max_tokens  # prompt tokens the context leaves
 
     def over(count: int, exact: bool = True) -> RequestError:
@@ -121,6 +125,8 @@ def new_sequence(request: Request, tokenizer: Tokenizer, max_context: int, vocab
         raise over(len(prompt_ids))
     if any(not 0 <= t < vocab_size for t in prompt_ids):
         raise fail(f"prompt token ids must lie in [0, {vocab_size})")
+    if request.unset:  # the fields the line left out take generation_config.json's defaults
+        request.params = generation.apply(request.params, request.unset, max_context - len(prompt_ids))
     seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
     return Sequence(request, list(prompt_ids), seed)
 

@@ -1,4 +1,5 @@
-"""Tokenizer of a checkpoint: ``tokenizer.json`` plus ``tokenizer_config.json``.
+"""Tokenizer of a checkpoint: ``tokenizer.json`` plus ``tokenizer_config.json`` (and the
+EOS ids and sampling defaults of ``generation_config.json``).
 
 Encoding adds the special tokens the tokenizer's own post-processor defines (BOS for
 Llama), exactly as Hugging Face's fast tokenizer does. Chat messages are rendered with
@@ -13,6 +14,8 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders
+
+from glinthawk.generation_config import GenerationConfig, GenerationConfigError
 
 
 class TokenizerError(ValueError):
@@ -57,7 +60,13 @@ class Tokenizer:
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.chat_template, self._template_path = _chat_template(directory, config)
-        eos = set(extra_eos_ids) | self._generation_eos(directory / "generation_config.json")
+        # generation_config.json's EOS ids (Llama 3 lists several) and the sampling defaults
+        # that requests leaving a field out take (requests.Request.unset, new_sequence).
+        try:
+            self.generation = GenerationConfig.from_directory(directory)
+        except GenerationConfigError as exc:
+            raise TokenizerError(str(exc)) from None
+        eos = set(extra_eos_ids) | self.generation.eos_token_ids
         if self.eos_token is not None and self._tok.token_to_id(self.eos_token) is not None:
             eos.add(self._tok.token_to_id(self.eos_token))
         self.eos_token_ids = frozenset(eos)
@@ -74,17 +83,6 @@ class Tokenizer:
         if not isinstance(config, dict):
             raise TokenizerError(f"{path}: expected a JSON object")
         return config
-
-    @staticmethod
-    def _generation_eos(path: Path) -> set[int]:
-        if not path.exists():
-            return set()
-        try:
-            value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            raise TokenizerError(f"{path}: not a valid generation config") from None
-        values = value if isinstance(value, list) else [value]
-        return {v for v in values if isinstance(v, int)}
 
     @property
     def vocab_size(self) -> int:

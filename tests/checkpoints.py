@@ -50,6 +50,9 @@ VARIANTS = {
     "llama_head_dim": ("llama", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32)),
     "mistral": ("mistral", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=None)),
     "qwen2_bias": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2)),
+    # Qwen3: per-head q/k RMSNorm before RoPE, no q/k/v bias, head_dim 32: twice hidden / heads,
+    # as in Qwen3-0.6B (128 vs 64).
+    "qwen3": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32)),
 }
 
 
@@ -62,9 +65,9 @@ def build_checkpoint(directory: Path, variant: str = "llama_gqa", *, layers: int
     vocab = build_tokenizer(directory)
     family, extra = VARIANTS[variant]
     config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                    "qwen2": transformers.Qwen2Config}[family]
+                    "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
     model_class = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-                   "qwen2": transformers.Qwen2ForCausalLM}[family]
+                   "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM}[family]
     config = config_class(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         max_position_embeddings=256, bos_token_id=0, eos_token_id=1, pad_token_id=None,

@@ -2,7 +2,8 @@
 
 The checkpoints are tiny random models written by transformers itself (tests/checkpoints.py):
 Llama with GQA, Llama 3 rope scaling + tied embeddings + MQA, an explicit head_dim,
-Mistral stored as sharded safetensors, and Qwen2 with q/k/v biases.
+Mistral stored as sharded safetensors, Qwen2 with q/k/v biases, and Qwen3 with its per-head
+q/k norms and a head_dim twice hidden / heads.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def test_variants_exercise_what_they_claim(tiny_checkpoint, tiny_model):
     assert torch.equal(head, model.embed_tokens)
     assert tiny_model("llama_head_dim")[0].config.head_dim == 32 != 64 // 4
     assert tiny_model("qwen2_bias")[0].layers[0].qkv_bias is not None
+    qwen3 = tiny_model("qwen3")[0]
+    assert qwen3.layers[0].q_norm is not None and qwen3.layers[0].qkv_bias is None
+    assert qwen3.config.head_dim == 2 * qwen3.config.hidden_size // qwen3.config.num_heads
     assert tiny_model("llama_gqa")[0].config.queries_per_kv == 2
 
 

@@ -66,7 +66,7 @@ def engine_tokens(model, tokenizer) -> dict[str, list[int]]:
 
 
 @pytest.mark.parametrize("cuts", [[2], [1, 3], [1, 2, 3]])
-@pytest.mark.parametrize("variant", ["llama_gqa", "llama3_tied_mqa", "qwen2_bias", "mistral"])
+@pytest.mark.parametrize("variant", ["llama_gqa", "llama3_tied_mqa", "qwen2_bias", "mistral", "qwen3"])
 def test_stages_of_a_model_give_its_tokens(tmp_path_factory, variant, cuts):
     """A 4-layer model cut into 2, 3 or 4 stages (layers A:B each) gives, token for token, what
     the whole model gives in the single-process engine: greedy and seeded sampling alike."""

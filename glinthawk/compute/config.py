@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# Architectures that RMS-normalise each head of q and k (weights [head_dim]) before RoPE.
+QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu",)
 
@@ -45,6 +47,7 @@ class ModelConfig:
     max_position_embeddings: int
     rope: RopeConfig = field(default_factory=RopeConfig)
     attention_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
@@ -121,7 +124,7 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
     max_positions = need("max_position_embeddings")
     max_positions = min(max_positions, _sliding_window_limit(raw, architecture, source) or max_positions)
 
-    # Qwen2 always carries q/k/v biases; Llama and Mistral only when attention_bias says so.
+    # Qwen2 always carries q/k/v biases; Llama, Mistral and Qwen3 only when attention_bias says so.
     attention_bias = architecture == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False))
     return ModelConfig(
         architecture=architecture,
@@ -136,6 +139,7 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
         max_position_embeddings=max_positions,
         rope=_parse_rope(raw, source),
         attention_bias=attention_bias,
+        qk_norm=architecture in QK_NORM_ARCHITECTURES,
         mlp_bias=bool(raw.get("mlp_bias", False)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         bos_token_id=raw.get("bos_token_id") if isinstance(raw.get("bos_token_id"), int) else None,
@@ -159,7 +163,7 @@ def _sliding_window_limit(raw: dict[str, Any], architecture: str, source: str) -
     the window size gives the model's true outputs without a windowed kernel.
     """
     window = raw.get("sliding_window")
-    if architecture == "Qwen2ForCausalLM" and not raw.get("use_sliding_window", False):
+    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not raw.get("use_sliding_window", False):
         return None
     if window is None:
         return None

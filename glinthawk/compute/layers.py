@@ -53,16 +53,18 @@ def embed(model: Model, token_ids: torch.Tensor) -> torch.Tensor:
 def pre_attention(
     model: Model, layer: LayerWeights, x: torch.Tensor, rot: Rotary
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Norm, fused QKV projection and RoPE: q [T, heads, D], k and v [T, kv_heads, D]."""
+    """Norm, fused QKV projection, per-head q/k norm (Qwen3) and RoPE: q [T, heads, D], k and v
+    [T, kv_heads, D]."""
     cfg = model.config
     h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
     qkv = linear(h, layer.qkv, layer.qkv_bias)
     q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
     tokens = x.shape[0]
-    q = apply_rotary(q.view(tokens, cfg.num_heads, cfg.head_dim), rot)
-    k = apply_rotary(k.view(tokens, cfg.num_kv_heads, cfg.head_dim), rot)
-    return q, k, v.reshape(tokens, cfg.num_kv_heads, cfg.head_dim)
+    q, k = q.view(tokens, cfg.num_heads, cfg.head_dim), k.view(tokens, cfg.num_kv_heads, cfg.head_dim)
+    if layer.q_norm is not None:  # Qwen3 only: other models pay just this test
+        q, k = rms_norm(q, layer.q_norm, cfg.rms_norm_eps), rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
+    return apply_rotary(q, rot), apply_rotary(k, rot), v.reshape(tokens, cfg.num_kv_heads, cfg.head_dim)
 
 
 def post_attention(model: Model, layer: LayerWeights, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,8 @@ class LayerWeights:
     post_norm: torch.Tensor  # [hidden]
     gate_up: torch.Tensor  # [2 * intermediate, hidden]
     down: torch.Tensor  # [hidden, intermediate]
+    q_norm: torch.Tensor | None = None  # [head_dim], where config.qk_norm (Qwen3)
+    k_norm: torch.Tensor | None = None  # [head_dim]
 
 
 @dataclass
@@ -256,6 +258,9 @@ def _layer(config: ModelConfig, source: _TensorSource, get, index: int) -> Layer
         ])
     if config.mlp_bias or p + "self_attn.o_proj.bias" in source:
         raise ModelConfigError(f"{source.directory}: mlp_bias / o_proj bias is not supported")
+    q_norm = k_norm = None
+    if config.qk_norm:
+        q_norm, k_norm = get(p + "self_attn.q_norm.weight", dim), get(p + "self_attn.k_norm.weight", dim)
     return LayerWeights(
         input_norm=get(p + "input_layernorm.weight", hidden),
         qkv=pack(qkv),
@@ -267,4 +272,6 @@ def _layer(config: ModelConfig, source: _TensorSource, get, index: int) -> Layer
             get(p + "mlp.up_proj.weight", inter, hidden),
         ])),
         down=pack(get(p + "mlp.down_proj.weight", hidden, inter)),
+        q_norm=q_norm,
+        k_norm=k_norm,
     )
