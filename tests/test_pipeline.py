@@ -10,6 +10,8 @@ import pytest
 from glinthawk.client import SubmitError, submit
 from glinthawk.compute.loader import load_model
 from glinthawk.node.stage import StageNode
+from glinthawk.node.tier1 import Tier1Node
+from glinthawk.node.tier2 import Tier2Node
 from glinthawk.tokenizer import Tokenizer
 
 from checkpoints import build_checkpoint
@@ -39,7 +41,7 @@ def reference(directory, requests):
 
 
 @pytest.mark.parametrize("variant,cuts,nodes", [
-    ("llama_gqa", [2], 1), ("llama_gqa", [1, 3], 2), ("qwen2_bias", [2], 2), ("mistral", [1, 2], 1),
+    ("llama_gqa", [2], 1), ("llama_gqa", [1, 3], 2), ("qwen2_bias", [2], 2), ("mistral", [1, 2], 1), ("qwen3", [3], 1),
 ])
 @pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 async def test_stages_give_the_single_process_tokens(four_layers, tmp_path, variant, cuts, nodes, sampling):
@@ -129,3 +131,54 @@ async def test_a_lost_stage_stops_the_run_naming_it_and_resume_finishes_it(four_
 async def chain_whole(tier1) -> None:
     while tier1.chain_down is not None:
         await asyncio.sleep(0.01)
+
+
+async def start_refused(directory, first: range, second: range, *, second_dtype: str = "float32",
+                        next_address: str | None = None) -> str:
+    """The message a first stage of ``first`` gets at start-up from a next stage of ``second``."""
+    tier2 = [Tier2Node(kv_tokens=256), Tier2Node(kv_tokens=256)]
+    ports = [await node.start("127.0.0.1", 0) for node in tier2]
+    stage = StageNode(load_model(directory, dtype=second_dtype, device="cpu", layers=second), [f"127.0.0.1:{ports[1]}"])
+    stage_port = await stage.start("127.0.0.1", 0)
+    tier1 = Tier1Node(load_model(directory, dtype="float32", device="cpu", layers=first), Tokenizer(directory),
+                      [f"127.0.0.1:{ports[0]}"], next_stage=next_address or f"127.0.0.1:{stage_port}")
+    try:
+        with pytest.raises(ConnectionError) as refused:
+            await tier1.start("127.0.0.1", 0)
+        return str(refused.value)
+    finally:
+        await tier1.close()
+        await stage.close()
+        for node in tier2:
+            await node.close()
+
+
+@pytest.mark.parametrize("first,second,dtype,message", [
+    (range(0, 2), range(3, 4), "float32", "this is stage 3:4, but the stage before ends at layer 2; the stages' "
+                                          "layers must follow each other without gap or overlap"),
+    (range(0, 3), range(2, 4), "float32", "this is stage 2:4, but the stage before ends at layer 3"),
+    (range(0, 2), range(2, 4), "bfloat16", "stage 2:4 runs another model or dtype than the stage before; give every "
+                                           "stage the same --model and --dtype"),
+])
+async def test_a_bad_stage_layout_is_refused_at_start_up(four_layers, first, second, dtype, message):
+    refused = await start_refused(four_layers(), first, second, second_dtype=dtype)
+    assert message in refused and "the next stage at 127.0.0.1:" in refused
+
+
+async def test_a_next_stage_that_does_not_answer_is_refused_at_start_up(four_layers):
+    refused = await start_refused(four_layers(), range(0, 2), range(2, 4), next_address="127.0.0.1:1")
+    assert refused.startswith("the next stage at 127.0.0.1:1 cannot be used:")
+    assert "start the stages from the last one, each with --next naming the one after it" in refused
+
+
+def test_a_stage_whose_weights_do_not_fit_its_device_is_refused(four_layers, monkeypatch):
+    from glinthawk.compute import loader
+
+    directory = four_layers()
+    config = load_model(directory, dtype="float32", device="cpu").config
+    half = loader.weight_bytes(config, range(0, 2), 4)
+    monkeypatch.setattr(loader, "free_memory", lambda device: half + 1)
+    load_model(directory, dtype="float32", device="cpu", layers=range(0, 2))  # fits
+    with pytest.raises(loader.CheckpointError, match=r"layers 0:4 need 0\.00 GiB for their weights in float32 but cpu "
+                                                     r"has 0\.00 GiB free; cut the model into more pipeline stages"):
+        load_model(directory, dtype="float32", device="cpu")

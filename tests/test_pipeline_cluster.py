@@ -93,3 +93,16 @@ def test_sigkill_of_a_stage_stops_the_run_naming_it_and_resume_finishes(four_lay
                 break
         assert resumed.returncode == 0, resumed.stderr
     assert tokens(read_results(out)) == reference(four_layer_dir, requests)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--layers", "0:2"], "--layers 0:2 ends before the model's last layer (4); give --next HOST:PORT"),
+    (["--layers", "2:4", "--next", "127.0.0.1:9"], "--next is for a stage before the last"),
+    (["--layers", "3:1"], "layers 3:1 are not a range of the model's 4 layers"),
+    (["--layers", "two"], "expected A:B (layers A..B-1)"),
+])
+def test_glinthawk_node_refuses_a_stage_it_cannot_be(four_layer_dir, args, message):
+    done = subprocess.run([sys.executable, "-m", "glinthawk.node", "--role", "tier1", "--tier2", "127.0.0.1:9",
+                           "--model", str(four_layer_dir), *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

@@ -208,9 +208,43 @@ def load_model(directory: str | Path, dtype: str = "float32", device: str | None
                               f"{config.num_layers} layers; give A:B with 0 <= A < B <= {config.num_layers}")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device, config.torch_dtype)
+    needed, free = weight_bytes(config, layers, torch_dtype.itemsize), free_memory(torch_device)
+    if free is not None and needed > free:
+        raise CheckpointError(
+            f"{directory}: layers {layers.start}:{layers.stop} need {needed / 2**30:.2f} GiB for their weights in "
+            f"{str(torch_dtype).removeprefix('torch.')} but {torch_device} has {free / 2**30:.2f} GiB free; cut the "
+            "model into more pipeline stages (--layers A:B on each, or glinthawk run --stages N) or pick a smaller "
+            "--dtype")
     with ExitStack() as stack:
         source = _TensorSource(directory, stack)
         return _assemble(config, source, torch_dtype, torch_device, layers)
+
+
+def weight_bytes(config: ModelConfig, layers: range, itemsize: int) -> int:
+    """What the weights of ``layers`` (with the embedding or head where they start or end the
+    model) take in memory, at ``itemsize`` bytes a number."""
+    hidden, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    per_layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * config.intermediate_size + 2 * hidden
+    numbers = len(layers) * per_layer
+    if layers.start == 0:
+        numbers += config.vocab_size * hidden
+    if layers.stop == config.num_layers:
+        numbers += config.vocab_size * hidden + hidden
+    return numbers * itemsize
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` (a CPU's MemAvailable), or None where that cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _assemble(config: ModelConfig, source: _TensorSource, dtype: torch.dtype, device: torch.device,

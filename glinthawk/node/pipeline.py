@@ -40,16 +40,21 @@ class LaterStages:
             if node[2] and not current.alive:
                 accounts[index] = self._account(stage, index, node)
                 log.info("%s: Tier 2 node %s (re)joined", stage_name(self.layers[stage]), node[0])
-            elif not node[2] and current.alive:
-                current.alive = False
-                log.error("%s: lost Tier 2 node %s; its sequences will be rebuilt elsewhere",
-                          stage_name(self.layers[stage]), node[0])
+            elif not node[2]:
+                self._lose(current)
 
     def mark_lost(self, lost: list[list[int]]) -> None:
+        """The nodes a failed step names (which may come up before their stage's NODES frame)."""
         for stage, index in lost:
             accounts = self.nodes.get(stage, [])
             if 0 <= index < len(accounts):
-                accounts[index].alive = False
+                self._lose(accounts[index])
+
+    def _lose(self, account: RemoteNode) -> None:
+        if account.alive:
+            account.alive = False
+            log.error("%s: lost Tier 2 node %s; its sequences will be rebuilt elsewhere",
+                      stage_name(self.layers[account.stage]), account.address)
 
     def mark_all_lost(self) -> None:
         for accounts in self.nodes.values():
