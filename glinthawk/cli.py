@@ -194,7 +194,8 @@ def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, 
               help="Shared secret of the cluster (default: $GLINTHAWK_SECRET if set).")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 def status_command(address, secret_file, as_json) -> None:
-    """Show a running cluster as its Tier 1 sees it: nodes, KV use, work in flight, throughput."""
+    """Show a running cluster as its Tier 1 sees it: nodes (of every pipeline stage), KV use, work in flight,
+    throughput."""
     import json
 
     from glinthawk.client import SubmitError, fetch_status
@@ -214,10 +215,18 @@ def status_command(address, secret_file, as_json) -> None:
     click.echo(f"requests: {requests['running']} running, {requests['waiting']} waiting, {requests['finished']} "
                f"finished, {requests['failed']} failed ({status['batches']} batches, "
                f"{status['micro_batches_in_flight']} micro-batches in flight)")
-    click.echo(f"{'TIER 2 NODE':<24}{'STATE':<7}{'KV USED':>18}{'SEQS':>7}")
-    for node in status["tier2"]:
-        kv = f"{node['kv_tokens_used']}/{node['kv_tokens']}"
-        click.echo(f"{node['address']:<24}{'up' if node['alive'] else 'DOWN':<7}{kv:>18}{node['sequences']:>7}")
+    if status.get("stopped"):
+        click.echo(f"STOPPED: {status['stopped']}")
+    stages = [{"layers": status["layers"], "tier2": status["tier2"]}, *status["stages"]] if "stages" in status else [
+        {"tier2": status["tier2"]}]
+    for stage in stages:
+        if "layers" in stage:
+            first, stop = stage["layers"]
+            click.echo(f"stage {first}:{stop}" + (" (this node: clients, scheduling)" if first == 0 else ""))
+        click.echo(f"{'TIER 2 NODE':<24}{'STATE':<7}{'KV USED':>18}{'SEQS':>7}")
+        for node in stage["tier2"]:
+            kv = f"{node['kv_tokens_used']}/{node['kv_tokens']}"
+            click.echo(f"{node['address']:<24}{'up' if node['alive'] else 'DOWN':<7}{kv:>18}{node['sequences']:>7}")
 
 
 def _register_bench() -> None:

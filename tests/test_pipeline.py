@@ -182,3 +182,42 @@ def test_a_stage_whose_weights_do_not_fit_its_device_is_refused(four_layers, mon
     with pytest.raises(loader.CheckpointError, match=r"layers 0:4 need 0\.00 GiB for their weights in float32 but cpu "
                                                      r"has 0\.00 GiB free; cut the model into more pipeline stages"):
         load_model(directory, dtype="float32", device="cpu")
+
+
+async def test_status_shows_every_stage_and_its_nodes(four_layers):
+    from click.testing import CliRunner
+
+    from glinthawk.cli import main as cli_main
+
+    async with pipeline(four_layers(), [1, 3], nodes_per_stage=2) as p:
+        await p.tier2[2][1].close()  # one node of stage 3:4 is gone
+        await asyncio.wait_for(stage_node_lost(p.tier1, 3), 10)
+        shown = await asyncio.to_thread(CliRunner().invoke, cli_main, ["status", f"127.0.0.1:{p.port}"])
+        status = p.tier1.status()
+    assert shown.exit_code == 0, shown.output
+    assert [s["layers"] for s in status["stages"]] == [[1, 3], [3, 4]] and status["layers"] == [0, 1]
+    lines = shown.output.splitlines()
+    headers = [i for i, line in enumerate(lines) if line.startswith("stage ")]
+    assert [lines[i] for i in headers] == ["stage 0:1 (this node: clients, scheduling)", "stage 1:3", "stage 3:4"]
+    last = lines[headers[2]:]
+    assert sum(" up " in line for line in last) == 1 and sum(" DOWN " in line for line in last) == 1
+
+
+async def stage_node_lost(tier1, stage: int) -> None:
+    while all(node.alive for node in tier1.later.nodes[stage]):
+        await asyncio.sleep(0.01)
+
+
+async def test_status_lists_a_tier2_node_never_reached(checkpoint):
+    model, tokenizer = checkpoint
+    tier2 = Tier2Node(kv_tokens=64)
+    port = await tier2.start("127.0.0.1", 0)
+    tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{port}", "127.0.0.1:1"], reconnect_seconds=3600)
+    try:
+        await tier1.start("127.0.0.1", 0)
+        nodes = tier1.status()["tier2"]
+    finally:
+        await tier1.close()
+        await tier2.close()
+    assert [(n["address"], n["alive"], n["kv_tokens"]) for n in nodes] == [(f"127.0.0.1:{port}", True, 64),
+                                                                         ("127.0.0.1:1", False, 0)]

@@ -204,11 +204,10 @@ class Tier1Node(ClientService):
                          "failed": self.stats.failed, "waiting": len(self.waiting), "running": len(self.batch_of)},
             "batches": len(self.batches),
             "micro_batches_in_flight": self.micro_batches_in_flight,
-            "tier2": [{
-                "address": link.address, "alive": link.alive, "kv_tokens": link.capacity_tokens,
-                "kv_tokens_used": link.used_tokens,
-                "sequences": link.sequences,
-            } for link in self.links.values()],
+            "tier2": [{  # every configured node, reached or not
+                "address": address, "alive": bool(link and link.alive), "kv_tokens": link.capacity_tokens if link else 0,
+                "kv_tokens_used": link.used_tokens if link else 0, "sequences": link.sequences if link else 0,
+            } for address in self.tier2_addresses for link in [self.links.get(address)]],
             **({"layers": [self.model.layer_range.start, self.model.layer_range.stop], "stages": self.later.status(),
                 "stopped": self.chain_down} if self.downstream is not None else {}),
         }
