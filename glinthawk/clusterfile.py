@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import tomllib
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,16 +21,13 @@ from typing import Any, ClassVar
 from glinthawk import DEFAULT_MODEL
 from glinthawk.compute.loader import DTYPES
 from glinthawk.net.auth import is_loopback
-from glinthawk.net.netem import parse_bandwidth, parse_size
+from glinthawk.toml_table import ClusterFileError, Table
 from glinthawk.settings import NetemSettings, Tier1Settings, Tier2Settings, args_for, field_names
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_LAYERS = re.compile(r"\d+:\d+")
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
-
-
-class ClusterFileError(ValueError):
-    """The cluster file cannot be read or does not describe a valid cluster; the message says where and why."""
 
 
 @dataclass(frozen=True)
@@ -69,12 +65,21 @@ class NodeSpec(_Options):
 
 @dataclass(frozen=True)
 class Tier1Spec(NodeSpec):
+    """Tier 1, or with [[stage]] tables its first pipeline stage (``layers`` "0:B")."""
+
     SETTINGS: ClassVar[type] = Tier1Settings
+    layers: str | None = None
+
+
+@dataclass(frozen=True)
+class StageSpec(Tier1Spec):
+    """A pipeline stage after the first."""
 
 
 @dataclass(frozen=True)
 class Tier2Spec(NodeSpec):
     SETTINGS: ClassVar[type] = Tier2Settings
+    stage: str | None = None  # the name of the stage whose KV it holds (default: the [tier1] node)
 
 
 @dataclass(frozen=True)
@@ -92,10 +97,14 @@ class ClusterSpec:
     inject: InjectSpec
     secret_file: Path | None = None
     insecure: bool = False
+    stages: tuple[StageSpec, ...] = ()  # pipeline stages after [tier1], in layer order
 
     @property
     def nodes(self) -> tuple[NodeSpec, ...]:
-        return (self.tier1, *self.tier2)
+        return (self.tier1, *self.stages, *self.tier2)
+
+    def tier2_of(self, stage: Tier1Spec) -> list[Tier2Spec]:
+        return [t for t in self.tier2 if (t.stage or self.tier1.name) == stage.name]
 
     def node(self, name: str) -> NodeSpec:
         for node in self.nodes:
@@ -120,17 +129,20 @@ def load_cluster_file(path: str | Path, *, for_node: str | None = None) -> Clust
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ClusterFileError(f"{source}: not a valid TOML file: {exc}") from None
     base = source.parent
-    top = _Table(source, "", data)
+    top = Table(source, "", data)
     secret_file = top.path("secret_file", base)
     if secret_file is not None and not secret_file.is_file():
         raise top.error(f"no such file {secret_file}", "secret_file")
     insecure = bool(top.flag("insecure"))
     tier1 = _tier1(top.table("tier1", required=True))
-    model = _model(top.table("model"), base, check_dir=for_node is None or for_node == tier1.name)
     tier2 = tuple(_tier2(table) for table in top.tables("tier2"))
+    stages = tuple(_tier1(table, StageSpec) for table in top.tables("stage", required=False))
+    readers = {tier1.name, *(stage.name for stage in stages)}  # the nodes that read the weights
+    model = _model(top.table("model"), base, check_dir=for_node is None or for_node in readers)
     inject = _inject(top.table("inject"))
     top.finish()
-    spec = ClusterSpec(source, model, tier1, tier2, inject, secret_file, insecure)
+    spec = ClusterSpec(source, model, tier1, tier2, inject, secret_file, insecure, stages)
+    _check_stages(spec)
     _check_unique(spec)
     _check_exposure(spec)
     return spec
@@ -140,8 +152,11 @@ def node_args(spec: ClusterSpec, name: str) -> list[str]:
     """The ``glinthawk-node`` arguments that run node ``name`` of ``spec``."""
     node = spec.node(name)
     if isinstance(node, Tier1Spec):
-        role = ["--role", "tier1", "--tier2", ",".join(t.address for t in spec.tier2), *_flags(
-            model=spec.model.path, dtype=spec.model.dtype, device=spec.model.device)]
+        chain = [spec.tier1, *spec.stages]
+        after = chain[chain.index(node) + 1:]
+        role = ["--role", "tier1", "--tier2", ",".join(t.address for t in spec.tier2_of(node)), *_flags(
+            model=spec.model.path, dtype=spec.model.dtype, device=spec.model.device, layers=node.layers,
+            next=after[0].address if after else None)]
     else:
         role = ["--role", "tier2"]
     common = [*args_for(node.SETTINGS, node.options), *_flags(secret_file=spec.secret_file),
@@ -161,10 +176,15 @@ def local_cluster_kwargs(spec: ClusterSpec) -> dict[str, Any]:
             f"{spec.source}: a local cluster gives every Tier 2 node the same KV cache size, but the [[tier2]] "
             "nodes differ in kv_memory / kv_tokens; give them all the same size to run this file on loopback"
         )
+    counts = {len(spec.tier2_of(stage)) for stage in (spec.tier1, *spec.stages)}
+    if len(counts) > 1:
+        raise ClusterFileError(f"{spec.source}: a local cluster gives every stage the same number of Tier 2 nodes, "
+                               "but the stages here differ; give each the same number to run this file on loopback")
     settings = {
         "model_dir": spec.model.path or DEFAULT_MODEL, "dtype": spec.model.dtype, "device": spec.model.device,
-        "tier2_nodes": len(spec.tier2), **spec.tier2[0].options, **spec.tier1.options, **spec.inject.options,
+        "tier2_nodes": counts.pop(), **spec.tier2[0].options, **spec.tier1.options, **spec.inject.options,
         "secret_file": spec.secret_file,
+        "stages": ",".join(stage.layers for stage in (spec.tier1, *spec.stages)) if spec.stages else None,
     }
     return {key: value for key, value in settings.items() if value is not None}
 
@@ -175,7 +195,7 @@ def _flags(**options: object) -> list[str]:
             for arg in (f"--{key.replace('_', '-')}", str(value))]
 
 
-def _model(t: _Table, base: Path, check_dir: bool) -> ModelSpec:
+def _model(t: Table, base: Path, check_dir: bool) -> ModelSpec:
     path = t.path("path", base)
     if path is not None and check_dir and not path.is_dir():
         raise t.error(f"no such directory {path} (a relative path is relative to the cluster file)", "path")
@@ -185,7 +205,7 @@ def _model(t: _Table, base: Path, check_dir: bool) -> ModelSpec:
     return ModelSpec(path, dtype, device)
 
 
-def _node(t: _Table) -> dict[str, Any]:
+def _node(t: Table) -> dict[str, Any]:
     """The keys every node has; the caller reads its role's own keys, then calls ``t.finish()``."""
     name = t.text("name", required=True, expected="a name of letters, digits, '-', '_' and '.'",
                   check=_NAME.fullmatch)
@@ -196,27 +216,29 @@ def _node(t: _Table) -> dict[str, Any]:
     return {"name": name, "host": host, "port": port, "listen": listen or host}
 
 
-def _tier1(t: _Table) -> Tier1Spec:
-    spec = Tier1Spec(**_node(t), options=_settings(t, Tier1Settings))
+def _tier1(t: Table, kind: type[Tier1Spec] = Tier1Spec) -> Tier1Spec:
+    layers = t.text("layers", required=kind is StageSpec, expected='layers "A:B" (A..B-1)', check=_LAYERS.fullmatch)
+    spec = kind(**_node(t), options=_settings(t, Tier1Settings), layers=layers)
     t.finish()
     return spec
 
 
-def _tier2(t: _Table) -> Tier2Spec:
-    spec = Tier2Spec(**_node(t), options=_settings(t, Tier2Settings))
+def _tier2(t: Table) -> Tier2Spec:
+    stage = t.text("stage", expected="the name of the [tier1] node or of a [[stage]]")
+    spec = Tier2Spec(**_node(t), options=_settings(t, Tier2Settings), stage=stage)
     if spec.kv_memory is not None and spec.kv_tokens is not None:
         raise t.error("give kv_memory or kv_tokens, not both")
     t.finish()
     return spec
 
 
-def _inject(t: _Table) -> InjectSpec:
+def _inject(t: Table) -> InjectSpec:
     spec = InjectSpec(options=_settings(t, NetemSettings))
     t.finish()
     return spec
 
 
-def _settings(t: _Table, cls: type) -> dict[str, Any]:
+def _settings(t: Table, cls: type) -> dict[str, Any]:
     """The fields of the settings class ``cls`` that table ``t`` gives, each checked as the node checks it."""
     hints = typing.get_type_hints(cls)
     given = {}
@@ -235,6 +257,34 @@ def _settings(t: _Table, cls: type) -> dict[str, Any]:
         if value is not None:
             given[item.name] = value
     return given
+
+
+def _check_stages(spec: ClusterSpec) -> None:
+    """Stages follow each other from layer 0, and each has Tier 2 nodes (the last layer is checked by the
+    nodes, which read the model)."""
+    chain = [spec.tier1, *spec.stages]
+    names = [stage.name for stage in chain]
+    for i, node in enumerate(spec.tier2):
+        if node.stage is not None and node.stage not in names:
+            raise ClusterFileError(f"{spec.source}: tier2[{i}].stage: no stage named {json.dumps(node.stage)}; the "
+                                   f"stages are: {', '.join(names)}")
+    if not spec.stages:
+        if spec.tier1.layers is not None:
+            raise ClusterFileError(f"{spec.source}: tier1.layers: a single Tier 1 serves every layer; give layers "
+                                   "only with [[stage]] tables for the stages after it")
+        return
+    if spec.tier1.layers is None or not spec.tier1.layers.startswith("0:"):
+        raise ClusterFileError(f'{spec.source}: tier1.layers: with [[stage]] tables, [tier1] is the first stage; '
+                               'give its layers as "0:B"')
+    for before, stage in zip(chain, chain[1:]):
+        if before.layers.split(":")[1] != stage.layers.split(":")[0]:
+            raise ClusterFileError(f"{spec.source}: stage {stage.name} starts at layer {stage.layers.split(':')[0]} but "
+                                   f"{before.name} ends at {before.layers.split(':')[1]}; the stages' layers must "
+                                   "follow each other without gap or overlap")
+    for stage in chain:
+        if not spec.tier2_of(stage):
+            raise ClusterFileError(f"{spec.source}: stage {stage.name} has no Tier 2 node; give a [[tier2]] table "
+                                   f"with stage = {json.dumps(stage.name)}")
 
 
 def _check_unique(spec: ClusterSpec) -> None:
@@ -266,104 +316,5 @@ def _check_exposure(spec: ClusterSpec) -> None:
 
 
 def _labelled(spec: ClusterSpec) -> list[tuple[str, NodeSpec]]:
-    return [("tier1", spec.tier1), *((f"tier2[{i}]", node) for i, node in enumerate(spec.tier2))]
-
-
-def _show(value: object) -> str:
-    """A value as the TOML file spells it, for error messages."""
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, (bool, str)):
-        return json.dumps(value)
-    return str(value)
-
-
-class _Table:
-    """One TOML table, read key by key, with errors in the file's own terms (file, table, key, expectation)."""
-
-    def __init__(self, source: Path, where: str, data: dict[str, Any]) -> None:
-        self.source, self.where, self.data = source, where, data
-        self.known: list[str] = []
-
-    def error(self, message: str, key: str | None = None) -> ClusterFileError:
-        at = ".".join(part for part in (self.where, key) if part)
-        return ClusterFileError(f"{self.source}: {at}: {message}" if at else f"{self.source}: {message}")
-
-    def finish(self) -> None:
-        """Reject every key that no reader asked for: a typo must not silently become a default."""
-        unknown = [key for key in self.data if key not in self.known]
-        if unknown:
-            raise self.error(f"unknown key {json.dumps(unknown[0])}; the keys here are: {', '.join(self.known)}")
-
-    def _take(self, key: str, types: tuple[type, ...], expected: str, required: bool = False) -> Any:
-        self.known.append(key)
-        if key not in self.data:
-            if required:
-                raise self.error(f"missing; expected {expected}", key)
-            return None
-        value = self.data[key]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise self.error(f"expected {expected}, got {_show(value)}", key)
-        return value
-
-    def text(self, key: str, *, required: bool = False, expected: str = "a string",
-             check: Callable[[str], object] = bool) -> str | None:
-        value = self._take(key, (str,), expected, required)
-        if value is not None and not check(value):
-            raise self.error(f"expected {expected}, got {_show(value)}", key)
-        return value
-
-    def integer(self, key: str, *, required: bool = False, minimum: int, maximum: int | None = None) -> int | None:
-        expected = f"an integer from {minimum} to {maximum}" if maximum is not None else f"an integer >= {minimum}"
-        value = self._take(key, (int,), expected, required)
-        if value is not None and not (minimum <= value and (maximum is None or value <= maximum)):
-            raise self.error(f"expected {expected}, got {value}", key)
-        return value
-
-    def number(self, key: str, *, minimum: float = 0) -> float | None:
-        expected = f"a number >= {minimum:g}"
-        value = self._take(key, (int, float), expected)
-        if value is not None and not (math.isfinite(value) and value >= minimum):
-            raise self.error(f"expected {expected}, got {value}", key)
-        return None if value is None else float(value)
-
-    def flag(self, key: str) -> bool | None:
-        return self._take(key, (bool,), "true or false")
-
-    def path(self, key: str, base: Path) -> Path | None:
-        value = self.text(key, expected="a path")
-        return None if value is None else (base / Path(value).expanduser()).resolve()
-
-    def size(self, key: str) -> str | None:
-        return self._parsed(key, parse_size, (str, int), "a size > 0 like \"8GiB\", or a number of bytes")
-
-    def bandwidth(self, key: str) -> str | None:
-        return self._parsed(key, parse_bandwidth, (str, int, float), "a bandwidth like \"1Gbit\" or \"100MB/s\"")
-
-    def _parsed(self, key: str, parse: Callable[[Any], float], types: tuple[type, ...], expected: str) -> str | None:
-        """Checked with the parser the nodes use, and kept as text, which is how the command line takes it."""
-        value = self._take(key, types, expected)
-        if value is None:
-            return None
-        try:
-            positive = parse(value) > 0
-        except ValueError as exc:
-            raise self.error(str(exc), key) from None
-        if not positive:
-            raise self.error(f"expected {expected}, got {_show(value)}", key)
-        return str(value)
-
-    def table(self, key: str, *, required: bool = False) -> _Table:
-        """The sub-table ``[key]``; an empty one when it is optional and absent."""
-        value = self._take(key, (dict,), f"a table [{key}]", required)
-        return _Table(self.source, key, value or {})
-
-    def tables(self, key: str) -> list[_Table]:
-        """The array of tables ``[[key]]``: at least one."""
-        expected = f"at least one [[{key}]] table"
-        value = self._take(key, (list,), expected, required=True)
-        if not value or not all(isinstance(item, dict) for item in value):
-            raise self.error(f"expected {expected}, got {_show(value)}", key)
-        return [_Table(self.source, f"{key}[{i}]", item) for i, item in enumerate(value)]
+    return [("tier1", spec.tier1), *((f"stage[{i}]", node) for i, node in enumerate(spec.stages)),
+            *((f"tier2[{i}]", node) for i, node in enumerate(spec.tier2))]

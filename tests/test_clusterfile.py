@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
@@ -217,3 +218,39 @@ def test_every_tier1_setting_is_a_key_and_means_what_its_option_means(tmp_path):
     assert (tier1["heartbeat_timeout_s"], tier1["max_waiting"], tier1["max_seqs"]) == (3.0, 64, 256)
     with pytest.raises(ClusterFileError, match=r"tier1.heartbeat_timeout_s: expected a number >= 0.1, got 0.01"):
         load_cluster_file(write(tmp_path, edited(("port = 7700", "port = 7700\nheartbeat_timeout_s = 0.01"))))
+
+
+STAGES = BASE.replace('port = 7700\n', 'port = 7700\nlayers = "0:2"\n').replace(
+    'name = "b"', 'name = "b"\nstage = "second"') + """
+[[stage]]
+name = "second"
+host = "127.0.0.1"
+port = 7710
+layers = "2:4"
+"""
+
+
+def test_stages_give_each_stage_its_layers_nodes_and_next(tmp_path):
+    spec = load_cluster_file(write(tmp_path, STAGES))
+    first = parse_node_args(node_args(spec, "tier1"))
+    assert (first["layers"], first["next_stage"], first["tier2_nodes"]) == ("0:2", "127.0.0.1:7710", "127.0.0.1:7701")
+    second = parse_node_args(node_args(spec, "second"))
+    assert (second["role"], second["layers"], second["next_stage"], second["tier2_nodes"]) == (
+        "tier1", "2:4", None, "127.0.0.1:7702")
+    assert second["dtype"] == "float32"
+    local = local_cluster_kwargs(spec)
+    assert (local["stages"], local["tier2_nodes"]) == ("0:2,2:4", 1)
+
+
+@pytest.mark.parametrize("text,message", [
+    (STAGES.replace('layers = "2:4"', 'layers = "3:4"'), "stage second starts at layer 3 but tier1 ends at 2"),
+    (STAGES.replace('stage = "second"', 'stage = "third"'), 'tier2[1].stage: no stage named "third"'),
+    (STAGES.replace('stage = "second"\n', ''), 'stage second has no Tier 2 node; give a [[tier2]] table with stage = '
+                                               '"second"'),
+    (STAGES.replace('layers = "0:2"\n', ''), 'tier1.layers: with [[stage]] tables, [tier1] is the first stage'),
+    (BASE.replace('port = 7700\n', 'port = 7700\nlayers = "0:2"\n'), "tier1.layers: a single Tier 1 serves every layer"),
+    (STAGES.replace('layers = "2:4"', 'layers = "two"'), 'stage[0].layers: expected layers "A:B"'),
+])
+def test_a_bad_stage_layout_in_the_file_is_named(tmp_path, text, message):
+    with pytest.raises(ClusterFileError, match=re.escape(message)):
+        load_cluster_file(write(tmp_path, text))
