@@ -214,7 +214,7 @@ def status_command(address, secret_file, as_json) -> None:
                f"Tier 1 busy {100 * status['busy_fraction']:.0f}%")
     click.echo(f"requests: {requests['running']} running, {requests['waiting']} waiting, {requests['finished']} "
                f"finished, {requests['failed']} failed ({status['batches']} batches, "
-               f"{status['micro_batches_in_flight']} micro-batches in flight)")
+               f"{status['micro_batches_in_flight']} of {status['micro_batches']} micro-batches in flight)")
     if status.get("stopped"):
         click.echo(f"STOPPED: {status['stopped']}")
     stages = [{"layers": status["layers"], "tier2": status["tier2"]}, *status["stages"]] if "stages" in status else [

@@ -39,7 +39,9 @@ class StepSettings(_Settings):
 
 @dataclass(frozen=True)
 class Tier1Settings(StepSettings):
-    micro_batches: int = setting(4, "Micro-batches in flight (each may span every Tier 2 node).", minimum=1)
+    micro_batches: int | None = setting(
+        None, "Micro-batches in flight, each may span every Tier 2 node (default: as many as measured compute and "
+        "round-trip times call for, at least one per pipeline stage).", minimum=1)
     max_waiting: int = setting(4096, "Requests queued for KV room before clients are read no further.", minimum=1)
     heartbeat_s: float = setting(2.0, "Seconds between PINGs to each Tier 2 node.", minimum=0.01,
                                  flag="--heartbeat-interval")

@@ -50,6 +50,7 @@ class StageWork:
     seeds: Seq[int] = ()
     steps: Seq[int] = ()
     future: asyncio.Future | None = field(default=None, repr=False)  # where a merger answers it
+    seconds: float = 0.0  # its share of the compute job it ran in (set by the merger)
 
     @property
     def rows(self) -> int:

@@ -87,7 +87,7 @@ def test_multi_machine_file(tmp_path):
     assert tier1["role"] == "tier1" and tier1["listen"] == "0.0.0.0:7700"
     assert tier1["tier2_nodes"] == "10.0.0.2:7701,127.0.0.1:7702"
     assert (tier1["model_dir"], tier1["device"], tier1["max_seqs"]) == (tmp_path / "model", "cuda:1", 64)
-    assert tier1["micro_batches"] == 4  # left out of the file: the node's own default
+    assert tier1["micro_batches"] is None  # left out of the file: the node's own default (measured)
     assert tier1["secret_file"] == tmp_path / "glinthawk.secret" and not tier1["insecure"]
     assert (tier1["delay_ms"], tier1["jitter_ms"], tier1["bandwidth"]) == (20, 2.5, "1Gbit")  # --inject-*
     a, b = (parse_node_args(node_args(spec, name)) for name in ("a", "b"))

@@ -172,8 +172,9 @@ class NextStage:
     def name(self) -> str:
         return f"{stage_name(self.stages[0]['layers'])} at {self.address}"
 
-    async def forward(self, mb: int, header: dict, x: torch.Tensor) -> torch.Tensor:
-        """Send micro-batch ``mb``'s step on; its sampled tokens, once the last stage has them."""
+    async def forward(self, mb: int, header: dict, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """Send micro-batch ``mb``'s step on; its sampled tokens once the last stage has them, and
+        each later stage's (compute, wait) seconds."""
         if not self.alive:
             raise StageLost(f"{self.name} is unreachable")
         future = self._answers[mb] = asyncio.get_running_loop().create_future()
@@ -211,7 +212,7 @@ class NextStage:
             if future is None or future.done():
                 return
             if kind == MsgType.TOKENS:
-                future.set_result(torch.tensor(header["tokens"], dtype=torch.int64))
+                future.set_result((torch.tensor(header["tokens"], dtype=torch.int64), _timings(header)))
             elif header.get("lost"):
                 self.events.lost_nodes(header["lost"])
                 future.set_exception(StepLost(str(header.get("message")), header["lost"]))
@@ -258,6 +259,15 @@ class NextStage:
         self.events.down(message)
 
 
+def _timings(header: dict) -> list:
+    """A TOKENS frame's (compute, wait) seconds per stage; none if malformed (they only pace)."""
+    timings = header.get("timings")
+    try:
+        return [[float(c), float(w)] for c, w in timings]
+    except (TypeError, ValueError):
+        return []
+
+
 class Downstream:
     """The way to the next stage, kept open: connected at start-up (a next stage that does
     not answer, or is not the model's next layers, refuses the start), reconnected after a loss."""
@@ -301,7 +311,7 @@ class Downstream:
             else:
                 log.debug("next stage %s: %s", self.address, reason)
 
-    async def forward(self, mb: int, header: dict, x: torch.Tensor) -> torch.Tensor:
+    async def forward(self, mb: int, header: dict, x: torch.Tensor) -> tuple[torch.Tensor, list]:
         if self.link is None:
             raise StageLost(f"the next stage at {self.address} is unreachable")
         return await self.link.forward(mb, header, x)

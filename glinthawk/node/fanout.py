@@ -56,6 +56,30 @@ def attention_work(starts: Seq[int], counts: Seq[int]) -> int:
     return sum(count * (start + count) for start, count in zip(starts, counts))
 
 
+class StepClock:
+    """One step's compute and waiting at one stage, and at the stages after it (for ``pacing.Pacer``)."""
+
+    def __init__(self) -> None:
+        self.compute_s = self.wait_s = 0.0
+        self.later: list[list[float]] = []  # (compute, wait) of each later stage, as they reported them
+
+    def timed_compute(self, compute):
+        async def timed(work):
+            result = await compute(work)
+            self.compute_s += work.seconds
+            return result
+        return timed
+
+    def handed_on(self, waited_s: float, later: list) -> None:
+        """The later stages answered after ``waited_s``; what their own compute and waits leave is the hops'."""
+        self.later = [[float(c), float(w)] for c, w in later]
+        self.wait_s += max(0.0, waited_s - sum(c + w for c, w in self.later))
+
+    @property
+    def stages(self) -> list[list[float]]:
+        return [[self.compute_s, self.wait_s], *self.later]
+
+
 class Fanout:
     """A micro-batch's attention requests at one stage, and the round trips they took, which
     set how long the next answer may take (see ``links.Tier2Link.deadline_for``)."""
@@ -64,6 +88,7 @@ class Fanout:
         self.mb, self.first_layer = mb, first_layer
         self._round_trip_s: float | None = None  # the latest layer's attention round trip
         self._seconds_per_work: float | None = None  # that round trip per query x key pair of its step
+        self.clock = StepClock()  # the step under way's
 
     async def attend(self, layer: int, parts: list[Part], work: int, q, k, v) -> torch.Tensor:
         """Layer ``layer``'s attention: each node's rows go out at once, the outputs come back in order.
@@ -96,6 +121,7 @@ class Fanout:
             out = torch.cat(outs) if in_order else _scatter(parts, outs, q.shape[0])
         self._round_trip_s = loop.time() - sent_at
         self._seconds_per_work = self._round_trip_s / max(work, 1)
+        self.clock.wait_s += self._round_trip_s
         return out
 
 

@@ -176,6 +176,15 @@ class StageMerger:
 
     @torch.inference_mode()
     def _compute(self, stage: int, works: list[StageWork]) -> list:
+        started = time.perf_counter()
+        try:
+            return self._outputs(stage, works)
+        finally:
+            elapsed, rows = time.perf_counter() - started, sum(w.rows for w in works)
+            for work in works:  # each micro-batch's share, by rows (what pacing.Pacer weighs)
+                work.seconds = elapsed * work.rows / max(rows, 1)
+
+    def _outputs(self, stage: int, works: list[StageWork]) -> list:
         result = compute_stage(self.model, works[0] if len(works) == 1 else _merged(works))
         if stage == self.final:
             return [result] if len(works) == 1 else list(result.split([len(w.params) for w in works]))

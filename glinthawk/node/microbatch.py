@@ -22,7 +22,7 @@ import torch
 
 from glinthawk.compute.loader import Model
 from glinthawk.node.chain import RemoteNode, StageLost
-from glinthawk.node.fanout import Fanout, attention_work, split_by_node
+from glinthawk.node.fanout import Fanout, StepClock, attention_work, split_by_node
 from glinthawk.node.links import LinkLost, Tier2Link
 from glinthawk.sequence import Sequence, StepBatch, commit_step, pack_step, plan_step
 from glinthawk.step import StageWork, run_step
@@ -51,8 +51,12 @@ class Host(Protocol):
     def compute(self, work: StageWork) -> Awaitable[Any]: ...
 
     def forward(self, mb: int, batch: StepBatch, routes: Seq[Route], reserve: dict[int, int],
-                hidden: torch.Tensor) -> Awaitable[torch.Tensor]:
-        """Hand a step's hidden states on to the next stage; its sampled tokens (pipeline stages only)."""
+                hidden: torch.Tensor) -> Awaitable[tuple[torch.Tensor, list]]:
+        """Hand a step's hidden states on to the next stage; its sampled tokens, and each later
+        stage's (compute, wait) seconds (pipeline stages only)."""
+
+    def pace(self, stages: list[list[float]]) -> None:
+        """A step's (compute, wait) seconds at each stage (``pacing.Pacer``)."""
 
     def wanted(self, seq: Sequence) -> bool:
         """False once the sequence's batch was given up."""
@@ -178,10 +182,15 @@ class MicroBatch:
         async def attend(layer: int, q, k, v) -> torch.Tensor:
             return await self.fanout.attend(layer, parts, work, q, k, v)
 
-        next_tokens = await run_step(self.model, batch, self.host.compute, attend)
+        clock = self.fanout.clock = StepClock()
+        next_tokens = await run_step(self.model, batch, clock.timed_compute(self.host.compute), attend)
         if not self.model.is_last:  # a pipeline's first stage: the rest of the model is downstream
-            next_tokens = await self.host.forward(self.id, batch, [route[1:] for route in routes], reserve,
-                                                  next_tokens)
+            loop = asyncio.get_running_loop()
+            sent = loop.time()
+            next_tokens, later = await self.host.forward(self.id, batch, [route[1:] for route in routes], reserve,
+                                                         next_tokens)
+            clock.handed_on(loop.time() - sent, later)
+        self.host.pace(clock.stages)
         self.on_node.update(ids)  # every node of their route has reserved their room
         self.host.record_step(batch)
         finished = commit_step(batch, next_tokens, self.tokenizer)

@@ -24,7 +24,7 @@ from glinthawk.net.netem import NetEm
 from glinthawk.net.server import server_handshake, start_server
 from glinthawk.node.chain import (ChainEvents, Downstream, NextStage, StageLost, StepLost, fingerprint,
                                   parse_handoff, stage_name)
-from glinthawk.node.fanout import Fanout, attention_work, split_by_node
+from glinthawk.node.fanout import Fanout, StepClock, attention_work, split_by_node
 from glinthawk.node.links import LinkLost, Tier2Link
 from glinthawk.node.merger import StageMerger
 from glinthawk.node.pool import Tier2Pool
@@ -185,7 +185,8 @@ class StageNode:
         mb = header.get("mb")
         self.steps_running += 1
         try:
-            answer = {"type": MsgType.TOKENS, "mb": mb, "tokens": (await self._run(mb, header, x)).tolist()}
+            tokens, timings = await self._run(mb, header, x)
+            answer = {"type": MsgType.TOKENS, "mb": mb, "tokens": tokens.tolist(), "timings": timings}
         except StepLost as exc:
             answer = {"type": MsgType.STEP_FAILED, "mb": mb, "lost": exc.lost, "message": str(exc)}
         except StageLost as exc:
@@ -201,7 +202,8 @@ class StageNode:
             except (ConnectionClosed, ConnectionError):
                 pass
 
-    async def _run(self, mb: int, header: dict, x: torch.Tensor | None) -> torch.Tensor:
+    async def _run(self, mb: int, header: dict, x: torch.Tensor | None) -> tuple[torch.Tensor, list]:
+        """The step's sampled tokens, and the (compute, wait) seconds of this stage and those after it."""
         batch, route, reserve, onward = parse_handoff(header)
         if not isinstance(x, torch.Tensor) or x.shape[0] != len(batch.positions):
             raise ProtocolError("a HIDDEN frame without hidden states for each of its rows")
@@ -222,10 +224,14 @@ class StageNode:
                 lost = sorted({i for i, link in zip(route, links) if not link.alive})
                 raise StepLost(f"{self.name}: {exc}", [[self.first_layer, i] for i in lost]) from None
 
-        out = await run_step(self.model, batch, self._compute, attend, x=x)
-        if self.downstream is None:
-            return out
-        return await self.downstream.forward(mb, onward, out)
+        clock = fanout.clock = StepClock()
+        out = await run_step(self.model, batch, clock.timed_compute(self._compute), attend, x=x)
+        if self.downstream is not None:
+            loop = asyncio.get_running_loop()
+            sent = loop.time()
+            out, later = await self.downstream.forward(mb, onward, out)
+            clock.handed_on(loop.time() - sent, later)
+        return out, clock.stages
 
     def _compute(self, work: StageWork):
         return self.merger.run(work, alone=self.steps_running == 1)

@@ -39,6 +39,7 @@ from glinthawk.node.clients import ClientService
 from glinthawk.node.links import Tier2Link
 from glinthawk.node.merger import StageMerger
 from glinthawk.node.microbatch import MicroBatch, Route
+from glinthawk.node.pacing import Pacer
 from glinthawk.node.pipeline import LaterStages
 from glinthawk.node.pool import Tier2Pool
 from glinthawk.requests import RequestError, error_line, result_line
@@ -88,6 +89,7 @@ class Tier1Node(ClientService):
         self._token_samples: deque[tuple[float, int]] = deque(maxlen=11)  # (time, tokens) once a second
         self.merger: StageMerger | None = None
         self.micro_batch_list: list[MicroBatch] = []
+        self.pacer = Pacer(self.settings.micro_batches)  # how many of them take sequences
         self._room = asyncio.Event()  # set when a client's handler may read more input
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -104,7 +106,7 @@ class Tier1Node(ClientService):
         self.merger.start()
         await self.merger.call(warm_up, self.model, settings.max_batch_tokens, settings.max_seqs)
         self.micro_batch_list = [MicroBatch(self, self.model, self.tokenizer, settings.max_seqs,
-                                            settings.max_batch_tokens) for _ in range(settings.micro_batches)]
+                                            settings.max_batch_tokens) for _ in range(self.pacer.most)]
         for mb in self.micro_batch_list:
             self._spawn(mb.run())
         failures = await self.pool.connect_all()
@@ -126,6 +128,7 @@ class Tier1Node(ClientService):
             raise ConnectionError(f"the next stage at {self.downstream.address} cannot be used: {reason}; start the "
                                   "stages from the last one, each with --next naming the one after it")
         self.later.reset(self.downstream.link.stages)
+        self.pacer.at_least(1 + len(self.later.nodes))  # a micro-batch for every stage to compute
         self._spawn(self.downstream.keep_up())
 
     async def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
@@ -204,6 +207,7 @@ class Tier1Node(ClientService):
                          "failed": self.stats.failed, "waiting": len(self.waiting), "running": len(self.batch_of)},
             "batches": len(self.batches),
             "micro_batches_in_flight": self.micro_batches_in_flight,
+            "micro_batches": self.pacer.count,  # how many take sequences (measured, unless given)
             "tier2": [{  # every configured node, reached or not
                 "address": address, "alive": bool(link and link.alive), "kv_tokens": link.capacity_tokens if link else 0,
                 "kv_tokens_used": link.used_tokens if link else 0, "sequences": link.sequences if link else 0,
@@ -271,6 +275,9 @@ class Tier1Node(ClientService):
                 hidden: torch.Tensor):
         return self.downstream.forward(mb, handoff_header(mb, batch, routes, reserve), hidden)
 
+    def pace(self, stages: list[list[float]]) -> None:
+        self.pacer.record(stages)
+
     def wanted(self, seq: Sequence) -> bool:
         return seq.id in self.batch_of
 
@@ -292,7 +299,7 @@ class Tier1Node(ClientService):
             key, seq = seq_key
             route = tuple(max(fits, key=lambda node: node.free_tokens) for nodes in stages
                           if (fits := [node for node in nodes if node.free_tokens >= seq.reserve_tokens]))
-            mb = min(self.micro_batch_list, key=lambda m: m.size)
+            mb = min(self.micro_batch_list[:self.pacer.count], key=lambda m: m.size)
             if len(route) < len(stages) or mb.size >= self.settings.max_seqs:
                 break
             self.waiting.take(key, seq)
