@@ -105,12 +105,13 @@ class LocalCluster:
 
     ``settings``: any field of ``Tier1Settings`` (``max_seqs=2``), ``Tier2Settings`` (each
     node's ``kv_memory`` or ``kv_tokens``) or ``NetemSettings`` (``delay_ms=10``), all
-    defaulting as the nodes do. ``micro_batches`` left out: 1 on a plain loopback (the
+    defaulting as the nodes do. ``micro_batches="auto"``: Tier 1 measures the count (as a node
+    does by default). ``micro_batches`` left out: 1 on a plain loopback (the
     largest batch), 4 with injected delay.
     """
 
     def __init__(self, model_dir: Path, tier2_nodes: int = LOCAL_TIER2_NODES, *, dtype: str = "auto",
-                 device: str = "auto", micro_batches: int | None = None, log_dir: Path | None = None,
+                 device: str = "auto", micro_batches: int | str | None = None, log_dir: Path | None = None,
                  secret_file: Path | None = None, stages: int | str | None = None, **settings: Any):
         self.model_dir, self.tier2_nodes, self.dtype, self.device = model_dir, tier2_nodes, dtype, device
         self.stages = stage_layers(stages, _num_layers(model_dir)) if stages is not None else [None]
@@ -153,9 +154,11 @@ class LocalCluster:
         self.stop()
 
     @property
-    def in_flight(self) -> int:
+    def in_flight(self) -> int | None:
         """Micro-batches for Tier 1: hiding latency needs several; without any, one batch is largest.
         With stages, one more than there are stages, so that each stage has one to compute."""
+        if self.micro_batches == "auto":
+            return None
         if self.micro_batches:
             return self.micro_batches
         base = 4 if self.netem.delay_ms or self.netem.jitter_ms else 1
@@ -176,7 +179,7 @@ class LocalCluster:
         single process against 0.39 with 1 thread each; 0.12 with 2 threads everywhere).
         """
         cores = os.cpu_count() or 1
-        if name == "tier1" and self.in_flight == 1:
+        if name == "tier1" and self.in_flight == 1 and len(self.stages) == 1:
             return cores
         return max(1, cores // (len(self.stages) * (self.tier2_nodes + 1)))
 

@@ -28,10 +28,11 @@ ROW_FIELDS = {
                "tier2_ratio_to_theoretical"],
     "capacity": ["context", "single_batch", "two_tier_batch", "single_decode_tok_s", "two_tier_decode_tok_s",
                  "decode_ratio", "end_to_end_ratio"],
+    "pipeline": ["stages", "delay_ms", "micro_batches", "tok_s", "ratio_to_best_hand_picked", "ratio_to_one_stage"],
 }
 TARGETS = {"limits": set(), "engine": {"roofline", "vs_hf", "long_context"}, "kernels": {"attention", "linear"},
            "cluster": {"vs_single"}, "latency": {"10ms", "50ms"}, "memory": {"tier1_flat", "tier2_bound"},
-           "capacity": {"ratio_2048"}}
+           "capacity": {"ratio_2048"}, "pipeline": {"auto_count"}}
 
 
 @pytest.fixture(scope="module")

@@ -546,10 +546,11 @@ def run_two_tier_inprocess(model, tokenizer, lines: list[dict], work_dir: Path, 
 
 
 def run_local_cluster(model_dir: Path, lines: list[dict], work_dir: Path, *, dtype: str, tier2_nodes: int,
-                      kv_tokens: int, micro_batches: int = Tier1Settings.micro_batches,
+                      kv_tokens: int, micro_batches: int | str | None = None,
                       max_batch_tokens: int = StepSettings.max_batch_tokens, max_seqs: int = StepSettings.max_seqs,
-                      delay_ms: float = 0.0) -> RunResult:
-    """``glinthawk run``: real Tier 2 and Tier 1 processes on loopback; times the submit only."""
+                      delay_ms: float = 0.0, stages: int | None = None) -> RunResult:
+    """``glinthawk run``: real Tier 2 and Tier 1 processes on loopback; times the submit only.
+    ``micro_batches``: see ``LocalCluster`` ("auto": Tier 1 measures the count)."""
     from glinthawk.client import submit
     from glinthawk.cluster import ClusterError, LocalCluster
     from glinthawk.net.connection import run
@@ -558,7 +559,7 @@ def run_local_cluster(model_dir: Path, lines: list[dict], work_dir: Path, *, dty
     out_path = work_dir / "results.jsonl"
     cluster = LocalCluster(model_dir, tier2_nodes=tier2_nodes, kv_tokens=kv_tokens, dtype=dtype, device="cpu",
                            micro_batches=micro_batches, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs,
-                           delay_ms=delay_ms, log_dir=work_dir / "logs")
+                           delay_ms=delay_ms, log_dir=work_dir / "logs", stages=stages if stages != 1 else None)
     started = time.perf_counter()
     try:
         with cluster:
