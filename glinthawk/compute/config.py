@@ -15,6 +15,8 @@ from typing import Any
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu",)
+# The dtypes weights can run in, by name (torch-free, for the command line and cluster files).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 class ModelConfigError(ValueError):
