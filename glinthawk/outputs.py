@@ -17,6 +17,9 @@ from tqdm import tqdm
 from glinthawk.requests import is_error
 
 
+STDOUT = "-"  # as an output path: standard output
+
+
 class OutputError(Exception):
     """The results file cannot be held or written; the message is one line for the user."""
 
@@ -30,10 +33,15 @@ class Output:
     write it, empty it or cut it under us. Opening changes nothing in the file; ``start``
     does (it empties the file unless resuming). A file that opening created and that was
     never started is removed on close, so a run that never started leaves no trace.
+    ``-`` is standard output: written as it is, never locked, emptied or removed.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if str(path) == STDOUT:
+            self._fd = os.dup(sys.stdout.fileno())
+            self._regular = self._remove_on_close = False
+            return
         created = not self.path.exists()
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
