@@ -101,8 +101,8 @@ def check_resume(output_path: str, resume: bool) -> None:
 @click.option("--kv-memory", default=None, help="KV cache capacity as a size, e.g. 2GiB (default: 65536 tokens).")
 @setting_options(StepSettings)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def generate(input_path, legacy_input, output_path, model_dir, dtype, device, kv_tokens, kv_memory, max_batch_tokens, max_seqs,
-             progress) -> None:
+def generate(input_path, legacy_input, output_path, model_dir, dtype, device, kv_tokens, kv_memory, max_batch_tokens,
+             max_seqs, progress) -> None:
     """Single-process generation: read prompts JSONL ('-' or a pipe: stdin), write results JSONL."""
     from glinthawk.engine import Engine
     from glinthawk.outputs import OutputError, ResultWriter, count_lines
@@ -186,7 +186,7 @@ def submit_command(input_path, to, output_path, progress, resume, secret_file) -
 @setting_options(StepSettings)
 @setting_options(NetemSettings)
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the nodes' logs go (default: a new temporary directory).")
+              help="Where the nodes' logs go (default: a temporary directory, removed after a clean run).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @click.option("--resume", is_flag=True, help="Keep the output file; skip every custom_id already answered in it.")
 @click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -204,7 +204,8 @@ def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, 
                            micro_batches=micro_batches, log_dir=log_dir, secret_file=secret_file, **settings)
     try:
         with cluster:
-            click.echo(f"cluster up: {tier2_nodes} Tier 2 node(s), logs in {cluster.log_dir}", err=True)
+            kept = " (removed after a clean run)" if cluster.temporary_logs else ""
+            click.echo(f"cluster up: {tier2_nodes} Tier 2 node(s), logs in {cluster.log_dir}{kept}", err=True)
             host, port = cluster.tier1_address
             _run_submit(input_path, host, port, output_path, progress, resume, secret_file, cluster)
     except ClusterError as exc:

@@ -2,7 +2,9 @@
 
 Each child binds port 0 and reports its address through a ready file, so there is no
 port race. Children get SIGTERM when this process dies (PR_SET_PDEATHSIG) and on every
-exit path of the context manager, Tier 1 first so it can finish its work.
+exit path of the context manager, Tier 1 first so it can finish its work. Their logs go to
+``log_dir``, or to a temporary directory that is removed after a clean run (kept, and
+logged, when a node or the run failed: the logs are what explains it).
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import dataclasses
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +36,7 @@ TIER1_STOP_TIMEOUT_S = 75.0
 WATCH_INTERVAL_S = 0.5
 
 T = TypeVar("T")
+log = logging.getLogger("glinthawk.cluster")
 
 
 class ClusterError(RuntimeError):
@@ -90,6 +95,7 @@ class LocalCluster:
                  secret_file: Path | None = None, **settings: Any):
         self.model_dir, self.tier2_nodes, self.dtype, self.device = model_dir, tier2_nodes, dtype, device
         self.micro_batches, self.log_dir, self.secret_file = micro_batches, log_dir, secret_file
+        self.temporary_logs = log_dir is None  # a directory of our own: removed after a clean run
         self.tier1, self.tier2, self.netem = split(settings, Tier1Settings, Tier2Settings, NetemSettings)
         self.nodes: list[NodeProcess] = []
 
@@ -112,8 +118,20 @@ class LocalCluster:
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        self.close(clean=exc_type is None)
+
+    def close(self, clean: bool = True) -> Path | None:
+        """Stop every node. A temporary log directory is removed when ``clean`` (the caller's run went
+        well) and every node exited 0; otherwise it stays and is logged. Returns where the logs are, if kept."""
         self.stop()
+        if not self.temporary_logs or self.log_dir is None:
+            return self.log_dir
+        if clean and all(node.process.returncode == 0 for node in self.nodes):
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+            return None
+        log.warning("the nodes' logs are kept in %s", self.log_dir)
+        return self.log_dir
 
     @property
     def in_flight(self) -> int:

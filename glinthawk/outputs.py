@@ -18,6 +18,8 @@ from glinthawk.requests import is_error
 
 
 STDOUT = "-"  # as an output path: standard output
+# Without a terminal (a log file, CI) the progress bar gives way to a plain line at most this often.
+PROGRESS_EVERY_S = 10.0
 
 
 class OutputError(Exception):
@@ -112,8 +114,10 @@ class ResultWriter:
             raise OutputError(f"cannot write output file {self._output.path}: {exc.strerror}") from None
         show = sys.stderr.isatty() if progress is None else progress
         self._bar = tqdm(total=total, unit="req", disable=not show, dynamic_ncols=True)
+        self._total = total
+        self._lines = progress is None and not show  # a long run still says how far it got
         self.done = self.failed = self.generated_tokens = 0
-        self._started = time.monotonic()
+        self._started = self._reported = time.monotonic()
 
     def write(self, line: dict[str, Any]) -> None:
         try:
@@ -126,9 +130,14 @@ class ResultWriter:
         else:
             self.done += 1
             self.generated_tokens += _completion_tokens(line)
-        elapsed = max(time.monotonic() - self._started, 1e-9)
+        now = time.monotonic()
+        elapsed = max(now - self._started, 1e-9)
         self._bar.set_postfix(failed=self.failed, gen_tok_s=f"{self.generated_tokens / elapsed:.1f}", refresh=False)
         self._bar.update(1)
+        if self._lines and now - self._reported >= PROGRESS_EVERY_S:
+            self._reported = now
+            print(progress_line(self.done + self.failed, self._total, self.failed, self.generated_tokens, elapsed),
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self._bar.close()
@@ -139,6 +148,21 @@ class ResultWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def progress_line(written: int, total: int | None, failed: int, tokens: int, elapsed_s: float) -> str:
+    """One progress line: results so far (of how many), failures, generated tok/s and, with a total, the ETA."""
+    done = f"{written}/{total}" if total else f"{written}"
+    line = f"progress: {done} results, {failed} failed, {tokens / elapsed_s:.1f} tok/s generated"
+    if total and written:
+        line += f", ETA {_duration(elapsed_s * max(total - written, 0) / written)}"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def _completion_tokens(line: dict[str, Any]) -> int:

@@ -90,6 +90,8 @@ def _tier2_node(settings: dict, netem, secret: bytes | None):
         memory = parse_size(kv.kv_memory or DEFAULT_KV_MEMORY) if kv.kv_tokens is None else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--kv-memory") from None
+    log.info("tier2: KV cache of %s (in tokens once Tier 1 gives the model's shape), %d torch threads",
+             f"{kv.kv_tokens} tokens" if memory is None else f"{memory / 2**20:.0f} MiB", _torch_threads())
     return Tier2Node(kv_memory=memory, kv_tokens=kv.kv_tokens, netem=netem, secret=secret)
 
 
@@ -103,8 +105,19 @@ def _tier1_node(settings: dict, tier2_nodes: str | None, model_dir: Path, dtype:
     model, tokenizer = load_checkpoint(model_dir, dtype, device)
     from glinthawk.node.tier1 import Tier1Node
 
+    tier1 = pick(Tier1Settings, settings)
+    log.info("tier1: model %s (%s, %d layers), %s on %s, %d torch threads; micro-batches in flight: %d, "
+             "up to %d tokens a batch; Tier 2 nodes %s", model_dir, model.config.architecture, model.config.num_layers,
+             str(model.dtype).removeprefix("torch."), model.device, _torch_threads(), tier1.micro_batches,
+             tier1.max_batch_tokens, ", ".join(addresses))
     return Tier1Node(model, tokenizer, addresses, netem=netem, model_name=model_dir.name, secret=secret,
-                     settings=pick(Tier1Settings, settings))
+                     settings=tier1)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 async def _serve(node, host: str, port: int, ready_file: Path | None, metrics_port: int | None) -> None:
