@@ -163,10 +163,7 @@ class LocalCluster:
         While a node waits for the others, its OpenMP workers spin on all but one of its
         threads' cores. libgomp's long default keeps them awake for its next stage where the
         nodes working meanwhile fit on the cores left; where they do not, they would wait for
-        the spinning workers. Interleaved A/B, batch 64, one micro-batch, 2 cores: Tier 1 at
-        100,000 rounds against 10,000 was +7.7% with 1 Tier 2 node, -3.6% with 2 and -2.7%
-        with 3 (whose frames then waited behind the spinning worker); the default against
-        100,000, +1.3% on average with 1 node (see glinthawk/omp.py).
+        the spinning workers (measured in docs/PERFORMANCE.md).
         """
         cores = os.cpu_count() or 1
         others = (self.tier2_nodes * self.threads_for("tier2") if name == "tier1"
