@@ -117,3 +117,17 @@ def test_bench_without_its_extra_says_how_to_install_it(monkeypatch, tmp_path):
     assert result.output.strip().splitlines() == [
         "Error: glinthawk bench needs matplotlib, from the bench extra: pip install 'glinthawk[bench]'"]
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_of_dash_is_stdout_never_locked_emptied_or_removed(tmp_path, monkeypatch, capfd):
+    """What run and submit write through (they share Output with generate)."""
+    from glinthawk.outputs import Output, probe_output
+
+    monkeypatch.chdir(tmp_path)
+    probe_output("-")  # the CLI's early check: must neither create a file named '-' nor hold stdout
+    with Output("-") as first, Output("-") as second:  # no lock: both may write
+        first.start(append=False)
+        first.write(b'{"custom_id": "a"}\n')
+        second.write(b'{"custom_id": "b"}\n')
+    assert capfd.readouterr().out == '{"custom_id": "a"}\n{"custom_id": "b"}\n'
+    assert list(tmp_path.iterdir()) == []
