@@ -16,11 +16,12 @@ from glinthawk.options import (
     dtype_option,
     load_checkpoint,
     model_option,
+    netem_from,
     parse_address,
     read_secret,
     setting_options,
 )
-from glinthawk.settings import LOCAL_TIER2_NODES, NetemSettings, StepSettings, Tier2Settings
+from glinthawk.settings import LOCAL_TIER2_NODES, NetemSettings, StepSettings, Tier2Settings, pick
 
 if TYPE_CHECKING:
     from glinthawk.cluster import LocalCluster
@@ -79,6 +80,18 @@ def pick_input(input_path: str | None, legacy_input: str | None) -> str:
     if input_path is None and sys.stdin.isatty():
         raise click.UsageError("no prompts file: give one (PROMPTS.jsonl), or '-' and pipe it to stdin")
     return input_path or "-"
+
+
+def check_node_options(secret_file: Path | None, settings: dict) -> None:
+    """What ``run`` hands its nodes, checked here first: a node refusing an option ended the run with
+    the node's own usage text, under another command's name."""
+    read_secret(secret_file)
+    netem_from(pick(NetemSettings, settings))
+    if settings.get("kv_memory") is not None:
+        try:
+            parse_size(settings["kv_memory"])
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--kv-memory") from None
 
 
 def _where(output_path: str) -> str:
@@ -199,6 +212,7 @@ def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, 
     if not Path(input_path).is_file():
         raise click.ClickException(f"cannot read input file {input_path}: no such file")
     check_resume(output_path, resume)
+    check_node_options(secret_file, settings)
     check_output(output_path)
     cluster = LocalCluster(model_dir, tier2_nodes=tier2_nodes, dtype=dtype, device=device,
                            micro_batches=micro_batches, log_dir=log_dir, secret_file=secret_file, **settings)

@@ -131,3 +131,19 @@ def test_an_output_of_dash_is_stdout_never_locked_emptied_or_removed(tmp_path, m
         second.write(b'{"custom_id": "b"}\n')
     assert capfd.readouterr().out == '{"custom_id": "a"}\n{"custom_id": "b"}\n'
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option,value,says", [
+    ("--secret-file", "no-such-secret", "cannot read secret file"),
+    ("--kv-memory", "lots", "cannot parse size 'lots'"),
+    ("--inject-bandwidth", "lots", "cannot parse bandwidth 'lots'"),
+])
+def test_run_checks_what_it_hands_its_nodes_before_starting_them(tmp_path, option, value, says):
+    """Before, the first node refused it and the run ended with that node's usage text, under its name."""
+    inputs, logs = _prompts(tmp_path / "in.jsonl", 1), tmp_path / "logs"
+    result = CliRunner().invoke(main, ["run", str(inputs), "-o", str(tmp_path / "out.jsonl"), "--log-dir", str(logs),
+                                       option, str(tmp_path / value) if option == "--secret-file" else value])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and option.split("-")[-1] in errors[0] and says in errors[0], result.output
+    assert "glinthawk.node" not in result.output and not logs.exists()
