@@ -62,7 +62,13 @@ def open_input(path: str):
 @click.group()
 @click.version_option(package_name="glinthawk")
 def main() -> None:
-    """Glinthawk: two-tier offline LLM inference."""
+    """Glinthawk: two-tier offline LLM inference.
+
+    \b
+    Start here (a clone has examples/prompts.jsonl):
+      glinthawk run PROMPTS.jsonl -o RESULTS.jsonl
+    Nodes on several machines: glinthawk-node (docs/DEPLOYMENT.md).
+    """
     tune_malloc()
 
 
@@ -116,7 +122,9 @@ def check_resume(output_path: str, resume: bool) -> None:
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def generate(input_path, legacy_input, output_path, model_dir, dtype, device, kv_tokens, kv_memory, max_batch_tokens,
              max_seqs, progress) -> None:
-    """Single-process generation: read prompts JSONL ('-' or a pipe: stdin), write results JSONL."""
+    """Generate in one process: prompts JSONL in, results JSONL out.
+
+    PROMPTS.jsonl may be '-', or left out with stdin piped."""
     from glinthawk.engine import Engine
     from glinthawk.outputs import OutputError, ResultWriter, count_lines
     from glinthawk.requests import parse_stream
