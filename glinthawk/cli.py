@@ -152,8 +152,9 @@ def generate(input_path, legacy_input, output_path, model_dir, dtype, device, kv
 
 
 def _run_submit(input_path: str, host: str, port: int, output_path: str, progress: bool | None,
-                resume: bool = False, secret_file: Path | None = None, cluster: LocalCluster | None = None) -> None:
-    """Submit to Tier 1 at host:port; with ``cluster`` (its local nodes), stop if they die."""
+                resume: bool = False, secret_file: Path | None = None, cluster: LocalCluster | None = None) -> int:
+    """Submit to Tier 1 at host:port; with ``cluster`` (its local nodes), stop if they die. Returns how
+    many requests failed (the caller exits non-zero then, once its cluster is down)."""
     from glinthawk.client import SubmitError, submit
     from glinthawk.cluster import ClusterError
     from glinthawk.net.connection import run
@@ -171,8 +172,7 @@ def _run_submit(input_path: str, host: str, port: int, output_path: str, progres
                f"-> {_where(output_path)}", err=True)
     if summary.unsent:
         raise click.ClickException("Tier 1 shut down before the whole file was sent; rerun with --resume")
-    if summary.failed:
-        sys.exit(1)
+    return summary.failed
 
 
 @main.command("submit")
@@ -188,7 +188,8 @@ def submit_command(input_path, to, output_path, progress, resume, secret_file) -
     host, port = parse_address(to, "--to")
     check_resume(output_path, resume)
     check_output(output_path)
-    _run_submit(input_path, host, port, output_path, progress, resume, secret_file)
+    if _run_submit(input_path, host, port, output_path, progress, resume, secret_file):
+        sys.exit(1)
 
 
 @main.command("run")
@@ -229,9 +230,11 @@ def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, 
             kept = " (removed after a clean run)" if cluster.temporary_logs else ""
             click.echo(f"cluster up: {tier2_nodes} Tier 2 node(s), logs in {cluster.log_dir}{kept}", err=True)
             host, port = cluster.tier1_address
-            _run_submit(input_path, host, port, output_path, progress, resume, secret_file, cluster)
+            failed = _run_submit(input_path, host, port, output_path, progress, resume, secret_file, cluster)
     except ClusterError as exc:
         raise click.ClickException(str(exc)) from None
+    if failed:  # bad lines, not a cluster that failed: its logs went with it
+        sys.exit(1)
 
 
 @main.command("status")

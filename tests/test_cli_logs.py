@@ -56,12 +56,13 @@ async def test_tier1_logs_each_client_batch_as_it_arrives_and_finishes(checkpoin
 
 
 def test_run_removes_its_temporary_log_directory_after_a_clean_run(model_dir, tmp_path):
-    """Before, every glinthawk run left a glinthawk-run-* directory in /tmp."""
+    """Before, every glinthawk run left a glinthawk-run-* directory in /tmp. A bad input line fails (exit 1)
+    but the cluster ran cleanly: its logs go too."""
     requests = tmp_path / "in.jsonl"
-    requests.write_text(json.dumps({"custom_id": "a", "prompt": "Hi", "max_tokens": 2}) + "\n")
+    requests.write_text(json.dumps({"custom_id": "a", "prompt": "Hi", "max_tokens": 2}) + "\nnot json\n")
     result = CliRunner().invoke(main, ["run", str(requests), "-o", str(tmp_path / "out.jsonl"), "--model",
                                        str(model_dir), "--tier2-nodes", "1", "--no-progress"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1 and "1 done, 1 failed" in result.output, result.output
     found = re.search(r"logs in (\S+) \(removed after a clean run\)", result.output)
     assert found, result.output
     assert not Path(found.group(1)).exists()
