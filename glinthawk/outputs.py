@@ -14,7 +14,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from glinthawk.requests import is_error
+from glinthawk.requests import completion_tokens, is_error
 
 
 STDOUT = "-"  # as an output path: standard output
@@ -129,7 +129,7 @@ class ResultWriter:
             self.failed += 1
         else:
             self.done += 1
-            self.generated_tokens += _completion_tokens(line)
+            self.generated_tokens += completion_tokens(line)
         now = time.monotonic()
         elapsed = max(now - self._started, 1e-9)
         self._bar.set_postfix(failed=self.failed, gen_tok_s=f"{self.generated_tokens / elapsed:.1f}", refresh=False)
@@ -163,12 +163,6 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-def _completion_tokens(line: dict[str, Any]) -> int:
-    if "completion_tokens" in line:
-        return int(line["completion_tokens"])
-    return int(line.get("response", {}).get("body", {}).get("usage", {}).get("completion_tokens", 0))
 
 
 def count_lines(path: str | Path) -> int | None:

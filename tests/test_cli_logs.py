@@ -45,13 +45,14 @@ def test_no_progress_means_no_progress_lines(tmp_path, monkeypatch, capsys):
 
 async def test_tier1_logs_each_client_batch_as_it_arrives_and_finishes(checkpoint, tmp_path, caplog):
     requests = tmp_path / "in.jsonl"
-    requests.write_text("".join(json.dumps({"custom_id": f"r{i}", "prompt": "Hi", "max_tokens": 2}) + "\n"
-                                for i in range(3)) + "not json\n")
+    lines = [json.dumps({"custom_id": f"r{i}", "prompt": "Hi", "max_tokens": 2, "ignore_eos": True}) for i in range(3)]
+    requests.write_text("\n".join([*lines, "not json"]) + "\n")
     with caplog.at_level(logging.INFO, logger="glinthawk.tier1"):
         await distributed(checkpoint, requests, tmp_path / "out.jsonl", nodes=1, micro_batches=1)
     messages = [r.getMessage() for r in caplog.records if r.name == "glinthawk.tier1"]
     attached = [m for m in messages if m.startswith("client attached: batch ")]
-    finished = [m for m in messages if re.match(r"batch \w+ finished: 3 results, 1 failed, [\d.]+ s", m)]
+    ended = r"batch \w+ finished: 3 results, 1 failed, 6 tokens generated at [\d.]+ tok/s"
+    finished = [m for m in messages if re.match(ended, m)]
     assert len(attached) == 1 and len(finished) == 1, messages
 
 

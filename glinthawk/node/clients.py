@@ -165,8 +165,10 @@ class ClientService:
             batch.maybe_finish()
             await unless_closed(conn, batch.finished.wait())
             await conn.send({"type": MsgType.DONE, "done": batch.done, "failed": batch.failed})
-            log.info("batch %s finished: %d results, %d failed, %.1f s after its client attached", batch.id,
-                     batch.done, batch.failed, time.monotonic() - attached)
+            elapsed = time.monotonic() - attached
+            log.info("batch %s finished: %d results, %d failed, %d tokens generated at %.1f tok/s since its client "
+                     "attached", batch.id, batch.done, batch.failed, batch.generated_tokens,
+                     batch.generated_tokens / max(elapsed, 1e-9))
             del self.batches[batch.id]
         except (ConnectionClosed, ProtocolError) as exc:
             log.warning("client of batch %s went away (%s); its %d running requests go on, results spooled to %s",
