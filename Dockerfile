@@ -11,7 +11,7 @@ ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /opt/glinthawk
 # torch first, in its own layer: it is by far the largest and changes least.
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py README.md LICENSE ./
 COPY glinthawk ./glinthawk
 # The C kernels need a compiler to build; it leaves in the same layer.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \

@@ -5,12 +5,8 @@ to 2048 tokens. glibc serves a block above its mmap threshold with a fresh mappi
 page-faults on first touch; the default threshold starts at 128 KiB and moves with what is
 freed, so some of these blocks fault on every layer. With a fixed 32 MiB threshold they
 come from the heap and are reused warm. The heap's top goes back to the OS once more than
-128 MiB of it is free, so resident memory stays bounded.
-
-Measured on 2 AMD EPYC cores, bf16 benchmark model:
-- two-tier loopback, batch 64: 1294-1307 -> 1399-1555 tok/s;
-- prefill of two 2048-token prompts: 1.22-1.30 -> 1.14 s;
-- Tier 1 RSS: +70 MiB, and 2.2% growth from 1k to 64k cached tokens.
+128 MiB of it is free, so resident memory stays bounded. What it gains and costs:
+docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations

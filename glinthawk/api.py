@@ -100,17 +100,18 @@ class LLM:
             outputs.append(RequestOutput(str(index), prompt, line["prompt_tokens"], [completion]))
         return outputs
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Stop the local cluster; its temporary log directory is removed when ``clean``, else kept and logged."""
         if self._cluster is not None:
-            self._cluster.stop()
+            self._cluster.close(clean)
             self._cluster = None
         self._workdir.cleanup()
 
     def __enter__(self) -> "LLM":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        self.close(clean=exc_type is None)
 
 
 def _sampling_fields(params: SamplingParams) -> dict[str, Any]:

@@ -16,11 +16,12 @@ from glinthawk.options import (
     dtype_option,
     load_checkpoint,
     model_option,
+    netem_from,
     parse_address,
     read_secret,
     setting_options,
 )
-from glinthawk.settings import LOCAL_TIER2_NODES, NetemSettings, StepSettings, Tier2Settings
+from glinthawk.settings import LOCAL_TIER2_NODES, NetemSettings, StepSettings, Tier2Settings, pick
 
 if TYPE_CHECKING:
     from glinthawk.cluster import LocalCluster
@@ -61,13 +62,57 @@ def open_input(path: str):
 @click.group()
 @click.version_option(package_name="glinthawk")
 def main() -> None:
-    """Glinthawk: two-tier offline LLM inference."""
+    """Glinthawk: two-tier offline LLM inference.
+
+    \b
+    Start here (a clone has examples/prompts.jsonl):
+      glinthawk run PROMPTS.jsonl -o RESULTS.jsonl
+    Nodes on several machines: glinthawk-node (docs/DEPLOYMENT.md).
+    """
     tune_malloc()
 
 
+OUTPUT_HELP = "Results JSONL ('-' for stdout)."
+
+
+def pick_input(input_path: str | None, legacy_input: str | None) -> str:
+    """The prompts file of ``generate``: the argument, as for run and submit, or the deprecated ``-i``.
+    Without either it reads a piped stdin, but refuses a terminal rather than wait there in silence."""
+    if input_path is not None and legacy_input is not None:
+        raise click.UsageError("give the prompts file once: as an argument (-i is its old spelling)")
+    if legacy_input is not None:
+        click.echo("glinthawk: -i/--input is deprecated; give the prompts file as an argument", err=True)
+        return legacy_input
+    if input_path is None and sys.stdin.isatty():
+        raise click.UsageError("no prompts file: give one (PROMPTS.jsonl), or '-' and pipe it to stdin")
+    return input_path or "-"
+
+
+def check_node_options(secret_file: Path | None, settings: dict) -> None:
+    """What ``run`` hands its nodes, checked here first: a node refusing an option ended the run with
+    the node's own usage text, under another command's name."""
+    read_secret(secret_file)
+    netem_from(pick(NetemSettings, settings))
+    if settings.get("kv_memory") is not None:
+        try:
+            parse_size(settings["kv_memory"])
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--kv-memory") from None
+
+
+def _where(output_path: str) -> str:
+    return "stdout" if output_path == "-" else output_path
+
+
+def check_resume(output_path: str, resume: bool) -> None:
+    if resume and output_path == "-":
+        raise click.UsageError("--resume reads back the results file; give -o a file, not '-'")
+
+
 @main.command()
-@click.option("-i", "--input", "input_path", default="-", show_default=True, help="Prompts JSONL ('-' for stdin).")
-@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False), help="Results JSONL.")
+@click.argument("input_path", metavar="[PROMPTS.jsonl]", required=False)
+@click.option("-i", "--input", "legacy_input", default=None, hidden=True, help="Deprecated: the prompts file.")
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False), help=OUTPUT_HELP)
 @model_option
 @dtype_option
 @device_option
@@ -75,13 +120,16 @@ def main() -> None:
 @click.option("--kv-memory", default=None, help="KV cache capacity as a size, e.g. 2GiB (default: 65536 tokens).")
 @setting_options(StepSettings)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def generate(input_path, output_path, model_dir, dtype, device, kv_tokens, kv_memory, max_batch_tokens, max_seqs,
-             progress) -> None:
-    """Single-process generation: read prompts JSONL, write results JSONL."""
+def generate(input_path, legacy_input, output_path, model_dir, dtype, device, kv_tokens, kv_memory, max_batch_tokens,
+             max_seqs, progress) -> None:
+    """Generate in one process: prompts JSONL in, results JSONL out.
+
+    PROMPTS.jsonl may be '-', or left out with stdin piped."""
     from glinthawk.engine import Engine
     from glinthawk.outputs import OutputError, ResultWriter, count_lines
     from glinthawk.requests import parse_stream
 
+    input_path = pick_input(input_path, legacy_input)
     check_output(output_path)
     model, tokenizer = load_checkpoint(model_dir, dtype, device)
     capacity = parse_kv_tokens(kv_memory, kv_tokens, model.config.kv_bytes_per_token(model.dtype.itemsize),
@@ -95,7 +143,8 @@ def generate(input_path, output_path, model_dir, dtype, device, kv_tokens, kv_me
     except OutputError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(
-        f"{writer.done} done, {writer.failed} failed, {engine.stats.generated_tokens} tokens generated -> {output_path}",
+        f"{writer.done} done, {writer.failed} failed, {engine.stats.generated_tokens} tokens generated "
+        f"-> {_where(output_path)}",
         err=True,
     )
     if writer.failed:
@@ -103,8 +152,9 @@ def generate(input_path, output_path, model_dir, dtype, device, kv_tokens, kv_me
 
 
 def _run_submit(input_path: str, host: str, port: int, output_path: str, progress: bool | None,
-                resume: bool = False, secret_file: Path | None = None, cluster: LocalCluster | None = None) -> None:
-    """Submit to Tier 1 at host:port; with ``cluster`` (its local nodes), stop if they die."""
+                resume: bool = False, secret_file: Path | None = None, cluster: LocalCluster | None = None) -> int:
+    """Submit to Tier 1 at host:port; with ``cluster`` (its local nodes), stop if they die. Returns how
+    many requests failed (the caller exits non-zero then, once its cluster is down)."""
     from glinthawk.client import SubmitError, submit
     from glinthawk.cluster import ClusterError
     from glinthawk.net.connection import run
@@ -119,17 +169,16 @@ def _run_submit(input_path: str, host: str, port: int, output_path: str, progres
         raise click.ClickException(f"{exc}\nResults that finished are in {output_path}; "
                                    "rerun with --resume to run the rest.") from None
     click.echo(f"{summary.done} done, {summary.failed} failed, {summary.generated_tokens} tokens generated "
-               f"-> {output_path}", err=True)
+               f"-> {_where(output_path)}", err=True)
     if summary.unsent:
         raise click.ClickException("Tier 1 shut down before the whole file was sent; rerun with --resume")
-    if summary.failed:
-        sys.exit(1)
+    return summary.failed
 
 
 @main.command("submit")
 @click.argument("input_path", metavar="PROMPTS.jsonl")
 @click.option("--to", "to", required=True, help="Tier 1 address, HOST:PORT.")
-@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False), help="Results JSONL.")
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False), help=OUTPUT_HELP)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @click.option("--resume", is_flag=True, help="Keep the output file; skip every custom_id already answered in it.")
 @click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -137,13 +186,15 @@ def _run_submit(input_path: str, host: str, port: int, output_path: str, progres
 def submit_command(input_path, to, output_path, progress, resume, secret_file) -> None:
     """Send a prompts file to a running Tier 1 and write the results as they arrive."""
     host, port = parse_address(to, "--to")
+    check_resume(output_path, resume)
     check_output(output_path)
-    _run_submit(input_path, host, port, output_path, progress, resume, secret_file)
+    if _run_submit(input_path, host, port, output_path, progress, resume, secret_file):
+        sys.exit(1)
 
 
 @main.command("run")
 @click.argument("input_path", metavar="PROMPTS.jsonl")
-@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False), help="Results JSONL.")
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False), help=OUTPUT_HELP)
 @run_cluster_option
 @model_option
 @dtype_option
@@ -160,7 +211,7 @@ def submit_command(input_path, to, output_path, progress, resume, secret_file) -
 @setting_options(StepSettings)
 @setting_options(NetemSettings)
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the nodes' logs go (default: a new temporary directory).")
+              help="Where the nodes' logs go (default: a temporary directory, removed after a clean run).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @click.option("--resume", is_flag=True, help="Keep the output file; skip every custom_id already answered in it.")
 @click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -172,6 +223,8 @@ def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, 
 
     if not Path(input_path).is_file():
         raise click.ClickException(f"cannot read input file {input_path}: no such file")
+    check_resume(output_path, resume)
+    check_node_options(secret_file, settings)
     check_output(output_path)
     try:
         cluster = LocalCluster(model_dir, tier2_nodes=tier2_nodes, dtype=dtype, device=device, stages=stages,
@@ -181,11 +234,14 @@ def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, 
     try:
         with cluster:
             shape = f"{len(cluster.stages)} stages, each with " if stages else ""
-            click.echo(f"cluster up: {shape}{tier2_nodes} Tier 2 node(s), logs in {cluster.log_dir}", err=True)
+            kept = " (removed after a clean run)" if cluster.temporary_logs else ""
+            click.echo(f"cluster up: {shape}{tier2_nodes} Tier 2 node(s), logs in {cluster.log_dir}{kept}", err=True)
             host, port = cluster.tier1_address
-            _run_submit(input_path, host, port, output_path, progress, resume, secret_file, cluster)
+            failed = _run_submit(input_path, host, port, output_path, progress, resume, secret_file, cluster)
     except ClusterError as exc:
         raise click.ClickException(str(exc)) from None
+    if failed:  # bad lines, not a cluster that failed: its logs went with it
+        sys.exit(1)
 
 
 @main.command("status")

@@ -3,7 +3,9 @@ cut into pipeline stages, each with N Tier 2 processes of its own.
 
 Each child binds port 0 and reports its address through a ready file, so there is no
 port race. Children get SIGTERM when this process dies (PR_SET_PDEATHSIG) and on every
-exit path of the context manager, Tier 1 first so it can finish its work.
+exit path of the context manager, Tier 1 first so it can finish its work. Their logs go to
+``log_dir``, or to a temporary directory that is removed after a clean run (kept, and
+logged, when a node or the run failed: the logs are what explains it).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import dataclasses
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +37,7 @@ TIER1_STOP_TIMEOUT_S = 75.0
 WATCH_INTERVAL_S = 0.5
 
 T = TypeVar("T")
+log = logging.getLogger("glinthawk.cluster")
 
 
 class ClusterError(RuntimeError):
@@ -116,6 +121,7 @@ class LocalCluster:
         self.model_dir, self.tier2_nodes, self.dtype, self.device = model_dir, tier2_nodes, dtype, device
         self.stages = stage_layers(stages, _num_layers(model_dir)) if stages is not None else [None]
         self.micro_batches, self.log_dir, self.secret_file = micro_batches, log_dir, secret_file
+        self.temporary_logs = log_dir is None  # a directory of our own: removed after a clean run
         self.tier1, self.tier2, self.netem = split(settings, Tier1Settings, Tier2Settings, NetemSettings)
         self.nodes: list[NodeProcess] = []
 
@@ -150,8 +156,20 @@ class LocalCluster:
         self.nodes.append(self._spawn(f"stage-{index}" if index else "tier1", args))
         return self._wait_ready(self.nodes[-1])
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        self.close(clean=exc_type is None)
+
+    def close(self, clean: bool = True) -> Path | None:
+        """Stop every node. A temporary log directory is removed when ``clean`` (the caller's run went
+        well) and every node exited 0; otherwise it stays and is logged. Returns where the logs are, if kept."""
         self.stop()
+        if not self.temporary_logs or self.log_dir is None:
+            return self.log_dir
+        if clean and all(node.process.returncode == 0 for node in self.nodes):
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+            return None
+        log.warning("the nodes' logs are kept in %s", self.log_dir)
+        return self.log_dir
 
     @property
     def in_flight(self) -> int | None:
@@ -189,10 +207,7 @@ class LocalCluster:
         While a node waits for the others, its OpenMP workers spin on all but one of its
         threads' cores. libgomp's long default keeps them awake for its next stage where the
         nodes working meanwhile fit on the cores left; where they do not, they would wait for
-        the spinning workers. Interleaved A/B, batch 64, one micro-batch, 2 cores: Tier 1 at
-        100,000 rounds against 10,000 was +7.7% with 1 Tier 2 node, -3.6% with 2 and -2.7%
-        with 3 (whose frames then waited behind the spinning worker); the default against
-        100,000, +1.3% on average with 1 node (see glinthawk/omp.py).
+        the spinning workers (measured in docs/PERFORMANCE.md).
         """
         cores = os.cpu_count() or 1
         others = (self.tier2_nodes * self.threads_for("tier2") if name == "tier1"

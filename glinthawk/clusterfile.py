@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from glinthawk import DEFAULT_MODEL
-from glinthawk.compute.loader import DTYPES
+from glinthawk.compute.config import DTYPE_NAMES
 from glinthawk.net.auth import is_loopback
 from glinthawk.toml_table import ClusterFileError, Table
 from glinthawk.settings import NetemSettings, Tier1Settings, Tier2Settings, args_for, field_names
@@ -199,7 +199,8 @@ def _model(t: Table, base: Path, check_dir: bool) -> ModelSpec:
     path = t.path("path", base)
     if path is not None and check_dir and not path.is_dir():
         raise t.error(f"no such directory {path} (a relative path is relative to the cluster file)", "path")
-    dtype = t.text("dtype", expected=f"auto or one of {', '.join(DTYPES)}", check=lambda v: v == "auto" or v in DTYPES)
+    dtype = t.text("dtype", expected=f"auto or one of {', '.join(DTYPE_NAMES)}",
+                   check=lambda v: v == "auto" or v in DTYPE_NAMES)
     device = t.text("device", expected="cpu, cuda, cuda:N or auto", check=_DEVICE.fullmatch)
     t.finish()
     return ModelSpec(path, dtype, device)

@@ -1,28 +1,16 @@
 """GNU OpenMP's spin-wait for nodes that share a machine's cores.
 
-After each parallel region libgomp's worker threads spin for ``GOMP_SPINCOUNT`` rounds
-before they sleep: 300,000 by default (``LIBGOMP_SPIN_ROUNDS``), about 1 ms on the
-2-core AMD EPYC this was measured on. That suits a Tier 1 waiting for one layer's round
-trip to Tier 2 with one micro-batch in flight: its workers are still awake when the next
-layer stage starts. Interleaved A/B of two-tier loopback runs (bf16, batch 64, one Tier 2
-node): 10,000 -> 100,000 rounds gave +7.7%; 100,000 -> the default +1.3% on average over
-eight runs in both orders (-2.1% to +4.5%: the noise), a round trip now taking about
-0.5 ms. glinthawk used to set 100,000 in its own process at import; it now leaves the
-default alone. Single-process decode and prefill do not move with it (10,000 to 300,000
-rounds alike), nor does the in-process latency suite.
-
-A spinning worker holds a core, though, and ``glinthawk run`` starts all its nodes on one
-machine. ``LocalCluster.spin_rounds_for`` gives ``SHARED_CORES_SPIN_ROUNDS`` to a node
-whose waiting workers would hold cores the other nodes need (Tier 1 beside 2 or 3 Tier 2
-nodes on 2 cores: its frames otherwise waited behind its spinning worker, 2.7-3.6%
-slower), passed to the child as ``GOMP_SPINCOUNT`` unless the user set one.
+After each parallel region libgomp's workers spin ``GOMP_SPINCOUNT`` rounds before they
+sleep. The default (``LIBGOMP_SPIN_ROUNDS``, about 1 ms) keeps a Tier 1's workers awake
+through one layer's round trip to Tier 2, so glinthawk leaves it alone. But a spinning
+worker holds a core, and ``glinthawk run`` starts all its nodes on one machine:
+``LocalCluster.spin_rounds_for`` gives ``SHARED_CORES_SPIN_ROUNDS`` to a node whose waiting
+workers would hold cores the other nodes need, unless the user set the spin-wait.
 
 The C kernels (attention, sampling) run on torch's own OpenMP workers (``torch_openmp``).
-Where they cannot find torch's libgomp (another OpenMP runtime, or two copies of libgomp
-loaded), the sampler runs on the calling thread alone and attention falls back to Python
-threads of its own, which wait for a spinning worker's core: a prefill of two 2048-token
-prompts spent 359 ms in attention at 300,000 rounds against 230 at 10,000. Set
-``GOMP_SPINCOUNT=10000`` yourself in that case.
+Where torch's libgomp cannot be found, they run on threads of their own, which wait for a
+spinning worker's core: set ``GOMP_SPINCOUNT=10000`` yourself in that case. The
+measurements behind these choices are in docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations

@@ -14,9 +14,10 @@ import click
 from glinthawk import DEFAULT_MODEL
 from glinthawk.net.auth import SECRET_ENV, SecretError, load_secret
 from glinthawk.net.netem import NetEm, parse_bandwidth
+from glinthawk.compute.config import DTYPE_NAMES
 from glinthawk.settings import NetemSettings, flag_of
 
-DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
+DTYPE_CHOICES = ["auto", *DTYPE_NAMES]
 
 
 def setting_options(cls: type, *, names: tuple[str, ...] | None = None, role: str | None = None):

@@ -14,7 +14,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from glinthawk.requests import is_error
+from glinthawk.requests import completion_tokens, is_error
+
+
+STDOUT = "-"  # as an output path: standard output
+# Without a terminal (a log file, CI) the progress bar gives way to a plain line at most this often.
+PROGRESS_EVERY_S = 10.0
 
 
 class OutputError(Exception):
@@ -30,10 +35,15 @@ class Output:
     write it, empty it or cut it under us. Opening changes nothing in the file; ``start``
     does (it empties the file unless resuming). A file that opening created and that was
     never started is removed on close, so a run that never started leaves no trace.
+    ``-`` is standard output: written as it is, never locked, emptied or removed.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if str(path) == STDOUT:
+            self._fd = os.dup(sys.stdout.fileno())
+            self._regular = self._remove_on_close = False
+            return
         created = not self.path.exists()
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
@@ -104,8 +114,10 @@ class ResultWriter:
             raise OutputError(f"cannot write output file {self._output.path}: {exc.strerror}") from None
         show = sys.stderr.isatty() if progress is None else progress
         self._bar = tqdm(total=total, unit="req", disable=not show, dynamic_ncols=True)
+        self._total = total
+        self._lines = progress is None and not show  # a long run still says how far it got
         self.done = self.failed = self.generated_tokens = 0
-        self._started = time.monotonic()
+        self._started = self._reported = time.monotonic()
 
     def write(self, line: dict[str, Any]) -> None:
         try:
@@ -117,10 +129,15 @@ class ResultWriter:
             self.failed += 1
         else:
             self.done += 1
-            self.generated_tokens += _completion_tokens(line)
-        elapsed = max(time.monotonic() - self._started, 1e-9)
+            self.generated_tokens += completion_tokens(line)
+        now = time.monotonic()
+        elapsed = max(now - self._started, 1e-9)
         self._bar.set_postfix(failed=self.failed, gen_tok_s=f"{self.generated_tokens / elapsed:.1f}", refresh=False)
         self._bar.update(1)
+        if self._lines and now - self._reported >= PROGRESS_EVERY_S:
+            self._reported = now
+            print(progress_line(self.done + self.failed, self._total, self.failed, self.generated_tokens, elapsed),
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self._bar.close()
@@ -133,10 +150,19 @@ class ResultWriter:
         self.close()
 
 
-def _completion_tokens(line: dict[str, Any]) -> int:
-    if "completion_tokens" in line:
-        return int(line["completion_tokens"])
-    return int(line.get("response", {}).get("body", {}).get("usage", {}).get("completion_tokens", 0))
+def progress_line(written: int, total: int | None, failed: int, tokens: int, elapsed_s: float) -> str:
+    """One progress line: results so far (of how many), failures, generated tok/s and, with a total, the ETA."""
+    done = f"{written}/{total}" if total else f"{written}"
+    line = f"progress: {done} results, {failed} failed, {tokens / elapsed_s:.1f} tok/s generated"
+    if total and written:
+        line += f", ETA {_duration(elapsed_s * max(total - written, 0) / written)}"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def count_lines(path: str | Path) -> int | None:

@@ -343,5 +343,12 @@ def _openai_line(custom_id: str | None, status: int, body: dict[str, Any]) -> di
     }
 
 
+def completion_tokens(line: dict[str, Any]) -> int:
+    """Tokens a result line generated, in either form (0 for an error line)."""
+    if "completion_tokens" in line:
+        return int(line["completion_tokens"])
+    return int(((line.get("response") or {}).get("body") or {}).get("usage", {}).get("completion_tokens", 0))
+
+
 def is_error(line: dict[str, Any]) -> bool:
     return "error" in line and (line["error"] is not None or line.get("response", {}).get("status_code") != 200)

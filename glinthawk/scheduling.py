@@ -66,10 +66,8 @@ class Intake:
             raise internal_error(exc, item.line, item.custom_id, item.form) from None
 
     def _admit(self, item: Request) -> Sequence:
-        if item.custom_id in self._seen:
-            raise RequestError(
-                f"line {item.line}: duplicate custom_id '{item.custom_id}'", item.line, item.custom_id, item.form
-            )
+        if item.custom_id in self._seen:  # the error line leaves the id out: it answers the first line's id
+            raise RequestError(f"line {item.line}: duplicate custom_id '{item.custom_id}'", item.line, None, item.form)
         self._seen.add(item.custom_id)
         seq = new_sequence(item, self.tokenizer, self.max_context, self.vocab_size)
         if self.capacity_tokens is not None and seq.reserve_tokens > self.capacity_tokens:

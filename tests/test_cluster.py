@@ -161,7 +161,7 @@ def test_glinthawk_run_end_to_end_on_bundled_model(tmp_path):
                      "--no-progress", cwd=root)
     _, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr
-    reference = glinthawk("generate", "-i", "examples/prompts.jsonl", "-o", str(single), "--no-progress", cwd=root)
+    reference = glinthawk("generate", "examples/prompts.jsonl", "-o", str(single), "--no-progress", cwd=root)
     _, stderr = reference.communicate(timeout=240)
     assert reference.returncode == 0, stderr
     results, expected = read_results(out), read_results(single)

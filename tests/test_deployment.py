@@ -50,3 +50,13 @@ def test_image_is_the_node():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["glinthawk-node"]' in dockerfile
     assert "ARG TORCH_VARIANT=cpu" in dockerfile
+
+
+def test_image_copies_what_the_build_reads():
+    """pyproject.toml names its readme and license files; a build without them fails."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    copied = {name for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")
+              for name in line.split()[1:-1]}
+    assert {project["readme"], *project["license-files"]} <= copied

@@ -128,7 +128,7 @@ def test_generate_command_on_cuda_equals_cpu_engine(checkpoint, model_dir, tmp_p
     """``glinthawk generate --device cuda`` (a real process) against the in-process CPU engine."""
     requests = write_requests(tmp_path / "in.jsonl", {"temperature": 0})
     out = tmp_path / "out.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "glinthawk", "generate", "-i", str(requests), "-o", str(out),
+    proc = subprocess.run([sys.executable, "-m", "glinthawk", "generate", str(requests), "-o", str(out),
                            "--model", str(model_dir), "--device", "cuda", "--dtype", "float32",
                            "--max-batch-tokens", "16", "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr

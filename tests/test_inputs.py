@@ -235,7 +235,7 @@ def test_duplicate_custom_id(intake_parts):
     intake.admit(parse({"custom_id": "same", "prompt": "a"}, number=1))
     with pytest.raises(RequestError, match="line 2: duplicate custom_id 'same'") as info:
         intake.admit(parse({"custom_id": "same", "prompt": "b"}, number=2))
-    assert info.value.custom_id == "same"
+    assert info.value.custom_id is None  # the output keeps one line with custom_id 'same': the first line's
     intake.admit(parse({"custom_id": "other", "prompt": "b"}, number=3))
 
 
@@ -321,7 +321,7 @@ GOOD_PROMPT = json.dumps({"custom_id": "ok", "prompt": "Once", "max_tokens": 2})
 def generate(model_dir: Path, tmp_path: Path, input_text: str = GOOD_PROMPT, *extra: str):
     inputs, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inputs.write_text(input_text)
-    result = CliRunner().invoke(main, ["generate", "--model", str(model_dir), "-i", str(inputs), "-o", str(output),
+    result = CliRunner().invoke(main, ["generate", "--model", str(model_dir), str(inputs), "-o", str(output),
                                        "--device", "cpu", "--no-progress", *extra])
     return result, output
 
@@ -362,7 +362,7 @@ def test_cli_end_to_end_with_bad_lines(tiny_checkpoint, tmp_path):
     glinthawk = Path(sys.executable).with_name("glinthawk")
     command = [str(glinthawk)] if glinthawk.exists() else [sys.executable, "-m", "glinthawk.cli"]
     proc = subprocess.run(
-        command + ["generate", "--model", str(tiny_checkpoint("llama_gqa")), "-i", str(inputs), "-o", str(output),
+        command + ["generate", str(inputs), "--model", str(tiny_checkpoint("llama_gqa")), "-o", str(output),
                    "--device", "cpu", "--no-progress", "--max-batch-tokens", "4"],
         capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
@@ -382,7 +382,8 @@ def test_cli_end_to_end_with_bad_lines(tiny_checkpoint, tmp_path):
     assert "line 4: expected a JSON object" in by_line[4]["error"]["message"]
     named = {r["custom_id"]: r["error"]["message"] for r in errors if r.get("custom_id")}
     assert "unknown field(s) colour" in named["d"]
-    assert "line 8: duplicate custom_id 'a'" in named["a"]
+    assert "line 8: duplicate custom_id 'a'" in by_line[8]["error"]["message"]
+    assert [r for r in records if r.get("custom_id") == "a"] == [good["a"]]
 
 
 def test_cli_lone_surrogates_fail_their_lines_only(tiny_checkpoint, tmp_path):
@@ -428,14 +429,14 @@ def test_cli_generates_in_process(tiny_checkpoint, tmp_path):
 def test_cli_missing_input_file(tiny_checkpoint, tmp_path):
     output = tmp_path / "out.jsonl"
     result = CliRunner().invoke(main, ["generate", "--model", str(tiny_checkpoint("llama_gqa")),
-                                       "-i", str(tmp_path / "nope.jsonl"), "-o", str(output), "--device", "cpu"])
+                                       str(tmp_path / "nope.jsonl"), "-o", str(output), "--device", "cpu"])
     assert_clean_failure(result, "cannot read input file", "nope.jsonl", "No such file")
 
 
 def test_cli_unwritable_output(tiny_checkpoint, tmp_path):
     inputs = tmp_path / "in.jsonl"
     inputs.write_text(GOOD_PROMPT)
-    result = CliRunner().invoke(main, ["generate", "--model", str(tiny_checkpoint("llama_gqa")), "-i", str(inputs),
+    result = CliRunner().invoke(main, ["generate", "--model", str(tiny_checkpoint("llama_gqa")), str(inputs),
                                        "-o", str(tmp_path / "no-such-dir" / "out.jsonl"), "--device", "cpu"])
     assert_clean_failure(result, "cannot write output file", "no-such-dir")
 

@@ -82,7 +82,7 @@ def test_cli_refuses_an_output_file_another_glinthawk_process_writes(tiny_checkp
     model = ["--model", str(tiny_checkpoint("llama_gqa"))]
     args = {"submit": [str(inputs), "--to", "127.0.0.1:9"],
             "run": [str(inputs), *model, "--tier2-nodes", "1", "--log-dir", str(logs)],
-            "generate": [*model, "-i", str(inputs)]}[command]
+            "generate": [*model, str(inputs)]}[command]
     with open(out, "a") as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what the other glinthawk process holds
         result = CliRunner().invoke(main, [command, *args, "-o", str(out), "--no-progress"])
@@ -129,7 +129,7 @@ async def test_submit_to_a_full_disk_ends_in_one_line_that_says_to_resume(checkp
 
 def test_generate_to_a_full_disk_ends_in_one_line(tiny_checkpoint, tmp_path):
     inputs = prompts(tmp_path / "in.jsonl", 2, max_tokens=2)
-    result = CliRunner().invoke(main, ["generate", "--model", str(tiny_checkpoint("llama_gqa")), "-i", str(inputs),
+    result = CliRunner().invoke(main, ["generate", "--model", str(tiny_checkpoint("llama_gqa")), str(inputs),
                                        "-o", "/dev/full", "--no-progress"])
     assert_clean_failure(result, "/dev/full", "No space left on device", "0 results were written")
     assert len(result.output.strip().splitlines()) == 1, result.output

@@ -149,3 +149,30 @@ async def test_tier1_reports_why_no_tier2_node_is_usable(checkpoint):
     finally:
         await tier1.close()
         await node.close()
+
+
+@pytest.mark.parametrize("tier1_secret,tier2_secret", [(b"one", b"two"), (None, b"two"), (b"one", None)])
+async def test_tier1_says_the_secrets_differ_when_they_do(checkpoint, tier1_secret, tier2_secret):
+    """The hint used to be "start any that are not running", for a node that was running but held another
+    secret (or none)."""
+    model, tokenizer = checkpoint
+    node = Tier2Node(kv_tokens=1024, secret=tier2_secret)
+    port = await node.start("127.0.0.1", 0)
+    tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{port}"], micro_batches=1, secret=tier1_secret)
+    try:
+        with pytest.raises(ConnectionError) as info:
+            await tier1.start("127.0.0.1", 0)
+    finally:
+        await tier1.close()
+        await node.close()
+    assert "the shared secrets differ" in str(info.value) and "not running" not in str(info.value)
+
+
+async def test_tier1_says_start_the_nodes_when_none_answers(checkpoint):
+    model, tokenizer = checkpoint
+    tier1 = Tier1Node(model, tokenizer, ["127.0.0.1:1"], micro_batches=1)
+    try:
+        with pytest.raises(ConnectionError, match="start any that are not running"):
+            await tier1.start("127.0.0.1", 0)
+    finally:
+        await tier1.close()

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 
 import click
 
 from glinthawk.bench import SUITES
+
+# What the [bench] extra installs: matplotlib draws SUITE.png, transformers is the engine suite's baseline.
+BENCH_EXTRA = ("matplotlib", "transformers")
 
 
 def _knob_help() -> str:
@@ -51,6 +55,7 @@ class _BenchCommand(click.Command):
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override a suite knob (see below).")
 def bench(suite, quick, out_dir, dtype, device, model_dir, repeats, threads, settings) -> None:
     """Run benchmark SUITE (or all of them): print a table, write OUT/SUITE.json and OUT/SUITE.png."""
+    _require_bench_extra()
     import torch
 
     from glinthawk.bench.common import BenchContext, run_suite, set_threads
@@ -82,6 +87,19 @@ def bench(suite, quick, out_dir, dtype, device, model_dir, repeats, threads, set
                        model_dir=model_dir, overrides=overrides)
     for name in names:
         run_suite(name, ctx)
+
+
+def _require_bench_extra() -> None:
+    """Fail in one line before any suite runs: without the plots' and baselines' packages a suite would end,
+    minutes in, in an ImportError traceback."""
+    for name in BENCH_EXTRA:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # ValueError: a module stubbed out as None in sys.modules
+            found = False
+        if not found:
+            raise click.ClickException(f"glinthawk bench needs {name}, from the bench extra: "
+                                       "pip install 'glinthawk[bench]'")
 
 
 def _devices(suite: str) -> tuple[str, ...]:

@@ -53,10 +53,8 @@ if _OPENMP:
 # C); the CPU's support is checked in C. Tests lower it to cover each path.
 _KERNEL_WIDEST = 2
 # Below this many (cached token x KV head) reads a decode batch is too small to be worth
-# handing to several threads. Handing slices to torch's OpenMP threads, still spinning
-# after the matmul before, costs almost nothing: measured on 2 AMD EPYC cores, bf16, caches
-# cold, 128 sequences of 36 tokens take 286 us on two threads against 516 on one, and 16
-# of 36 tokens 84 against 118 us; 4 of 36 break even. Our own pool must wake a thread.
+# handing to several threads: cheap on torch's still-spinning OpenMP threads, dearer on a
+# pool of our own, which must wake a thread (measured in docs/PERFORMANCE.md).
 _FUSED_PARALLEL_MIN_WORK = 1 << 10 if _OPENMP else 1 << 15
 # Likewise for a prefill chunk, in (position block x KV head x visible key) units: about a
 # 256-token prompt, below which handing half to another thread costs more than it saves.
@@ -72,12 +70,9 @@ BATCHED_DECODE_MAX_CONTEXT = 512
 
 # Fresh prompts (nothing cached before them) of at most this many tokens are attended
 # together, padded into one batch whose keys are their own new tokens: one call per
-# short prompt costs more than its math. Measured on 2 AMD EPYC cores, bf16, one layer:
-# 128 prompts of 16 tokens 1.3-1.8 ms batched against 6.1 ms one at a time; of 64 tokens
-# 12.6 against 14.9 ms; of 128 tokens the per-prompt C kernel wins (29 against 151 ms).
+# short prompt costs more than its math; above 64 tokens the per-prompt C kernel wins.
 # Prompts of one length in consecutive rows (a batch of equal prompts) are attended where
-# they lie, without the gather: 64 prompts of 16 tokens on one thread, as a Tier 2 node
-# runs them, 1.1 ms against 2.0.
+# they lie, without the gather (measured in docs/PERFORMANCE.md).
 BATCHED_PREFILL_MAX_TOKENS = 64
 
 

@@ -17,6 +17,8 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu",)
+# The dtypes weights can run in, by name (torch-free, for the command line and cluster files).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 class ModelConfigError(ValueError):

@@ -5,9 +5,8 @@ than a small elementwise op (see ``_elementwise.c``). These run the same arithme
 the same roundings, in one C loop compiled for the CPU's widest vector unit;
 ``layers.rms_norm`` and ``rope.apply_rotary`` use them where ``fits`` says so and torch's
 ops everywhere else (CUDA, float16, no C compiler at install time). They win at every
-batch size measured (64 to 8192 tokens, on one thread against torch's two): torch's
-expressions make temporaries of the whole batch (RMSNorm of a 2048 x 768 bf16 chunk: 0.2
-ms in C, 2-8 ms in torch).
+batch size measured, as torch's expressions make temporaries of the whole batch
+(docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations

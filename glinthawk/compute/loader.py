@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from glinthawk.compute.config import ModelConfig, ModelConfigError
+from glinthawk.compute.config import DTYPE_NAMES, ModelConfig, ModelConfigError
 from glinthawk.compute.matmul import pack
 from glinthawk.compute.rope import inverse_frequencies
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 class CheckpointError(ValueError):

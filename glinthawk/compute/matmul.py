@@ -3,9 +3,9 @@
 ``F.linear`` on the CPU leaves oneDNN (bf16) or MKL (float32) to reorder the weight into
 its blocked layout on every call, and MKL takes a slow generic path on non-Intel CPUs.
 Reordering once (``pack``) and multiplying with ``torch.ops.mkldnn._linear_pointwise``
-(what torch.compile's CPU backend emits for the same job) gives, on a 2-core AMD EPYC,
-1.5x the bf16 throughput at 64 rows and 2.5-3.5x in float32; bf16 results are equal bit
-for bit. Elsewhere (CUDA, float16, a torch without oneDNN) weights stay plain tensors.
+(what torch.compile's CPU backend emits for the same job) is faster, with bf16 results equal
+bit for bit (figures in docs/PERFORMANCE.md). Elsewhere (CUDA, float16, a torch without
+oneDNN) weights stay plain tensors.
 
 oneDNN keeps a primitive, with scratch memory, for every input shape it sees, so on the
 CPU ``linear`` pads the rows to a few fixed counts (``padded_rows``) and resident memory

@@ -1,35 +1,26 @@
-"""Network layer: framing, tensor transport, connections, handshake and link emulation."""
+"""Network layer: framing, tensor transport, connections, handshake and link emulation.
 
-from .codec import DEFAULT_MAX_FRAME_BYTES, ProtocolError, decode_frame, encode_frame
-from .connection import (
-    Connection,
-    ConnectionClosed,
-    client_handshake,
-    install_event_loop_policy,
-    open_connection,
-    run,
-)
-from .messages import KNOWN_TYPES, PROTOCOL_VERSION, MsgType
-from .netem import NetEm, parse_bandwidth, parse_size
-from .server import server_handshake, start_server
+The names below load on first use, so that importing one light module of the package (``netem``,
+``auth``) does not import torch through ``codec``.
+"""
 
-__all__ = [
-    "DEFAULT_MAX_FRAME_BYTES",
-    "KNOWN_TYPES",
-    "PROTOCOL_VERSION",
-    "Connection",
-    "ConnectionClosed",
-    "MsgType",
-    "NetEm",
-    "ProtocolError",
-    "client_handshake",
-    "decode_frame",
-    "encode_frame",
-    "install_event_loop_policy",
-    "open_connection",
-    "parse_bandwidth",
-    "parse_size",
-    "run",
-    "server_handshake",
-    "start_server",
-]
+_LAZY = {
+    "DEFAULT_MAX_FRAME_BYTES": "codec", "ProtocolError": "codec", "decode_frame": "codec", "encode_frame": "codec",
+    "Connection": "connection", "ConnectionClosed": "connection", "client_handshake": "connection",
+    "install_event_loop_policy": "connection", "open_connection": "connection", "run": "connection",
+    "KNOWN_TYPES": "messages", "PROTOCOL_VERSION": "messages", "MsgType": "messages",
+    "NetEm": "netem", "parse_bandwidth": "netem", "parse_size": "netem",
+    "server_handshake": "server", "start_server": "server",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'glinthawk.net' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"glinthawk.net.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value

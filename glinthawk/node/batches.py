@@ -15,6 +15,7 @@ from pathlib import Path
 
 from glinthawk.net.connection import Connection, ConnectionClosed
 from glinthawk.net.messages import MsgType
+from glinthawk.requests import completion_tokens
 from glinthawk.scheduling import Intake
 from glinthawk.sequence import Sequence
 
@@ -33,6 +34,7 @@ class Batch:
     input_done: bool = False
     done: int = 0
     failed: int = 0
+    generated_tokens: int = 0  # of the results delivered (for the log line at the batch's end)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def deliver(self, line: dict, failed: bool) -> None:
@@ -47,6 +49,7 @@ class Batch:
             return  # not a result: --resume runs the line again
         self.done += not failed  # counted once written: a line that cannot be is not a result
         self.failed += failed
+        self.generated_tokens += completion_tokens(line)
 
     def _spool(self, line: dict) -> bool:
         """Keep a result for the client's return; the directory is made on the first one."""

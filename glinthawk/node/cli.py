@@ -95,6 +95,8 @@ def _tier2_node(settings: dict, netem, secret: bytes | None):
         memory = parse_size(kv.kv_memory or DEFAULT_KV_MEMORY) if kv.kv_tokens is None else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--kv-memory") from None
+    log.info("tier2: KV cache of %s (in tokens once Tier 1 gives the model's shape), %d torch threads",
+             f"{kv.kv_tokens} tokens" if memory is None else f"{memory / 2**20:.0f} MiB", _torch_threads())
     return Tier2Node(kv_memory=memory, kv_tokens=kv.kv_tokens, netem=netem, secret=secret)
 
 
@@ -114,6 +116,12 @@ def _tier1_node(settings: dict, tier2_nodes: str | None, model_dir: Path, dtype:
     if next_stage is not None and model.is_last:
         raise click.UsageError("--next is for a stage before the last; this one ends at the model's last layer")
     tier1 = pick(Tier1Settings, settings)
+    stage = "" if model.is_first and model.is_last else f", layers {model.layer_range.start}:{model.layer_range.stop}"
+    log.info("tier1: model %s (%s, %d layers%s), %s on %s, %d torch threads; micro-batches in flight: %s, "
+             "up to %d tokens a batch; Tier 2 nodes %s%s", model_dir, model.config.architecture,
+             model.config.num_layers, stage, str(model.dtype).removeprefix("torch."), model.device, _torch_threads(),
+             tier1.micro_batches or "measured", tier1.max_batch_tokens, ", ".join(addresses),
+             f"; next stage {next_stage}" if next_stage else "")
     if not model.is_first:
         from glinthawk.node.stage import StageNode
 
@@ -131,6 +139,12 @@ def _layer_range(layers: str | None) -> range | None:
     if not sep or not first.strip().isdigit() or not stop.strip().isdigit():
         raise click.BadParameter(f"expected A:B (layers A..B-1), got {layers!r}", param_hint="--layers")
     return range(int(first), int(stop))
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 async def _serve(node, host: str, port: int, ready_file: Path | None, metrics_port: int | None) -> None:

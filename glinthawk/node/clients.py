@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from pathlib import Path
 
@@ -139,6 +140,8 @@ class ClientService:
             await conn.send({"type": MsgType.ERROR, "message": str(exc)})
             return
         batch.conn = conn
+        attached = time.monotonic()
+        log.info("client attached: batch %s%s", batch.id, ", resuming" if hello.get("resume") else "")
         try:
             if hello.get("resume"):
                 await batch.hand_over_spool()
@@ -165,6 +168,10 @@ class ClientService:
             batch.maybe_finish()
             await unless_closed(conn, batch.finished.wait())
             await conn.send({"type": MsgType.DONE, "done": batch.done, "failed": batch.failed})
+            elapsed = time.monotonic() - attached
+            log.info("batch %s finished: %d results, %d failed, %d tokens generated at %.1f tok/s since its client "
+                     "attached", batch.id, batch.done, batch.failed, batch.generated_tokens,
+                     batch.generated_tokens / max(elapsed, 1e-9))
             del self.batches[batch.id]
         except (ConnectionClosed, ProtocolError) as exc:
             log.warning("client of batch %s went away (%s); its %d running requests go on, results spooled to %s",

@@ -6,14 +6,11 @@ and the next job takes those that stand at one stage, up to ``max_rows`` rows (t
 size the linear layers were warmed up for). Later stages go first: that drains the
 pipeline and frees KV room soonest.
 
-On the CPU that one thread is the event loop's own. torch's OpenMP (libgomp) gives every
-thread that starts parallel work a team of workers of its own, and once a process holds
-more workers than cores, libgomp cuts their spin-wait to 100 rounds: between torch's many
-short ops the workers fall asleep and must be woken each time. A second computing thread
-beside the loop (a compute thread plus the loop computing where a hop did not pay, or a
-warm-up on another thread) made every layer stage 35% slower on 2 cores (1.1 -> 1.5 ms
-at 64 rows). Frames that arrive during a job wait in the socket; the loop reads them, and
-sends what the job produced, between jobs. On CUDA the compute runs on a thread of its
+On the CPU that one thread is the event loop's own: torch's OpenMP (libgomp) gives every
+thread that starts parallel work a team of workers of its own, and with more workers than
+cores it cuts their spin-wait short, so a second computing thread slows every stage (see
+docs/PERFORMANCE.md). Frames that arrive during a job wait in the socket; the loop reads
+them, and sends what the job produced, between jobs. On CUDA the compute runs on a thread of its
 own, so the loop keeps moving frames while the GPU works.
 
 Jobs start from a callback, not from a task of their own: at the end of the event-loop

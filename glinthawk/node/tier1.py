@@ -54,6 +54,17 @@ log = logging.getLogger("glinthawk.tier1")
 DRAIN_TIMEOUT_S = 60.0  # on SIGTERM, how long running requests may take to finish (cluster.py waits longer)
 
 
+def unusable_hint(reasons: list[str]) -> str:
+    """What to do when no Tier 2 node could be used, from why each failed: a node that answered but
+    refused the handshake is running already, so starting nodes is no advice for it."""
+    if any("secret" in reason for reason in reasons):
+        return "the shared secrets differ: give Tier 1 and every Tier 2 node the same --secret-file " \
+               "(or $GLINTHAWK_SECRET)"
+    if any("refused the handshake" in reason or "protocol version" in reason for reason in reasons):
+        return "fix what each node reports above"
+    return "start any that are not running (glinthawk-node --role tier2 --listen HOST:PORT)"
+
+
 class Tier1Node(ClientService):
     def __init__(self, model: Model, tokenizer: Tokenizer, tier2_addresses: list[str], *, netem: NetEm | None = None,
                  model_name: str = "glinthawk", secret: bytes | None = None, spool_dir: Path | None = None,
@@ -111,10 +122,7 @@ class Tier1Node(ClientService):
             self._spawn(mb.run())
         failures = await self.pool.connect_all()
         if not self.links:
-            raise ConnectionError(
-                f"no Tier 2 node usable ({'; '.join(failures)}); start any that are not running "
-                "(glinthawk-node --role tier2 --listen HOST:PORT)"
-            )
+            raise ConnectionError(f"no Tier 2 node usable ({'; '.join(failures)}); {unusable_hint(failures)}")
         if self.downstream is not None:
             await self._connect_downstream()
         self._spawn(self.pool.reconnect_forever())

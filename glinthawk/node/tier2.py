@@ -5,9 +5,8 @@ Tier 1 introduces itself with the model's KV geometry; the node sizes its store 
 carries one micro-batch at one layer: the node appends its k/v, attends, and answers
 ATTN_OUT as soon as that micro-batch is done. The event loop's own thread attends, one
 frame after another, and the frames that arrive meanwhile wait in the socket: one thread
-touches torch, so libgomp keeps one team of workers (with a second computing thread it
-cuts their spin-wait short, and attention at batch 64 took 1.3x as long; see
-node/merger.py).
+touches torch, so libgomp keeps one team of workers (a second computing thread makes it
+cut their spin-wait short; see node/merger.py).
 
 A step's first frame for a micro-batch lists its sequences (``seqs``: id, first
 position, tokens); the node plans the step's attention from it once (``AttentionPlan``)
