@@ -235,3 +235,17 @@ def test_file_delete(client, tmp_path):
         client.files.retrieve(uploaded.id)
     with pytest.raises(openai.NotFoundError):
         client.files.delete(uploaded.id)
+
+
+def test_non_loopback_needs_keys(tmp_path):
+    from click.testing import CliRunner
+
+    from glinthawk.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "--data-dir", str(tmp_path / "d"), "--listen", "0.0.0.0:0"])
+    assert result.exit_code == 2 and "--api-key-file" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "d").exists()  # refused before anything starts
+    (tmp_path / "keys").write_text("# none yet\n")
+    result = CliRunner().invoke(main, ["serve", "--data-dir", str(tmp_path / "d"), "--api-key-file",
+                                       str(tmp_path / "keys")])
+    assert result.exit_code == 2 and "holds no key" in result.output
