@@ -87,6 +87,9 @@ def test_cancel_keeps_finished_lines_and_stops_the_cluster(service, client, tmp_
     batch = client.batches.create(input_file_id=upload(client, source).id, endpoint="/v1/completions",
                                   completion_window="24h")
     wait_for(client, batch.id, lambda b: b.request_counts.completed >= 5)
+    # An online request is answered beside the batch, not after it.
+    online = client.completions.create(model="default", prompt="The", max_tokens=2, temperature=0)
+    assert online.usage.completion_tokens == 2 and client.batches.retrieve(batch.id).status == "in_progress"
     cancelling = client.batches.cancel(batch.id)
     assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
     batch = wait_for(client, batch.id)

@@ -178,21 +178,20 @@ def _tally(path: Path, offset: int) -> tuple[int, int, int]:
     """(new offset, successes, failures) of the whole lines past ``offset``; a line still being written waits."""
     done = failed = 0
     try:
-        f = open(path, "rb")
+        with open(path, "rb") as f:
+            f.seek(offset)
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    break
+                offset += len(raw)
+                try:
+                    bad = is_error(json.loads(raw))
+                except (ValueError, AttributeError):
+                    continue
+                failed += bad
+                done += not bad
     except FileNotFoundError:
-        return offset, 0, 0
-    with f:
-        f.seek(offset)
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break
-            offset += len(raw)
-            try:
-                bad = is_error(json.loads(raw))
-            except (ValueError, AttributeError):
-                continue
-            failed += bad
-            done += not bad
+        pass
     return offset, done, failed
 
 
