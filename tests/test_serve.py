@@ -252,3 +252,12 @@ def test_non_loopback_needs_keys(tmp_path):
     result = CliRunner().invoke(main, ["serve", "--data-dir", str(tmp_path / "d"), "--api-key-file",
                                        str(tmp_path / "keys")])
     assert result.exit_code == 2 and "holds no key" in result.output
+
+
+def test_one_service_per_data_dir(service):
+    from click.testing import CliRunner
+
+    from glinthawk.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "--data-dir", str(service.data_dir)])
+    assert result.exit_code == 1 and "another glinthawk serve uses" in result.output, result.output

@@ -3,6 +3,8 @@ CLI works without the ``serve`` extra installed."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 
 import click
@@ -35,6 +37,21 @@ def read_api_keys(path: Path | None) -> list[str]:
     if not keys:
         raise click.BadParameter(f"{path} holds no key (one a line)", param_hint="--api-key-file")
     return keys
+
+
+def lock_data_dir(data_dir: Path) -> None:
+    """Hold --data-dir for this process's life: two services on one directory would run each batch twice."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(data_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot use {data_dir}: {exc.strerror}", param_hint="--data-dir") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise click.ClickException(f"another glinthawk serve uses {data_dir}; stop it or choose another "
+                                   "--data-dir") from None
 
 
 @click.command("serve")
@@ -81,10 +98,7 @@ def serve(data_dir, listen, api_key_file, insecure, to, secret_file, model_dir, 
         import aiohttp  # noqa: F401
     except ImportError:
         raise click.ClickException("glinthawk serve needs aiohttp: pip install 'glinthawk[serve]'") from None
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise click.BadParameter(f"cannot create {data_dir}: {exc.strerror}", param_hint="--data-dir") from None
+    lock_data_dir(data_dir)
     configure(log_level)
     from glinthawk.serve.service import ServeConfig
 
