@@ -118,9 +118,11 @@ class Runner:
             while True:
                 left = record["expires_at"] - time.time()
                 try:
+                    if left <= 0:
+                        raise TimeoutError
                     summary = await asyncio.wait_for(
                         submit(inputs, self.tier1.host, self.tier1.port, results, progress=False, resume=True,
-                               secret=self.tier1.secret), max(left, 0.001))
+                               secret=self.tier1.secret), left)
                 except TimeoutError:
                     record["_finish_as"] = "expired"
                     break
