@@ -48,3 +48,22 @@ def test_killed_service_resumes_its_batch(tmp_path):
         body, oracle = line["response"]["body"], expected[line["custom_id"]]["response"]["body"]
         assert body["choices"][0]["text"] == oracle["choices"][0]["text"]
         assert body["usage"] == oracle["usage"]
+
+
+def test_serves_a_running_tier1(tmp_path):
+    """--to HOST:PORT: the service fronts a cluster it did not start, and leaves it running when it stops."""
+    from glinthawk import DEFAULT_MODEL
+    from glinthawk.cluster import LocalCluster
+
+    with LocalCluster(DEFAULT_MODEL, tier2_nodes=1, log_dir=tmp_path / "logs") as cluster:
+        host, port = cluster.tier1_address
+        service = ServeProcess(tmp_path / "data", "--to", f"{host}:{port}")
+        try:
+            client = service.client()
+            assert [m.id for m in client.models.list().data] == ["default"]
+            answer = client.completions.create(model="default", prompt="The", max_tokens=3, temperature=0)
+            assert answer.usage.completion_tokens == 3
+        finally:
+            service.stop()
+        assert not (tmp_path / "data-cluster-logs").exists()  # it started no cluster of its own
+        cluster.check_alive()
