@@ -293,5 +293,14 @@ def _register_bench() -> None:
 
 _register_bench()
 
+
+def _register_serve() -> None:
+    from glinthawk.serve.command import serve
+
+    main.add_command(serve)
+
+
+_register_serve()
+
 if __name__ == "__main__":
     main()

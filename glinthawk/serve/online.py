@@ -1,0 +1,98 @@
+"""The online endpoints, answered through the same cluster as batches.
+
+Each request is submitted to Tier 1 as a one-line batch in the Batch API form: the same parsing,
+validation and result lines as a batch line, and Tier 1 gives every batch its turn for room, so
+a long batch does not starve online requests. The cost is a connection and a small file per
+request (a few milliseconds), small beside generation itself. ``stream: true`` is answered as
+server-sent events once the completion is whole: one chunk with the whole text, then ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from glinthawk.client import SubmitError, submit
+from glinthawk.requests import MAX_LINE_BYTES
+from glinthawk.serve.runner import Tier1
+from glinthawk.serve.store import ApiError
+
+
+async def complete(tier1: Tier1, workdir: Path, url: str, request: web.Request) -> web.StreamResponse:
+    """Answer one /v1/completions or /v1/chat/completions request."""
+    body = await json_body(request)
+    stream = body.pop("stream", False)
+    body.pop("stream_options", None)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", param="stream")
+    response = await _run_one(tier1, workdir, url, body)
+    status, answer = response["status_code"], response["body"]
+    if status != 200 or not stream:
+        return web.json_response(answer, status=status)
+    return await _as_events(request, answer, url)
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object, or a 400 saying what is wrong with it."""
+    if request.content_length is not None and request.content_length > MAX_LINE_BYTES:
+        raise ApiError(413, f"request body is larger than {MAX_LINE_BYTES} bytes")
+    data = bytearray()
+    while chunk := await request.content.read(1 << 16):
+        data += chunk
+        if len(data) > MAX_LINE_BYTES:
+            raise ApiError(413, f"request body is larger than {MAX_LINE_BYTES} bytes")
+    try:
+        body = json.loads(data or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON; send a JSON object") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
+async def _run_one(tier1: Tier1, workdir: Path, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    name = uuid.uuid4().hex
+    inputs, results = workdir / f"{name}.jsonl", workdir / f"{name}.out.jsonl"
+    line = {"custom_id": name, "method": "POST", "url": url, "body": body}
+    try:
+        inputs.write_text(json.dumps(line, ensure_ascii=False) + "\n", encoding="utf-8")
+        await submit(inputs, tier1.host, tier1.port, results, progress=False, secret=tier1.secret)
+        with open(results, encoding="utf-8") as f:
+            first = f.readline()
+        if not first:
+            raise SubmitError("Tier 1 shut down before answering")
+        answer = json.loads(first)
+    except SubmitError as exc:
+        raise ApiError(503, f"the cluster cannot take requests now ({exc}); try again shortly",
+                       type="server_error") from None
+    except (OSError, ValueError) as exc:
+        raise ApiError(500, f"no answer from the cluster ({exc})", type="server_error") from None
+    finally:
+        inputs.unlink(missing_ok=True)
+        results.unlink(missing_ok=True)
+    return answer["response"]
+
+
+async def _as_events(request: web.Request, answer: dict[str, Any], url: str) -> web.StreamResponse:
+    """A finished completion as a stream: one chunk holding the whole text, then [DONE]."""
+    choice = answer["choices"][0]
+    if url.endswith("chat/completions"):
+        delta = {"role": "assistant", "content": choice["message"]["content"]}
+        chunk_choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": choice["finish_reason"]}
+        kind = "chat.completion.chunk"
+    else:
+        chunk_choice = {"index": 0, "text": choice["text"], "logprobs": None, "finish_reason": choice["finish_reason"]}
+        kind = "text_completion"
+    chunk = {"id": answer["id"], "object": kind, "created": answer.get("created", int(time.time())),
+             "model": answer["model"], "choices": [chunk_choice], "usage": answer.get("usage")}
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    await response.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
