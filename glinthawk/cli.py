@@ -279,10 +279,11 @@ def status_command(address, secret_file, as_json) -> None:
         if "layers" in stage:
             first, stop = stage["layers"]
             click.echo(f"stage {first}:{stop}" + (" (this node: clients, scheduling)" if first == 0 else ""))
-        click.echo(f"{'TIER 2 NODE':<24}{'STATE':<7}{'KV USED':>18}{'SEQS':>7}")
+        click.echo(f"{'TIER 2 NODE':<24}{'STATE':<8}{'KV USED':>17}{'SEQS':>7}")
         for node in stage["tier2"]:
             kv = f"{node['kv_tokens_used']}/{node['kv_tokens']}"
-            click.echo(f"{node['address']:<24}{'up' if node['alive'] else 'DOWN':<7}{kv:>18}{node['sequences']:>7}")
+            state = "DOWN" if not node["alive"] else "leaving" if node.get("draining") else "up"
+            click.echo(f"{node['address']:<24}{state:<8}{kv:>17}{node['sequences']:>7}")
 
 
 def _register_bench() -> None:
@@ -292,6 +293,15 @@ def _register_bench() -> None:
 
 
 _register_bench()
+
+
+def _register_operations() -> None:
+    from glinthawk.drain import drain
+
+    main.add_command(drain)
+
+
+_register_operations()
 
 
 def _register_serve() -> None:

@@ -53,6 +53,7 @@ class Tier1Settings(StepSettings):
 
 
 DEFAULT_KV_MEMORY = "1GiB"
+DRAIN_TIMEOUT_S = 60.0  # a leaving Tier 2 node's sequences finish within this, or are moved
 LOCAL_TIER2_NODES = 2  # Tier 2 processes a local cluster (glinthawk run, LLM()) starts
 
 

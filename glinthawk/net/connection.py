@@ -352,6 +352,12 @@ class Connection:
         return self._protocol.transport.get_extra_info("peername")
 
     @property
+    def sockname(self) -> Any:
+        """This end's address (the one a peer that dialed out is reached at, on its network)."""
+        assert self._protocol.transport is not None
+        return self._protocol.transport.get_extra_info("sockname")
+
+    @property
     def closed(self) -> bool:
         """Whether close() was called or the connection has ended; send() then fails."""
         return self._protocol.closed_reason is not None
@@ -473,6 +479,8 @@ async def client_handshake(
         elif not isinstance(server_nonce, bytes) or not auth.verify(
                 auth.proof(secret, b"server", nonce, server_nonce), reply.get("proof")):
             problem = "server failed authentication: its secret differs from ours"
+            # In place of our proof, so that the server logs why we hung up (not just that we did).
+            await conn.send({"type": MsgType.ERROR, "message": "the client's shared secret differs"})
         else:
             await conn.send({"type": MsgType.AUTH, "proof": auth.proof(secret, b"client", server_nonce, nonce)})
             reply = await _recv_within(conn, timeout_s, "WELCOME")

@@ -2,7 +2,7 @@
 
 from enum import StrEnum
 
-PROTOCOL_VERSION = 3  # 3: pipeline stages (HIDDEN, TOKENS, STEP_FAILED, NODES, STAGE_DOWN, RESET)
+PROTOCOL_VERSION = 4  # 3: pipeline stages (HIDDEN, TOKENS, STEP_FAILED, NODES, STAGE_DOWN, RESET); 4: JOINED, LEAVE, LEFT
 
 
 class MsgType(StrEnum):
@@ -35,6 +35,10 @@ class MsgType(StrEnum):
     NODES = "nodes"  # a stage's Tier 2 nodes changed (lost, rejoined)
     STAGE_DOWN = "stage_down"  # a stage further down is unreachable
     RESET = "reset"  # the first stage is gone: give back every sequence's KV room
+    # Tier 2 nodes joining and leaving a running Tier 1 (see node/pool.py, node/joiner.py)
+    JOINED = "joined"  # Tier 1 to a node that dialed it (role "tier2-join"): it connected back, the node is in
+    LEAVE = "leave"  # a node (or ``glinthawk drain``) asks Tier 1 to drain it: no new sequences, then LEFT
+    LEFT = "left"  # Tier 1 is done with a drained node: to the node (which exits) and to whoever asked
 
 
 KNOWN_TYPES: frozenset[str] = frozenset(t.value for t in MsgType)

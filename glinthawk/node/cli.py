@@ -28,7 +28,7 @@ from glinthawk.options import (
     secret_option,
     setting_options,
 )
-from glinthawk.settings import DEFAULT_KV_MEMORY, NetemSettings, Tier1Settings, Tier2Settings, pick
+from glinthawk.settings import DEFAULT_KV_MEMORY, DRAIN_TIMEOUT_S, NetemSettings, Tier1Settings, Tier2Settings, pick
 
 log = logging.getLogger("glinthawk.node")
 
@@ -52,7 +52,8 @@ log = logging.getLogger("glinthawk.node")
 @model_option
 @dtype_option
 @device_option
-@click.option("--tier2", "tier2_nodes", default=None, help="tier1: Tier 2 nodes, HOST:PORT[,HOST:PORT...].")
+@click.option("--tier2", "tier2_nodes", default=None,
+              help="tier1: Tier 2 nodes, HOST:PORT[,HOST:PORT...] (none: it waits for nodes to --join).")
 @click.option("--layers", default=None, metavar="A:B",
               help="tier1: serve layers A..B-1 only, as one pipeline stage (default: all). The stage with layer 0 "
                    "takes the clients; each stage but the last needs --next.")
@@ -60,8 +61,15 @@ log = logging.getLogger("glinthawk.node")
               help="tier1: the stage that serves the layers after --layers (start it first).")
 @setting_options(Tier1Settings, role="tier1")
 @setting_options(Tier2Settings, role="tier2")
+@click.option("--join", "join", default=None, metavar="HOST:PORT",
+              help="tier2: join the running Tier 1 listening there (and again whenever it restarts).")
+@click.option("--advertise", default=None, metavar="HOST:PORT",
+              help="tier2 with --join: the address Tier 1 reaches this node at (default: the listening host, or with "
+                   "0.0.0.0 this machine's address towards Tier 1, and the bound port).")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=DRAIN_TIMEOUT_S, show_default=True,
+              help="tier2: on SIGTERM, seconds Tier 1 may take to finish this node's sequences before it moves them.")
 def main(role, listen, ready_file, log_level, log_format, metrics_port, threads, secret_file, insecure, model_dir,
-         dtype, device, tier2_nodes, layers, next_stage, **settings) -> None:
+         dtype, device, tier2_nodes, layers, next_stage, join, advertise, drain_timeout, **settings) -> None:
     """Run a Glinthawk node: Tier 1 (weights, scheduling) or Tier 2 (KV cache + attention)."""
     configure_logging(log_level, log_format)
     tune_malloc()
@@ -78,8 +86,15 @@ def main(role, listen, ready_file, log_level, log_format, metrics_port, threads,
         )
     netem = netem_from(pick(NetemSettings, settings))
     if role == "tier2":
-        node = _tier2_node(settings, netem, secret)
+        for value, param in ((join, "--join"), (advertise, "--advertise")):
+            if value is not None:
+                parse_address(value, param)
+        if advertise is not None and join is None:
+            raise click.UsageError("--advertise is for a node that joins: give --join HOST:PORT too")
+        node = _tier2_node(settings, netem, secret, join=join, advertise=advertise, drain_timeout_s=drain_timeout)
     else:
+        if join is not None or advertise is not None:
+            raise click.UsageError("--join and --advertise are for --role tier2")
         node = _tier1_node(settings, tier2_nodes, model_dir, dtype, device, netem, secret, layers, next_stage)
     try:
         run(_serve(node, host, port, ready_file, metrics_port))
@@ -87,7 +102,7 @@ def main(role, listen, ready_file, log_level, log_format, metrics_port, threads,
         raise click.ClickException(str(exc)) from None
 
 
-def _tier2_node(settings: dict, netem, secret: bytes | None):
+def _tier2_node(settings: dict, netem, secret: bytes | None, **joining):
     from glinthawk.node.tier2 import Tier2Node
 
     try:
@@ -97,14 +112,15 @@ def _tier2_node(settings: dict, netem, secret: bytes | None):
         raise click.BadParameter(str(exc), param_hint="--kv-memory") from None
     log.info("tier2: KV cache of %s (in tokens once Tier 1 gives the model's shape), %d torch threads",
              f"{kv.kv_tokens} tokens" if memory is None else f"{memory / 2**20:.0f} MiB", _torch_threads())
-    return Tier2Node(kv_memory=memory, kv_tokens=kv.kv_tokens, netem=netem, secret=secret)
+    return Tier2Node(kv_memory=memory, kv_tokens=kv.kv_tokens, netem=netem, secret=secret, **joining)
 
 
 def _tier1_node(settings: dict, tier2_nodes: str | None, model_dir: Path, dtype: str, device: str, netem,
                 secret: bytes | None, layers: str | None, next_stage: str | None):
-    if not tier2_nodes:
-        raise click.UsageError("tier1 needs --tier2 HOST:PORT[,HOST:PORT...]")
-    addresses = [a.strip() for a in tier2_nodes.split(",") if a.strip()]
+    if not tier2_nodes and (_layer_range(layers) or range(1)).start != 0:
+        raise click.UsageError("a stage after the first needs --tier2 HOST:PORT[,HOST:PORT...] (nodes join the "
+                               "first stage only)")
+    addresses = [a.strip() for a in (tier2_nodes or "").split(",") if a.strip()]
     for address in addresses:
         parse_address(address, "--tier2")
     if next_stage is not None:
@@ -120,7 +136,7 @@ def _tier1_node(settings: dict, tier2_nodes: str | None, model_dir: Path, dtype:
     log.info("tier1: model %s (%s, %d layers%s), %s on %s, %d torch threads; micro-batches in flight: %s, "
              "up to %d tokens a batch; Tier 2 nodes %s%s", model_dir, model.config.architecture,
              model.config.num_layers, stage, str(model.dtype).removeprefix("torch."), model.device, _torch_threads(),
-             tier1.micro_batches or "measured", tier1.max_batch_tokens, ", ".join(addresses),
+             tier1.micro_batches or "measured", tier1.max_batch_tokens, ", ".join(addresses) or "to join",
              f"; next stage {next_stage}" if next_stage else "")
     if not model.is_first:
         from glinthawk.node.stage import StageNode
@@ -175,7 +191,14 @@ async def _serve(node, host: str, port: int, ready_file: Path | None, metrics_po
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    finished = getattr(node, "finished", None)  # a Tier 2 node that Tier 1 let go, or that cannot join
+    waits = [loop.create_task(stop.wait()), *([loop.create_task(finished.wait())] if finished else [])]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in waits:
+        task.cancel()
+    if getattr(node, "failure", None):
+        await node.close()
+        raise click.ClickException(node.failure)
     log.info("shutting down: finishing work already accepted")
     await node.drain()
     await node.close()

@@ -19,6 +19,8 @@ from glinthawk.net.connection import Connection, ConnectionClosed
 from glinthawk.net.server import server_handshake
 from glinthawk.net.messages import MsgType
 from glinthawk.node.batches import Batch, unless_closed
+from glinthawk.node.membership import MEMBER_ROLES, serve_member
+from glinthawk.node.pool import Tier2Pool
 from glinthawk.requests import RequestError, error_line, parse_line
 from glinthawk.scheduling import FairQueue, Intake, RunStats
 from glinthawk.settings import Tier1Settings
@@ -39,6 +41,7 @@ class ClientService:
     spool_dir: Path
     stats: RunStats
     capacity_per_node: int
+    pool: Tier2Pool
     _room: asyncio.Event
     _draining: bool
     chain_down: str | None  # why the run stopped (a pipeline stage is unreachable)
@@ -128,9 +131,12 @@ class ClientService:
 
     async def _serve_client(self, conn: Connection) -> None:
         cfg = self.model.config
-        hello = await server_handshake(conn, {"client", "status"}, {"model": self.model_name,
-                                                          "max_context": cfg.max_position_embeddings},
+        hello = await server_handshake(conn, {"client", "status", *MEMBER_ROLES},
+                                       {"model": self.model_name, "max_context": cfg.max_position_embeddings},
                                        secret=self.secret)
+        if hello["role"] in MEMBER_ROLES:  # a Tier 2 node that joins, or glinthawk drain
+            await serve_member(self.pool, conn, hello, shutting_down=self._draining)
+            return
         if hello["role"] == "status":
             await conn.send({"type": MsgType.STATUS, **self.status()})
             return

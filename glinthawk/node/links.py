@@ -7,6 +7,10 @@ its connection ends, when it is silent past the heartbeat timeout, or when one a
 overdue: each layer's attention is expected within a multiple of what the same
 micro-batch's previous layer took, so a hung node is found within about a second rather
 than a whole timeout.
+
+A node may also leave on purpose (``pool.Tier2Pool.drain``): its link is then *draining*
+(placement passes it over) until its sequences are done, or until they are moved the way a
+lost node's are (``retire``); Tier 1 then tells it LEFT and hangs up.
 """
 
 from __future__ import annotations
@@ -38,11 +42,14 @@ class LinkLost(ConnectionError):
 class Tier2Link:
     def __init__(self, address: str, conn: Connection, capacity_tokens: int, heartbeat_s: float = 2.0,
                  timeout_s: float = 10.0, round_trip: Histogram | None = None,
-                 on_lost: Callable[["Tier2Link"], None] | None = None):
+                 on_lost: Callable[["Tier2Link"], None] | None = None,
+                 on_leave: Callable[["Tier2Link", float | None], None] | None = None):
         self.address, self.conn, self.round_trip, self.on_lost = address, conn, round_trip, on_lost
+        self.on_leave = on_leave  # the node asked to leave (LEAVE), with the seconds its sequences may take
         self.capacity_tokens = self.free_tokens = capacity_tokens
         self.sequences = 0  # sequences placed here (all micro-batches)
         self.alive = True
+        self.draining = False  # leaving: placement passes it over (see pool.Tier2Pool.drain)
         self.timeout_s = timeout_s
         self._waiting: dict[int, tuple[asyncio.Future, float, float]] = {}  # mb -> (answer, deadline, allowed s)
         loop = asyncio.get_running_loop()
@@ -133,6 +140,9 @@ class Tier2Link:
                 future = self._waiting.pop(header.get("mb"), (None,))[0]
                 if header["type"] == MsgType.ATTN_OUT and future is not None:
                     future.set_result(tensors["out"])
+                elif header["type"] == MsgType.LEAVE and self.on_leave is not None:
+                    timeout_s = header.get("timeout_s")
+                    self.on_leave(self, float(timeout_s) if isinstance(timeout_s, (int, float)) else None)
                 elif header["type"] == MsgType.ERROR and future is not None:
                     future.set_exception(RuntimeError(f"Tier 2 {self.address}: {header.get('message')}"))
                 elif header["type"] == MsgType.ERROR:
@@ -150,16 +160,40 @@ class Tier2Link:
         self._heartbeat.cancel()
         self.conn.close()
 
-    def _lost(self, reason: str) -> None:
+    @property
+    def placeable(self) -> bool:
+        """Whether new sequences may go here."""
+        return self.alive and not self.draining
+
+    def retire(self, reason: str) -> None:
+        """A draining node's time is up: its sequences are moved the way a lost node's are (rebuilt
+        elsewhere), but the connection stays open for LEFT (``leave``)."""
+        self._lost(reason, moved=True)
+
+    async def leave(self) -> None:
+        """Tell the node it is done with (LEFT: it exits) and hang up, without any verdict of loss."""
+        self.alive = False
+        try:
+            await self.conn.send({"type": MsgType.LEFT, "address": self.address})
+        except (ConnectionClosed, ConnectionError):
+            pass
+        self.close()
+
+    def _lost(self, reason: str, moved: bool = False) -> None:
         if not self.alive:
             return
         self.alive = False
-        log.error("lost Tier 2 node %s (%s); its sequences will be rebuilt elsewhere", self.address, reason)
+        if moved:
+            log.warning("Tier 2 node %s leaves with %d sequences still running (%s); they are rebuilt elsewhere",
+                        self.address, self.sequences, reason)
+        else:
+            log.error("lost Tier 2 node %s (%s); its sequences will be rebuilt elsewhere", self.address, reason)
         for future, _, _ in self._waiting.values():
             if not future.done():
-                future.set_exception(LinkLost(f"Tier 2 node {self.address} lost: {reason}"))
+                future.set_exception(LinkLost(f"Tier 2 node {self.address} {'left' if moved else 'lost'}: {reason}"))
         self._waiting.clear()
         self._heartbeat.cancel()
-        self.conn.close()
+        if not moved:
+            self.conn.close()
         if self.on_lost is not None:
             self.on_lost(self)

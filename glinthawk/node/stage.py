@@ -46,7 +46,8 @@ class StageNode:
         self.name = stage_name([model.layer_range.start, model.layer_range.stop])
         self.metrics = StageMetrics(self)
         self.pool = Tier2Pool(tier2_addresses, model, self.settings, netem=netem, secret=secret,
-                              round_trip=self.metrics.attention_round_trip, on_change=self._node_changed)
+                              round_trip=self.metrics.attention_round_trip, on_change=self._node_changed,
+                              graceful=False)  # a leaving node's sequences move at once: placement is upstream
         self.downstream = None if next_stage is None else Downstream(
             next_stage, model, self.settings, ChainEvents(nodes=self._relay, lost_nodes=lambda lost: None,
                                                           down=self._stage_down, up=self._chain_whole),

@@ -121,8 +121,11 @@ class Tier1Node(ClientService):
         for mb in self.micro_batch_list:
             self._spawn(mb.run())
         failures = await self.pool.connect_all()
-        if not self.links:
+        if self.tier2_addresses and not self.links:
             raise ConnectionError(f"no Tier 2 node usable ({'; '.join(failures)}); {unusable_hint(failures)}")
+        if not self.tier2_addresses:
+            log.info("no Tier 2 node listed: requests wait until nodes join (glinthawk-node --role tier2 --join "
+                     "THIS_HOST:PORT)")
         if self.downstream is not None:
             await self._connect_downstream()
         self._spawn(self.pool.reconnect_forever())
@@ -216,10 +219,11 @@ class Tier1Node(ClientService):
             "batches": len(self.batches),
             "micro_batches_in_flight": self.micro_batches_in_flight,
             "micro_batches": self.pacer.count,  # how many take sequences (measured, unless given)
-            "tier2": [{  # every configured node, reached or not
+            "tier2": [{  # every configured or joined node, reached or not, until it leaves
                 "address": address, "alive": bool(link and link.alive), "kv_tokens": link.capacity_tokens if link else 0,
                 "kv_tokens_used": link.used_tokens if link else 0, "sequences": link.sequences if link else 0,
-            } for address in self.tier2_addresses for link in [self.links.get(address)]],
+                "draining": bool(link and link.alive and link.draining), "joined": address in self.pool.joined,
+            } for address in self.pool.members for link in [self.links.get(address)]],
             **({"layers": [self.model.layer_range.start, self.model.layer_range.stop], "stages": self.later.status(),
                 "stopped": self.chain_down} if self.downstream is not None else {}),
         }
@@ -300,7 +304,7 @@ class Tier1Node(ClientService):
         no alive node could hold even empty (the nodes large enough are gone) is passed over
         until one (re)joins, so it does not stall the queue.
         """
-        stages = [self.pool.alive, *self.later.alive()]  # a sequence takes a node of each
+        stages = [self.pool.placeable, *self.later.alive()]  # a sequence takes a node of each (not a leaving one)
         largest = min(max((node.capacity_tokens for node in nodes), default=0) for nodes in stages)
         placed = False
         while all(stages) and (seq_key := self._next_placeable(largest)) is not None:
@@ -321,7 +325,7 @@ class Tier1Node(ClientService):
         if placed or len(self.waiting) < self.settings.max_waiting:
             self._room.set()
         if self.waiting and not all(stages):
-            log.error("no Tier 2 node is alive%s; %d requests wait until one (re)joins",
+            log.error("no Tier 2 node is alive (and not leaving)%s; %d requests wait until one (re)joins",
                       " in some stage" if len(stages) > 1 else "", len(self.waiting))
 
     def _next_placeable(self, largest: int) -> tuple[str, Sequence] | None:

@@ -13,6 +13,12 @@ position, tokens); the node plans the step's attention from it once (``Attention
 and the frames of the later layers, which carry no list, reuse that plan. At thousands
 of sequences per micro-batch, sending, decoding and planning the list for every layer
 cost as much as the attention itself.
+
+Joining and leaving: with ``join`` the node dials a running Tier 1 and names its own
+address, and Tier 1 connects back as to any Tier 2 node (``node/joiner.py`` keeps it joined,
+across restarts of Tier 1). Told to stop while it serves a Tier 1 (``drain``: SIGTERM), the
+node asks it to LEAVE and keeps attending until Tier 1 has finished or moved its sequences
+and answers LEFT; a LEFT that Tier 1 sends unasked (``glinthawk drain``) ends the node too.
 """
 
 from __future__ import annotations
@@ -31,12 +37,14 @@ from glinthawk.net.connection import Connection, ConnectionClosed
 from glinthawk.net.server import server_handshake, start_server
 from glinthawk.net.messages import MsgType
 from glinthawk.net.netem import NetEm
+from glinthawk.settings import DRAIN_TIMEOUT_S
 
 log = logging.getLogger("glinthawk.tier2")
 
 # Step plans kept at most (one per micro-batch of the Tier 1; the bound is against a peer
 # that keeps naming new micro-batches).
 _MAX_PLANS = 1024
+LEAVE_GRACE_S = 40.0  # beyond that, how long it waits for Tier 1's LEFT (moving them takes time too)
 
 
 class _Session:
@@ -46,16 +54,25 @@ class _Session:
     def __init__(self, conn: Connection, store: KVStore) -> None:
         self.conn, self.store = conn, store
         self.plans: dict[object, AttentionPlan] = {}  # micro-batch -> its step's plan
+        self.ended = asyncio.Event()  # its connection is over (the joiner then joins again)
 
 
 class Tier2Node:
     def __init__(self, kv_memory: int | None = None, kv_tokens: int | None = None, netem: NetEm | None = None,
-                 secret: bytes | None = None):
+                 secret: bytes | None = None, *, join: str | None = None, advertise: str | None = None,
+                 drain_timeout_s: float = DRAIN_TIMEOUT_S):
+        """``join``: HOST:PORT of a running Tier 1 to join; ``advertise``: the HOST:PORT it reaches
+        this node at (default: this end of the connection to it, and the port bound)."""
         if (kv_memory is None) == (kv_tokens is None):
             raise ValueError("give exactly one of kv_memory (bytes) or kv_tokens")
         self.kv_memory, self.kv_tokens, self.netem, self.secret = kv_memory, kv_tokens, netem, secret
+        self.join, self.advertise, self.drain_timeout_s = join, advertise, drain_timeout_s
         self.session: _Session | None = None
         self.metrics = Tier2Metrics(self)
+        self.finished = asyncio.Event()  # Tier 1 is done with this node (LEFT), or it cannot join: it should exit
+        self.failure: str | None = None  # why it cannot join (then it exits non-zero)
+        self.leaving = False
+        self._joiner: asyncio.Task | None = None
         self._server: asyncio.AbstractServer | None = None
         self._closing = False
 
@@ -70,15 +87,44 @@ class Tier2Node:
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port (useful with port 0)."""
         self._server = await start_server(self._serve, host, port, netem=self.netem)
-        return self._server.sockets[0].getsockname()[1]
+        bound = self._server.sockets[0].getsockname()[1]
+        if self.join is not None:
+            from glinthawk.node.joiner import Joiner
+
+            joiner = Joiner(self, self.join, self.advertise, listen=(host, bound))
+            self._joiner = asyncio.get_running_loop().create_task(joiner.run(), name="tier2-join")
+        return bound
+
+    def fail(self, message: str) -> None:
+        """This node cannot serve (a Tier 1 refused it for good): say why, and end."""
+        self.failure = message
+        self.finished.set()
 
     async def drain(self) -> None:
-        """Stop accepting connections (a frame is attended to and answered before the next is read)."""
+        """Stop accepting connections and leave: the Tier 1 served, if any, finishes or moves this
+        node's sequences and answers LEFT (a frame is attended to and answered before the next is read)."""
+        self.leaving = True
+        if self._joiner is not None:
+            self._joiner.cancel()
         if self._server is not None:
             self._server.close()
+        session = self.session
+        if session is None or session.conn.closed or self.finished.is_set():
+            return
+        log.info("leaving: Tier 1 finishes this node's sequences (or moves them after %g s)", self.drain_timeout_s)
+        try:
+            await session.conn.send({"type": MsgType.LEAVE, "timeout_s": self.drain_timeout_s})
+            await asyncio.wait_for(session.ended.wait(), self.drain_timeout_s + LEAVE_GRACE_S)
+        except (ConnectionClosed, ConnectionError):
+            pass
+        except TimeoutError:
+            log.warning("Tier 1 did not let this node go within %g s; leaving anyway (it rebuilds what ran here)",
+                        self.drain_timeout_s + LEAVE_GRACE_S)
 
     async def close(self) -> None:
         self._closing = True  # frames still arriving are dropped
+        if self._joiner is not None:
+            self._joiner.cancel()
         if self._server is not None:
             self._server.close()
         if self.session is not None:
@@ -128,6 +174,7 @@ class Tier2Node:
             await self._serve_session(session)
         finally:
             if self.session is not None and self.session.conn is conn:  # only its owner's end drops the store
+                self.session.ended.set()
                 self.session = None  # a new Tier 1 starts from an empty cache
                 log.info("Tier 1 disconnected; KV store dropped")
 
@@ -144,6 +191,10 @@ class Tier2Node:
                     self._release(session.store, header["seqs"])
                 elif kind == MsgType.PING:
                     await conn.send({"type": MsgType.PONG, "nonce": header.get("nonce")})
+                elif kind == MsgType.LEFT:
+                    log.info("Tier 1 let this node go (its sequences are done or moved)")
+                    self.finished.set()
+                    break
                 else:
                     await conn.send({"type": MsgType.ERROR, "message": f"unexpected message type {kind!r}"})
         except (ConnectionClosed, ProtocolError) as exc:
