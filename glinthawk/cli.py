@@ -297,8 +297,10 @@ _register_bench()
 
 def _register_operations() -> None:
     from glinthawk.drain import drain
+    from glinthawk.plan_command import plan_command
 
     main.add_command(drain)
+    main.add_command(plan_command)
 
 
 _register_operations()

@@ -1,0 +1,123 @@
+"""glinthawk plan: the model's arithmetic on inputs worked out by hand, and plain refusals of bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from glinthawk.cli import main
+from glinthawk.compute.config import ModelConfig
+from glinthawk.plan import GiB, Machine, Model, PlanError, Workload, plan
+
+TINY = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 512, "hidden_act": "silu"}
+
+# Round figures: Tier 1 reads its 10 GB of weights in 10 ms and computes 40 tokens (2e10 FLOPs each at
+# 80% of 1e14) in the same 10 ms, so B* = 40; it makes 4000 tokens/s, half of them prompt tokens.
+MODEL = Model(weights=10**10, flops_per_token=2 * 10**10, kv_per_token=10**5, wire_per_token=10**4, layers=10,
+              max_tokens=4096)
+TIER1 = Machine(memory=12 * 10**9, price=2.0, bandwidth=1e12, flops=1e14)
+TIER2 = Machine(memory=GiB + 4_180_000_000, price=0.5, bandwidth=1e10)  # 4e9 bytes of KV (x 1.045, + 1 GiB)
+WORK = Workload(prompt_tokens=100, output_tokens=100, requests=10**6, latency_s=0.0, link=1e12)
+
+
+def test_model_sizes_from_a_config():
+    model = Model.of(ModelConfig.from_dict(TINY), itemsize=2)
+    per_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128  # q, k and v, o, the MLP's three
+    assert model.weights == 2 * (2 * (per_layer + 2 * 64) + 64 + 2 * 100 * 64)  # + norms, embedding, head
+    assert model.flops_per_token == 2 * (2 * per_layer + 100 * 64)
+    assert model.kv_per_token == 2 * 2 * 2 * 16 * 2  # K and V, layers, KV heads, head_dim, bytes
+    assert model.wire_per_token == 2 * (64 + 2 * 32) * 2  # q, k, v of each layer
+    tied = Model.of(ModelConfig.from_dict({**TINY, "tie_word_embeddings": True}), itemsize=2)
+    assert model.weights - tied.weights == 2 * 100 * 64
+
+
+def test_two_tier_plan_worked_by_hand():
+    two, one = plan(MODEL, TIER1, TIER2, WORK)
+    # Tier 2 must read 2000 tokens/s x 150.5 tokens of context x 1e5 B at 90% of 10 GB/s: 3.34 -> 4 nodes.
+    # Their attention for a micro-batch of 40: 40 x 150.5 x 1e5 / (4 x 9e9) = 16.7 ms a step, 1.67 ms a
+    # layer against Tier 1's 1 ms: 1 + 2 micro-batches; a cycle of 10 + 16.7 ms makes 2000 x 0.0267 = 54
+    # sequences in flight (Little's law), 1.08 GB of KV: one node's room would do.
+    assert two.tier2_nodes == 4
+    assert two.micro_batches == 3
+    assert two.batch == math.ceil(2000 * (0.01 + 10 * (40 * 1e4 / 1e12 + 40 * 150.5 * 1e5 / (4 * 9e9)) / 10))
+    assert two.batch == 54
+    assert two.kv_per_node == math.ceil(54 * 200 * 10**5 / 4)
+    assert two.tokens_per_s == pytest.approx(2000)
+    assert two.busy == pytest.approx(1.0) and two.bound == "Tier 1 compute"
+    assert two.cost_per_hour == pytest.approx(2.0 + 4 * 0.5)
+    assert two.cost_per_million == pytest.approx(4.0 / (2000 * 3600) * 1e6)
+    # Single-tier: 10.8 GB usable - 10 GB of weights hold 40 sequences of 2e7 B; a step reads the
+    # weights and their KV: (1e10 + 40 x 150.5 x 1e5) / 1e12 = 10.602 ms.
+    assert one.batch == 40 and one.tier2_nodes == 0
+    per_token = 100 * 2e10 / 8e13 + 100 * 0.010602 / 40
+    assert one.tokens_per_s == pytest.approx(100 / per_token)
+    assert one.cost_per_million == pytest.approx(2.0 / (100 / per_token * 3600) * 1e6)
+
+
+def test_a_slow_link_caps_the_throughput_and_so_the_nodes():
+    link = 100 * 10**4 * 200 / 100 * 5  # bytes/s for 500 generated tokens/s (each brings a prompt token)
+    two, _ = plan(MODEL, TIER1, TIER2, Workload(100, 100, 10**6, 0.0, link))
+    assert two.tokens_per_s == pytest.approx(500)
+    assert two.bound == "Tier 1's network link" and two.busy == pytest.approx(0.25)
+    assert two.tier2_nodes == 1  # 500 x 150.5 x 1e5 / 9e9 = 0.84 of a node's reads
+
+
+def test_latency_adds_micro_batches_and_sequences_but_not_throughput():
+    near, _ = plan(MODEL, TIER1, TIER2, WORK)
+    far, _ = plan(MODEL, TIER1, TIER2, Workload(100, 100, 10**6, latency_s=0.005, link=1e12))
+    assert far.tokens_per_s == pytest.approx(near.tokens_per_s)
+    assert far.micro_batches > near.micro_batches and far.batch > near.batch + 2000 * 10 * 2 * 0.005 - 1
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tier1": Machine(memory=10**10, price=2.0, bandwidth=1e12, flops=1e14)}, "do not fit one Tier 1"),
+    ({"tier2": Machine(memory=GiB + 10**6, price=0.5, bandwidth=1e10)}, "does not fit a Tier 2 node"),
+    ({"tier2": Machine(memory=GiB + 4_180_000_000, price=0.0, bandwidth=1e10)}, "prices must be above 0"),
+    ({"tier1": Machine(memory=12 * 10**9, price=-1.0, bandwidth=1e12, flops=1e14)}, "prices must be above 0"),
+    ({"work": Workload(3000, 2000, 10**6)}, "exceeds the model's context"),
+    ({"work": Workload(100, 100, 300, latency_s=0.1, link=1e12)}, "cannot be hidden for this workload"),
+    ({"work": Workload(100, 100, 10**9, latency_s=10.0, link=1e12)}, "micro-batches in flight"),
+])
+def test_bad_input_is_refused_plainly(change, message):
+    inputs = {"tier1": TIER1, "tier2": TIER2, "work": WORK, **change}
+    with pytest.raises(PlanError, match=message):
+        plan(MODEL, inputs["tier1"], inputs["tier2"], inputs["work"])
+
+
+# Llama 2 7B's shape (the original work's smallest model) and its T4 + CPU VM layout (docs/DEPLOYMENT.md)
+LLAMA2_7B = {**TINY, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+             "max_position_embeddings": 4096}
+PAPER = ["--dtype", "float16", "--tier1-memory", "16GiB", "--tier1-price", "0.54", "--tier2-memory", "110GiB", "--tier2-price", "0.75",
+         "--prompt-tokens", "1024", "--output-tokens", "1024"]
+
+
+@pytest.fixture
+def llama2(tmp_path) -> str:
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
+    return str(tmp_path)
+
+
+def test_the_command_prints_the_table(llama2):
+    result = CliRunner().invoke(main, ["plan", "--model", llama2, *PAPER])
+    assert result.exit_code == 0, result.output
+    for row in ("Tier 2 nodes", "KV per Tier 2 node", "sequences at once (batch)", "micro-batches in flight",
+                "generated tokens/s", "cost per 1M tokens", "limited by"):
+        assert row in result.output
+    assert "KV 512.00 KiB per token" in result.output and "two-tier" in result.output and "single-tier" in result.output
+    assert "lower cost per token" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tier1-price", "0"], "0.0 is not in the range x>0"),
+    (["--tier1-memory", "1MiB"], "do not fit one Tier 1"),
+    (["--latency-ms", "100", "--requests", "10"], "cannot be hidden"),
+])
+def test_the_command_refuses_in_one_line(llama2, args, message):
+    result = CliRunner().invoke(main, ["plan", "--model", llama2, *PAPER, *args])
+    assert result.exit_code != 0 and message in result.output
