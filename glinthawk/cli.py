@@ -216,8 +216,11 @@ def submit_command(input_path, to, output_path, progress, resume, secret_file) -
 @click.option("--resume", is_flag=True, help="Keep the output file; skip every custom_id already answered in it.")
 @click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Shared secret the nodes authenticate each other with (optional on loopback).")
+@click.option("--ray", "ray_address", default=None, metavar="auto|local|ADDRESS",
+              help="Run the nodes as actors of a Ray cluster instead (auto: the one this machine belongs to; local: "
+                   "start one here); needs pip install 'glinthawk[ray]'.")
 def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, stages, micro_batches, log_dir,
-                progress, resume, secret_file, **settings) -> None:
+                progress, resume, secret_file, ray_address, **settings) -> None:
     """Start a two-tier cluster on loopback (N Tier 2 + 1 Tier 1), run the file through it, stop it."""
     from glinthawk.cluster import ClusterError, LocalCluster
 
@@ -226,6 +229,11 @@ def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, 
     check_resume(output_path, resume)
     check_node_options(secret_file, settings)
     check_output(output_path)
+    if ray_address is not None:
+        if stages is not None:
+            raise click.UsageError("--ray runs one Tier 1 stage; leave out --stages")
+        sys.exit(1 if _run_on_ray(ray_address, input_path, output_path, model_dir, dtype, device, tier2_nodes,
+                                  micro_batches, progress, resume, secret_file, settings) else 0)
     try:
         cluster = LocalCluster(model_dir, tier2_nodes=tier2_nodes, dtype=dtype, device=device, stages=stages,
                                micro_batches=micro_batches, log_dir=log_dir, secret_file=secret_file, **settings)
@@ -242,6 +250,35 @@ def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, 
         raise click.ClickException(str(exc)) from None
     if failed:  # bad lines, not a cluster that failed: its logs went with it
         sys.exit(1)
+
+
+def _run_on_ray(address: str, input_path: str, output_path: str, model_dir: Path, dtype: str, device: str,
+                tier2_nodes: int, micro_batches: int | None, progress: bool | None, resume: bool,
+                secret_file: Path | None, settings: dict) -> int:
+    """``run --ray``: the same run with the nodes as Ray actors (glinthawk/ray_cluster.py); how many failed."""
+    import os
+
+    from glinthawk.net.auth import SECRET_ENV
+    from glinthawk.ray_cluster import RayCluster, RayMissing, import_ray
+    from glinthawk.settings import Tier1Settings, args_for
+
+    try:
+        import_ray()
+    except RayMissing as exc:
+        raise click.ClickException(str(exc)) from None
+    tier1 = ["--dtype", dtype, "--device", device, *args_for(Tier1Settings, {**settings, "micro_batches": micro_batches}),
+             *args_for(NetemSettings, settings)]
+    tier2 = [*pick(Tier2Settings, settings).kv_args, *args_for(NetemSettings, settings)]
+    cluster = RayCluster(address, model_dir, tier2_nodes, tier1_args=tier1, tier2_args=tier2, device=device,
+                         secret=read_secret(secret_file))
+    try:
+        with cluster:
+            host, port = cluster.tier1_address
+            click.echo(f"cluster up on Ray: Tier 1 at {host}:{port}, {tier2_nodes} Tier 2 actor(s) joined", err=True)
+            os.environ[SECRET_ENV] = cluster.secret  # the run's own, when none was given
+            return _run_submit(input_path, host, port, output_path, progress, resume, secret_file, cluster)
+    except (RuntimeError, ConnectionError) as exc:
+        raise click.ClickException(f"the Ray cluster could not run it: {exc}") from None
 
 
 @main.command("status")
