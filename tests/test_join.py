@@ -21,6 +21,7 @@ from glinthawk.node.tier2 import Tier2Node
 
 from cluster_util import read_results, single_process
 from test_faults import FAULT_PROMPTS, mixed_requests, small_cluster, submit_command, tokens_by_id
+from test_pipeline import four_layers  # noqa: F401 (a fixture)
 
 
 async def until(condition, what: str, timeout: float = 120.0) -> None:
@@ -186,3 +187,29 @@ async def _until_status(host: str, port: int, node_test, what: str) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_a_leaving_node_of_a_later_stage_has_its_sequences_moved_at_once(four_layers, tmp_path, caplog):
+    """A later stage does not place sequences, so a node of it that leaves (SIGTERM: drain) has
+    its sequences moved at once, rebuilt on the stage's other node; it is let go, and every
+    result is what one process gives."""
+    from pipeline_util import pipeline
+    from test_pipeline import fault_requests, reference
+    from test_pipeline import wait_for_lines as lines_written
+
+    directory = four_layers()
+    requests = fault_requests(tmp_path / "in.jsonl")
+    out = tmp_path / "out.jsonl"
+    async with pipeline(directory, [2], nodes_per_stage=2, micro_batches=2, max_seqs=2, max_batch_tokens=16,
+                        heartbeat_s=0.2, reconnect_seconds=3600) as p:
+        run = asyncio.ensure_future(submit(requests, "127.0.0.1", p.port, out, progress=False))
+        await asyncio.wait_for(lines_written(out, 2), 60)
+        leaving = p.tier2[1][0]
+        await until(lambda: leaving.store is not None and leaving.store.used_tokens > 0, "sequences on the node")
+        await asyncio.wait_for(leaving.drain(), 60)  # what SIGTERM does
+        assert leaving.finished.is_set() and leaving.failure is None
+        summary = await asyncio.wait_for(run, 120)
+    assert summary.done == 16 and summary.failed == 0
+    assert "leaves (it leaves)" in caplog.text and "go back to the queue" in caplog.text
+    got, want = read_results(out), reference(directory, requests)
+    assert {k: v["token_ids"] for k, v in got.items()} == {k: v["token_ids"] for k, v in want.items()}

@@ -184,8 +184,8 @@ class Tier2Link:
             return
         self.alive = False
         if moved:
-            log.warning("Tier 2 node %s leaves with %d sequences still running (%s); they are rebuilt elsewhere",
-                        self.address, self.sequences, reason)
+            log.warning("Tier 2 node %s leaves (%s); the sequences still running there are rebuilt elsewhere",
+                        self.address, reason)
         else:
             log.error("lost Tier 2 node %s (%s); its sequences will be rebuilt elsewhere", self.address, reason)
         for future, _, _ in self._waiting.values():

@@ -196,7 +196,8 @@ class Tier2Pool:
         self.gone.add(link.address)
         if self.links.get(link.address) is link:
             await link.leave()
-        log.info("Tier 2 node %s left (%d sequences moved)", link.address, moved)
+        log.info("Tier 2 node %s left (%s)", link.address, f"{moved} sequences moved" if self.graceful
+                 else "its sequences moved, as the first stage places them")
         self.on_change(link)
         return moved
 
