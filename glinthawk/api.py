@@ -50,14 +50,23 @@ class RequestOutput:
 
 class LLM:
     def __init__(self, model: str | Path = DEFAULT_MODEL, *, tier2_nodes: int = LOCAL_TIER2_NODES,
-                 endpoint: str | None = None, secret: bytes | None = None, **cluster_options: Any):
+                 endpoint: str | None = None, secret: bytes | None = None, ray: str | None = None,
+                 **cluster_options: Any):
         """Start a local cluster on ``model`` (``cluster_options`` go to LocalCluster: kv_memory,
-        dtype, micro_batches, ...), or use the running Tier 1 at ``endpoint``."""
-        self._cluster: LocalCluster | None = None
+        dtype, micro_batches, ...), or use the running Tier 1 at ``endpoint``, or, with ``ray``
+        ("auto", "local" or an address; ``pip install 'glinthawk[ray]'``), start the nodes as actors
+        of that Ray cluster (glinthawk/ray_cluster.py)."""
+        self._cluster: Any = None
         self._secret = secret
         if endpoint is not None:
             host, _, port = endpoint.rpartition(":")
             self._address = (host or "127.0.0.1", int(port))
+        elif ray is not None:
+            from glinthawk.ray_cluster import RayCluster
+
+            self._cluster = RayCluster.from_options(ray, Path(model), tier2_nodes, secret=secret,
+                                                    **cluster_options).__enter__()
+            self._address, self._secret = self._cluster.tier1_address, self._cluster.secret.encode()
         else:
             self._cluster = LocalCluster(Path(model), tier2_nodes=tier2_nodes, **cluster_options).__enter__()
             self._address = self._cluster.tier1_address

@@ -260,17 +260,16 @@ def _run_on_ray(address: str, input_path: str, output_path: str, model_dir: Path
 
     from glinthawk.net.auth import SECRET_ENV
     from glinthawk.ray_cluster import RayCluster, RayMissing, import_ray
-    from glinthawk.settings import Tier1Settings, args_for
 
     try:
         import_ray()
     except RayMissing as exc:
         raise click.ClickException(str(exc)) from None
-    tier1 = ["--dtype", dtype, "--device", device, *args_for(Tier1Settings, {**settings, "micro_batches": micro_batches}),
-             *args_for(NetemSettings, settings)]
-    tier2 = [*pick(Tier2Settings, settings).kv_args, *args_for(NetemSettings, settings)]
-    cluster = RayCluster(address, model_dir, tier2_nodes, tier1_args=tier1, tier2_args=tier2, device=device,
-                         secret=read_secret(secret_file))
+    try:
+        cluster = RayCluster.from_options(address, model_dir, tier2_nodes, dtype=dtype, device=device,
+                                          secret=read_secret(secret_file), micro_batches=micro_batches, **settings)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
     try:
         with cluster:
             host, port = cluster.tier1_address

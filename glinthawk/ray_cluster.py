@@ -96,6 +96,18 @@ class RayCluster:
         self.tier2: list[Any] = []
         self.tier1_address: tuple[str, int] | None = None
 
+    @classmethod
+    def from_options(cls, address: str, model_dir: Path, tier2_nodes: int, *, dtype: str = "auto",
+                     device: str = "auto", secret: bytes | None = None, **settings: Any) -> "RayCluster":
+        """As ``LocalCluster`` takes them: ``settings`` are fields of Tier1Settings, Tier2Settings or
+        NetemSettings (a name none has is a TypeError)."""
+        from glinthawk.settings import NetemSettings, Tier1Settings, Tier2Settings, split, to_args
+
+        tier1, tier2, netem = split(settings, Tier1Settings, Tier2Settings, NetemSettings)
+        return cls(address, model_dir, tier2_nodes, device=device, secret=secret,
+                   tier1_args=["--dtype", dtype, "--device", device, *to_args(tier1), *to_args(netem)],
+                   tier2_args=[*tier2.kv_args, *to_args(netem)])
+
     def __enter__(self) -> "RayCluster":
         ray = import_ray()
         if not ray.is_initialized():
@@ -152,7 +164,8 @@ class RayCluster:
         """Ray restarts what dies; a client of this cluster just waits for its work."""
         return await work
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Stop every actor (``clean`` is LocalCluster's: the nodes' logs stay with Ray either way)."""
         ray = import_ray()
         for actor in [self.tier1, *self.tier2]:  # Tier 1 first: it finishes what runs on its nodes
             if actor is not None:

@@ -83,3 +83,16 @@ async def _sequences_seen_on(host: str, port: int, address: str, secret: bytes, 
             return True
         await asyncio.sleep(0.05)
     return False
+
+
+def test_the_python_api_runs_on_ray(checkpoint, model_dir, tmp_path):
+    pytest.importorskip("ray")
+    from glinthawk import LLM, SamplingParams
+
+    prompts = ["The quick brown fox", "Tier two holds the key value cache"]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    with LLM(model_dir, ray="local", tier2_nodes=2, dtype="float32", kv_tokens=4096) as llm:
+        on_ray = [output.outputs[0].token_ids for output in llm.generate(prompts, params)]
+    with LLM(model_dir, tier2_nodes=1, dtype="float32", kv_tokens=4096) as llm:
+        local = [output.outputs[0].token_ids for output in llm.generate(prompts, params)]
+    assert on_ray == local and all(len(ids) == 8 for ids in on_ray)
