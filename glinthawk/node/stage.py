@@ -55,6 +55,7 @@ class StageNode:
         self.held: dict[int, Tier2Link] = {}  # sequence id -> the node its room was reserved on
         self.fanouts: dict[int, Fanout] = {}  # by micro-batch
         self.steps_running = 0
+        self._steps: set[asyncio.Task] = set()  # the upstream's steps under way here
         self.merger: StageMerger | None = None
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -136,7 +137,9 @@ class StageNode:
             async for header, tensors in conn:
                 kind = header["type"]
                 if kind == MsgType.HIDDEN:
-                    self._spawn(self._step(conn, header, tensors.get("x")))
+                    step = self._spawn(self._step(conn, header, tensors.get("x")))
+                    self._steps.add(step)
+                    step.add_done_callback(self._steps.discard)
                 elif kind == MsgType.RELEASE:
                     await self._release(header)
                 elif kind == MsgType.RESET:  # the first stage is gone; the stage before is not
@@ -150,6 +153,8 @@ class StageNode:
         finally:
             if self.upstream is conn:
                 self.upstream = None
+                for step in list(self._steps):  # none of them may reserve room after it is all given back
+                    step.cancel()
                 await self._release_all()
 
     async def _release(self, header: dict) -> None:
