@@ -89,6 +89,17 @@ def test_requests_that_do_not_ask_get_nothing_and_cost_nothing(checkpoint):
     assert pack_step([(seq, seq.pending)]).score_rows is None
 
 
+def test_token_text_and_bytes(checkpoint):
+    """A token's text as OpenAI shows it: its UTF-8 text, ``bytes:\\x..`` for part of a
+    character, a special token's name."""
+    _, tokenizer = checkpoint
+    assert tokenizer.piece(0) == ("<s>", b"<s>") and tokenizer.is_special(0)
+    lead = tokenizer._tok.token_to_id("\u00e2")  # byte-level BPE writes byte 0xE2 as "â"
+    assert tokenizer.piece(lead) == ("bytes:\\xe2", b"\xe2") and not tokenizer.is_special(lead)
+    space_the = tokenizer.encode(" the", add_special_tokens=False)
+    assert "".join(tokenizer.piece(t)[0] for t in space_the) == " the"
+
+
 # -- prompts -------------------------------------------------------------------------------
 @pytest.mark.parametrize("max_batch_tokens", [64, 7], ids=["whole", "chunked"])
 def test_prompt_scoring_equals_transformers_log_likelihood(checkpoint, hf, max_batch_tokens):
@@ -334,3 +345,36 @@ def test_the_service_scores_a_prompt_on_v1_completions(tmp_path):
         assert [len(e.top_logprobs) for e in chat.choices[0].logprobs.content] == [3, 3]
     finally:
         service.stop()
+
+
+async def test_a_tier2_node_lost_mid_run_changes_no_logprob(checkpoint, tmp_path, caplog):
+    """Sequences rebuilt on another node after theirs is lost rewrite the same prompt log-probs
+    and add none twice: the lines equal one process's."""
+    import asyncio
+
+    from glinthawk.client import submit
+    from glinthawk.node.tier1 import Tier1Node
+    from glinthawk.node.tier2 import Tier2Node
+
+    model, tokenizer = checkpoint
+    lines = [{**line, "max_tokens": 20} if line["max_tokens"] else line for line in MIXED] + [
+        {"custom_id": f"late{i}", "prompt": PROMPTS[i % 4], "max_tokens": 0, "prompt_logprobs": 1} for i in range(4)]
+    requests = tmp_path / "in.jsonl"
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    tier2 = [Tier2Node(kv_tokens=4096) for _ in range(2)]
+    ports = [await node.start("127.0.0.1", 0) for node in tier2]
+    tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{p}" for p in ports], micro_batches=2, max_batch_tokens=8,
+                      reconnect_seconds=3600)
+    try:
+        port = await tier1.start("127.0.0.1", 0)
+        run = asyncio.ensure_future(submit(requests, "127.0.0.1", port, tmp_path / "out.jsonl", progress=False))
+        while tier1.stats.steps < 6 and not run.done():
+            await asyncio.sleep(0.001)
+        await tier2[0].close()
+        summary = await asyncio.wait_for(run, timeout=240)
+    finally:
+        await tier1.close()
+        await tier2[1].close()
+    assert summary.failed == 0
+    assert "go back to the queue" in caplog.text  # sequences were rebuilt
+    assert_same(read_results(tmp_path / "out.jsonl"), run_lines(checkpoint, lines, max_batch_tokens=8))
