@@ -2,7 +2,7 @@
 
 from enum import StrEnum
 
-PROTOCOL_VERSION = 3  # 3: pipeline stages (HIDDEN, TOKENS, STEP_FAILED, NODES, STAGE_DOWN, RESET)
+PROTOCOL_VERSION = 4  # 3: pipeline stages (HIDDEN, TOKENS, STEP_FAILED, NODES, STAGE_DOWN, RESET); 4: log-probs in them
 
 
 class MsgType(StrEnum):

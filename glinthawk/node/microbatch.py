@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from glinthawk.compute.loader import Model
+from glinthawk.compute.logprobs import Sampled
 from glinthawk.node.chain import RemoteNode, StageLost
 from glinthawk.node.fanout import Fanout, StepClock, attention_work, split_by_node
 from glinthawk.node.links import LinkLost, Tier2Link
@@ -51,7 +52,7 @@ class Host(Protocol):
     def compute(self, work: StageWork) -> Awaitable[Any]: ...
 
     def forward(self, mb: int, batch: StepBatch, routes: Seq[Route], reserve: dict[int, int],
-                hidden: torch.Tensor) -> Awaitable[tuple[torch.Tensor, list]]:
+                hidden: torch.Tensor) -> Awaitable[tuple[Sampled, list]]:
         """Hand a step's hidden states on to the next stage; its sampled tokens, and each later
         stage's (compute, wait) seconds (pipeline stages only)."""
 

@@ -16,6 +16,7 @@ import torch
 
 from glinthawk.compute.layers import warm_up
 from glinthawk.compute.loader import Model
+from glinthawk.compute.logprobs import Sampled
 from glinthawk.metrics import StageMetrics
 from glinthawk.net.codec import ProtocolError
 from glinthawk.net.connection import Connection, ConnectionClosed
@@ -190,8 +191,8 @@ class StageNode:
         mb = header.get("mb")
         self.steps_running += 1
         try:
-            tokens, timings = await self._run(mb, header, x)
-            answer = {"type": MsgType.TOKENS, "mb": mb, "tokens": tokens.tolist(), "timings": timings}
+            sampled, timings = await self._run(mb, header, x)
+            answer = {"type": MsgType.TOKENS, "mb": mb, **sampled.wire(), "timings": timings}
         except StepLost as exc:
             answer = {"type": MsgType.STEP_FAILED, "mb": mb, "lost": exc.lost, "message": str(exc)}
         except StageLost as exc:
@@ -207,8 +208,9 @@ class StageNode:
             except (ConnectionClosed, ConnectionError):
                 pass
 
-    async def _run(self, mb: int, header: dict, x: torch.Tensor | None) -> tuple[torch.Tensor, list]:
-        """The step's sampled tokens, and the (compute, wait) seconds of this stage and those after it."""
+    async def _run(self, mb: int, header: dict, x: torch.Tensor | None) -> tuple[Sampled, list]:
+        """The step's sampled tokens (and the log-probs asked for), and the (compute, wait) seconds
+        of this stage and those after it."""
         batch, route, reserve, onward = parse_handoff(header)
         if not isinstance(x, torch.Tensor) or x.shape[0] != len(batch.positions):
             raise ProtocolError("a HIDDEN frame without hidden states for each of its rows")
