@@ -552,7 +552,7 @@ def run_local_cluster(model_dir: Path, lines: list[dict], work_dir: Path, *, dty
                       delay_ms: float = 0.0, stages: int | None = None) -> RunResult:
     """``glinthawk run``: real Tier 2 and Tier 1 processes on loopback; times the submit only.
     ``micro_batches``: see ``LocalCluster`` ("auto": Tier 1 measures the count)."""
-    from glinthawk.client import submit
+    from glinthawk.client import fetch_status, submit
     from glinthawk.cluster import ClusterError, LocalCluster
     from glinthawk.net.connection import run
 
@@ -569,10 +569,12 @@ def run_local_cluster(model_dir: Path, lines: list[dict], work_dir: Path, *, dty
             started = time.perf_counter()
             summary = run(submit(requests_path, host, port, out_path, progress=False))
             seconds = time.perf_counter() - started
+            chosen = run(fetch_status(host, port)).get("micro_batches")  # what Tier 1 ran with (or measured)
     except ClusterError as exc:
         raise click.ClickException(str(exc)) from None
     check_results(read_jsonl(out_path), sum(line["max_tokens"] for line in lines))
-    return RunResult(seconds, summary.generated_tokens, len(lines), extra={"startup_seconds": up})
+    return RunResult(seconds, summary.generated_tokens, len(lines), extra={"startup_seconds": up,
+                                                                           "micro_batches_used": chosen})
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -67,6 +67,10 @@ class StageMerger:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
 
+    def loop_seconds(self) -> float:
+        """Seconds the event loop itself has spent computing (none when a thread of its own computes)."""
+        return self.stats.busy_seconds if self._executor is None else 0.0
+
     async def close(self) -> None:
         self._closed = True
         if self._executor is not None:

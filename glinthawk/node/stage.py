@@ -224,20 +224,18 @@ class StageNode:
         work = attention_work(batch.starts, batch.counts)
         fanout = self.fanouts.setdefault(mb, Fanout(mb, self.first_layer))
 
+        clock = StepClock(self.merger.loop_seconds)
+
         async def attend(layer: int, q, k, v) -> torch.Tensor:
             try:
-                return await fanout.attend(layer, parts, work, q, k, v)
+                return await clock.wait(fanout.attend(layer, parts, work, q, k, v))
             except LinkLost as exc:
                 lost = sorted({i for i, link in zip(route, links) if not link.alive})
                 raise StepLost(f"{self.name}: {exc}", [[self.first_layer, i] for i in lost]) from None
 
-        clock = fanout.clock = StepClock()
         out = await run_step(self.model, batch, clock.timed_compute(self._compute), attend, x=x)
         if self.downstream is not None:
-            loop = asyncio.get_running_loop()
-            sent = loop.time()
-            out, later = await self.downstream.forward(mb, onward, out)
-            clock.handed_on(loop.time() - sent, later)
+            out = await clock.hand_on(self.downstream.forward(mb, onward, out))
         return out, clock.stages
 
     def _compute(self, work: StageWork):
