@@ -38,6 +38,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str
+    logprobs: list[dict[str, Any]] | None = None  # with SamplingParams(logprobs=N): per token (docs/FORMAT.md)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class RequestOutput:
     prompt: str | list[dict[str, Any]]
     prompt_token_count: int
     outputs: list[CompletionOutput]
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # with SamplingParams(prompt_logprobs=N)
 
 
 class LLM:
@@ -105,8 +107,10 @@ class LLM:
             if line is None or "error" in line:
                 reason = line["error"]["message"] if line else "no result"
                 raise GenerationError(f"request {index} failed: {reason}")
-            completion = CompletionOutput(0, line["text"], line["token_ids"], line["finish_reason"])
-            outputs.append(RequestOutput(str(index), prompt, line["prompt_tokens"], [completion]))
+            completion = CompletionOutput(0, line["text"], line["token_ids"], line["finish_reason"],
+                                          line.get("logprobs"))
+            outputs.append(RequestOutput(str(index), prompt, line["prompt_tokens"], [completion],
+                                         line.get("prompt_logprobs")))
         return outputs
 
     def close(self, clean: bool = True) -> None:

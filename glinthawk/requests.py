@@ -12,9 +12,10 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from glinthawk import logprobs as lp
 from glinthawk.compute.sampling import SamplingParams
 
 log = logging.getLogger("glinthawk.requests")
@@ -30,11 +31,13 @@ _COUNT_NUMBERS_FROM = 1 << 20  # bytes: a shorter line cannot hold MAX_LINE_NUMB
 _SAMPLING_FIELDS = {
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
 }
-_PLAIN_FIELDS = {"custom_id", "prompt", "messages"} | _SAMPLING_FIELDS
+_LOGPROB_FIELDS = {"logprobs", "top_logprobs", "prompt_logprobs"}
+_PLAIN_FIELDS = {"custom_id", "prompt", "messages"} | _SAMPLING_FIELDS | _LOGPROB_FIELDS
 _OPENAI_FIELDS = {"custom_id", "method", "url", "body"}
 # Fields an OpenAI body may carry that change nothing here, with the only value we honour.
-_OPENAI_NEUTRAL = {"model": None, "n": 1, "stream": False, "logprobs": None, "user": None}
-_OPENAI_BODY_FIELDS = {"prompt", "messages", "max_completion_tokens"} | _SAMPLING_FIELDS | set(_OPENAI_NEUTRAL)
+_OPENAI_NEUTRAL = {"model": None, "n": 1, "stream": False, "user": None}
+_OPENAI_BODY_FIELDS = ({"prompt", "messages", "max_completion_tokens", "echo"} | _SAMPLING_FIELDS
+                       | _LOGPROB_FIELDS | set(_OPENAI_NEUTRAL))
 # JSON lets "\ud800" escape half a surrogate pair: it decodes to a str that is not Unicode
 # text, which the tokenizer refuses and no result line can be encoded with.
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -54,6 +57,8 @@ class Request:
     # generation_config.json may set their defaults (generation_config.py). A Request made
     # in code leaves it empty, so its params are taken as they are.
     unset: frozenset[str] = frozenset()
+    echo: bool = False  # completions: the prompt comes back before the completion
+    show_prompt_logprobs: bool = False  # the line asked for prompt_logprobs by that name
 
     @property
     def is_chat(self) -> bool:
@@ -199,8 +204,8 @@ def _unset(fields: dict[str, Any]) -> frozenset[str]:
     return frozenset(name for name in _SAMPLING_FIELDS if fields.get(name) is None)
 
 
-def _sampling(fields: dict[str, Any]) -> SamplingParams:
-    kwargs = {k: v for k, v in fields.items() if k in _SAMPLING_FIELDS and v is not None}
+def _sampling(fields: dict[str, Any], logprobs: dict[str, Any]) -> SamplingParams:
+    kwargs = {k: v for k, v in fields.items() if k in _SAMPLING_FIELDS and v is not None} | logprobs
     stop = kwargs.get("stop", ())
     kwargs["stop"] = (stop,) if isinstance(stop, str) else tuple(_list_of(stop, str, "stop"))
     kwargs["stop_token_ids"] = tuple(_list_of(kwargs.get("stop_token_ids", ()), int, "stop_token_ids"))
@@ -242,7 +247,8 @@ def _parse_plain(obj: dict, number: int, custom_id: str) -> Request:
     _check_fields(obj, _PLAIN_FIELDS, "the request")
     if ("prompt" in obj) == ("messages" in obj):
         raise ValueError("give exactly one of 'prompt' or 'messages'")
-    request = Request(custom_id, number, PLAIN, _sampling(obj), unset=_unset(obj))
+    request = Request(custom_id, number, PLAIN, _sampling(obj, lp.plain_fields(obj)), unset=_unset(obj),
+                      show_prompt_logprobs=obj.get("prompt_logprobs") is not None)
     if "prompt" in obj:
         request.prompt = _prompt(obj["prompt"])
     else:
@@ -268,8 +274,12 @@ def _parse_openai(obj: dict, number: int, custom_id: str) -> Request:
     if fields.get("max_tokens") is None:  # absent or null: max_completion_tokens (its newer name) counts
         fields["max_tokens"] = completion_tokens
     model = body.get("model")
-    request = Request(custom_id, number, OPENAI, _sampling(fields), url=url,
-                      model=model if isinstance(model, str) else None, unset=_unset(fields))
+    logprobs, echo = lp.openai_fields(body, url == CHAT_URL)
+    if echo and fields.get("max_tokens") == 0:
+        logprobs.setdefault("prompt_logprobs", 0)  # max_tokens 0 with echo: the prompt alone comes back
+    request = Request(custom_id, number, OPENAI, _sampling(fields, logprobs), url=url,
+                      model=model if isinstance(model, str) else None, unset=_unset(fields), echo=echo,
+                      show_prompt_logprobs=body.get("prompt_logprobs") is not None)
     if url == CHAT_URL:
         if "prompt" in body:
             raise ValueError(f"{CHAT_URL} takes 'messages', not 'prompt'")
@@ -289,35 +299,52 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
+    logprobs: list[lp.TokenLogprob] | None = field(default=None, repr=False)
+    prompt_logprobs: list[lp.TokenLogprob] | None = field(default=None, repr=False)
+    prompt_text: str | None = None  # echo: the prompt, returned before the text
+
+
+def _plain_line(request: Request, done: Completion) -> dict[str, Any]:
+    line = {
+        "custom_id": request.custom_id,
+        "text": done.text,
+        "token_ids": done.token_ids,
+        "finish_reason": done.finish_reason,
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": len(done.token_ids),
+    }
+    if done.logprobs is not None:
+        line["logprobs"] = lp.plain_list(done.logprobs)
+    if done.prompt_logprobs is not None:
+        line["prompt_logprobs"] = lp.plain_list(done.prompt_logprobs)
+    return line
 
 
 def result_line(request: Request, done: Completion, model_name: str) -> dict[str, Any]:
     completion_tokens = len(done.token_ids)
     if request.form == PLAIN:
-        return {
-            "custom_id": request.custom_id,
-            "text": done.text,
-            "token_ids": done.token_ids,
-            "finish_reason": done.finish_reason,
-            "prompt_tokens": done.prompt_tokens,
-            "completion_tokens": completion_tokens,
-        }
+        return _plain_line(request, done)
     if request.is_chat:
         obj, choice = "chat.completion", {"message": {"role": "assistant", "content": done.text}}
     else:
-        obj, choice = "text_completion", {"text": done.text}
+        text = done.text if done.prompt_text is None else done.prompt_text + done.text
+        obj, choice = "text_completion", {"text": text}
     body = {
         "id": ("chatcmpl-" if request.is_chat else "cmpl-") + uuid.uuid4().hex,
         "object": obj,
         "created": int(time.time()),
         "model": request.model or model_name,
-        "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": done.finish_reason}],
+        "choices": [{"index": 0, **choice, "logprobs": lp.choice_logprobs(
+            request.is_chat, done.logprobs, done.prompt_logprobs if request.echo else None, done.prompt_text),
+                     "finish_reason": done.finish_reason}],
         "usage": {
             "prompt_tokens": done.prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": done.prompt_tokens + completion_tokens,
         },
     }
+    if request.show_prompt_logprobs and done.prompt_logprobs is not None:
+        body["prompt_logprobs"] = lp.vllm_prompt_logprobs(done.prompt_logprobs)
     return _openai_line(request.custom_id, 200, body)
 
 

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from glinthawk.compute.logprobs import Sampled, Scores
 from glinthawk.compute.sampling import SamplingParams
+from glinthawk.logprobs import Scored, render
 from glinthawk.requests import Completion, Request, RequestError
 from glinthawk.stops import StopState
 from glinthawk.tokenizer import Tokenizer, TokenizerError, TooManyTokens
@@ -34,6 +36,16 @@ class Sequence:
     finish_reason: str | None = None
     stop_text: str | None = None  # generated text cut before a stop string, once one is hit
     stops: StopState | None = field(default=None, repr=False)  # built at the first generated token
+    # Asked-for log-probs, as they come: one per generated token; one per prompt token (the
+    # first stays None), written by position so that a rebuilt sequence rewrites the same ones.
+    logprobs: list[Scored] | None = field(default=None, repr=False)
+    prompt_logprobs: list[Scored | None] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.params.logprobs is not None:
+            self.logprobs = []
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * len(self.prompt_ids)
 
     @property
     def params(self) -> SamplingParams:
@@ -41,8 +53,9 @@ class Sequence:
 
     @property
     def reserve_tokens(self) -> int:
-        """KV room the whole life of the sequence needs (the last sampled token is never cached)."""
-        return len(self.prompt_ids) + self.params.max_tokens - 1
+        """KV room the whole life of the sequence needs (the last sampled token is never cached;
+        a prompt only scored, max_tokens 0, is cached whole)."""
+        return len(self.prompt_ids) + max(self.params.max_tokens, 1) - 1
 
     @property
     def total_tokens(self) -> int:
@@ -81,9 +94,22 @@ class Sequence:
             self.stop_text = tokenizer.decode(self.generated)[:at]
         return at is not None
 
+    @property
+    def only_scored(self) -> bool:
+        """A prompt to score, nothing to generate (max_tokens 0): its last row is never sampled."""
+        return self.params.max_tokens == 0
+
     def completion(self, tokenizer: Tokenizer) -> Completion:
         text = self.stop_text if self.stop_text is not None else tokenizer.decode(self.generated)
-        return Completion(text, list(self.generated), self.finish_reason or "length", len(self.prompt_ids))
+        done = Completion(text, list(self.generated), self.finish_reason or "length", len(self.prompt_ids))
+        if self.logprobs is not None:
+            done.logprobs = render(tokenizer, self.generated, self.logprobs)
+        if self.prompt_logprobs is not None:
+            done.prompt_logprobs = render(tokenizer, self.prompt_ids, self.prompt_logprobs)
+        if self.request.echo:
+            done.prompt_text = self.request.prompt if isinstance(self.request.prompt, str) \
+                else tokenizer.decode(self.prompt_ids)
+        return done
 
 
 def new_sequence(request: Request, tokenizer: Tokenizer, max_context: int, vocab_size: int) -> Sequence:
@@ -168,6 +194,12 @@ class StepBatch:
     positions: torch.Tensor  # [tokens] int64
     sample_rows: torch.Tensor  # rows of the packed batch whose logits are sampled
     sampled: list[Sequence]  # the sequences those rows belong to
+    # Prompt rows scored for prompt_logprobs: each row, the prompt token after it, how many
+    # alternatives, and (sequence, position of that token) to file the answer under.
+    score_rows: torch.Tensor | None = None
+    score_tokens: torch.Tensor | None = None
+    score_top: list[int] = field(default_factory=list)
+    scored: list[tuple[Sequence, int]] = field(default_factory=list)
 
     def sampling(self) -> tuple[list[SamplingParams], list[int], list[int]]:
         """What the sampler draws with: each sampled sequence's parameters, seed and step."""
@@ -185,14 +217,21 @@ def pack_step(plan: list[tuple[Sequence, int]], device: torch.device | str = "cp
     positions: list[int] = []
     sample_rows: list[int] = []
     sampled: list[Sequence] = []
+    scored: list[tuple[Sequence, int]] = []
+    score_rows: list[int] = []
     for seq, count in plan:
         start = seq.num_cached
+        if seq.prompt_logprobs is not None:  # rows before the prompt's last predict a prompt token
+            first_row = len(tokens)
+            for position in range(start, min(start + count, len(seq.prompt_ids) - 1)):
+                score_rows.append(first_row + position - start)
+                scored.append((seq, position + 1))
         tokens += seq.token_slice(start, count)
         positions += range(start, start + count)
-        if start + count == seq.total_tokens:
+        if start + count == seq.total_tokens and not seq.only_scored:
             sample_rows.append(len(tokens) - 1)
             sampled.append(seq)
-    return StepBatch(
+    batch = StepBatch(
         seqs=[seq for seq, _ in plan],
         starts=[seq.num_cached for seq, _ in plan],
         counts=[count for _, count in plan],
@@ -201,14 +240,37 @@ def pack_step(plan: list[tuple[Sequence, int]], device: torch.device | str = "cp
         sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=device),
         sampled=sampled,
     )
+    if scored:
+        batch.score_rows = torch.tensor(score_rows, dtype=torch.int64, device=device)
+        batch.score_tokens = torch.tensor([seq.prompt_ids[at] for seq, at in scored], dtype=torch.int64)
+        batch.score_top = [seq.params.prompt_logprobs for seq, _ in scored]
+        batch.scored = scored
+    return batch
 
 
-def commit_step(batch: StepBatch, next_tokens: torch.Tensor, tokenizer: Tokenizer) -> list[Sequence]:
+def commit_step(batch: StepBatch, out: Sampled, tokenizer: Tokenizer) -> list[Sequence]:
     """Advance every sequence of a finished step; returns the sequences that finished."""
+    finished = []
     for seq, count in zip(batch.seqs, batch.counts):
         seq.num_cached += count
-    finished = []
-    for seq, token in zip(batch.sampled, next_tokens.tolist()):
+        if seq.only_scored and seq.num_cached >= len(seq.prompt_ids):
+            seq.finish_reason = "length"
+            finished.append(seq)
+    if out.prompt is not None:
+        for (seq, at), entry in zip(batch.scored, _entries(out.prompt, batch.score_top)):
+            seq.prompt_logprobs[at] = entry
+    asked = [seq for seq in batch.sampled if seq.logprobs is not None]
+    if asked:
+        for seq, entry in zip(asked, _entries(out.logprobs, [seq.params.logprobs for seq in asked])):
+            seq.logprobs.append(entry)
+    for seq, token in zip(batch.sampled, out.tokens.tolist()):
         if seq.append(token, tokenizer):
             finished.append(seq)
     return finished
+
+
+def _entries(scores: Scores, top: Seq[int]) -> list[Scored]:
+    """Each row's (log-prob, rank, [(token, log-prob)] of its ``top[row]`` alternatives)."""
+    logprob, rank = scores.logprob.tolist(), scores.rank.tolist()
+    ids, values = scores.top_ids.tolist(), scores.top_logprobs.tolist()
+    return [Scored(lp, r, list(zip(i[:k], v[:k]))) for lp, r, i, v, k in zip(logprob, rank, ids, values, top)]

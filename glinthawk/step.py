@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from glinthawk.compute.loader import Model
+from glinthawk.compute.logprobs import Sampled
 from glinthawk.compute.rope import Rotary, rotary
 from glinthawk.compute.sampling import SamplingParams
 from glinthawk.compute.stages import final_stage, hand_off_stage, layer_stage
@@ -49,6 +50,11 @@ class StageWork:
     params: Seq[SamplingParams] = ()
     seeds: Seq[int] = ()
     steps: Seq[int] = ()
+    # Final stage, only where requests ask for prompt_logprobs: the prompt rows to score, the
+    # token each is scored on, and how many alternatives each wants.
+    score_rows: torch.Tensor | None = None
+    score_tokens: torch.Tensor | None = None
+    score_top: Seq[int] = ()
     future: asyncio.Future | None = field(default=None, repr=False)  # where a merger answers it
     seconds: float = 0.0  # its share of the compute job it ran in (set by the merger)
 
@@ -62,10 +68,10 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Awaitable[tor
 
 
 async def run_step(model: Model, batch: StepBatch | StageBatch, compute: Compute, attend: Attend,
-                   x: torch.Tensor | None = None) -> torch.Tensor:
-    """The next token of every sampled sequence of ``batch`` (int64, on the CPU), or, on a
-    pipeline stage before the model's last, the hidden states to hand on; ``x``: those the
-    stage before handed on (a stage after the first)."""
+                   x: torch.Tensor | None = None) -> Sampled | torch.Tensor:
+    """The next token of every sampled sequence of ``batch`` (and the log-probs its requests
+    ask for), or, on a pipeline stage before the model's last, the hidden states to hand on;
+    ``x``: those the stage before handed on (a stage after the first)."""
     layers = model.layer_range
     rot = rotary(model.inv_freq, batch.positions.to(model.device), model.dtype)
     x, q, k, v = await compute(StageWork(layers.start, rot, token_ids=batch.token_ids if model.is_first else None,
@@ -76,11 +82,12 @@ async def run_step(model: Model, batch: StepBatch | StageBatch, compute: Compute
             x, q, k, v = await compute(StageWork(layer + 1, rot, x=x, attn_out=out))
     if not model.is_last:
         return await compute(StageWork(layers.stop, rot, x=x, attn_out=out))
-    if not len(batch.sample_rows):
-        return torch.empty(0, dtype=torch.int64)
+    if not len(batch.sample_rows) and batch.score_rows is None:
+        return Sampled.empty()
     params, seeds, steps = batch.sampling()
     return await compute(StageWork(layers.stop, rot, x=x, attn_out=out, sample_rows=batch.sample_rows,
-                                   params=params, seeds=seeds, steps=steps))
+                                   params=params, seeds=seeds, steps=steps, score_rows=batch.score_rows,
+                                   score_tokens=batch.score_tokens, score_top=batch.score_top))
 
 
 def compute_stage(model: Model, work: StageWork) -> Any:
@@ -89,8 +96,10 @@ def compute_stage(model: Model, work: StageWork) -> Any:
     device = model.device
     attn_out = work.attn_out.to(device) if work.attn_out is not None else None
     if work.stage == model.config.num_layers:
+        scoring = None if work.score_rows is None else (work.score_rows.to(device), work.score_tokens,
+                                                        work.score_top)
         return final_stage(model, work.x, attn_out, work.sample_rows.to(device), work.params, work.seeds,
-                           work.steps)
+                           work.steps, scoring)
     if work.stage == model.layer_range.stop:
         return hand_off_stage(model, work.x, attn_out)
     if work.stage == 0:

@@ -9,6 +9,8 @@ the checkpoint's Jinja chat template, the same way ``apply_chat_template`` does.
 from __future__ import annotations
 
 import json
+import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,9 @@ class Tokenizer:
             eos.add(self._tok.token_to_id(self.eos_token))
         self.eos_token_ids = frozenset(eos)
         self._compiled_template = None
+        self._special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+        self._byte_level = isinstance(self._tok.decoder, decoders.ByteLevel)
+        self._pieces: dict[int, tuple[str, bytes]] = {}
 
     @staticmethod
     def _read_config(path: Path) -> dict[str, Any]:
@@ -125,6 +130,32 @@ class Tokenizer:
         true of a plain byte-level decoder (bytes of each token, then one lossy UTF-8 decode)."""
         return isinstance(self._tok.decoder, decoders.ByteLevel)
 
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    def piece(self, token_id: int) -> tuple[str, bytes]:
+        """A token's UTF-8 bytes and its text as OpenAI shows it: the text, or for bytes that are
+        not whole characters, ``bytes:\\xe2\\x80``. A special token is its own name."""
+        cached = self._pieces.get(token_id)
+        if cached is not None:
+            return cached
+        raw = self._tok.id_to_token(token_id) or ""
+        if token_id in self._special_ids:
+            data = raw.encode()
+        elif self._byte_level:
+            table = _byte_decoder()
+            data = bytes(table[c] for c in raw) if all(c in table for c in raw) else raw.encode()
+        elif match := _BYTE_FALLBACK.fullmatch(raw):  # SentencePiece's bytes of a rare character
+            data = bytes([int(match[1], 16)])
+        else:
+            data = raw.replace("\u2581", " ").encode()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+        self._pieces[token_id] = text, data
+        return text, data
+
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         """Render chat messages into a prompt string with the checkpoint's chat template."""
         if self.chat_template is None:
@@ -154,6 +185,24 @@ class Tokenizer:
         if limit is None:
             return self.encode(text, add_special_tokens=False)
         return self.encode_within(text, limit, add_special_tokens=False)
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the character each byte is written as, inverted."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
 
 
 def _cut(text: str, start: int, size: int) -> int:

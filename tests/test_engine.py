@@ -270,8 +270,9 @@ def test_openai_form_lines_and_errors_flow_through_the_engine(llama, greedy_stre
     assert chat["object"] == "chat.completion" and chat["model"] == "tiny"
     assert chat["choices"][0]["message"]["role"] == "assistant"
     assert chat["usage"]["prompt_tokens"] == len(tok.encode_chat([{"role": "user", "content": "hi"}]))
-    assert len(by_id["dup"]) == 2
-    errors = [line for line in by_id["dup"] if "error" in line]
+    # The duplicate's error line leaves custom_id null, so one line carries the id: the first one's answer.
+    assert len(by_id["dup"]) == 1 and "error" not in by_id["dup"][0]
+    errors = by_id[None]
     assert len(errors) == 1 and "duplicate custom_id 'dup'" in errors[0]["error"]["message"]
 
 
@@ -299,13 +300,18 @@ def test_head_in_chunks_samples_what_the_whole_batch_samples(llama, monkeypatch)
 
     model, _ = llama
     x = torch.randn(11, model.config.hidden_size, generator=torch.Generator().manual_seed(3)).to(model.dtype)
-    params = [SamplingParams(temperature=0), SamplingParams(**SAMPLED)] * 5 + [SamplingParams(temperature=1.2)]
+    params = [SamplingParams(temperature=0), SamplingParams(**SAMPLED, logprobs=3)] * 5 \
+        + [SamplingParams(temperature=1.2, logprobs=0)]
     seeds, steps = list(range(100, 111)), list(range(11))
     whole = head_and_sample(model, x, params, seeds, steps)
     assert layers.head_rows(model) >= 11  # the tiny model's head takes these rows in one chunk
     monkeypatch.setattr(layers, "HEAD_CHUNK_BYTES", 4 * 4 * model.config.vocab_size)
     assert layers.head_rows(model) == 4
-    assert torch.equal(head_and_sample(model, x, params, seeds, steps), whole)
+    chunked = head_and_sample(model, x, params, seeds, steps)
+    assert torch.equal(chunked.tokens, whole.tokens)
+    assert len(chunked.logprobs) == 6  # the rows that asked, in their order
+    assert torch.equal(chunked.logprobs.logprob, whole.logprobs.logprob)
+    assert torch.equal(chunked.logprobs.top_ids, whole.logprobs.top_ids)
 
 
 def test_lm_head_sees_only_warmed_chunks(tiny_model, monkeypatch):

@@ -133,7 +133,7 @@ def test_openai_forms_parse():
     ({"custom_id": "o", "url": COMPLETIONS_URL, "body": "prompt"}, ["'body' must be a JSON object"]),
     ({"custom_id": "o", "url": COMPLETIONS_URL, "body": {"prompt": "x", "n": 2}}, ["'n' must be 1"]),
     ({"custom_id": "o", "url": COMPLETIONS_URL, "body": {"prompt": "x", "stream": True}}, ["'stream' must be false"]),
-    ({"custom_id": "o", "url": COMPLETIONS_URL, "body": {"prompt": "x", "echo": True}}, ["unknown field(s) echo"]),
+    ({"custom_id": "o", "url": COMPLETIONS_URL, "body": {"prompt": "x", "suffix": "y"}}, ["unknown field(s) suffix"]),
     ({"custom_id": "o", "url": COMPLETIONS_URL, "body": {"prompt": "x"}, "extra": 1}, ["unknown field(s) extra"]),
     ({"custom_id": "o", "url": COMPLETIONS_URL, "body": {"messages": [{"role": "user", "content": "x"}]}},
      ["takes 'prompt', not 'messages'"]),
@@ -189,7 +189,7 @@ def test_integer_too_large_for_a_float_is_an_error():
 def test_a_bug_met_by_one_line_fails_that_line(monkeypatch):
     from glinthawk import requests
 
-    def broken(fields):
+    def broken(*fields):
         raise KeyError("simulated bug")
 
     monkeypatch.setattr(requests, "_sampling", broken)

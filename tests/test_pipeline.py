@@ -221,3 +221,20 @@ async def test_status_lists_a_tier2_node_never_reached(checkpoint):
         await tier2.close()
     assert [(n["address"], n["alive"], n["kv_tokens"]) for n in nodes] == [(f"127.0.0.1:{port}", True, 64),
                                                                          ("127.0.0.1:1", False, 0)]
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+async def test_stages_under_injected_delay_give_the_single_process_tokens(four_layers, tmp_path, sampling):
+    """Every frame between stages and to Tier 2 held 5 ms, jittered: answers arrive in other orders,
+    and the tokens are still the single process's."""
+    from glinthawk.net.netem import NetEm
+
+    directory = four_layers()
+    requests = write_requests(tmp_path / "in.jsonl", sampling)
+    async with pipeline(directory, [1, 3], nodes_per_stage=2, netem=NetEm(5.0, 2.0, None),
+                        max_batch_tokens=16) as p:
+        summary = await submit(requests, "127.0.0.1", p.port, tmp_path / "out.jsonl", progress=False)
+    assert summary.failed == 0
+    got = read_results(tmp_path / "out.jsonl")
+    want = reference(directory, requests)
+    assert {k: v["token_ids"] for k, v in got.items()} == {k: v["token_ids"] for k, v in want.items()}

@@ -3,6 +3,7 @@ and what SIGKILL of one of their processes does."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -106,3 +107,20 @@ def test_glinthawk_node_refuses_a_stage_it_cannot_be(four_layer_dir, args, messa
                            "--model", str(four_layer_dir), *args], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_python_api_takes_stages(four_layer_dir):
+    from glinthawk import LLM, SamplingParams
+    from glinthawk.engine import Engine
+    from glinthawk.requests import parse_line
+
+    prompts = ["The quick brown fox", "Tier one holds the weights"]
+    with LLM(model=four_layer_dir, stages=2, tier2_nodes=1, dtype="float32") as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6,
+                                                                                      ignore_eos=True))]
+    model = load_model(four_layer_dir, dtype="float32", device="cpu")
+    lines: list[dict] = []
+    Engine(model, Tokenizer(four_layer_dir), kv_tokens=1024).run(
+        [parse_line(i + 1, json.dumps({"custom_id": str(i), "prompt": p, "max_tokens": 6, "temperature": 0,
+                                        "ignore_eos": True}).encode()) for i, p in enumerate(prompts)], lines.append)
+    assert got == [line["token_ids"] for line in sorted(lines, key=lambda line: int(line["custom_id"]))]

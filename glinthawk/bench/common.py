@@ -37,7 +37,7 @@ import torch
 
 from glinthawk.cluster import stop_process
 from glinthawk.compute.loader import cpu_info
-from glinthawk.settings import StepSettings, Tier1Settings
+from glinthawk.settings import StepSettings
 
 SCHEMA_VERSION = 1
 
@@ -211,7 +211,8 @@ class BenchContext:
 
 
 def parse_knob(raw: str, default: Any, name: str) -> Any:
-    """Parse ``raw`` as the type of ``default`` (bool, int, float, str, or a list of ints/floats)."""
+    """Parse ``raw`` as the type of ``default`` (bool, int, float, str, or a list of ints/floats, where
+    "auto" may stand for a micro-batch count that Tier 1 measures)."""
     try:
         if isinstance(default, bool):
             if raw.lower() in ("1", "true", "yes", "on"):
@@ -225,7 +226,7 @@ def parse_knob(raw: str, default: Any, name: str) -> Any:
             return float(raw)
         if isinstance(default, (list, tuple)):
             kind = float if any(isinstance(v, float) for v in default) else int
-            return [kind(v) for v in raw.split(",") if v.strip()]
+            return [v.strip() if v.strip() == "auto" else kind(v) for v in raw.split(",") if v.strip()]
         return raw
     except ValueError:
         raise click.BadParameter(f"{name}={raw!r}: expected {type(default).__name__} like {default!r}",
@@ -527,7 +528,7 @@ async def _two_tier(model, tokenizer, requests_path: Path, out_path: Path, *, no
 
 
 def run_two_tier_inprocess(model, tokenizer, lines: list[dict], work_dir: Path, *, nodes: int = 1,
-                           micro_batches: int = Tier1Settings.micro_batches, delay_ms: float = 0.0, kv_tokens: int,
+                           micro_batches: int | None = None, delay_ms: float = 0.0, kv_tokens: int,
                            max_batch_tokens: int = StepSettings.max_batch_tokens,
                            max_seqs: int = StepSettings.max_seqs, poll_s: float = 0.005) -> RunResult:
     """Tier 1 and Tier 2 nodes in this process (one event loop, real TCP on loopback, real delays)."""
@@ -551,7 +552,7 @@ def run_local_cluster(model_dir: Path, lines: list[dict], work_dir: Path, *, dty
                       delay_ms: float = 0.0, stages: int | None = None) -> RunResult:
     """``glinthawk run``: real Tier 2 and Tier 1 processes on loopback; times the submit only.
     ``micro_batches``: see ``LocalCluster`` ("auto": Tier 1 measures the count)."""
-    from glinthawk.client import submit
+    from glinthawk.client import fetch_status, submit
     from glinthawk.cluster import ClusterError, LocalCluster
     from glinthawk.net.connection import run
 
@@ -568,10 +569,12 @@ def run_local_cluster(model_dir: Path, lines: list[dict], work_dir: Path, *, dty
             started = time.perf_counter()
             summary = run(submit(requests_path, host, port, out_path, progress=False))
             seconds = time.perf_counter() - started
+            chosen = run(fetch_status(host, port)).get("micro_batches")  # what Tier 1 ran with (or measured)
     except ClusterError as exc:
         raise click.ClickException(str(exc)) from None
     check_results(read_jsonl(out_path), sum(line["max_tokens"] for line in lines))
-    return RunResult(seconds, summary.generated_tokens, len(lines), extra={"startup_seconds": up})
+    return RunResult(seconds, summary.generated_tokens, len(lines), extra={"startup_seconds": up,
+                                                                           "micro_batches_used": chosen})
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -40,6 +40,7 @@ def run(ctx: BenchContext) -> dict:
                                                micro_batches=count, max_batch_tokens=knobs["max_batch_tokens"],
                                                max_seqs=batch, delay_ms=delay, stages=stages)
                 rows.append({"stages": stages, "delay_ms": delay, "micro_batches": count,
+                             "micro_batches_used": result.extra["micro_batches_used"],
                              "tok_s": result.tokens_per_s, "seconds": result.seconds})
     for row in rows:
         same = [r for r in rows if (r["stages"], r["delay_ms"]) == (row["stages"], row["delay_ms"])]
@@ -63,7 +64,7 @@ def run(ctx: BenchContext) -> dict:
                   "compete for them, so more stages cannot be faster here; compare counts within a stage count",
                   f"{knobs['tier2_nodes']} Tier 2 node(s) per stage"],
         "table": ([("stages", "stages"), ("delay_ms", "delay ms"), ("micro_batches", "micro-batches"),
-                   ("tok_s", "tok/s"), ("ratio_to_best_hand_picked", "vs best hand-picked"),
+                   ("micro_batches_used", "used"), ("tok_s", "tok/s"), ("ratio_to_best_hand_picked", "vs best hand-picked"),
                    ("ratio_to_one_stage", "vs 1 stage")], rows),
     }
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from glinthawk import omp
 from glinthawk.stops import check_stop_limits
 from glinthawk.compute import elementwise
+from glinthawk.compute.logprobs import MAX_LOGPROBS
 
 try:
     from glinthawk.compute import _sampling
@@ -47,10 +48,23 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Log-probs (of the raw distribution, before temperature and filters: compute/logprobs.py):
+    # of each generated token with this many alternatives, and of each prompt token after the first.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 0:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token), "
+                                 f"got {value!r}")
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            raise ValueError("max_tokens must be a positive integer (0 only scores a prompt: with prompt_logprobs, "
+                             "or echo on /v1/completions), got 0")
         if not _is_number(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:

@@ -18,6 +18,7 @@ import torch
 
 from glinthawk.compute.layers import embed, head, head_rows, post_attention, pre_attention
 from glinthawk.compute.loader import Model
+from glinthawk.compute.logprobs import Sampled, Scores, log_softmax, score
 from glinthawk.compute.rope import Rotary
 from glinthawk.compute.sampling import SamplingParams, sample
 
@@ -47,21 +48,49 @@ def hand_off_stage(model: Model, x: torch.Tensor, attn_out: torch.Tensor) -> tor
     return post_attention(model, model.layer(model.layer_range.stop - 1), x, attn_out)
 
 
+Scoring = tuple[torch.Tensor, torch.Tensor, Sequence[int]]  # prompt rows, their next tokens, alternatives wanted
+
+
 def final_stage(model: Model, x: torch.Tensor, attn_out: torch.Tensor, sample_rows: torch.Tensor,
-                params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
-    """Last layer's post-attention, the head and the sampler, for the rows that are sampled."""
+                params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int],
+                scoring: Scoring | None = None) -> Sampled:
+    """Last layer's post-attention, the head and the sampler, for the rows that are sampled;
+    and, apart (the sampled rows' compute stays as it is), for the prompt rows ``scoring`` names."""
     last = model.layer(model.config.num_layers - 1)
-    x = post_attention(model, last, x.index_select(0, sample_rows), attn_out.index_select(0, sample_rows))
-    return head_and_sample(model, x, params, seeds, steps)
+    if len(sample_rows):
+        h = post_attention(model, last, x.index_select(0, sample_rows), attn_out.index_select(0, sample_rows))
+        out = head_and_sample(model, h, params, seeds, steps)
+    else:
+        out = Sampled.empty()
+    if scoring is not None:
+        rows, tokens, top = scoring
+        h = post_attention(model, last, x.index_select(0, rows), attn_out.index_select(0, rows))
+        out.prompt = head_and_score(model, h, tokens, top)
+    return out
 
 
 def head_and_sample(model: Model, x: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int],
-                    steps: Sequence[int]) -> torch.Tensor:
+                    steps: Sequence[int]) -> Sampled:
     """Next tokens (int64 [rows], on the CPU) of the rows ``x`` [rows, hidden], ``head_rows``
-    rows at a time (``sample`` draws per row, so chunks change nothing but memory)."""
+    rows at a time (``sample`` draws per row, so chunks change nothing but memory), and the
+    log-probs of those whose params ask for them."""
     rows = head_rows(model)
-    chunks = [sample(head(model, x[first:first + rows]), params[first:first + rows], seeds[first:first + rows],
-                     steps[first:first + rows]) for first in range(0, x.shape[0], rows)]
-    if len(chunks) == 1:
-        return chunks[0]
-    return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.int64)
+    tokens, scored = [], []
+    for first in range(0, x.shape[0], rows):
+        chunk = params[first:first + rows]
+        logits = head(model, x[first:first + rows])
+        asked = [i for i, p in enumerate(chunk) if p.logprobs is not None]
+        logprobs = log_softmax(logits[asked]) if asked else None  # before sampling: from the raw logits
+        tokens.append(sample(logits, chunk, seeds[first:first + rows], steps[first:first + rows]))
+        if asked:
+            scored.append(score(logprobs, tokens[-1][asked], [chunk[i].logprobs for i in asked]))
+    if not tokens:
+        return Sampled.empty()
+    return Sampled(tokens[0] if len(tokens) == 1 else torch.cat(tokens), Scores.cat(scored))
+
+
+def head_and_score(model: Model, x: torch.Tensor, tokens: torch.Tensor, top: Sequence[int]) -> Scores:
+    """Log-probs of ``tokens`` at the rows ``x`` (prompt rows), ``head_rows`` rows at a time."""
+    rows = head_rows(model)
+    return Scores.cat([score(log_softmax(head(model, x[first:first + rows])), tokens[first:first + rows],
+                             top[first:first + rows]) for first in range(0, x.shape[0], rows)])

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from glinthawk.compute.loader import Model
+from glinthawk.compute.logprobs import Sampled
 from glinthawk.compute.sampling import SamplingParams
 from glinthawk.net.codec import ProtocolError
 from glinthawk.net.connection import Connection, ConnectionClosed, client_handshake, open_connection
@@ -91,16 +92,25 @@ class RemoteNode:
 def handoff_header(mb: int, batch: StepBatch, routes: Seq[Seq[RemoteNode]], reserve: dict[int, int]) -> dict:
     """A HIDDEN frame's header: the step's sequences, each one's node at every later stage
     (``routes``, one tuple a sequence), the room to reserve for new ones, and what the last
-    stage samples with."""
+    stage samples with (each row's log-prob alternatives, -1 for none) and, only where asked,
+    the prompt rows it scores."""
     params, seeds, steps = batch.sampling()
-    return {
+    header = {
         "type": MsgType.HIDDEN, "mb": mb,
         "seqs": [[s.id, start, count] for s, start, count in zip(batch.seqs, batch.starts, batch.counts)],
         "route": [[route[stage].index for route in routes] for stage in range(len(routes[0]) if routes else 0)],
         "reserve": [[seq_id, tokens] for seq_id, tokens in reserve.items()],
         "sample": {"rows": batch.sample_rows.tolist(), "seeds": list(seeds), "steps": list(steps),
-                   "params": [[p.temperature, p.top_p, p.top_k, p.min_p] for p in params]},
+                   "params": [[p.temperature, p.top_p, p.top_k, p.min_p, _or_none(p.logprobs)] for p in params]},
     }
+    if batch.score_rows is not None:
+        header["score"] = {"rows": batch.score_rows.tolist(), "tokens": batch.score_tokens.tolist(),
+                           "top": list(batch.score_top)}
+    return header
+
+
+def _or_none(count: int | None) -> int:
+    return -1 if count is None else count
 
 
 @dataclass
@@ -115,6 +125,9 @@ class StageBatch:
     params: list[SamplingParams]
     seeds: list[int]
     steps: list[int]
+    score_rows: torch.Tensor | None = None
+    score_tokens: torch.Tensor | None = None
+    score_top: list[int] = field(default_factory=list)
     token_ids: None = None
 
     def sampling(self) -> tuple[list[SamplingParams], list[int], list[int]]:
@@ -129,17 +142,23 @@ def parse_handoff(header: dict) -> tuple[StageBatch, list[int], dict[int, int], 
         route = [int(i) for i in header["route"][0]]
         reserve = {int(seq_id): int(tokens) for seq_id, tokens in header["reserve"]}
         sample = header["sample"]
-        params = [SamplingParams(max_tokens=1, temperature=t, top_p=p, top_k=k, min_p=m)
-                  for t, p, k, m in sample["params"]]
+        params = [SamplingParams(max_tokens=1, temperature=t, top_p=p, top_k=k, min_p=m,
+                                 logprobs=None if lp < 0 else int(lp)) for t, p, k, m, lp in sample["params"]]
         seeds, steps = [int(s) for s in sample["seeds"]], [int(s) for s in sample["steps"]]
         rows = torch.tensor([int(r) for r in sample["rows"]], dtype=torch.int64)
+        score = header.get("score")
+        scoring = () if score is None else (torch.tensor(score["rows"], dtype=torch.int64),
+                                            torch.tensor(score["tokens"], dtype=torch.int64),
+                                            [int(k) for k in score["top"]])
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed HIDDEN frame: {exc!r}") from None
     if len(route) != len(ids) or not len(params) == len(seeds) == len(steps) == len(rows):
         raise ProtocolError("malformed HIDDEN frame: its lists differ in length")
+    if scoring and not len(scoring[0]) == len(scoring[1]) == len(scoring[2]):
+        raise ProtocolError("malformed HIDDEN frame: its scored rows' lists differ in length")
     positions = torch.cat([torch.arange(start, start + count) for start, count in zip(starts, counts)]) \
         if ids else torch.empty(0, dtype=torch.int64)
-    batch = StageBatch(ids, starts, counts, positions, rows, params, seeds, steps)
+    batch = StageBatch(ids, starts, counts, positions, rows, params, seeds, steps, *scoring)
     return batch, route, reserve, {**header, "route": header["route"][1:]}
 
 
@@ -172,8 +191,8 @@ class NextStage:
     def name(self) -> str:
         return f"{stage_name(self.stages[0]['layers'])} at {self.address}"
 
-    async def forward(self, mb: int, header: dict, x: torch.Tensor) -> tuple[torch.Tensor, list]:
-        """Send micro-batch ``mb``'s step on; its sampled tokens once the last stage has them, and
+    async def forward(self, mb: int, header: dict, x: torch.Tensor) -> tuple[Sampled, list]:
+        """Send micro-batch ``mb``'s step on; its sampled tokens (and log-probs) once the last stage has them, and
         each later stage's (compute, wait) seconds."""
         if not self.alive:
             raise StageLost(f"{self.name} is unreachable")
@@ -212,7 +231,10 @@ class NextStage:
             if future is None or future.done():
                 return
             if kind == MsgType.TOKENS:
-                future.set_result((torch.tensor(header["tokens"], dtype=torch.int64), _timings(header)))
+                try:
+                    future.set_result((Sampled.from_wire(header), _timings(header)))
+                except (KeyError, TypeError, ValueError) as exc:
+                    future.set_exception(RuntimeError(f"{self.name}: malformed TOKENS frame: {exc!r}"))
             elif header.get("lost"):
                 self.events.lost_nodes(header["lost"])
                 future.set_exception(StepLost(str(header.get("message")), header["lost"]))
@@ -311,7 +333,7 @@ class Downstream:
             else:
                 log.debug("next stage %s: %s", self.address, reason)
 
-    async def forward(self, mb: int, header: dict, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+    async def forward(self, mb: int, header: dict, x: torch.Tensor) -> tuple[Sampled, list]:
         if self.link is None:
             raise StageLost(f"the next stage at {self.address} is unreachable")
         return await self.link.forward(mb, header, x)

@@ -9,12 +9,16 @@ row order (its nodes are other ones), and gathers each node's rows by index inst
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from glinthawk.node.links import Tier2Link
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -57,9 +61,15 @@ def attention_work(starts: Seq[int], counts: Seq[int]) -> int:
 
 
 class StepClock:
-    """One step's compute and waiting at one stage, and at the stages after it (for ``pacing.Pacer``)."""
+    """One step's compute and waiting at one stage, and at the stages after it (for ``pacing.Pacer``).
 
-    def __init__(self) -> None:
+    A wait counts only what is not this node's own compute: on the CPU the event loop computes,
+    so an answer that came during another micro-batch's job is read after it, and counting
+    that time would make any number in flight look right (``held``: seconds the loop has
+    computed so far)."""
+
+    def __init__(self, held: Callable[[], float] = lambda: 0.0) -> None:
+        self.held = held
         self.compute_s = self.wait_s = 0.0
         self.later: list[list[float]] = []  # (compute, wait) of each later stage, as they reported them
 
@@ -70,10 +80,22 @@ class StepClock:
             return result
         return timed
 
-    def handed_on(self, waited_s: float, later: list) -> None:
-        """The later stages answered after ``waited_s``; what their own compute and waits leave is the hops'."""
+    async def wait(self, answer: Awaitable[T]) -> T:
+        loop = asyncio.get_running_loop()
+        sent, held = loop.time(), self.held()
+        try:
+            return await answer
+        finally:
+            self.wait_s += max(0.0, loop.time() - sent - (self.held() - held))
+
+    async def hand_on(self, answer: Awaitable[tuple[torch.Tensor, list]]) -> torch.Tensor:
+        """The later stages' answer (tokens, their (compute, wait) seconds); of the time it took,
+        what their own compute and waits leave is the hops'."""
+        before = self.wait_s
+        tokens, later = await self.wait(answer)
         self.later = [[float(c), float(w)] for c, w in later]
-        self.wait_s += max(0.0, waited_s - sum(c + w for c, w in self.later))
+        self.wait_s = before + max(0.0, self.wait_s - before - sum(c + w for c, w in self.later))
+        return tokens
 
     @property
     def stages(self) -> list[list[float]]:
@@ -88,7 +110,6 @@ class Fanout:
         self.mb, self.first_layer = mb, first_layer
         self._round_trip_s: float | None = None  # the latest layer's attention round trip
         self._seconds_per_work: float | None = None  # that round trip per query x key pair of its step
-        self.clock = StepClock()  # the step under way's
 
     async def attend(self, layer: int, parts: list[Part], work: int, q, k, v) -> torch.Tensor:
         """Layer ``layer``'s attention: each node's rows go out at once, the outputs come back in order.
@@ -121,7 +142,6 @@ class Fanout:
             out = torch.cat(outs) if in_order else _scatter(parts, outs, q.shape[0])
         self._round_trip_s = loop.time() - sent_at
         self._seconds_per_work = self._round_trip_s / max(work, 1)
-        self.clock.wait_s += self._round_trip_s
         return out
 
 

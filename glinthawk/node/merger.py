@@ -67,6 +67,10 @@ class StageMerger:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
 
+    def loop_seconds(self) -> float:
+        """Seconds the event loop itself has spent computing (none when a thread of its own computes)."""
+        return self.stats.busy_seconds if self._executor is None else 0.0
+
     async def close(self) -> None:
         self._closed = True
         if self._executor is not None:
@@ -184,7 +188,11 @@ class StageMerger:
     def _outputs(self, stage: int, works: list[StageWork]) -> list:
         result = compute_stage(self.model, works[0] if len(works) == 1 else _merged(works))
         if stage == self.final:
-            return [result] if len(works) == 1 else list(result.split([len(w.params) for w in works]))
+            if len(works) == 1:
+                return [result]
+            return result.split([len(w.params) for w in works],
+                                [sum(p.logprobs is not None for p in w.params) for w in works],
+                                [len(w.score_top) for w in works])
         if stage == self.model.layer_range.stop:  # a pipeline stage's hidden states, to hand on
             return [result] if len(works) == 1 else list(result.split([w.rows for w in works]))
         x, q, k, v = result
@@ -201,14 +209,19 @@ def _merged(works: list[StageWork]) -> StageWork:
         parts = [getattr(w, name) for w in works]
         return None if parts[0] is None else torch.cat(parts)
 
+    def rows(name: str) -> torch.Tensor | None:
+        """Row indices of every work, each shifted past the rows of the works before it."""
+        parts = [getattr(w, name) + offset for w, offset in zip(works, offsets) if getattr(w, name) is not None]
+        return torch.cat(parts) if parts else None
+
     first = works[0]
-    sample_rows = None
-    if first.sample_rows is not None:
-        offsets = torch.tensor([0] + [w.rows for w in works[:-1]]).cumsum(0).tolist()
-        sample_rows = torch.cat([w.sample_rows + offset for w, offset in zip(works, offsets)])
+    offsets = torch.tensor([0] + [w.rows for w in works[:-1]]).cumsum(0).tolist()
+    scored = [w for w in works if w.score_rows is not None]
     return StageWork(
         first.stage, Rotary(*(torch.cat(parts) for parts in zip(*(w.rot for w in works)))),
-        token_ids=cat("token_ids"), x=cat("x"), attn_out=cat("attn_out"), sample_rows=sample_rows,
+        token_ids=cat("token_ids"), x=cat("x"), attn_out=cat("attn_out"), sample_rows=rows("sample_rows"),
         params=[p for w in works for p in w.params], seeds=[s for w in works for s in w.seeds],
-        steps=[s for w in works for s in w.steps],
+        steps=[s for w in works for s in w.steps], score_rows=rows("score_rows"),
+        score_tokens=torch.cat([w.score_tokens for w in scored]) if scored else None,
+        score_top=[k for w in scored for k in w.score_top],
     )

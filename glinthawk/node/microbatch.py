@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from glinthawk.compute.loader import Model
+from glinthawk.compute.logprobs import Sampled
 from glinthawk.node.chain import RemoteNode, StageLost
 from glinthawk.node.fanout import Fanout, StepClock, attention_work, split_by_node
 from glinthawk.node.links import LinkLost, Tier2Link
@@ -51,12 +52,15 @@ class Host(Protocol):
     def compute(self, work: StageWork) -> Awaitable[Any]: ...
 
     def forward(self, mb: int, batch: StepBatch, routes: Seq[Route], reserve: dict[int, int],
-                hidden: torch.Tensor) -> Awaitable[tuple[torch.Tensor, list]]:
+                hidden: torch.Tensor) -> Awaitable[tuple[Sampled, list]]:
         """Hand a step's hidden states on to the next stage; its sampled tokens, and each later
         stage's (compute, wait) seconds (pipeline stages only)."""
 
     def pace(self, stages: list[list[float]]) -> None:
         """A step's (compute, wait) seconds at each stage (``pacing.Pacer``)."""
+
+    def computed_s(self) -> float:
+        """Seconds the event loop has spent computing (``merger.StageMerger.loop_seconds``)."""
 
     def wanted(self, seq: Sequence) -> bool:
         """False once the sequence's batch was given up."""
@@ -179,17 +183,15 @@ class MicroBatch:
         parts = split_by_node([route[0] for route in routes], ids, batch.starts, batch.counts, reserve)
         work = attention_work(batch.starts, batch.counts)
 
-        async def attend(layer: int, q, k, v) -> torch.Tensor:
-            return await self.fanout.attend(layer, parts, work, q, k, v)
+        clock = StepClock(self.host.computed_s)
 
-        clock = self.fanout.clock = StepClock()
+        async def attend(layer: int, q, k, v) -> torch.Tensor:
+            return await clock.wait(self.fanout.attend(layer, parts, work, q, k, v))
+
         next_tokens = await run_step(self.model, batch, clock.timed_compute(self.host.compute), attend)
         if not self.model.is_last:  # a pipeline's first stage: the rest of the model is downstream
-            loop = asyncio.get_running_loop()
-            sent = loop.time()
-            next_tokens, later = await self.host.forward(self.id, batch, [route[1:] for route in routes], reserve,
-                                                         next_tokens)
-            clock.handed_on(loop.time() - sent, later)
+            next_tokens = await clock.hand_on(self.host.forward(self.id, batch, [route[1:] for route in routes],
+                                                                reserve, next_tokens))
         self.host.pace(clock.stages)
         self.on_node.update(ids)  # every node of their route has reserved their room
         self.host.record_step(batch)

@@ -16,6 +16,7 @@ import torch
 
 from glinthawk.compute.layers import warm_up
 from glinthawk.compute.loader import Model
+from glinthawk.compute.logprobs import Sampled
 from glinthawk.metrics import StageMetrics
 from glinthawk.net.codec import ProtocolError
 from glinthawk.net.connection import Connection, ConnectionClosed
@@ -56,6 +57,7 @@ class StageNode:
         self.held: dict[int, Tier2Link] = {}  # sequence id -> the node its room was reserved on
         self.fanouts: dict[int, Fanout] = {}  # by micro-batch
         self.steps_running = 0
+        self._steps: set[asyncio.Task] = set()  # the upstream's steps under way here
         self.merger: StageMerger | None = None
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -137,7 +139,9 @@ class StageNode:
             async for header, tensors in conn:
                 kind = header["type"]
                 if kind == MsgType.HIDDEN:
-                    self._spawn(self._step(conn, header, tensors.get("x")))
+                    step = self._spawn(self._step(conn, header, tensors.get("x")))
+                    self._steps.add(step)
+                    step.add_done_callback(self._steps.discard)
                 elif kind == MsgType.RELEASE:
                     await self._release(header)
                 elif kind == MsgType.RESET:  # the first stage is gone; the stage before is not
@@ -151,6 +155,8 @@ class StageNode:
         finally:
             if self.upstream is conn:
                 self.upstream = None
+                for step in list(self._steps):  # none of them may reserve room after it is all given back
+                    step.cancel()
                 await self._release_all()
 
     async def _release(self, header: dict) -> None:
@@ -186,8 +192,8 @@ class StageNode:
         mb = header.get("mb")
         self.steps_running += 1
         try:
-            tokens, timings = await self._run(mb, header, x)
-            answer = {"type": MsgType.TOKENS, "mb": mb, "tokens": tokens.tolist(), "timings": timings}
+            sampled, timings = await self._run(mb, header, x)
+            answer = {"type": MsgType.TOKENS, "mb": mb, **sampled.wire(), "timings": timings}
         except StepLost as exc:
             answer = {"type": MsgType.STEP_FAILED, "mb": mb, "lost": exc.lost, "message": str(exc)}
         except StageLost as exc:
@@ -203,8 +209,9 @@ class StageNode:
             except (ConnectionClosed, ConnectionError):
                 pass
 
-    async def _run(self, mb: int, header: dict, x: torch.Tensor | None) -> tuple[torch.Tensor, list]:
-        """The step's sampled tokens, and the (compute, wait) seconds of this stage and those after it."""
+    async def _run(self, mb: int, header: dict, x: torch.Tensor | None) -> tuple[Sampled, list]:
+        """The step's sampled tokens (and the log-probs asked for), and the (compute, wait) seconds
+        of this stage and those after it."""
         batch, route, reserve, onward = parse_handoff(header)
         if not isinstance(x, torch.Tensor) or x.shape[0] != len(batch.positions):
             raise ProtocolError("a HIDDEN frame without hidden states for each of its rows")
@@ -218,20 +225,18 @@ class StageNode:
         work = attention_work(batch.starts, batch.counts)
         fanout = self.fanouts.setdefault(mb, Fanout(mb, self.first_layer))
 
+        clock = StepClock(self.merger.loop_seconds)
+
         async def attend(layer: int, q, k, v) -> torch.Tensor:
             try:
-                return await fanout.attend(layer, parts, work, q, k, v)
+                return await clock.wait(fanout.attend(layer, parts, work, q, k, v))
             except LinkLost as exc:
                 lost = sorted({i for i, link in zip(route, links) if not link.alive})
                 raise StepLost(f"{self.name}: {exc}", [[self.first_layer, i] for i in lost]) from None
 
-        clock = fanout.clock = StepClock()
         out = await run_step(self.model, batch, clock.timed_compute(self._compute), attend, x=x)
         if self.downstream is not None:
-            loop = asyncio.get_running_loop()
-            sent = loop.time()
-            out, later = await self.downstream.forward(mb, onward, out)
-            clock.handed_on(loop.time() - sent, later)
+            out = await clock.hand_on(self.downstream.forward(mb, onward, out))
         return out, clock.stages
 
     def _compute(self, work: StageWork):

@@ -290,6 +290,9 @@ class Tier1Node(ClientService):
     def pace(self, stages: list[list[float]]) -> None:
         self.pacer.record(stages)
 
+    def computed_s(self) -> float:
+        return self.merger.loop_seconds() if self.merger is not None else 0.0
+
     def wanted(self, seq: Sequence) -> bool:
         return seq.id in self.batch_of
 

@@ -83,10 +83,12 @@ async def _as_events(request: web.Request, answer: dict[str, Any], url: str) -> 
     choice = answer["choices"][0]
     if url.endswith("chat/completions"):
         delta = {"role": "assistant", "content": choice["message"]["content"]}
-        chunk_choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": choice["finish_reason"]}
+        chunk_choice = {"index": 0, "delta": delta, "logprobs": choice.get("logprobs"),
+                        "finish_reason": choice["finish_reason"]}
         kind = "chat.completion.chunk"
     else:
-        chunk_choice = {"index": 0, "text": choice["text"], "logprobs": None, "finish_reason": choice["finish_reason"]}
+        chunk_choice = {"index": 0, "text": choice["text"], "logprobs": choice.get("logprobs"),
+                        "finish_reason": choice["finish_reason"]}
         kind = "text_completion"
     chunk = {"id": answer["id"], "object": kind, "created": answer.get("created", int(time.time())),
              "model": answer["model"], "choices": [chunk_choice], "usage": answer.get("usage")}
