@@ -230,6 +230,8 @@ def _settings(t: _Table, cls: type) -> dict[str, Any]:
             value = t.size(item.name)
         elif text == "bandwidth":
             value = t.bandwidth(item.name)
+        elif choices := item.metadata.get("choices"):
+            value = t.text(item.name, expected=f"one of {', '.join(choices)}", check=lambda v, c=choices: v in c)
         else:
             value = t.text(item.name)
         if value is not None:

@@ -90,7 +90,7 @@ def _tier2_node(settings: dict, netem, secret: bytes | None):
         memory = parse_size(kv.kv_memory or DEFAULT_KV_MEMORY) if kv.kv_tokens is None else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--kv-memory") from None
-    return Tier2Node(kv_memory=memory, kv_tokens=kv.kv_tokens, netem=netem, secret=secret)
+    return Tier2Node(kv_memory=memory, kv_tokens=kv.kv_tokens, netem=netem, secret=secret, kv_dtype=kv.kv_dtype)
 
 
 def _tier1_node(settings: dict, tier2_nodes: str | None, model_dir: Path, dtype: str, device: str, netem,
