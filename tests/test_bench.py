@@ -29,9 +29,10 @@ ROW_FIELDS = {
     "capacity": ["context", "single_batch", "two_tier_batch", "single_decode_tok_s", "two_tier_decode_tok_s",
                  "decode_ratio", "end_to_end_ratio"],
 }
-TARGETS = {"limits": set(), "engine": {"roofline", "vs_hf", "long_context"}, "kernels": {"attention", "linear"},
+TARGETS = {"limits": set(), "engine": {"roofline", "vs_hf", "long_context"},
+           "kernels": {"attention", "attention_int8", "linear"},
            "cluster": {"vs_single"}, "latency": {"10ms", "50ms"}, "memory": {"tier1_flat", "tier2_bound"},
-           "capacity": {"ratio_2048"}}
+           "capacity": {"ratio_2048", "int8_batch"}}
 
 
 @pytest.fixture(scope="module")
