@@ -117,11 +117,14 @@ AVX512VNNI static inline void int16_weights(const float *scores, int64_t length,
                                             int64_t stride, float *w_scales) {
     for (int r = 0; r < group; r++) {
         const float *s = scores + r * length;
-        float highest = 0.0f;
-        for (int64_t t = 0; t < length; t++) highest = s[t] > highest ? s[t] : highest;
+        __m512 lanes = _mm512_setzero_ps();  /* one chain of compares would wait on each */
+        int64_t t = 0;
+        for (; t + 16 <= length; t += 16) lanes = _mm512_max_ps(lanes, _mm512_loadu_ps(s + t));
+        float highest = _mm512_reduce_max_ps(lanes);
+        for (; t < length; t++) highest = s[t] > highest ? s[t] : highest;
         const float scale = highest > 0.0f ? highest / 32767.0f : 1.0f, inverse = 1.0f / scale;
         uint16_t *row = weights + 2 * r * stride;
-        for (int64_t t = 0; t < length; t++) row[t] = (uint16_t)(int16_t)rintf(s[t] * inverse);  /* <= 32767.5 */
+        for (t = 0; t < length; t++) row[t] = (uint16_t)(int16_t)rintf(s[t] * inverse);  /* <= 32767.5 */
         row[length] = 0;  /* an odd last token pairs with a zero weight */
         w_scales[r] = scale;
     }
