@@ -717,11 +717,41 @@ static int prefill_items(const void *args, int64_t first, int64_t last) {
 }
 #endif
 
-/* Element (t, d) of a [length, dim] slab as bf16 bits: as stored, or an int8 cache's value
- * times its row's scale, rounded to bf16 (the prefill kernel multiplies bf16). */
-static inline uint16_t kv_bf16(const void *slab, const uint16_t *scales, int64_t t, int d, int dim) {
-    if (scales == NULL) return ((const uint16_t *)slab)[t * dim + d];
-    return float_to_bf16((float)((const int8_t *)slab)[t * dim + d] * bf16_to_float(scales[t]));
+/* One KV head's keys and values (bf16, `dim` apart per token) in pack_kv's layout. */
+static void pack_head_bf16(const uint16_t *k, const uint16_t *v, uint32_t *pk, uint32_t *pv, int64_t length,
+                           int64_t tiles, int dim) {
+    const int pairs = dim / 2;
+    for (int64_t t = 0; t < tiles * 16; t++)
+        for (int p = 0; p < pairs; p++) {
+            uint32_t pair = 0;
+            if (t < length) memcpy(&pair, k + t * dim + 2 * p, sizeof pair);
+            pk[((t / 16) * pairs + p) * 16 + t % 16] = pair;
+        }
+    for (int64_t j = 0; j < (length + 1) / 2; j++)
+        for (int d = 0; d < dim; d++) {
+            const uint32_t low = v[2 * j * dim + d], high = 2 * j + 1 < length ? v[(2 * j + 1) * dim + d] : 0;
+            pv[j * dim + d] = low | high << 16;
+        }
+}
+
+/* Value (t, d) of an int8 slab times its row's scale, as bf16 bits (the prefill kernel
+ * multiplies bf16). */
+static inline uint32_t int8_as_bf16(const int8_t *slab, const uint16_t *scales, int64_t t, int d, int dim) {
+    return float_to_bf16((float)slab[t * dim + d] * bf16_to_float(scales[t]));
+}
+
+/* pack_head_bf16 for an int8 KV head with its scales: dequantized as it is packed. */
+static void pack_head_int8(const int8_t *k, const int8_t *v, const uint16_t *ks, const uint16_t *vs, uint32_t *pk,
+                           uint32_t *pv, int64_t length, int64_t tiles, int dim) {
+    const int pairs = dim / 2;
+    for (int64_t t = 0; t < tiles * 16; t++)
+        for (int p = 0; p < pairs; p++)
+            pk[((t / 16) * pairs + p) * 16 + t % 16] =
+                t < length ? int8_as_bf16(k, ks, t, 2 * p, dim) | int8_as_bf16(k, ks, t, 2 * p + 1, dim) << 16 : 0;
+    for (int64_t j = 0; j < (length + 1) / 2; j++)
+        for (int d = 0; d < dim; d++)
+            pv[j * dim + d] = int8_as_bf16(v, vs, 2 * j, d, dim)
+                              | (2 * j + 1 < length ? int8_as_bf16(v, vs, 2 * j + 1, d, dim) << 16 : 0);
 }
 
 /* pack_kv(keys, values, key_scales, value_scales, packed_keys, packed_values, length,
@@ -745,32 +775,20 @@ static PyObject *pack_kv(PyObject *self, PyObject *args) {
                           &packed_keys_addr, &packed_values_addr, &length, &kv_heads, &dim, &head_stride,
                           &scale_stride))
         return NULL;
-    const int int8 = key_scales_addr != 0, element = int8 ? 1 : 2;
     const char *keys = (const char *)(uintptr_t)keys_addr, *values = (const char *)(uintptr_t)values_addr;
     const uint16_t *key_scales = (const uint16_t *)(uintptr_t)key_scales_addr;
     const uint16_t *value_scales = (const uint16_t *)(uintptr_t)value_scales_addr;
     uint32_t *packed_keys = (uint32_t *)(uintptr_t)packed_keys_addr, *packed_values = (uint32_t *)(uintptr_t)packed_values_addr;
-    const int64_t tiles = key_tiles(length);
-    const int64_t pairs_total = (length + 1) / 2;
-    const int pairs = dim / 2;
+    const int64_t tiles = key_tiles(length), pairs_total = (length + 1) / 2;
     Py_BEGIN_ALLOW_THREADS
     for (int g = 0; g < kv_heads; g++) {
-        const char *k = keys + g * head_stride * element, *v = values + g * head_stride * element;
-        const uint16_t *ks = int8 ? key_scales + g * scale_stride : NULL, *vs = int8 ? value_scales + g * scale_stride : NULL;
-        uint32_t *pk = packed_keys + (int64_t)g * tiles * pairs * 16, *pv = packed_values + (int64_t)g * pairs_total * dim;
-        for (int64_t t = 0; t < tiles * 16; t++)
-            for (int p = 0; p < pairs; p++) {
-                uint32_t pair = 0;
-                if (t < length)
-                    pair = (uint32_t)kv_bf16(k, ks, t, 2 * p, dim) | (uint32_t)kv_bf16(k, ks, t, 2 * p + 1, dim) << 16;
-                pk[((t / 16) * pairs + p) * 16 + t % 16] = pair;
-            }
-        for (int64_t j = 0; j < pairs_total; j++)
-            for (int d = 0; d < dim; d++) {
-                const uint32_t low = kv_bf16(v, vs, 2 * j, d, dim);
-                const uint32_t high = 2 * j + 1 < length ? kv_bf16(v, vs, 2 * j + 1, d, dim) : 0;
-                pv[j * dim + d] = low | high << 16;
-            }
+        uint32_t *pk = packed_keys + (int64_t)g * tiles * (dim / 2) * 16, *pv = packed_values + (int64_t)g * pairs_total * dim;
+        if (key_scales == NULL)
+            pack_head_bf16((const uint16_t *)keys + g * head_stride, (const uint16_t *)values + g * head_stride, pk, pv,
+                           length, tiles, dim);
+        else
+            pack_head_int8((const int8_t *)keys + g * head_stride, (const int8_t *)values + g * head_stride,
+                           key_scales + g * scale_stride, value_scales + g * scale_stride, pk, pv, length, tiles, dim);
     }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
