@@ -158,8 +158,9 @@ def local_cluster_kwargs(spec: ClusterSpec) -> dict[str, Any]:
     sizes = {tuple(sorted(t.options.items())) for t in spec.tier2}
     if len(sizes) > 1:
         raise ClusterFileError(
-            f"{spec.source}: a local cluster gives every Tier 2 node the same KV cache size, but the [[tier2]] "
-            "nodes differ in kv_memory / kv_tokens; give them all the same size to run this file on loopback"
+            f"{spec.source}: a local cluster gives every Tier 2 node the same KV cache size and dtype, but the "
+            "[[tier2]] nodes differ in kv_memory / kv_tokens / kv_dtype; give them all the same to run this file on "
+            "loopback"
         )
     settings = {
         "model_dir": spec.model.path or DEFAULT_MODEL, "dtype": spec.model.dtype, "device": spec.model.device,

@@ -10,7 +10,7 @@ import torch
 
 from cluster_util import PROMPTS, distributed, read_results, write_requests
 from glinthawk.cluster import LocalCluster
-from glinthawk.clusterfile import ClusterFileError, load_cluster_file, node_args
+from glinthawk.clusterfile import ClusterFileError, load_cluster_file, local_cluster_kwargs, node_args
 from glinthawk.net.connection import client_handshake, open_connection
 from glinthawk.node.tier2 import KV_STORAGE, Tier2Node
 from glinthawk.settings import KV_DTYPES, Tier2Settings
@@ -99,3 +99,7 @@ def test_local_clusters_and_cluster_files_pass_kv_dtype_to_each_tier2_node(tmp_p
     assert spec.tier2[0].options["kv_dtype"] == "int8"
     args = node_args(spec, "a")
     assert args[args.index("--kv-dtype") + 1] == "int8"
+    assert local_cluster_kwargs(spec)["kv_dtype"] == "int8"
+    path.write_text(path.read_text() + '[[tier2]]\nname = "b"\nhost = "127.0.0.1"\nport = 7702\n')
+    with pytest.raises(ClusterFileError, match="differ in kv_memory / kv_tokens / kv_dtype"):
+        local_cluster_kwargs(load_cluster_file(path))
