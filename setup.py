@@ -15,7 +15,7 @@ FLAGS = ["-O3", "-std=c11", "-fno-math-errno", "-fassociative-math", "-fno-signe
 setup(
     ext_modules=[
         Extension(f"glinthawk.compute.{name}", sources=[f"glinthawk/compute/{name}.c"],
-                  depends=["glinthawk/compute/_kernels.h", "glinthawk/compute/_openmp.h"], extra_compile_args=FLAGS,
+                  depends=["glinthawk/compute/_kernels.h", "glinthawk/compute/_openmp.h", "glinthawk/compute/_kvint8.h"], extra_compile_args=FLAGS,
                   optional=True)
         for name in ("_attention", "_elementwise", "_sampling")
     ]

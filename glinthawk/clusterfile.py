@@ -173,8 +173,9 @@ def local_cluster_kwargs(spec: ClusterSpec) -> dict[str, Any]:
     sizes = {tuple(sorted(t.options.items())) for t in spec.tier2}
     if len(sizes) > 1:
         raise ClusterFileError(
-            f"{spec.source}: a local cluster gives every Tier 2 node the same KV cache size, but the [[tier2]] "
-            "nodes differ in kv_memory / kv_tokens; give them all the same size to run this file on loopback"
+            f"{spec.source}: a local cluster gives every Tier 2 node the same KV cache size and dtype, but the "
+            "[[tier2]] nodes differ in kv_memory / kv_tokens / kv_dtype; give them all the same to run this file on "
+            "loopback"
         )
     counts = {len(spec.tier2_of(stage)) for stage in (spec.tier1, *spec.stages)}
     if len(counts) > 1:
@@ -253,6 +254,8 @@ def _settings(t: Table, cls: type) -> dict[str, Any]:
             value = t.size(item.name)
         elif text == "bandwidth":
             value = t.bandwidth(item.name)
+        elif choices := item.metadata.get("choices"):
+            value = t.text(item.name, expected=f"one of {', '.join(choices)}", check=lambda v, c=choices: v in c)
         else:
             value = t.text(item.name)
         if value is not None:

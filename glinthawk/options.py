@@ -32,7 +32,9 @@ def setting_options(cls: type, *, names: tuple[str, ...] | None = None, role: st
             meta = item.metadata
             flag = flag_of(item)
             kind = typing.get_args(hints[item.name])[0] if typing.get_args(hints[item.name]) else hints[item.name]
-            if kind is int:
+            if meta.get("choices"):
+                kind = click.Choice(meta["choices"])
+            elif kind is int:
                 kind = click.IntRange(min=meta.get("minimum"))
             elif kind is float:
                 kind = click.FloatRange(min=meta.get("minimum"))

@@ -13,20 +13,25 @@ from typing import Any
 
 
 def setting(default: Any, help: str, *, minimum: float | None = None, flag: str | None = None,
-            text: str | None = None) -> Any:
+            text: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
     """A settings field: its default, its help text, the least value it takes, its command-line
-    flag (default: from its name) and, for text, what it holds ("size", "bandwidth")."""
-    return field(default=default, metadata={"help": help, "minimum": minimum, "flag": flag, "text": text})
+    flag (default: from its name), for text what it holds ("size", "bandwidth") and the values
+    it may take (``choices``)."""
+    return field(default=default, metadata={"help": help, "minimum": minimum, "flag": flag, "text": text,
+                                            "choices": choices})
 
 
 class _Settings:
-    """Refuses a value below its field's least one, as the command line does."""
+    """Refuses a value below its field's least one, or not among its choices, as the command line does."""
 
     def __post_init__(self) -> None:
         for item in dataclasses.fields(self):
             value, minimum = getattr(self, item.name), item.metadata.get("minimum")
             if minimum is not None and value is not None and value < minimum:
                 raise ValueError(f"{item.name} must be at least {minimum}, got {value!r}")
+            choices = item.metadata.get("choices")
+            if choices is not None and value is not None and value not in choices:
+                raise ValueError(f"{item.name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class Tier1Settings(StepSettings):
 
 DEFAULT_KV_MEMORY = "1GiB"
 DRAIN_TIMEOUT_S = 60.0  # a leaving Tier 2 node's sequences finish within this, or are moved
+KV_DTYPES = ("auto", "int8")  # how a Tier 2 node keeps K/V (auto: in the model's dtype)
 LOCAL_TIER2_NODES = 2  # Tier 2 processes a local cluster (glinthawk run, LLM()) starts
 
 
@@ -63,13 +69,18 @@ class Tier2Settings(_Settings):
 
     kv_memory: str | None = setting(None, f"KV cache size, e.g. 8GiB (default: {DEFAULT_KV_MEMORY}).", text="size")
     kv_tokens: int | None = setting(None, "KV cache size in tokens (wins over --kv-memory).", minimum=1)
+    kv_dtype: str = setting(
+        "auto", "How K/V are kept: auto, in the model's dtype; int8, quantized with a bf16 scale per token and KV "
+        "head: about twice the tokens in the same --kv-memory (accuracy: docs/PERFORMANCE.md).",
+        choices=KV_DTYPES)
 
     @property
     def kv_args(self) -> list[str]:
-        """The node's command-line arguments for this size."""
+        """The node's command-line arguments for this KV cache (its size; its dtype unless auto)."""
+        dtype = [] if self.kv_dtype == "auto" else ["--kv-dtype", self.kv_dtype]
         if self.kv_tokens is not None:
-            return ["--kv-tokens", str(self.kv_tokens)]
-        return ["--kv-memory", self.kv_memory or DEFAULT_KV_MEMORY]
+            return ["--kv-tokens", str(self.kv_tokens), *dtype]
+        return ["--kv-memory", self.kv_memory or DEFAULT_KV_MEMORY, *dtype]
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,10 @@ def single_process(checkpoint, requests: Path, max_batch_tokens: int = 64) -> di
 
 
 async def distributed(checkpoint, requests: Path, out: Path, *, nodes: int, micro_batches: int,
-                      netem: NetEm | None = None, kv_tokens: int = 4096, max_batch_tokens: int = 64):
+                      netem: NetEm | None = None, kv_tokens: int = 4096, max_batch_tokens: int = 64,
+                      kv_dtype: str = "auto"):
     model, tokenizer = checkpoint
-    tier2 = [Tier2Node(kv_tokens=kv_tokens, netem=netem) for _ in range(nodes)]
+    tier2 = [Tier2Node(kv_tokens=kv_tokens, netem=netem, kv_dtype=kv_dtype) for _ in range(nodes)]
     ports = [await node.start("127.0.0.1", 0) for node in tier2]
     tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{p}" for p in ports], micro_batches=micro_batches,
                       max_batch_tokens=max_batch_tokens, netem=netem)

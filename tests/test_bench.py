@@ -30,9 +30,10 @@ ROW_FIELDS = {
                  "decode_ratio", "end_to_end_ratio"],
     "pipeline": ["stages", "delay_ms", "micro_batches", "tok_s", "ratio_to_best_hand_picked", "ratio_to_one_stage"],
 }
-TARGETS = {"limits": set(), "engine": {"roofline", "vs_hf", "long_context"}, "kernels": {"attention", "linear"},
-           "cluster": {"vs_single"}, "latency": {"10ms", "50ms", "10ms_auto", "50ms_auto"}, "memory": {"tier1_flat", "tier2_bound"},
-           "capacity": {"ratio_2048"}, "pipeline": {"auto_count"}}
+TARGETS = {"limits": set(), "engine": {"roofline", "vs_hf", "long_context"},
+           "kernels": {"attention", "attention_int8", "linear"},
+           "cluster": {"vs_single"}, "latency": {"10ms", "50ms", "10ms_auto", "50ms_auto"},
+           "memory": {"tier1_flat", "tier2_bound"}, "capacity": {"ratio_2048", "int8_batch"}, "pipeline": {"auto_count"}}
 
 
 @pytest.fixture(scope="module")

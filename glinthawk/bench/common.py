@@ -487,12 +487,14 @@ def decode_summary(steps: list[dict]) -> dict[str, float | None]:
 
 
 async def _two_tier(model, tokenizer, requests_path: Path, out_path: Path, *, nodes: int, micro_batches: int,
-                    netem, kv_tokens: int, max_batch_tokens: int, max_seqs: int, poll_s: float) -> RunResult:
+                    netem, kv_tokens: int | None, max_batch_tokens: int, max_seqs: int, poll_s: float,
+                    kv_memory: int | None = None, kv_dtype: str = "auto") -> RunResult:
     from glinthawk.client import submit
     from glinthawk.node.tier1 import Tier1Node
     from glinthawk.node.tier2 import Tier2Node
 
-    tier2 = [Tier2Node(kv_tokens=kv_tokens, netem=netem) for _ in range(nodes)]
+    tier2 = [Tier2Node(kv_tokens=kv_tokens, kv_memory=kv_memory, netem=netem, kv_dtype=kv_dtype)
+             for _ in range(nodes)]
     tier1 = None
     try:
         ports = [await node.start("127.0.0.1", 0) for node in tier2]
@@ -528,10 +530,12 @@ async def _two_tier(model, tokenizer, requests_path: Path, out_path: Path, *, no
 
 
 def run_two_tier_inprocess(model, tokenizer, lines: list[dict], work_dir: Path, *, nodes: int = 1,
-                           micro_batches: int | None = None, delay_ms: float = 0.0, kv_tokens: int,
-                           max_batch_tokens: int = StepSettings.max_batch_tokens,
-                           max_seqs: int = StepSettings.max_seqs, poll_s: float = 0.005) -> RunResult:
-    """Tier 1 and Tier 2 nodes in this process (one event loop, real TCP on loopback, real delays)."""
+                           micro_batches: int | None = None, delay_ms: float = 0.0,
+                           kv_tokens: int | None = None, max_batch_tokens: int = StepSettings.max_batch_tokens,
+                           max_seqs: int = StepSettings.max_seqs, poll_s: float = 0.005, kv_memory: int | None = None,
+                           kv_dtype: str = "auto") -> RunResult:
+    """Tier 1 and Tier 2 nodes in this process (one event loop, real TCP on loopback, real delays);
+    each Tier 2 node sized by ``kv_tokens`` or ``kv_memory`` (bytes), keeping K/V as ``kv_dtype``."""
     from glinthawk.net.connection import run
     from glinthawk.net.netem import NetEm
 
@@ -540,7 +544,7 @@ def run_two_tier_inprocess(model, tokenizer, lines: list[dict], work_dir: Path, 
     netem = NetEm(delay_ms=delay_ms) if delay_ms > 0 else None
     result = run(_two_tier(model, tokenizer, requests_path, out_path, nodes=nodes, micro_batches=micro_batches,
                            netem=netem, kv_tokens=kv_tokens, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs,
-                           poll_s=poll_s))
+                           poll_s=poll_s, kv_memory=kv_memory, kv_dtype=kv_dtype))
     result.requests = len(lines)
     check_results(read_jsonl(out_path), sum(line["max_tokens"] for line in lines))
     return result

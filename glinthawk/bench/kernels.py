@@ -3,7 +3,9 @@
 - Tier 2 decode attention (``glinthawk.compute.attention.attend`` on a ``KVStore``): one new
   token for each of ``attn_batch`` sequences whose context is already cached, one layer
   of the benchmark model's geometry; figure of merit = K/V bytes read per second, as a
-  fraction of the measured read bandwidth.
+  fraction of the measured read bandwidth; the same over an int8 store (``--kv-dtype
+  int8``: its bytes, scales included) next to it, at each context, against the same
+  bandwidth measurement.
 - Tier 1 projections + MLP (``glinthawk.compute.stages.layer_stage``, stage 1: layer 0's
   output projection, norm, SwiGLU MLP, then layer 1's norm, QKV projection and RoPE) on the
   benchmark model; figure of merit = FLOP/s as a fraction of the measured matmul peak.
@@ -41,12 +43,12 @@ def fill_store(store, layer: int, seq_ids: list, length: int) -> None:
             store.write(layer, seq_id, 0, k, v)
 
 
-def attention_point(model, batch: int, context: int, repeats: int) -> dict:
+def attention_point(model, batch: int, context: int, repeats: int, kv_dtype: torch.dtype | None = None) -> dict:
     from glinthawk.compute.attention import attend
     from glinthawk.compute.kvcache import KVStore
 
     cfg = model.config
-    store = KVStore(1, cfg.num_kv_heads, cfg.head_dim, batch * (context + 1), model.dtype)
+    store = KVStore(1, cfg.num_kv_heads, cfg.head_dim, batch * (context + 1), model.dtype, kv_dtype=kv_dtype)
     ids = list(range(batch))
     for seq_id in ids:
         store.reserve(seq_id, context + 1)
@@ -57,10 +59,10 @@ def attention_point(model, batch: int, context: int, repeats: int) -> dict:
     starts, counts = [context] * batch, [1] * batch
     with torch.inference_mode():
         best, samples = best_of(lambda: attend(store, 0, ids, starts, counts, q, k, v), repeats)
-    itemsize = store.keys.element_size()
-    kv_bytes = batch * (context + 1) * 2 * cfg.num_kv_heads * cfg.head_dim * itemsize
+    kv_bytes = batch * (context + 1) * store.bytes_per_token  # one layer: K and V (and an int8 store's scales)
     flops = 4 * batch * cfg.num_heads * cfg.head_dim * (context + 1)
-    return {"kernel": "decode attention", "batch": batch, "context": context, "seconds": best,
+    name = "decode attention" + (" (int8 KV)" if store.quantized else "")
+    return {"kernel": name, "batch": batch, "context": context, "seconds": best,
             "kv_bytes": kv_bytes, "bytes_per_s": kv_bytes / best, "flops_per_s": flops / best,
             "samples": samples}
 
@@ -116,9 +118,14 @@ def run(ctx: BenchContext) -> dict:
         ctx.echo(f"  decode attention, batch {knobs['attn_batch']}, context {context}")
         before = limits.read_limit(ctx)
         row = attention_point(model, knobs["attn_batch"], context, repeats)
-        row["read_bandwidth_around"] = (before + limits.read_limit(ctx)) / 2
-        row["fraction_of_read_bandwidth"] = ratio(row["bytes_per_s"], row["read_bandwidth_around"])
-        rows.append(row)
+        int8 = attention_point(model, knobs["attn_batch"], context, repeats, torch.int8)
+        bandwidth = (before + limits.read_limit(ctx)) / 2
+        for point in (row, int8):
+            point["read_bandwidth_around"] = bandwidth
+            point["fraction_of_read_bandwidth"] = ratio(point["bytes_per_s"], bandwidth)
+        int8["speed_ratio_to_base"] = ratio(row["seconds"], int8["seconds"])
+        int8["fraction_ratio_to_base"] = ratio(int8["fraction_of_read_bandwidth"], row["fraction_of_read_bandwidth"])
+        rows += [row, int8]
     for tokens in knobs["tokens"]:
         ctx.echo(f"  layer_stage, {tokens} tokens")
         before = limits.matmul_limit(ctx)
@@ -130,12 +137,14 @@ def run(ctx: BenchContext) -> dict:
         ctx.echo(f"  sampling, {knobs['sample_rows']} rows, {name}")
         rows.append(sampling_point(model, knobs["sample_rows"], name, repeats))
     attn = [r for r in rows if r["kernel"] == "decode attention"]
+    attn_int8 = [r for r in rows if r["kernel"] == "decode attention (int8 KV)"]
     layer = [r for r in rows if "tokens" in r]
     long_attn = [r["fraction_of_read_bandwidth"] for r in attn if r["context"] >= 1024]
+    int8_vs_base = [r["fraction_ratio_to_base"] for r in attn_int8 if r["context"] >= 1024]
     big_layer = [r["fraction_of_matmul_peak"] for r in layer if r["tokens"] >= 64]
-    table = [{"kernel": "attention", "size": f"batch {r['batch']} ctx {r['context']}",
+    table = [{"kernel": "attention" + (" int8" if r in attn_int8 else ""), "size": f"batch {r['batch']} ctx {r['context']}",
               "rate": r["bytes_per_s"] / 1e9, "unit": "GB/s", "fraction": r["fraction_of_read_bandwidth"],
-              "ms": r["seconds"] * 1e3} for r in attn]
+              "ms": r["seconds"] * 1e3} for r in rows if r["kernel"].startswith("decode attention")]
     table += [{"kernel": "layer_stage", "size": f"{r['tokens']} tokens", "rate": r["flops_per_s"] / 1e9,
                "unit": "GFLOP/s", "fraction": r["fraction_of_matmul_peak"], "ms": r["seconds"] * 1e3}
               for r in layer]
@@ -154,10 +163,16 @@ def run(ctx: BenchContext) -> dict:
         "summary": {"read_bandwidth": _mean(r["read_bandwidth_around"] for r in attn),
                     "matmul_peak": _mean(r["matmul_peak_around"] for r in layer),
                     "attention_min_fraction_ctx_ge_1024": min(long_attn) if long_attn else None,
+                    "attention_int8_min_fraction_ctx_ge_1024": min((r["fraction_of_read_bandwidth"] for r in attn_int8
+                                                                    if r["context"] >= 1024), default=None),
+                    "attention_int8_speed_ratios": [r["speed_ratio_to_base"] for r in attn_int8],
                     "layer_min_fraction_tokens_ge_64": min(big_layer) if big_layer else None},
         "targets": {
             "attention": target("decode attention >= 60% of read bandwidth for context >= 1024",
                                 min(long_attn) if long_attn else None, 0.6),
+            "attention_int8": target("int8 KV decode attention: its bytes/s as a fraction of read bandwidth at "
+                                     "least the model dtype's, context >= 1024 (ratio of fractions >= 1)",
+                                     min(int8_vs_base) if int8_vs_base else None, 1.0),
             "linear": target("projections + MLP >= 70% of matmul peak at batch >= 64",
                              min(big_layer) if big_layer else None, 0.7),
         },
@@ -190,6 +205,11 @@ def plot(result: dict, figure) -> None:
     attn = [r for r in result["results"] if r["kernel"] == "decode attention"]
     _against_limit(left, [r["context"] for r in attn], [r["bytes_per_s"] / 1e9 for r in attn],
                    [r["read_bandwidth_around"] / 1e9 for r in attn], 0.6, "attend()", "read bandwidth")
+    attn_int8 = [r for r in result["results"] if r["kernel"] == "decode attention (int8 KV)"]
+    if attn_int8:
+        left.plot([r["context"] for r in attn_int8], [r["bytes_per_s"] / 1e9 for r in attn_int8], marker="s",
+                  label="attend(), int8 KV")
+        left.legend(fontsize=8)
     left.set_xlabel("context (tokens)")
     left.set_ylabel("K/V GB/s")
     left.set_title(f"Tier 2 decode attention, batch {attn[0]['batch'] if attn else '?'}")

@@ -34,13 +34,27 @@
 #define MAX_DIM 256 /* largest head_dim the kernel takes; attention.py checks */
 
 /* Rows t0..t0+n-1 of a [length, dim] slab as float32: the slab itself, or `buffer` filled
- * from bfloat16. */
+ * from bfloat16 or int8 (unscaled: the callers apply an int8 row's scale to its score or
+ * its probability, once per token rather than once per element). */
 static inline const float *rows_as_float(const void *slab, int64_t t0, int64_t n, int dim, int kv_dtype,
                                          float *restrict buffer) {
     if (kv_dtype == FLOAT32) return (const float *)slab + t0 * dim;
+    if (kv_dtype == INT8) {
+        const int8_t *restrict source = (const int8_t *)slab + t0 * dim;
+        for (int64_t i = 0; i < n * dim; i++) buffer[i] = (float)source[i];
+        return buffer;
+    }
     const uint16_t *restrict source = (const uint16_t *)slab + t0 * dim;
     for (int64_t i = 0; i < n * dim; i++) buffer[i] = bf16_to_float(source[i]);
     return buffer;
+}
+
+/* Each of `group` rows of `length` values times its token's bf16 scale: an int8 cache's key
+ * scales on the scores, its value scales on the probabilities. */
+static inline __attribute__((always_inline)) void scale_rows(float *restrict rows, int64_t length, int group,
+                                                             const uint16_t *restrict scales) {
+    for (int r = 0; r < group; r++)
+        for (int64_t t = 0; t < length; t++) rows[r * length + t] *= bf16_to_float(scales[t]);
 }
 
 /* Each of `group` rows of `length` scores becomes its softmax, in place. */
@@ -69,7 +83,8 @@ static inline __attribute__((always_inline)) void softmax_rows(float *restrict s
  * scores: scratch of group * length floats; buffer: scratch of BLOCK * dim floats.
  * Always inlined into the variants below, where dim and kv_dtype are constants. */
 static inline __attribute__((always_inline)) void attend_head(
-        const float *restrict q, float *restrict out, const void *keys, const void *values, int64_t length,
+        const float *restrict q, float *restrict out, const void *keys, const void *values,
+        const uint16_t *key_scales, const uint16_t *value_scales, int64_t length,
         const int dim, int group, const int kv_dtype, float scale, float *restrict scores, float *restrict buffer) {
     for (int64_t t0 = 0; t0 < length; t0 += BLOCK) {
         const int64_t n = length - t0 < BLOCK ? length - t0 : BLOCK;
@@ -84,7 +99,9 @@ static inline __attribute__((always_inline)) void attend_head(
             }
         }
     }
+    if (kv_dtype == INT8) scale_rows(scores, length, group, key_scales);
     softmax_rows(scores, length, group);
+    if (kv_dtype == INT8) scale_rows(scores, length, group, value_scales);
     for (int64_t i = 0; i < (int64_t)group * dim; i++) out[i] = 0.0f;
     for (int64_t t0 = 0; t0 < length; t0 += BLOCK) {
         const int64_t n = length - t0 < BLOCK ? length - t0 : BLOCK;
@@ -101,17 +118,20 @@ static inline __attribute__((always_inline)) void attend_head(
     }
 }
 
-typedef void (*head_kernel)(const float *, float *, const void *, const void *, int64_t, int, int, float, float *,
-                            float *);
+/* (q, out, keys, values, key_scales, value_scales, length, dim, group, scale, scores, buffer);
+ * the scales: bf16 per token of an int8 slab, NULL for the float dtypes. */
+typedef void (*head_kernel)(const float *, float *, const void *, const void *, const uint16_t *, const uint16_t *,
+                            int64_t, int, int, float, float *, float *);
 
 /* One variant per (head_dim, KV dtype): constant sizes let the compiler unroll and keep
  * the accumulators in registers; other head sizes take the generic variant. */
 #define VARIANT(name, DIM, DTYPE)                                                                            \
     MULTIVERSION static void name(const float *q, float *out, const void *keys, const void *values,           \
-                                  int64_t length, int dim, int group, float scale, float *scores,             \
-                                  float *buffer) {                                                            \
+                                  const uint16_t *key_scales, const uint16_t *value_scales, int64_t length,   \
+                                  int dim, int group, float scale, float *scores, float *buffer) {            \
         (void)dim;                                                                                            \
-        attend_head(q, out, keys, values, length, DIM, group, DTYPE, scale, scores, buffer);                  \
+        attend_head(q, out, keys, values, key_scales, value_scales, length, DIM, group, DTYPE, scale, scores,  \
+                    buffer);                                                                                  \
     }
 VARIANT(head64_f32, 64, FLOAT32)
 VARIANT(head64_bf16, 64, BFLOAT16)
@@ -119,6 +139,9 @@ VARIANT(head128_f32, 128, FLOAT32)
 VARIANT(head128_bf16, 128, BFLOAT16)
 VARIANT(head_any_f32, dim, FLOAT32)
 VARIANT(head_any_bf16, dim, BFLOAT16)
+VARIANT(head64_i8, 64, INT8)
+VARIANT(head128_i8, 128, INT8)
+VARIANT(head_any_i8, dim, INT8)
 
 /* Ask for rows t..t+n-1 of a [length, row_bytes] slab ahead of use: with compute between
  * the loads, the core alone keeps too few cache misses in flight to stream at full speed. */
@@ -179,9 +202,10 @@ AVX512 static inline __attribute__((always_inline)) void accumulate_values(
 
 /* attend_head's contract, with dim = 16 * chunks; buffer: TILE * dim floats. */
 AVX512 static inline __attribute__((always_inline)) void attend_head_avx512(
-        const float *restrict q, float *restrict out, const void *keys, const void *values, int64_t length,
+        const float *restrict q, float *restrict out, const void *keys, const void *values,
+        const uint16_t *key_scales, const uint16_t *value_scales, int64_t length,
         const int chunks, int group, const int kv_dtype, float scale, float *restrict scores, float *restrict buffer) {
-    const int dim = 16 * chunks, row_element = kv_dtype == FLOAT32 ? 4 : 2;
+    const int dim = 16 * chunks, row_element = kv_dtype == FLOAT32 ? 4 : kv_dtype == INT8 ? 1 : 2;
     for (int64_t t0 = 0; t0 < length; t0 += TILE) {
         const int n = length - t0 < TILE ? (int)(length - t0) : TILE;
         prefetch_rows(keys, t0 + PREFETCH_TILES * TILE, TILE, dim * row_element, length);
@@ -199,7 +223,9 @@ AVX512 static inline __attribute__((always_inline)) void attend_head_avx512(
                                   _mm512_mul_ps(sum_each(dots), _mm512_set1_ps(scale)));
         }
     }
+    if (kv_dtype == INT8) scale_rows(scores, length, group, key_scales);
     softmax_rows(scores, length, group);
+    if (kv_dtype == INT8) scale_rows(scores, length, group, value_scales);
     for (int64_t i = 0; i < (int64_t)group * dim; i++) out[i] = 0.0f;
     for (int64_t t0 = 0; t0 < length; t0 += TILE) {
         const int n = length - t0 < TILE ? (int)(length - t0) : TILE;
@@ -221,9 +247,11 @@ AVX512 static inline __attribute__((always_inline)) void attend_head_avx512(
 }
 
 #define VARIANT_AVX512(name, CHUNKS, DTYPE)                                                                     \
-    AVX512 static void name(const float *q, float *out, const void *keys, const void *values, int64_t length,   \
-                            int dim, int group, float scale, float *scores, float *buffer) {                    \
-        attend_head_avx512(q, out, keys, values, length, CHUNKS, group, DTYPE, scale, scores, buffer);          \
+    AVX512 static void name(const float *q, float *out, const void *keys, const void *values,                   \
+                            const uint16_t *key_scales, const uint16_t *value_scales, int64_t length, int dim,  \
+                            int group, float scale, float *scores, float *buffer) {                             \
+        attend_head_avx512(q, out, keys, values, key_scales, value_scales, length, CHUNKS, group, DTYPE, scale,  \
+                           scores, buffer);                                                                     \
         (void)dim;                                                                                              \
     }
 VARIANT_AVX512(avx512_head64_f32, 4, FLOAT32)
@@ -232,6 +260,9 @@ VARIANT_AVX512(avx512_head128_f32, 8, FLOAT32)
 VARIANT_AVX512(avx512_head128_bf16, 8, BFLOAT16)
 VARIANT_AVX512(avx512_head_any_f32, dim / 16, FLOAT32)
 VARIANT_AVX512(avx512_head_any_bf16, dim / 16, BFLOAT16)
+VARIANT_AVX512(avx512_head64_i8, 4, INT8)
+VARIANT_AVX512(avx512_head128_i8, 8, INT8)
+VARIANT_AVX512(avx512_head_any_i8, dim / 16, INT8)
 
 /* The bfloat16 path for CPUs with AVX512_BF16 (head_dim a multiple of 32): vdpbf16ps
  * multiplies pairs of bf16 values into float32 sums, so neither pass converts the cache
@@ -331,21 +362,30 @@ AVX512BF16 static inline __attribute__((always_inline)) void attend_head_bf16dp(
 
 #define VARIANT_BF16DP(name, PAIRS)                                                                           \
     AVX512BF16 static void name(const float *q, float *out, const void *keys, const void *values,              \
-                                int64_t length, int dim, int group, float scale, float *scores, float *buffer) { \
+                                const uint16_t *key_scales, const uint16_t *value_scales, int64_t length,      \
+                                int dim, int group, float scale, float *scores, float *buffer) {               \
         attend_head_bf16dp(q, out, keys, values, length, PAIRS, group, scale, scores, (uint16_t *)buffer);     \
-        (void)dim;                                                                                             \
+        (void)dim, (void)key_scales, (void)value_scales;                                                       \
     }
 VARIANT_BF16DP(bf16dp_head64, 2)
 VARIANT_BF16DP(bf16dp_head128, 4)
 VARIANT_BF16DP(bf16dp_head_any, dim / 32)
 #endif
 
+#include "_kvint8.h"
 
-/* The fastest kernel this CPU runs, up to `widest`: 2 = AVX512_BF16, 1 = AVX-512F,
- * 0 = portable (tests use the lower levels to cover every path on one machine). */
+
+/* The fastest kernel this CPU runs, up to `widest`: 2 = AVX512_BF16 (int8 caches:
+ * AVX512_VNNI), 1 = AVX-512F, 0 = portable (tests use the lower levels to cover every path
+ * on one machine). */
 static head_kernel pick_kernel(int dim, int kv_dtype, int widest) {
-    const int bf16 = kv_dtype == BFLOAT16;
+    const int bf16 = kv_dtype == BFLOAT16, i8 = kv_dtype == INT8;
 #ifdef HAVE_AVX512_PATH
+    if (widest >= 2 && i8 && dim % 32 == 0 && int8_vnni_cpu_ok()) {
+        if (dim == 64) return vnni_head64;
+        if (dim == 128) return vnni_head128;
+        return vnni_head_any;
+    }
     if (widest >= 2 && bf16 && dim % 32 == 0 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl")) {
         if (dim == 64) return bf16dp_head64;
@@ -353,29 +393,32 @@ static head_kernel pick_kernel(int dim, int kv_dtype, int widest) {
         return bf16dp_head_any;
     }
     if (widest >= 1 && dim % 16 == 0 && __builtin_cpu_supports("avx512f")) {
-        if (dim == 64) return bf16 ? avx512_head64_bf16 : avx512_head64_f32;
-        if (dim == 128) return bf16 ? avx512_head128_bf16 : avx512_head128_f32;
-        return bf16 ? avx512_head_any_bf16 : avx512_head_any_f32;
+        if (dim == 64) return i8 ? avx512_head64_i8 : bf16 ? avx512_head64_bf16 : avx512_head64_f32;
+        if (dim == 128) return i8 ? avx512_head128_i8 : bf16 ? avx512_head128_bf16 : avx512_head128_f32;
+        return i8 ? avx512_head_any_i8 : bf16 ? avx512_head_any_bf16 : avx512_head_any_f32;
     }
 #endif
-    if (dim == 64) return bf16 ? head64_bf16 : head64_f32;
-    if (dim == 128) return bf16 ? head128_bf16 : head128_f32;
-    return bf16 ? head_any_bf16 : head_any_f32;
+    if (dim == 64) return i8 ? head64_i8 : bf16 ? head64_bf16 : head64_f32;
+    if (dim == 128) return i8 ? head128_i8 : bf16 ? head128_bf16 : head128_f32;
+    return i8 ? head_any_i8 : bf16 ? head_any_bf16 : head_any_f32;
 }
 
 /* The first rows of the next work item's slabs, asked for while this one computes: at short
  * contexts a slab is a few KiB and would otherwise start with a run of cache misses. */
 #define NEXT_ITEM_ROWS 32
 
-/* decode_attention(q, out, new_keys, new_values, keys, values, bases, lengths, slices,
- *                  count, heads, kv_heads, head_dim, head_stride, kv_dtype, q_dtype,
- *                  scale, widest)
+/* decode_attention(q, out, new_keys, new_values, keys, values, key_scales, value_scales,
+ *                  bases, lengths, slices, count, heads, kv_heads, head_dim, head_stride,
+ *                  scale_stride, kv_dtype, q_dtype, scale, widest)
  *
  * q, out: [sequences, heads, head_dim] in q_dtype (float32 or bfloat16), addresses as ints.
- * new_keys, new_values: 0, or [sequences, kv_heads, head_dim] in kv_dtype: each sequence's
- *   newest token, written to its row lengths[seq] - 1 before it is attended.
+ * new_keys, new_values: 0, or [sequences, kv_heads, head_dim] in kv_dtype (an int8 cache:
+ *   in q_dtype, quantized here): each sequence's newest token, written to its row
+ *   lengths[seq] - 1 before it is attended.
  * keys, values: one layer of the store, [kv_heads, capacity, head_dim] with KV heads
- *   head_stride elements apart, float32 or bfloat16 (kv_dtype).
+ *   head_stride elements apart, float32, bfloat16 or int8 (kv_dtype).
+ * key_scales, value_scales: an int8 cache's bf16 scales, [kv_heads, capacity] with KV
+ *   heads scale_stride apart (row t of head g holds its values times scale (g, t)); 0 else.
  * bases, lengths: int64 per sequence: its first buffer row and its cached length (>= 1).
  * Work items are (sequence, KV head) pairs, item = seq * kv_heads + g; an item writes and
  *   reads only its own rows, so slices may run on several threads. slices: int64
@@ -385,27 +428,50 @@ static head_kernel pick_kernel(int dim, int kv_dtype, int widest) {
 typedef struct {
     const char *q, *new_keys, *new_values;
     char *out, *keys, *values;
+    uint16_t *key_scales, *value_scales;
     const int64_t *bases, *lengths;
-    int64_t head_stride;
+    int64_t head_stride, scale_stride;
     int heads, kv_heads, dim, kv_dtype, q_dtype;
     float scale;
     head_kernel kernel;
 } decode_args;
 
+static inline size_t element_size(int dtype) { return dtype == FLOAT32 ? 4 : dtype == INT8 ? 1 : 2; }
+
+/* Item `item`'s new K/V row written at row `row` of its slabs (an int8 cache: quantized,
+ * its scales at `scale_offset`). */
+static inline void append_row(const decode_args *a, int64_t item, char *key_slab, char *value_slab, int64_t row,
+                              size_t scale_offset) {
+    if (a->kv_dtype == INT8) {
+        const size_t source = (size_t)item * (size_t)a->dim * element_size(a->q_dtype);
+        quantize_row(a->new_keys + source, a->q_dtype, a->dim, (int8_t *)key_slab + row * a->dim,
+                     a->key_scales + scale_offset + row);
+        quantize_row(a->new_values + source, a->q_dtype, a->dim, (int8_t *)value_slab + row * a->dim,
+                     a->value_scales + scale_offset + row);
+        return;
+    }
+    const size_t row_bytes = (size_t)a->dim * element_size(a->kv_dtype);
+    memcpy(key_slab + row * row_bytes, a->new_keys + (size_t)item * row_bytes, row_bytes);
+    memcpy(value_slab + row * row_bytes, a->new_values + (size_t)item * row_bytes, row_bytes);
+}
+
 /* decode_attention's work items first..last-1 (see there). */
 static int decode_items(const void *args, int64_t first_item, int64_t last_item) {
     const decode_args *a = args;
     const int group = a->heads / a->kv_heads;
-    const size_t element = a->kv_dtype == FLOAT32 ? 4 : 2, q_element = a->q_dtype == FLOAT32 ? 4 : 2;
+    const size_t element = element_size(a->kv_dtype), q_element = element_size(a->q_dtype);
     const size_t row_bytes = (size_t)a->dim * element;
     int64_t longest = 1;
     for (int64_t item = first_item; item < last_item; item++)
         if (a->lengths[item / a->kv_heads] > longest) longest = a->lengths[item / a->kv_heads];
-    /* scores, then a buffer for converted K/V rows or bf16 probabilities, whichever is larger,
-     * then float32 copies of the group's q and out rows when q is not float32 */
+    /* scores, then a buffer for converted K/V rows or bf16 probabilities, whichever is larger
+     * (plus, for the int8 kernel, the group's int16 q rows, two scales per row and alignment:
+     * see attend_head_vnni), then float32 copies of the group's q and out rows when q is not
+     * float32 */
     const size_t group_floats = (size_t)group * a->dim;
-    const size_t buffer = (size_t)BLOCK * a->dim > (size_t)group * (longest + 2) ? (size_t)BLOCK * a->dim
-                                                                                 : (size_t)group * (longest + 2);
+    const size_t buffer = ((size_t)BLOCK * a->dim > (size_t)group * (longest + 2) ? (size_t)BLOCK * a->dim
+                                                                                  : (size_t)group * (longest + 2))
+                          + group_floats + 2 * (size_t)group + 16;
     const size_t scores = (size_t)group * (size_t)longest;
     float *scratch = malloc(sizeof(float) * (scores + buffer + (a->q_dtype == FLOAT32 ? 0 : 2 * group_floats)));
     if (scratch == NULL) return -1;
@@ -413,7 +479,10 @@ static int decode_items(const void *args, int64_t first_item, int64_t last_item)
     for (int64_t item = first_item; item < last_item; item++) {
         const int64_t seq = item / a->kv_heads, g = item % a->kv_heads, length = a->lengths[seq];
         const size_t offset = ((size_t)g * (size_t)a->head_stride + (size_t)a->bases[seq] * (size_t)a->dim) * element;
+        const size_t scale_offset = (size_t)g * (size_t)a->scale_stride + (size_t)a->bases[seq];
         char *key_slab = a->keys + offset, *value_slab = a->values + offset;
+        const uint16_t *key_scales = a->kv_dtype == INT8 ? a->key_scales + scale_offset : NULL;
+        const uint16_t *value_scales = a->kv_dtype == INT8 ? a->value_scales + scale_offset : NULL;
         if (item + 1 < last_item) {
             const int64_t next = (item + 1) / a->kv_heads, next_g = (item + 1) % a->kv_heads;
             const size_t next_offset =
@@ -421,19 +490,17 @@ static int decode_items(const void *args, int64_t first_item, int64_t last_item)
             prefetch_rows(a->keys + next_offset, 0, NEXT_ITEM_ROWS, (int)row_bytes, a->lengths[next]);
             prefetch_rows(a->values + next_offset, 0, NEXT_ITEM_ROWS, (int)row_bytes, a->lengths[next]);
         }
-        if (a->new_keys != NULL) {
-            const size_t source = (size_t)item * row_bytes, last_row = (size_t)(length - 1) * row_bytes;
-            memcpy(key_slab + last_row, a->new_keys + source, row_bytes);
-            memcpy(value_slab + last_row, a->new_values + source, row_bytes);
-        }
+        if (a->new_keys != NULL) append_row(a, item, key_slab, value_slab, length - 1, scale_offset);
         const int64_t first_element = (seq * a->heads + g * group) * (int64_t)a->dim;
         const void *q = a->q + first_element * q_element;
         void *out = a->out + first_element * q_element;
         if (a->q_dtype == FLOAT32) {
-            a->kernel(q, out, key_slab, value_slab, length, a->dim, group, a->scale, scratch + buffer, scratch);
+            a->kernel(q, out, key_slab, value_slab, key_scales, value_scales, length, a->dim, group, a->scale,
+                      scratch + buffer, scratch);
         } else {
             for (size_t i = 0; i < group_floats; i++) q_rows[i] = load(q, i, BFLOAT16);
-            a->kernel(q_rows, out_rows, key_slab, value_slab, length, a->dim, group, a->scale, scratch + buffer, scratch);
+            a->kernel(q_rows, out_rows, key_slab, value_slab, key_scales, value_scales, length, a->dim, group,
+                      a->scale, scratch + buffer, scratch);
             for (size_t i = 0; i < group_floats; i++) store(out, i, out_rows[i], BFLOAT16);
         }
     }
@@ -443,25 +510,28 @@ static int decode_items(const void *args, int64_t first_item, int64_t last_item)
 
 static PyObject *decode_attention(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long q_addr, out_addr, new_keys_addr, new_values_addr, keys_addr, values_addr, bases_addr,
-        lengths_addr, slices_addr;
-    Py_ssize_t head_stride;
+    unsigned long long q_addr, out_addr, new_keys_addr, new_values_addr, keys_addr, values_addr, key_scales_addr,
+        value_scales_addr, bases_addr, lengths_addr, slices_addr;
+    Py_ssize_t head_stride, scale_stride;
     int heads, kv_heads, dim, kv_dtype, q_dtype, widest, count;
     float scale;
-    if (!PyArg_ParseTuple(args, "KKKKKKKKKiiiiniifi", &q_addr, &out_addr, &new_keys_addr, &new_values_addr,
-                          &keys_addr, &values_addr, &bases_addr, &lengths_addr, &slices_addr, &count, &heads,
-                          &kv_heads, &dim, &head_stride, &kv_dtype, &q_dtype, &scale, &widest))
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKKKiiiinniifi", &q_addr, &out_addr, &new_keys_addr, &new_values_addr,
+                          &keys_addr, &values_addr, &key_scales_addr, &value_scales_addr, &bases_addr, &lengths_addr,
+                          &slices_addr, &count, &heads, &kv_heads, &dim, &head_stride, &scale_stride, &kv_dtype,
+                          &q_dtype, &scale, &widest))
         return NULL;
-    if (kv_heads <= 0 || heads % kv_heads != 0 || dim <= 0 || dim > MAX_DIM || (kv_dtype != FLOAT32 && kv_dtype != BFLOAT16)
-        || (q_dtype != FLOAT32 && q_dtype != BFLOAT16) || count <= 0) {
-        PyErr_SetString(PyExc_ValueError, "decode_attention: bad geometry, dtype or slices");
+    if (kv_heads <= 0 || heads % kv_heads != 0 || dim <= 0 || dim > MAX_DIM
+        || (kv_dtype != FLOAT32 && kv_dtype != BFLOAT16 && kv_dtype != INT8) || (q_dtype != FLOAT32 && q_dtype != BFLOAT16)
+        || (kv_dtype == INT8 && (key_scales_addr == 0 || value_scales_addr == 0)) || count <= 0) {
+        PyErr_SetString(PyExc_ValueError, "decode_attention: bad geometry, dtype, scales or slices");
         return NULL;
     }
     const decode_args a = {(const char *)(uintptr_t)q_addr, (const char *)(uintptr_t)new_keys_addr,
                            (const char *)(uintptr_t)new_values_addr, (char *)(uintptr_t)out_addr,
                            (char *)(uintptr_t)keys_addr, (char *)(uintptr_t)values_addr,
+                           (uint16_t *)(uintptr_t)key_scales_addr, (uint16_t *)(uintptr_t)value_scales_addr,
                            (const int64_t *)(uintptr_t)bases_addr, (const int64_t *)(uintptr_t)lengths_addr,
-                           head_stride, heads, kv_heads, dim, kv_dtype, q_dtype, scale,
+                           head_stride, scale_stride, heads, kv_heads, dim, kv_dtype, q_dtype, scale,
                            pick_kernel(dim, kv_dtype, widest)};
     int status;
     Py_BEGIN_ALLOW_THREADS
@@ -647,43 +717,78 @@ static int prefill_items(const void *args, int64_t first, int64_t last) {
 }
 #endif
 
-/* pack_kv(keys, values, packed_keys, packed_values, length, kv_heads, head_dim, head_stride)
+/* One KV head's keys and values (bf16, `dim` apart per token) in pack_kv's layout. */
+static void pack_head_bf16(const uint16_t *k, const uint16_t *v, uint32_t *pk, uint32_t *pv, int64_t length,
+                           int64_t tiles, int dim) {
+    const int pairs = dim / 2;
+    for (int64_t t = 0; t < tiles * 16; t++)
+        for (int p = 0; p < pairs; p++) {
+            uint32_t pair = 0;
+            if (t < length) memcpy(&pair, k + t * dim + 2 * p, sizeof pair);
+            pk[((t / 16) * pairs + p) * 16 + t % 16] = pair;
+        }
+    for (int64_t j = 0; j < (length + 1) / 2; j++)
+        for (int d = 0; d < dim; d++) {
+            const uint32_t low = v[2 * j * dim + d], high = 2 * j + 1 < length ? v[(2 * j + 1) * dim + d] : 0;
+            pv[j * dim + d] = low | high << 16;
+        }
+}
+
+/* Value (t, d) of an int8 slab times its row's scale, as bf16 bits (the prefill kernel
+ * multiplies bf16). */
+static inline uint32_t int8_as_bf16(const int8_t *slab, const uint16_t *scales, int64_t t, int d, int dim) {
+    return float_to_bf16((float)slab[t * dim + d] * bf16_to_float(scales[t]));
+}
+
+/* pack_head_bf16 for an int8 KV head with its scales: dequantized as it is packed. */
+static void pack_head_int8(const int8_t *k, const int8_t *v, const uint16_t *ks, const uint16_t *vs, uint32_t *pk,
+                           uint32_t *pv, int64_t length, int64_t tiles, int dim) {
+    const int pairs = dim / 2;
+    for (int64_t t = 0; t < tiles * 16; t++)
+        for (int p = 0; p < pairs; p++)
+            pk[((t / 16) * pairs + p) * 16 + t % 16] =
+                t < length ? int8_as_bf16(k, ks, t, 2 * p, dim) | int8_as_bf16(k, ks, t, 2 * p + 1, dim) << 16 : 0;
+    for (int64_t j = 0; j < (length + 1) / 2; j++)
+        for (int d = 0; d < dim; d++)
+            pv[j * dim + d] = int8_as_bf16(v, vs, 2 * j, d, dim)
+                              | (2 * j + 1 < length ? int8_as_bf16(v, vs, 2 * j + 1, d, dim) << 16 : 0);
+}
+
+/* pack_kv(keys, values, key_scales, value_scales, packed_keys, packed_values, length,
+ *         kv_heads, head_dim, head_stride, scale_stride)
  *
- * keys, values: bf16, one sequence's slab in one layer: element (g, t, d) at
+ * keys, values: bf16, or int8 with bf16 scales (key_scales, value_scales non-zero: element
+ *   (g, t) at g * scale_stride + t), one sequence's slab in one layer: element (g, t, d) at
  *   g * head_stride + t * head_dim + d, for t < length.
  * packed_keys: uint32 [kv_heads][tiles][head_dim / 2][16], tiles = ceil(length / 16) rounded up
  *   to a multiple of PREFILL_TILES; entry (g, T, p, j) = dims 2p, 2p+1 of key 16T + j (0 past length).
  * packed_values: uint32 [kv_heads][ceil(length / 2)][head_dim]; entry (g, j, d) = dim d of keys
  *   2j (low half) and 2j + 1 (high half, 0 past length).
+ * An int8 cache is dequantized here, once per chunk: the kernel then runs as on bf16.
  */
 static PyObject *pack_kv(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long keys_addr, values_addr, packed_keys_addr, packed_values_addr;
-    Py_ssize_t length, head_stride;
+    unsigned long long keys_addr, values_addr, key_scales_addr, value_scales_addr, packed_keys_addr, packed_values_addr;
+    Py_ssize_t length, head_stride, scale_stride;
     int kv_heads, dim;
-    if (!PyArg_ParseTuple(args, "KKKKniin", &keys_addr, &values_addr, &packed_keys_addr, &packed_values_addr, &length,
-                          &kv_heads, &dim, &head_stride))
+    if (!PyArg_ParseTuple(args, "KKKKKKniinn", &keys_addr, &values_addr, &key_scales_addr, &value_scales_addr,
+                          &packed_keys_addr, &packed_values_addr, &length, &kv_heads, &dim, &head_stride,
+                          &scale_stride))
         return NULL;
-    const uint16_t *keys = (const uint16_t *)(uintptr_t)keys_addr, *values = (const uint16_t *)(uintptr_t)values_addr;
+    const char *keys = (const char *)(uintptr_t)keys_addr, *values = (const char *)(uintptr_t)values_addr;
+    const uint16_t *key_scales = (const uint16_t *)(uintptr_t)key_scales_addr;
+    const uint16_t *value_scales = (const uint16_t *)(uintptr_t)value_scales_addr;
     uint32_t *packed_keys = (uint32_t *)(uintptr_t)packed_keys_addr, *packed_values = (uint32_t *)(uintptr_t)packed_values_addr;
-    const int64_t tiles = key_tiles(length);
-    const int64_t pairs_total = (length + 1) / 2;
-    const int pairs = dim / 2;
+    const int64_t tiles = key_tiles(length), pairs_total = (length + 1) / 2;
     Py_BEGIN_ALLOW_THREADS
     for (int g = 0; g < kv_heads; g++) {
-        const uint16_t *k = keys + g * head_stride, *v = values + g * head_stride;
-        uint32_t *pk = packed_keys + (int64_t)g * tiles * pairs * 16, *pv = packed_values + (int64_t)g * pairs_total * dim;
-        for (int64_t t = 0; t < tiles * 16; t++)
-            for (int p = 0; p < pairs; p++) {
-                uint32_t pair = 0;
-                if (t < length) memcpy(&pair, k + t * dim + 2 * p, sizeof pair);
-                pk[((t / 16) * pairs + p) * 16 + t % 16] = pair;
-            }
-        for (int64_t j = 0; j < pairs_total; j++)
-            for (int d = 0; d < dim; d++) {
-                const uint32_t low = v[2 * j * dim + d], high = 2 * j + 1 < length ? v[(2 * j + 1) * dim + d] : 0;
-                pv[j * dim + d] = low | high << 16;
-            }
+        uint32_t *pk = packed_keys + (int64_t)g * tiles * (dim / 2) * 16, *pv = packed_values + (int64_t)g * pairs_total * dim;
+        if (key_scales == NULL)
+            pack_head_bf16((const uint16_t *)keys + g * head_stride, (const uint16_t *)values + g * head_stride, pk, pv,
+                           length, tiles, dim);
+        else
+            pack_head_int8((const int8_t *)keys + g * head_stride, (const int8_t *)values + g * head_stride,
+                           key_scales + g * scale_stride, value_scales + g * scale_stride, pk, pv, length, tiles, dim);
     }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -745,7 +850,7 @@ static PyObject *prefill_supported(PyObject *self, PyObject *unused) {
 static PyMethodDef methods[] = {
     {"decode_attention", decode_attention, METH_VARARGS, "Fused decode attention over slices of work items."},
     {"use_openmp", use_openmp, METH_VARARGS, "Run slices as parallel regions of this OpenMP runtime."},
-    {"pack_kv", pack_kv, METH_VARARGS, "Lay out one sequence's bf16 keys and values for prefill_attention."},
+    {"pack_kv", pack_kv, METH_VARARGS, "Lay out one sequence's bf16 (or int8) keys and values for prefill_attention."},
     {"prefill_attention", prefill_attention, METH_VARARGS, "Causal bf16 prefill attention over slices of work items."},
     {"prefill_supported", prefill_supported, METH_NOARGS, "Whether this CPU runs prefill_attention."},
     {NULL, NULL, 0, NULL},

@@ -16,7 +16,7 @@
 #define MULTIVERSION
 #endif
 
-enum { FLOAT32 = 0, BFLOAT16 = 1 };
+enum { FLOAT32 = 0, BFLOAT16 = 1, INT8 = 2 };  /* INT8: KV caches only, with bf16 scales */
 
 static inline float bf16_to_float(uint16_t bits) {
     const uint32_t widened = (uint32_t)bits << 16;

@@ -17,6 +17,8 @@ row is a decode (the steady state) the kernel also appends the new K/V and takes
 returns the output in their own dtype, so a step is one call and a few Python lines: Tier
 2 runs it once per layer per micro-batch, between which the caches have gone cold.
 Otherwise (CUDA, float16, no C compiler at install time) torch ops do the same work.
+An int8 store (``KVStore(kv_dtype=torch.int8)``) runs the same kernels on its int8 rows and
+their scales (``_kvint8.h``); the torch paths dequantize what they read.
 
 Prompt chunks: short fresh prompts are attended together as one padded batch (their keys
 are their own new tokens); longer ones and later chunks go one at a time, to the bf16
@@ -268,8 +270,8 @@ def attend_with(plan: AttentionPlan, layer: int, q: torch.Tensor, k: torch.Tenso
         with torch.inference_mode(inference):
             for i in indices:
                 first, count, start = plan.first_rows[i], plan.counts[i], plan.starts[i]
-                keys, values = store.view(layer, plan.seq_ids[i], start + count)
-                out[first:first + count] = _attend_one(q[first:first + count], keys, values, start, scale)
+                out[first:first + count] = _attend_cached(store, layer, plan.seq_ids[i], q[first:first + count],
+                                                          start, scale)
 
     if plan.fused is not None:
         out[plan.fused.rows] = _decode_fused(store, layer, plan.fused, q[plan.fused.rows], scale)
@@ -312,7 +314,18 @@ def check_shapes(store: KVStore, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 def fused_decode_available(store: KVStore) -> bool:
     """Whether decode rows over ``store`` run on the fused C kernel."""
     return (_attention is not None and store.keys.device.type == "cpu" and store.dtype in C_DTYPE_CODES
-            and store.head_dim <= 256)  # MAX_DIM in the C file
+            and store.head_dim <= 256)  # MAX_DIM in the C file; an int8 store: q, k, v in dtype, K/V as int8
+
+
+_INT8_CODE = 2  # INT8 in _kernels.h: an int8 store, its rows quantized
+
+
+def _scale_args(store: KVStore, layer: int) -> tuple[int, int, int]:
+    """The C kernels' (key_scales, value_scales, scale_stride) for ``layer``: zeros unless int8."""
+    if not store.quantized:
+        return 0, 0, 0
+    key_scales, value_scales = store.key_scales[layer], store.value_scales[layer]
+    return key_scales.data_ptr(), value_scales.data_ptr(), key_scales.stride(0)
 
 
 def _decode_fused(
@@ -328,37 +341,56 @@ def _decode_fused(
     out = torch.empty_like(query)
     new_keys, new_values = (t.to(store.dtype).contiguous() for t in new_kv) if new_kv else (None, None)
     keys, values = store.keys[layer], store.values[layer]
+    key_scales, value_scales, scale_stride = _scale_args(store, layer)
+    kv_code = _INT8_CODE if store.quantized else C_DTYPE_CODES[store.dtype]
 
     def run(slices: int, count: int) -> None:
         _attention.decode_attention(
             query.data_ptr(), out.data_ptr(), 0 if new_keys is None else new_keys.data_ptr(),
-            0 if new_values is None else new_values.data_ptr(), keys.data_ptr(), values.data_ptr(),
-            plan.bases.data_ptr(), plan.lengths.data_ptr(), slices, count, heads, kv_heads, dim,
-            keys.stride(0), C_DTYPE_CODES[store.dtype], C_DTYPE_CODES[query.dtype], scale, _KERNEL_WIDEST)
+            0 if new_values is None else new_values.data_ptr(), keys.data_ptr(), values.data_ptr(), key_scales,
+            value_scales, plan.bases.data_ptr(), plan.lengths.data_ptr(), slices, count, heads, kv_heads, dim,
+            keys.stride(0), scale_stride, kv_code, C_DTYPE_CODES[query.dtype], scale, _KERNEL_WIDEST)
 
     _run_slices(run, plan.slices)
     return out.to(q.dtype)
 
 
-def _prefill_fused_available(keys: torch.Tensor) -> bool:
-    """Whether a prefill chunk over ``keys`` (a store view; q has the store's dtype, see
-    ``check_shapes``) runs on the C kernel: bf16 on a CPU with AVX512_BF16, head_dim a
-    multiple of 32 up to 256."""
-    return (_attention is not None and _KERNEL_WIDEST >= 2 and keys.device.type == "cpu"
-            and keys.dtype == torch.bfloat16 and keys.shape[-1] % 32 == 0 and keys.shape[-1] <= 256
+def _prefill_fused_available(q: torch.Tensor) -> bool:
+    """Whether a prefill chunk of ``q`` (in the store's dtype, see ``check_shapes``) runs on
+    the C kernel: bf16 on a CPU with AVX512_BF16, head_dim a multiple of 32 up to 256 (the
+    cache bf16, or int8 dequantized as it is packed)."""
+    return (_attention is not None and _KERNEL_WIDEST >= 2 and q.device.type == "cpu"
+            and q.dtype == torch.bfloat16 and q.shape[-1] % 32 == 0 and q.shape[-1] <= 256
             and _attention.prefill_supported())
 
 
-def _prefill_fused(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+def _attend_cached(store: KVStore, layer: int, seq_id: object, q: torch.Tensor, start: int,
+                   scale: float) -> torch.Tensor:
+    """``_attend_one`` over the sequence's first ``start + n`` cached tokens. An int8 store's
+    prompt chunk goes to the prefill kernel straight from its int8 rows (dequantized as they
+    are packed, in one pass); elsewhere an int8 store's rows are dequantized first."""
+    length = start + q.shape[0]
+    if store.quantized and q.shape[0] > 1 and _prefill_fused_available(q):
+        keys, values, key_scales, value_scales = store.stored(layer, seq_id, length)
+        return _prefill_fused(q, keys, values, start, scale, key_scales, value_scales)
+    keys, values = store.view(layer, seq_id, length)
+    return _attend_one(q, keys, values, start, scale)
+
+
+def _prefill_fused(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float,
+                   key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None) -> torch.Tensor:
     """``_attend_one`` for a prefill chunk on the C kernel: q [n, heads, D] at positions
-    start.. over keys/values [kv_heads, start + n, D], views of one sequence's slab."""
+    start.. over keys/values [kv_heads, start + n, D], views of one sequence's slab (int8:
+    with their scales, [kv_heads, start + n] views)."""
     n, heads, dim = q.shape
     kv_heads, length = keys.shape[0], keys.shape[1]
     tiles = -(-length // 64) * 4  # key_tiles() in _attention.c: 16-key tiles, a multiple of 4
     packed_keys = torch.empty(kv_heads, tiles * 16 * dim // 2, dtype=torch.int32)
     packed_values = torch.empty(kv_heads, (length + 1) // 2 * dim, dtype=torch.int32)
-    _attention.pack_kv(keys.data_ptr(), values.data_ptr(), packed_keys.data_ptr(), packed_values.data_ptr(), length,
-                       kv_heads, dim, keys.stride(0))
+    scales = (0, 0, 0) if key_scales is None else (key_scales.data_ptr(), value_scales.data_ptr(),
+                                                   key_scales.stride(0))
+    _attention.pack_kv(keys.data_ptr(), values.data_ptr(), *scales[:2], packed_keys.data_ptr(),
+                       packed_values.data_ptr(), length, kv_heads, dim, keys.stride(0), scales[2])
     query = q.contiguous()
     out = torch.empty_like(query)
 
@@ -416,8 +448,7 @@ def _decode_batched(store: KVStore, layer: int, plan: _BatchedDecodes, q: torch.
     batch, heads, dim = q.shape
     kv_heads = store.num_kv_heads
     group = heads // kv_heads
-    keys = store.keys[layer].index_select(1, plan.index).view(kv_heads, batch, plan.longest, dim)
-    values = store.values[layer].index_select(1, plan.index).view(kv_heads, batch, plan.longest, dim)
+    keys, values = (t.view(kv_heads, batch, plan.longest, dim) for t in store.gather(layer, plan.index))
     q_grouped = q.view(batch, kv_heads, group, dim).transpose(0, 1)  # [kv_heads, B, group, D]
     scores = torch.matmul(q_grouped, keys.transpose(-1, -2)).float() * scale  # [kv_heads, B, group, longest]
     scores.masked_fill_(plan.padding[None, :, None, :], float("-inf"))
@@ -457,7 +488,7 @@ def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start
         scores = torch.matmul(q.view(kv_heads, group, dim), keys.transpose(1, 2)).float() * scale
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         return torch.matmul(probs, values).view(1, heads, dim)
-    if _prefill_fused_available(keys):
+    if _prefill_fused_available(q):
         return _prefill_fused(q, keys, values, start, scale)
     # Prefill chunk: the fused kernel, which maps query heads to their KV head itself (no
     # repeated K/V). A chunk that starts the sequence is plainly causal; a later chunk

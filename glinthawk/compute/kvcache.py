@@ -9,6 +9,11 @@ never have to reason about fragmentation.
 
 Layout per layer: K and V are ``[kv_heads, capacity_tokens, head_dim]``, so a
 sequence's keys for one head are one contiguous ``[length, head_dim]`` matrix.
+
+The store keeps K/V in the model's dtype (``dtype``, what q, k and v arrive in and the
+output leaves in) or, with ``kv_dtype=torch.int8``, quantized (``kvquant``): int8 rows plus
+one bf16 scale per token and KV head, ``[kv_heads, capacity_tokens]`` per layer beside K and
+V. Capacity is counted in tokens either way; ``bytes_per_token`` includes the scales.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from glinthawk.compute import kvquant
 
 
 class KVCapacityError(RuntimeError):
@@ -44,24 +51,37 @@ class KVStore:
         capacity_tokens: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        kv_dtype: torch.dtype | None = None,
     ):
         if capacity_tokens <= 0:
             raise ValueError(f"KV capacity must be at least one token, got {capacity_tokens}")
+        kv_dtype = kv_dtype or dtype
+        if kv_dtype not in (dtype, torch.int8):
+            raise ValueError(f"a KV store keeps {dtype} K/V as {dtype} or int8, not {kv_dtype}")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.capacity_tokens = capacity_tokens
-        self.dtype = dtype
+        self.dtype, self.kv_dtype = dtype, kv_dtype
         # torch.empty does not touch the pages: resident memory grows only as tokens are written.
         shape = (num_layers, num_kv_heads, capacity_tokens, head_dim)
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.keys = torch.empty(shape, dtype=kv_dtype, device=device)
+        self.values = torch.empty(shape, dtype=kv_dtype, device=device)
+        # int8: each row's scale (kvquant), [layers, kv_heads, capacity_tokens]; None otherwise.
+        self.key_scales = self.value_scales = None
+        if self.quantized:
+            self.key_scales = torch.empty(shape[:-1], dtype=kvquant.SCALE_DTYPE, device=device)
+            self.value_scales = torch.empty(shape[:-1], dtype=kvquant.SCALE_DTYPE, device=device)
         self._slabs: dict[object, _Slab] = {}
         self._free: list[tuple[int, int]] = [(0, capacity_tokens)]  # (start, length), sorted, coalesced
         self.compactions = 0
 
     # -- accounting -------------------------------------------------------------------
     @property
+    def quantized(self) -> bool:
+        return self.kv_dtype == torch.int8
+
+    @property
     def bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.keys.element_size()
+        return bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype)
 
     @property
     def capacity_bytes(self) -> int:
@@ -144,8 +164,9 @@ class KVStore:
                 src = slice(slab.start, slab.start + slab.filled)
                 dst = slice(cursor, cursor + slab.filled)
                 # Moving left may overlap the source; clone makes the copy safe.
-                self.keys[:, :, dst] = self.keys[:, :, src].clone()
-                self.values[:, :, dst] = self.values[:, :, src].clone()
+                for tensor in (self.keys, self.values, self.key_scales, self.value_scales):
+                    if tensor is not None:
+                        tensor[:, :, dst] = tensor[:, :, src].clone()
             slab.start = cursor
             cursor += slab.reserved
         self._free = [(cursor, self.capacity_tokens - cursor)] if cursor < self.capacity_tokens else []
@@ -181,17 +202,51 @@ class KVStore:
         return (torch.repeat_interleave(torch.tensor(bases, dtype=torch.int64), counts_t) + offsets).to(self.keys.device)
 
     def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v ([tokens, kv_heads, head_dim]) at buffer ``rows`` (from ``rows()``), one copy each."""
-        self.keys[layer].index_copy_(1, rows, k.transpose(0, 1).to(self.dtype))
-        self.values[layer].index_copy_(1, rows, v.transpose(0, 1).to(self.dtype))
+        """Store k, v ([tokens, kv_heads, head_dim]) at buffer ``rows`` (from ``rows()``), one copy each
+        (an int8 store: quantized, with their scales)."""
+        if not self.quantized:
+            self.keys[layer].index_copy_(1, rows, k.transpose(0, 1).to(self.dtype))
+            self.values[layer].index_copy_(1, rows, v.transpose(0, 1).to(self.dtype))
+            return
+        for data, scales, x in ((self.keys, self.key_scales, k), (self.values, self.value_scales, v)):
+            q, scale = kvquant.quantize(x.transpose(0, 1))
+            data[layer].index_copy_(1, rows, q)
+            scales[layer].index_copy_(1, rows, scale)
 
     def start_of(self, seq_id: object) -> int:
         return self._slab(seq_id).start
 
-    def view(self, layer: int, seq_id: object, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the first ``length`` tokens: two [kv_heads, length, head_dim] views."""
+    def stored(self, layer: int, seq_id: object, length: int) -> tuple[torch.Tensor, ...]:
+        """The first ``length`` tokens as stored: keys and values, [kv_heads, length, head_dim]
+        views, and for an int8 store their scales, [kv_heads, length] views."""
         slab = self._slab(seq_id)
         if length > slab.filled:
             raise ValueError(f"sequence {seq_id!r}: asked for {length} cached tokens, only {slab.filled} written")
         rows = slice(slab.start, slab.start + length)
+        if self.quantized:
+            return (self.keys[layer, :, rows], self.values[layer, :, rows], self.key_scales[layer, :, rows],
+                    self.value_scales[layer, :, rows])
         return self.keys[layer, :, rows], self.values[layer, :, rows]
+
+    def view(self, layer: int, seq_id: object, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the first ``length`` tokens in ``dtype``: two [kv_heads, length,
+        head_dim] views (an int8 store: dequantized copies)."""
+        parts = self.stored(layer, seq_id, length)
+        if not self.quantized:
+            return parts
+        keys, values, key_scales, value_scales = parts
+        return kvquant.dequantize(keys, key_scales, self.dtype), kvquant.dequantize(values, value_scales, self.dtype)
+
+    def gather(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of buffer rows ``index`` in ``dtype``: two [kv_heads, len(index), head_dim] copies."""
+        keys, values = self.keys[layer].index_select(1, index), self.values[layer].index_select(1, index)
+        if not self.quantized:
+            return keys, values
+        return (kvquant.dequantize(keys, self.key_scales[layer].index_select(1, index), self.dtype),
+                kvquant.dequantize(values, self.value_scales[layer].index_select(1, index), self.dtype))
+
+
+def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype) -> int:
+    """Bytes of K and V (with an int8 store's scales) one token occupies across all layers."""
+    row = kvquant.row_bytes(head_dim) if kv_dtype == torch.int8 else head_dim * kv_dtype.itemsize
+    return 2 * num_layers * num_kv_heads * row

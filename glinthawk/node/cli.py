@@ -110,9 +110,10 @@ def _tier2_node(settings: dict, netem, secret: bytes | None, **joining):
         memory = parse_size(kv.kv_memory or DEFAULT_KV_MEMORY) if kv.kv_tokens is None else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--kv-memory") from None
-    log.info("tier2: KV cache of %s (in tokens once Tier 1 gives the model's shape), %d torch threads",
-             f"{kv.kv_tokens} tokens" if memory is None else f"{memory / 2**20:.0f} MiB", _torch_threads())
-    return Tier2Node(kv_memory=memory, kv_tokens=kv.kv_tokens, netem=netem, secret=secret, **joining)
+    log.info("tier2: KV cache of %s (in tokens once Tier 1 gives the model's shape), K/V as %s, %d torch threads",
+             f"{kv.kv_tokens} tokens" if memory is None else f"{memory / 2**20:.0f} MiB", kv.kv_dtype, _torch_threads())
+    return Tier2Node(kv_memory=memory, kv_tokens=kv.kv_tokens, netem=netem, secret=secret, kv_dtype=kv.kv_dtype,
+                     **joining)
 
 
 def _tier1_node(settings: dict, tier2_nodes: str | None, model_dir: Path, dtype: str, device: str, netem,

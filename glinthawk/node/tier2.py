@@ -1,7 +1,10 @@
 """Tier 2: owns a shard of the KV cache (whole sequences, all layers) and computes attention.
 
 Tier 1 introduces itself with the model's KV geometry; the node sizes its store from
-``--kv-memory``/``--kv-tokens`` and announces the capacity in tokens. Each ATTN frame
+``--kv-memory``/``--kv-tokens`` and announces the capacity in tokens. How it keeps K/V is
+its own choice (``--kv-dtype``: the model's dtype, or int8 with per-token scales, about
+twice the tokens in the same memory): Tier 1 sends and receives the model's dtype either
+way, and WELCOME tells it which the node chose and what a token costs. Each ATTN frame
 carries one micro-batch at one layer: the node appends its k/v, attends, and answers
 ATTN_OUT as soon as that micro-batch is done. The event loop's own thread attends, one
 frame after another, and the frames that arrive meanwhile wait in the socket: one thread
@@ -29,7 +32,7 @@ import logging
 import torch
 
 from glinthawk.compute.attention import AttentionPlan, attend_with, check_shapes
-from glinthawk.compute.kvcache import KVCapacityError, KVStore, UnknownSequenceError
+from glinthawk.compute.kvcache import KVCapacityError, KVStore, UnknownSequenceError, bytes_per_token
 from glinthawk.compute.loader import DTYPES
 from glinthawk.metrics import Tier2Metrics
 from glinthawk.net.codec import ProtocolError
@@ -46,6 +49,9 @@ log = logging.getLogger("glinthawk.tier2")
 _MAX_PLANS = 1024
 LEAVE_GRACE_S = 40.0  # beyond that, how long it waits for Tier 1's LEFT (moving them takes time too)
 
+# --kv-dtype: how the store keeps K/V (None: in the dtype Tier 1 computes in).
+KV_STORAGE = {"auto": None, "int8": torch.int8}
+
 
 class _Session:
     """One Tier 1's claim on this node: the KV store and step plans it built, which live and die
@@ -59,14 +65,18 @@ class _Session:
 
 class Tier2Node:
     def __init__(self, kv_memory: int | None = None, kv_tokens: int | None = None, netem: NetEm | None = None,
-                 secret: bytes | None = None, *, join: str | None = None, advertise: str | None = None,
-                 drain_timeout_s: float = DRAIN_TIMEOUT_S):
-        """``join``: HOST:PORT of a running Tier 1 to join; ``advertise``: the HOST:PORT it reaches
-        this node at (default: this end of the connection to it, and the port bound)."""
+                 secret: bytes | None = None, kv_dtype: str = "auto", *, join: str | None = None,
+                 advertise: str | None = None, drain_timeout_s: float = DRAIN_TIMEOUT_S):
+        """``kv_dtype``: how K/V are kept (auto: the model's dtype; int8); ``join``: HOST:PORT of a
+        running Tier 1 to join; ``advertise``: the HOST:PORT it reaches this node at (default: this
+        end of the connection to it, and the port bound)."""
         if (kv_memory is None) == (kv_tokens is None):
             raise ValueError("give exactly one of kv_memory (bytes) or kv_tokens")
+        if kv_dtype not in KV_STORAGE:
+            raise ValueError(f"--kv-dtype must be one of {', '.join(KV_STORAGE)}, got {kv_dtype!r}")
         self.kv_memory, self.kv_tokens, self.netem, self.secret = kv_memory, kv_tokens, netem, secret
         self.join, self.advertise, self.drain_timeout_s = join, advertise, drain_timeout_s
+        self.kv_dtype = kv_dtype
         self.session: _Session | None = None
         self.metrics = Tier2Metrics(self)
         self.finished = asyncio.Event()  # Tier 1 is done with this node (LEFT), or it cannot join: it should exit
@@ -150,20 +160,23 @@ class Tier2Node:
             raise ProtocolError(f"HELLO from Tier 1 lacks a valid KV geometry ({exc!r})") from None
         if min(layers, kv_heads, head_dim) <= 0:
             raise ProtocolError("HELLO from Tier 1 has a non-positive KV geometry")
-        bytes_per_token = 2 * layers * kv_heads * head_dim * dtype.itemsize
-        tokens = self.kv_tokens if self.kv_tokens is not None else self.kv_memory // bytes_per_token
+        kv_dtype = KV_STORAGE[self.kv_dtype] or dtype
+        per_token = bytes_per_token(layers, kv_heads, head_dim, kv_dtype)  # an int8 store's scales included
+        tokens = self.kv_tokens if self.kv_tokens is not None else self.kv_memory // per_token
         if tokens <= 0:
-            raise ProtocolError(f"--kv-memory {self.kv_memory} B holds no token of {bytes_per_token} B of this model; "
-                                f"give at least {bytes_per_token} B")
+            raise ProtocolError(f"--kv-memory {self.kv_memory} B holds no token of {per_token} B of this model; "
+                                f"give at least {per_token} B")
         try:
-            store = KVStore(layers, kv_heads, head_dim, tokens, dtype)
+            store = KVStore(layers, kv_heads, head_dim, tokens, dtype, kv_dtype=kv_dtype)
         except (RuntimeError, MemoryError) as exc:
             log.error("cannot allocate the KV store: %s", exc)
-            gib = tokens * bytes_per_token / 2**30
+            gib = tokens * per_token / 2**30
             raise ProtocolError(f"cannot allocate a KV store of {tokens} tokens ({gib:.1f} GiB) on this machine; "
                                 "give a smaller --kv-memory or --kv-tokens") from None
-        log.info("KV store: %d tokens, %.1f MiB, %d layers", tokens, tokens * bytes_per_token / 2**20, layers)
-        return store, {"capacity_tokens": tokens, "bytes_per_token": bytes_per_token}
+        name = str(kv_dtype).removeprefix("torch.")
+        log.info("KV store: %d tokens, %.1f MiB, %d layers, K/V as %s", tokens, tokens * per_token / 2**20, layers,
+                 name)
+        return store, {"capacity_tokens": tokens, "bytes_per_token": per_token, "kv_dtype": name}
 
     async def _serve(self, conn: Connection) -> None:
         try:
