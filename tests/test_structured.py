@@ -235,6 +235,26 @@ def test_masked_rows_draw_only_allowed_tokens_on_every_sampler_path(dtype):
             assert all(allowed[row, token] for row, token in enumerate(again.tolist()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_c_mask_loop_equals_torchs(dtype, monkeypatch):
+    """Whole words of 0 or 1, mixed words, a vocabulary past the mask's last word, a subset of rows."""
+    from glinthawk.compute import elementwise
+
+    torch.manual_seed(1)
+    vocab, rows = 1000, 5
+    masks = torch.randint(-2**31, 2**31 - 1, (3, grammar.words(vocab) - 1), dtype=torch.int32)
+    masks[0, :4], masks[1, 2:9] = 0, -1
+    logits = torch.randn(rows, vocab).to(dtype)
+    chosen = torch.tensor([0, 2, 4])
+    in_c = logits.clone()
+    grammar.apply_masks(in_c, chosen, masks)
+    monkeypatch.setattr(elementwise, "mask_logits", lambda *args: False)
+    in_torch = logits.clone()
+    grammar.apply_masks(in_torch, chosen, masks)
+    assert torch.equal(in_c, in_torch)
+    assert torch.equal(in_c[1], logits[1]) and bool(torch.isinf(in_c[chosen, 31 * 32:]).all())
+
+
 # -- two tiers, pipeline stages, a lost node ---------------------------------------------
 def write(path, lines: list[dict]):
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))

@@ -97,6 +97,9 @@ def head_and_sample(model: Model, x: torch.Tensor, params: Sequence[SamplingPara
 def _mask_chunk(logits: torch.Tensor, masking: Masking, first: int) -> None:
     """Apply the bitmasks of the masked rows that fall in the chunk starting at row ``first``."""
     mask_rows, masks = masking
+    if first == 0 and len(mask_rows) and int(mask_rows.max()) < logits.shape[0]:  # every masked row in this chunk
+        apply_masks(logits, mask_rows, masks)
+        return
     inside = (mask_rows >= first) & (mask_rows < first + logits.shape[0])
     if bool(inside.any()):
         apply_masks(logits, mask_rows[inside] - first, masks[inside])
