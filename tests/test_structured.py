@@ -90,8 +90,16 @@ def assert_valid(results: dict[str, dict], lines: list[dict], schema: dict = SCH
 
 # -- one process --------------------------------------------------------------------------
 def test_json_schema_lines_parse_and_validate_in_every_form(checkpoint):
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
     lines = schema_lines()
-    assert_valid(run_lines(checkpoint, lines), lines)
+    results = run_lines(checkpoint, lines)
+    assert_valid(results, lines)
+    for key, line in results.items():  # the OpenAI lines are the SDK's own response types
+        if "response" in line:
+            kind = ChatCompletion if line["response"]["body"]["object"] == "chat.completion" else Completion
+            kind.model_validate(line["response"]["body"])
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +211,20 @@ def test_without_llguidance_only_the_structured_line_fails(checkpoint, monkeypat
                                      {"custom_id": "p", "prompt": "A", "max_tokens": 4}])
     assert "pip install 'glinthawk[structured]'" in results["s"]["error"]["message"]
     assert not is_error(results["p"])
+
+
+def test_python_api_sampling_params_send_structured_outputs():
+    """LLM.generate sends SamplingParams(structured_outputs=...) as the line's field, as vLLM takes it."""
+    from glinthawk.api import _sampling_fields
+    from glinthawk.requests import parse_line
+    from glinthawk.structured import Constraint
+
+    params = SamplingParams(structured_outputs={"json": SCHEMA})
+    request = parse_line(1, json.dumps({"custom_id": "0", "prompt": "x", **_sampling_fields(params)}).encode())
+    assert request.structured == Constraint("json", json.dumps(SCHEMA))
+    assert "structured_outputs" not in _sampling_fields(SamplingParams())
+    with pytest.raises(ValueError, match="structured_outputs must be a dict"):
+        SamplingParams(structured_outputs="[0-9]+")
 
 
 # -- the sampler --------------------------------------------------------------------------
