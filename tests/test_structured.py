@@ -227,6 +227,25 @@ def test_python_api_sampling_params_send_structured_outputs():
         SamplingParams(structured_outputs="[0-9]+")
 
 
+def test_the_service_takes_response_format_from_the_openai_sdk(tmp_path):
+    """glinthawk serve passes response_format through: the SDK's own request and response types."""
+    from serve_util import ServeProcess
+
+    service = ServeProcess(tmp_path / "data")
+    try:
+        client = service.client()
+        rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+        chat = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Who?"}],
+                                              max_tokens=120, temperature=0, response_format=rf)
+        jsonschema.validate(json.loads(chat.choices[0].message.content), SCHEMA)
+        assert chat.choices[0].finish_reason == "stop"
+        done = client.completions.create(model="default", prompt="Answer:", max_tokens=20, temperature=0,
+                                         extra_body={"guided_regex": REGEX})
+        assert re.fullmatch(REGEX, done.choices[0].text)
+    finally:
+        service.stop()
+
+
 # -- the sampler --------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_masked_rows_draw_only_allowed_tokens_on_every_sampler_path(dtype):
