@@ -59,30 +59,34 @@ class Compiler:
                                                eos_token=sorted(tokenizer.eos_token_ids) or None)
         except ValueError as exc:
             raise GrammarError(f"structured output does not support this tokenizer ({exc})") from None
-        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._lock = threading.Lock()  # an engine may admit requests from more than one thread
 
     def matcher(self, constraint: Constraint) -> Matcher:
         """A fresh matcher at the start of ``constraint``; GrammarError if it does not compile."""
-        llg = self._llg
+        key = (constraint.kind, constraint.source)
         with self._lock:
-            prototype = self._cache.get(constraint.source + constraint.kind)
+            prototype = self._cache.get(key)
             if prototype is None:
-                try:
-                    grammar = (llg.LLMatcher.grammar_from_json_schema(constraint.source, JSON_OPTIONS) if constraint.kind == "json"
-                               else llg.LLMatcher.grammar_from_regex(constraint.source))
-                except ValueError as exc:
-                    raise GrammarError(f"cannot compile the {constraint.describe()}: {exc}") from None
-                prototype = llg.LLMatcher(self._tok, grammar, log_level=0)
-                if prototype.is_error():
-                    message = " ".join(prototype.get_error().split())
-                    raise GrammarError(f"cannot compile the {constraint.describe()}: {message}")
-                self._cache[constraint.source + constraint.kind] = prototype
+                prototype = self._cache[key] = self._compile(constraint)
                 if len(self._cache) > CACHED_GRAMMARS:
                     self._cache.popitem(last=False)
             else:
-                self._cache.move_to_end(constraint.source + constraint.kind)
+                self._cache.move_to_end(key)
             return Matcher(prototype.deep_copy(), words(self.vocab_size))
+
+    def _compile(self, constraint: Constraint) -> Any:
+        matcher_type = self._llg.LLMatcher
+        try:
+            grammar = (matcher_type.grammar_from_json_schema(constraint.source, JSON_OPTIONS)
+                       if constraint.kind == "json" else matcher_type.grammar_from_regex(constraint.source))
+        except ValueError as exc:
+            raise GrammarError(f"cannot compile the {constraint.describe()}: {exc}") from None
+        prototype = matcher_type(self._tok, grammar, log_level=0)
+        if prototype.is_error():
+            message = " ".join(prototype.get_error().split())  # one line: it ends up in an error line
+            raise GrammarError(f"cannot compile the {constraint.describe()}: {message}")
+        return prototype
 
 
 _compilers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
