@@ -296,6 +296,30 @@ def test_the_c_mask_loop_equals_torchs(dtype, monkeypatch):
     assert torch.equal(in_c[1], logits[1]) and bool(torch.isinf(in_c[chosen, 31 * 32:]).all())
 
 
+def test_the_hidden_frame_carries_the_masks_and_refuses_malformed_ones(checkpoint):
+    """handoff_header names the masked rows; parse_handoff takes them back with the frame's
+    tensor, and a frame whose masks do not fit its rows is a protocol error, not a crash."""
+    from glinthawk.net.codec import ProtocolError
+    from glinthawk.node.chain import handoff_header, parse_handoff
+    from glinthawk.sequence import new_sequence, pack_step
+
+    model, tokenizer = checkpoint
+    lines = [parse_stream(io.BytesIO(json.dumps({"prompt": "A", "max_tokens": 4, **extra}).encode()))
+             for extra in ({}, {"guided_regex": "[0-9]+"})]
+    seqs = [new_sequence(next(line), tokenizer, 512, model.config.vocab_size) for line in lines]
+    batch = pack_step([(seq, len(seq.prompt_ids)) for seq in seqs])
+    header = handoff_header(0, batch, [()] * 2, {})
+    header["route"] = [[0, 0]]
+    parsed, *_ = parse_handoff(header, batch.masks)
+    assert parsed.mask_rows.tolist() == [1] and torch.equal(parsed.masks, batch.masks)
+    for masks in (None, batch.masks.long(), torch.cat([batch.masks, batch.masks]), batch.masks[0]):
+        with pytest.raises(ProtocolError, match="masks"):
+            parse_handoff(header, masks)
+    header["sample"]["masked"] = [2]
+    with pytest.raises(ProtocolError, match="not a sampled row"):
+        parse_handoff(header, batch.masks)
+
+
 # -- two tiers, pipeline stages, a lost node ---------------------------------------------
 def write(path, lines: list[dict]):
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
