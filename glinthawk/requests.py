@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from glinthawk import logprobs as lp
+from glinthawk.structured import FIELDS as STRUCTURED_FIELDS
+from glinthawk.structured import Constraint, from_fields
 from glinthawk.compute.sampling import SamplingParams
 
 log = logging.getLogger("glinthawk.requests")
@@ -32,12 +34,12 @@ _SAMPLING_FIELDS = {
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
 }
 _LOGPROB_FIELDS = {"logprobs", "top_logprobs", "prompt_logprobs"}
-_PLAIN_FIELDS = {"custom_id", "prompt", "messages"} | _SAMPLING_FIELDS | _LOGPROB_FIELDS
+_PLAIN_FIELDS = {"custom_id", "prompt", "messages"} | _SAMPLING_FIELDS | _LOGPROB_FIELDS | STRUCTURED_FIELDS
 _OPENAI_FIELDS = {"custom_id", "method", "url", "body"}
 # Fields an OpenAI body may carry that change nothing here, with the only value we honour.
 _OPENAI_NEUTRAL = {"model": None, "n": 1, "stream": False, "user": None}
 _OPENAI_BODY_FIELDS = ({"prompt", "messages", "max_completion_tokens", "echo"} | _SAMPLING_FIELDS
-                       | _LOGPROB_FIELDS | set(_OPENAI_NEUTRAL))
+                       | _LOGPROB_FIELDS | STRUCTURED_FIELDS | set(_OPENAI_NEUTRAL))
 # JSON lets "\ud800" escape half a surrogate pair: it decodes to a str that is not Unicode
 # text, which the tokenizer refuses and no result line can be encoded with.
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -59,6 +61,7 @@ class Request:
     unset: frozenset[str] = frozenset()
     echo: bool = False  # completions: the prompt comes back before the completion
     show_prompt_logprobs: bool = False  # the line asked for prompt_logprobs by that name
+    structured: Constraint | None = None  # what the output must match (response_format, guided_*)
 
     @property
     def is_chat(self) -> bool:
@@ -248,7 +251,8 @@ def _parse_plain(obj: dict, number: int, custom_id: str) -> Request:
     if ("prompt" in obj) == ("messages" in obj):
         raise ValueError("give exactly one of 'prompt' or 'messages'")
     request = Request(custom_id, number, PLAIN, _sampling(obj, lp.plain_fields(obj)), unset=_unset(obj),
-                      show_prompt_logprobs=obj.get("prompt_logprobs") is not None)
+                      show_prompt_logprobs=obj.get("prompt_logprobs") is not None,
+                      structured=from_fields(obj))
     if "prompt" in obj:
         request.prompt = _prompt(obj["prompt"])
     else:
@@ -279,7 +283,8 @@ def _parse_openai(obj: dict, number: int, custom_id: str) -> Request:
         logprobs.setdefault("prompt_logprobs", 0)  # max_tokens 0 with echo: the prompt alone comes back
     request = Request(custom_id, number, OPENAI, _sampling(fields, logprobs), url=url,
                       model=model if isinstance(model, str) else None, unset=_unset(fields), echo=echo,
-                      show_prompt_logprobs=body.get("prompt_logprobs") is not None)
+                      show_prompt_logprobs=body.get("prompt_logprobs") is not None,
+                      structured=from_fields(body))
     if url == CHAT_URL:
         if "prompt" in body:
             raise ValueError(f"{CHAT_URL} takes 'messages', not 'prompt'")

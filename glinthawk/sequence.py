@@ -8,6 +8,7 @@ finish sequences with the same stop rules.
 from __future__ import annotations
 
 import itertools
+import logging
 import secrets
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -17,10 +18,13 @@ import torch
 
 from glinthawk.compute.logprobs import Sampled, Scores
 from glinthawk.compute.sampling import SamplingParams
+from glinthawk.grammar import GrammarError, Matcher, compiler_for, fill_masks
 from glinthawk.logprobs import Scored, render
 from glinthawk.requests import Completion, Request, RequestError
 from glinthawk.stops import StopState
 from glinthawk.tokenizer import Tokenizer, TokenizerError, TooManyTokens
+
+log = logging.getLogger("glinthawk.sequence")
 
 _ids = itertools.count()
 
@@ -40,6 +44,9 @@ class Sequence:
     # first stays None), written by position so that a rebuilt sequence rewrites the same ones.
     logprobs: list[Scored] | None = field(default=None, repr=False)
     prompt_logprobs: list[Scored | None] | None = field(default=None, repr=False)
+    # Structured output: where the generated tokens stand in the request's grammar (advanced
+    # only as tokens are committed, so it always matches ``generated``).
+    matcher: Matcher | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.params.logprobs is not None:
@@ -80,13 +87,24 @@ class Sequence:
         params = self.params
         if self.stops is None:
             self.stops = StopState(params.stop, params.stop_token_ids)
-        if (token in tokenizer.eos_token_ids and not params.ignore_eos) or token in self.stops.token_ids:
+        if self.matcher is not None and self._grammar_ends(token, tokenizer):
+            self.finish_reason = "stop"
+        elif (token in tokenizer.eos_token_ids and not params.ignore_eos) or token in self.stops.token_ids:
             self.finish_reason = "stop"
         elif params.stop and self._hit_stop_string(tokenizer):
             self.finish_reason = "stop"
         elif len(self.generated) >= params.max_tokens:
             self.finish_reason = "length"
         return self.finish_reason is not None
+
+    def _grammar_ends(self, token: int, tokenizer: Tokenizer) -> bool:
+        """Advance the grammar; True once it is complete (EOS is masked out until it is)."""
+        if token in tokenizer.eos_token_ids:
+            return True
+        if not self.matcher.advance(token):  # the mask allowed it, so this is a bug: end, do not loop
+            log.error("line %d: token %d left the grammar (%s)", self.request.line, token, self.matcher.error)
+            return True
+        return self.matcher.done
 
     def _hit_stop_string(self, tokenizer: Tokenizer) -> bool:
         at = self.stops.find(tokenizer, self.generated)
@@ -154,7 +172,13 @@ def new_sequence(request: Request, tokenizer: Tokenizer, max_context: int, vocab
     if request.unset:  # the fields the line left out take generation_config.json's defaults
         request.params = generation.apply(request.params, request.unset, max_context - len(prompt_ids))
     seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
-    return Sequence(request, list(prompt_ids), seed)
+    matcher = None
+    if request.structured is not None:
+        try:
+            matcher = compiler_for(tokenizer, vocab_size).matcher(request.structured)
+        except GrammarError as exc:
+            raise fail(str(exc)) from None
+    return Sequence(request, list(prompt_ids), seed, matcher=matcher)
 
 
 def _check_stop_token_ids(ids: Seq[int], vocab_size: int, fail: Callable[[str], RequestError]) -> None:
@@ -200,6 +224,10 @@ class StepBatch:
     score_tokens: torch.Tensor | None = None
     score_top: list[int] = field(default_factory=list)
     scored: list[tuple[Sequence, int]] = field(default_factory=list)
+    # Structured output: the sampled rows (indices into ``sampled``) that are constrained,
+    # and their allowed-token bitmasks (int32 [rows, words], grammar.fill_masks).
+    mask_rows: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
 
     def sampling(self) -> tuple[list[SamplingParams], list[int], list[int]]:
         """What the sampler draws with: each sampled sequence's parameters, seed and step."""
@@ -245,6 +273,10 @@ def pack_step(plan: list[tuple[Sequence, int]], device: torch.device | str = "cp
         batch.score_tokens = torch.tensor([seq.prompt_ids[at] for seq, at in scored], dtype=torch.int64)
         batch.score_top = [seq.params.prompt_logprobs for seq, _ in scored]
         batch.scored = scored
+    constrained = [i for i, seq in enumerate(sampled) if seq.matcher is not None]
+    if constrained:  # before the step, from the tokens committed so far
+        batch.mask_rows = torch.tensor(constrained, dtype=torch.int64)
+        batch.masks = fill_masks([sampled[i].matcher for i in constrained])
     return batch
 
 

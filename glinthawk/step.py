@@ -55,6 +55,10 @@ class StageWork:
     score_rows: torch.Tensor | None = None
     score_tokens: torch.Tensor | None = None
     score_top: Seq[int] = ()
+    # Final stage, only where requests ask for structured output: which sampled rows
+    # (indices into ``params``) are constrained, and their allowed-token bitmasks.
+    mask_rows: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
     future: asyncio.Future | None = field(default=None, repr=False)  # where a merger answers it
     seconds: float = 0.0  # its share of the compute job it ran in (set by the merger)
 
@@ -87,7 +91,8 @@ async def run_step(model: Model, batch: StepBatch | StageBatch, compute: Compute
     params, seeds, steps = batch.sampling()
     return await compute(StageWork(layers.stop, rot, x=x, attn_out=out, sample_rows=batch.sample_rows,
                                    params=params, seeds=seeds, steps=steps, score_rows=batch.score_rows,
-                                   score_tokens=batch.score_tokens, score_top=batch.score_top))
+                                   score_tokens=batch.score_tokens, score_top=batch.score_top,
+                                   mask_rows=batch.mask_rows, masks=batch.masks))
 
 
 def compute_stage(model: Model, work: StageWork) -> Any:
@@ -98,8 +103,9 @@ def compute_stage(model: Model, work: StageWork) -> Any:
     if work.stage == model.config.num_layers:
         scoring = None if work.score_rows is None else (work.score_rows.to(device), work.score_tokens,
                                                         work.score_top)
+        masking = None if work.mask_rows is None else (work.mask_rows, work.masks)
         return final_stage(model, work.x, attn_out, work.sample_rows.to(device), work.params, work.seeds,
-                           work.steps, scoring)
+                           work.steps, scoring, masking)
     if work.stage == model.layer_range.stop:
         return hand_off_stage(model, work.x, attn_out)
     if work.stage == 0:

@@ -29,11 +29,13 @@ ROW_FIELDS = {
     "capacity": ["context", "single_batch", "two_tier_batch", "single_decode_tok_s", "two_tier_decode_tok_s",
                  "decode_ratio", "end_to_end_ratio"],
     "pipeline": ["stages", "delay_ms", "micro_batches", "tok_s", "ratio_to_best_hand_picked", "ratio_to_one_stage"],
+    "structured": ["constrained_tok_s", "unconstrained_tok_s", "ratio_constrained_to_unconstrained", "valid_json"],
 }
 TARGETS = {"limits": set(), "engine": {"roofline", "vs_hf", "long_context"},
            "kernels": {"attention", "attention_int8", "linear"},
            "cluster": {"vs_single"}, "latency": {"10ms", "50ms", "10ms_auto", "50ms_auto"},
-           "memory": {"tier1_flat", "tier2_bound"}, "capacity": {"ratio_2048", "int8_batch"}, "pipeline": {"auto_count"}}
+           "memory": {"tier1_flat", "tier2_bound"}, "capacity": {"ratio_2048", "int8_batch"}, "pipeline": {"auto_count"},
+           "structured": {"vs_unconstrained"}}
 
 
 @pytest.fixture(scope="module")

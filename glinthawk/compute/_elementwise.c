@@ -1,4 +1,4 @@
-/* RMSNorm, rotary embedding and argmax on the CPU, on the calling thread.
+/* RMSNorm, rotary embedding, argmax and token masks on the CPU, on the calling thread.
  *
  * Tier 1 runs each layer's small elementwise ops between network round trips, from a
  * compute thread. There torch's OpenMP team has gone to sleep by the time each op starts,
@@ -155,10 +155,57 @@ static PyObject *argmax(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* A row's logits outside its bitmask to -inf, a 32-bit word at a time: a grammar's mask is
+ * mostly whole words of 0 (or of 1), and the rest is a select, not a branch per token. */
+#define MASK_ROW(NAME, T, NEG_INF)                                                                 \
+    static void NAME(T *restrict row, const uint32_t *restrict mask, int64_t covered, int64_t cols) { \
+        const int64_t full = covered / 32;                                                          \
+        for (int64_t w = 0; w < full; w++) {                                                        \
+            const uint32_t bits = mask[w];                                                          \
+            T *restrict at = row + w * 32;                                                          \
+            if (bits == 0xFFFFFFFFu) continue;                                                      \
+            if (bits == 0) {                                                                        \
+                for (int b = 0; b < 32; b++) at[b] = (NEG_INF);                                     \
+                continue;                                                                           \
+            }                                                                                       \
+            for (int b = 0; b < 32; b++) at[b] = ((bits >> b) & 1u) ? at[b] : (NEG_INF);           \
+        }                                                                                           \
+        for (int64_t c = full * 32; c < covered; c++)                                               \
+            if (!((mask[c >> 5] >> (c & 31)) & 1u)) row[c] = (NEG_INF);                            \
+        for (int64_t c = covered; c < cols; c++) row[c] = (NEG_INF);                                \
+    }
+MASK_ROW(mask_row_f32, float, -INFINITY)
+MASK_ROW(mask_row_bf16, uint16_t, (uint16_t)0xFF80) /* bfloat16 -inf */
+
+/* mask_logits(x, rows, n, cols, masks, words, dtype): for each i < n, sets to -inf the
+ * entries of row rows[i] of x whose bit in masks[i] (`words` int32 words, bit b of word w
+ * for column 32 w + b) is 0, and those past the mask. Structured output's token masks: a
+ * pass over a row's bits, where torch's masked_fill of a bf16 batch took 5 ms for 128 x 4096. */
+static PyObject *mask_logits(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x_addr, rows_addr, masks_addr;
+    Py_ssize_t n, cols, words;
+    int dtype;
+    if (!PyArg_ParseTuple(args, "KKnnKni", &x_addr, &rows_addr, &n, &cols, &masks_addr, &words, &dtype)) return NULL;
+    const int64_t *rows = (const int64_t *)(uintptr_t)rows_addr;
+    const uint32_t *masks = (const uint32_t *)(uintptr_t)masks_addr;
+    const int64_t covered = words * 32 < cols ? words * 32 : cols;
+    Py_BEGIN_ALLOW_THREADS
+    for (int64_t i = 0; i < n; i++) {
+        if (dtype == FLOAT32)
+            mask_row_f32((float *)(uintptr_t)x_addr + rows[i] * cols, masks + i * words, covered, cols);
+        else
+            mask_row_bf16((uint16_t *)(uintptr_t)x_addr + rows[i] * cols, masks + i * words, covered, cols);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"rms_norm", rms_norm, METH_VARARGS, "RMSNorm over rows, on this thread."},
     {"rotary", rotary, METH_VARARGS, "Rotary embedding (half-split layout), on this thread."},
     {"argmax", argmax, METH_VARARGS, "Index of each float32 or bfloat16 row's first maximum, on this thread."},
+    {"mask_logits", mask_logits, METH_VARARGS, "Disallowed tokens' logits to -inf, by bitmask, on this thread."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -57,3 +57,15 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     _elementwise.argmax(logits.data_ptr(), out.data_ptr(), logits.shape[0], logits.shape[1],
                         C_DTYPE_CODES[logits.dtype])
     return out
+
+
+def mask_logits(logits: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor) -> bool:
+    """Set to -inf, in place, the logits of ``rows`` whose bit in ``masks`` (int32 [len(rows),
+    words]) is 0, on the C loop; False (nothing done) where it does not take these logits."""
+    if not fits(logits) or not logits.is_contiguous() or not hasattr(_elementwise, "mask_logits"):
+        return False
+    rows = rows.to(torch.int64).contiguous()
+    masks = masks.to(torch.int32).contiguous()
+    _elementwise.mask_logits(logits.data_ptr(), rows.data_ptr(), rows.shape[0], logits.shape[1], masks.data_ptr(),
+                             masks.shape[1], C_DTYPE_CODES[logits.dtype])
+    return True

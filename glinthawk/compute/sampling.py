@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -52,6 +52,9 @@ class SamplingParams:
     # of each generated token with this many alternatives, and of each prompt token after the first.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # Python API only (vLLM's field): {"json": schema} / {"regex": ...} / {"choice": [...]} /
+    # {"json_object": true}, sent as the line's ``structured_outputs``; the sampler never reads it.
+    structured_outputs: dict | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 0:
@@ -62,6 +65,8 @@ class SamplingParams:
                                       or not 0 <= value <= MAX_LOGPROBS):
                 raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token), "
                                  f"got {value!r}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, dict):
+            raise ValueError("structured_outputs must be a dict such as {'json': schema} or {'regex': pattern}")
         if self.max_tokens == 0 and self.prompt_logprobs is None:
             raise ValueError("max_tokens must be a positive integer (0 only scores a prompt: with prompt_logprobs, "
                              "or echo on /v1/completions), got 0")

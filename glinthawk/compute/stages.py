@@ -21,6 +21,7 @@ from glinthawk.compute.loader import Model
 from glinthawk.compute.logprobs import Sampled, Scores, log_softmax, score
 from glinthawk.compute.rope import Rotary
 from glinthawk.compute.sampling import SamplingParams, sample
+from glinthawk.grammar import apply_masks
 
 
 def layer_stage(
@@ -49,17 +50,18 @@ def hand_off_stage(model: Model, x: torch.Tensor, attn_out: torch.Tensor) -> tor
 
 
 Scoring = tuple[torch.Tensor, torch.Tensor, Sequence[int]]  # prompt rows, their next tokens, alternatives wanted
+Masking = tuple[torch.Tensor, torch.Tensor]  # constrained sampled rows, their allowed-token bitmasks
 
 
 def final_stage(model: Model, x: torch.Tensor, attn_out: torch.Tensor, sample_rows: torch.Tensor,
                 params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int],
-                scoring: Scoring | None = None) -> Sampled:
+                scoring: Scoring | None = None, masking: Masking | None = None) -> Sampled:
     """Last layer's post-attention, the head and the sampler, for the rows that are sampled;
     and, apart (the sampled rows' compute stays as it is), for the prompt rows ``scoring`` names."""
     last = model.layer(model.config.num_layers - 1)
     if len(sample_rows):
         h = post_attention(model, last, x.index_select(0, sample_rows), attn_out.index_select(0, sample_rows))
-        out = head_and_sample(model, h, params, seeds, steps)
+        out = head_and_sample(model, h, params, seeds, steps, masking)
     else:
         out = Sampled.empty()
     if scoring is not None:
@@ -70,10 +72,11 @@ def final_stage(model: Model, x: torch.Tensor, attn_out: torch.Tensor, sample_ro
 
 
 def head_and_sample(model: Model, x: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int],
-                    steps: Sequence[int]) -> Sampled:
+                    steps: Sequence[int], masking: Masking | None = None) -> Sampled:
     """Next tokens (int64 [rows], on the CPU) of the rows ``x`` [rows, hidden], ``head_rows``
     rows at a time (``sample`` draws per row, so chunks change nothing but memory), and the
-    log-probs of those whose params ask for them."""
+    log-probs of those whose params ask for them; the rows ``masking`` names draw only among
+    the tokens their bitmask allows (structured output; log-probs stay the raw ones)."""
     rows = head_rows(model)
     tokens, scored = [], []
     for first in range(0, x.shape[0], rows):
@@ -81,12 +84,25 @@ def head_and_sample(model: Model, x: torch.Tensor, params: Sequence[SamplingPara
         logits = head(model, x[first:first + rows])
         asked = [i for i, p in enumerate(chunk) if p.logprobs is not None]
         logprobs = log_softmax(logits[asked]) if asked else None  # before sampling: from the raw logits
+        if masking is not None:
+            _mask_chunk(logits, masking, first)
         tokens.append(sample(logits, chunk, seeds[first:first + rows], steps[first:first + rows]))
         if asked:
             scored.append(score(logprobs, tokens[-1][asked], [chunk[i].logprobs for i in asked]))
     if not tokens:
         return Sampled.empty()
     return Sampled(tokens[0] if len(tokens) == 1 else torch.cat(tokens), Scores.cat(scored))
+
+
+def _mask_chunk(logits: torch.Tensor, masking: Masking, first: int) -> None:
+    """Apply the bitmasks of the masked rows that fall in the chunk starting at row ``first``."""
+    mask_rows, masks = masking
+    if first == 0 and len(mask_rows) and int(mask_rows.max()) < logits.shape[0]:  # every masked row in this chunk
+        apply_masks(logits, mask_rows, masks)
+        return
+    inside = (mask_rows >= first) & (mask_rows < first + logits.shape[0])
+    if bool(inside.any()):
+        apply_masks(logits, mask_rows[inside] - first, masks[inside])
 
 
 def head_and_score(model: Model, x: torch.Tensor, tokens: torch.Tensor, top: Sequence[int]) -> Scores:

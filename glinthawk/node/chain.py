@@ -106,6 +106,8 @@ def handoff_header(mb: int, batch: StepBatch, routes: Seq[Seq[RemoteNode]], rese
     if batch.score_rows is not None:
         header["score"] = {"rows": batch.score_rows.tolist(), "tokens": batch.score_tokens.tolist(),
                            "top": list(batch.score_top)}
+    if batch.mask_rows is not None:  # structured output: the bitmasks go as the frame's "masks" tensor
+        header["sample"]["masked"] = batch.mask_rows.tolist()
     return header
 
 
@@ -128,15 +130,18 @@ class StageBatch:
     score_rows: torch.Tensor | None = None
     score_tokens: torch.Tensor | None = None
     score_top: list[int] = field(default_factory=list)
+    mask_rows: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
     token_ids: None = None
 
     def sampling(self) -> tuple[list[SamplingParams], list[int], list[int]]:
         return self.params, self.seeds, self.steps
 
 
-def parse_handoff(header: dict) -> tuple[StageBatch, list[int], dict[int, int], dict]:
-    """A HIDDEN header as (the step, this stage's node index per sequence, room to reserve,
-    the header for the next stage); ProtocolError if it is malformed."""
+def parse_handoff(header: dict, masks: torch.Tensor | None = None
+                  ) -> tuple[StageBatch, list[int], dict[int, int], dict]:
+    """A HIDDEN header (and its frame's ``masks`` tensor) as (the step, this stage's node index
+    per sequence, room to reserve, the header for the next stage); ProtocolError if it is malformed."""
     try:
         ids, starts, counts = ([int(s[i]) for s in header["seqs"]] for i in range(3))
         route = [int(i) for i in header["route"][0]]
@@ -150,6 +155,7 @@ def parse_handoff(header: dict) -> tuple[StageBatch, list[int], dict[int, int], 
         scoring = () if score is None else (torch.tensor(score["rows"], dtype=torch.int64),
                                             torch.tensor(score["tokens"], dtype=torch.int64),
                                             [int(k) for k in score["top"]])
+        masked = [int(r) for r in sample.get("masked", ())]
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed HIDDEN frame: {exc!r}") from None
     if len(route) != len(ids) or not len(params) == len(seeds) == len(steps) == len(rows):
@@ -159,7 +165,18 @@ def parse_handoff(header: dict) -> tuple[StageBatch, list[int], dict[int, int], 
     positions = torch.cat([torch.arange(start, start + count) for start, count in zip(starts, counts)]) \
         if ids else torch.empty(0, dtype=torch.int64)
     batch = StageBatch(ids, starts, counts, positions, rows, params, seeds, steps, *scoring)
+    if masked:
+        _check_masks(masked, masks, len(params))
+        batch.mask_rows, batch.masks = torch.tensor(masked, dtype=torch.int64), masks
     return batch, route, reserve, {**header, "route": header["route"][1:]}
+
+
+def _check_masks(masked: list[int], masks: torch.Tensor | None, sampled: int) -> None:
+    if not isinstance(masks, torch.Tensor) or masks.dtype != torch.int32 or masks.dim() != 2 \
+            or masks.shape[0] != len(masked):
+        raise ProtocolError("malformed HIDDEN frame: its masked rows need an int32 'masks' tensor, one row each")
+    if any(not 0 <= r < sampled for r in masked):
+        raise ProtocolError("malformed HIDDEN frame: a masked row is not a sampled row")
 
 
 # -- the link to the next stage ---------------------------------------------------------
@@ -191,14 +208,16 @@ class NextStage:
     def name(self) -> str:
         return f"{stage_name(self.stages[0]['layers'])} at {self.address}"
 
-    async def forward(self, mb: int, header: dict, x: torch.Tensor) -> tuple[Sampled, list]:
-        """Send micro-batch ``mb``'s step on; its sampled tokens (and log-probs) once the last stage has them, and
-        each later stage's (compute, wait) seconds."""
+    async def forward(self, mb: int, header: dict, x: torch.Tensor,
+                      masks: torch.Tensor | None = None) -> tuple[Sampled, list]:
+        """Send micro-batch ``mb``'s step on (with its structured-output bitmasks, if any); its sampled
+        tokens (and log-probs) once the last stage has them, and each later stage's (compute, wait) seconds."""
         if not self.alive:
             raise StageLost(f"{self.name} is unreachable")
         future = self._answers[mb] = asyncio.get_running_loop().create_future()
         try:
-            await self.conn.send({**header, "mb": mb}, {"x": x.cpu()})
+            tensors = {"x": x.cpu()} if masks is None else {"x": x.cpu(), "masks": masks}
+            await self.conn.send({**header, "mb": mb}, tensors)
         except (ConnectionClosed, ConnectionError) as exc:
             self._lost(f"send failed: {exc}")
         return await future
@@ -333,10 +352,11 @@ class Downstream:
             else:
                 log.debug("next stage %s: %s", self.address, reason)
 
-    async def forward(self, mb: int, header: dict, x: torch.Tensor) -> tuple[Sampled, list]:
+    async def forward(self, mb: int, header: dict, x: torch.Tensor,
+                      masks: torch.Tensor | None = None) -> tuple[Sampled, list]:
         if self.link is None:
             raise StageLost(f"the next stage at {self.address} is unreachable")
-        return await self.link.forward(mb, header, x)
+        return await self.link.forward(mb, header, x, masks)
 
     async def send(self, header: dict) -> None:
         if self.link is None:

@@ -217,6 +217,7 @@ def _merged(works: list[StageWork]) -> StageWork:
     first = works[0]
     offsets = torch.tensor([0] + [w.rows for w in works[:-1]]).cumsum(0).tolist()
     scored = [w for w in works if w.score_rows is not None]
+    masked = _masked(works)
     return StageWork(
         first.stage, Rotary(*(torch.cat(parts) for parts in zip(*(w.rot for w in works)))),
         token_ids=cat("token_ids"), x=cat("x"), attn_out=cat("attn_out"), sample_rows=rows("sample_rows"),
@@ -224,4 +225,16 @@ def _merged(works: list[StageWork]) -> StageWork:
         steps=[s for w in works for s in w.steps], score_rows=rows("score_rows"),
         score_tokens=torch.cat([w.score_tokens for w in scored]) if scored else None,
         score_top=[k for w in scored for k in w.score_top],
+        mask_rows=torch.cat([w.mask_rows + offset for w, offset in masked]) if masked else None,
+        masks=torch.cat([w.masks for w, _ in masked]) if masked else None,
     )
+
+
+def _masked(works: list[StageWork]) -> list[tuple[StageWork, int]]:
+    """The works with structured-output masks, each with the sampled rows of the works before it."""
+    masked, before = [], 0
+    for work in works:
+        if work.mask_rows is not None:
+            masked.append((work, before))
+        before += len(work.params)
+    return masked

@@ -139,7 +139,7 @@ class StageNode:
             async for header, tensors in conn:
                 kind = header["type"]
                 if kind == MsgType.HIDDEN:
-                    step = self._spawn(self._step(conn, header, tensors.get("x")))
+                    step = self._spawn(self._step(conn, header, tensors))
                     self._steps.add(step)
                     step.add_done_callback(self._steps.discard)
                 elif kind == MsgType.RELEASE:
@@ -188,11 +188,11 @@ class StageNode:
                 pass
 
     # -- a step -------------------------------------------------------------------------
-    async def _step(self, conn: Connection, header: dict, x: torch.Tensor | None) -> None:
+    async def _step(self, conn: Connection, header: dict, tensors: dict[str, torch.Tensor]) -> None:
         mb = header.get("mb")
         self.steps_running += 1
         try:
-            sampled, timings = await self._run(mb, header, x)
+            sampled, timings = await self._run(mb, header, tensors.get("x"), tensors.get("masks"))
             answer = {"type": MsgType.TOKENS, "mb": mb, **sampled.wire(), "timings": timings}
         except StepLost as exc:
             answer = {"type": MsgType.STEP_FAILED, "mb": mb, "lost": exc.lost, "message": str(exc)}
@@ -209,10 +209,11 @@ class StageNode:
             except (ConnectionClosed, ConnectionError):
                 pass
 
-    async def _run(self, mb: int, header: dict, x: torch.Tensor | None) -> tuple[Sampled, list]:
+    async def _run(self, mb: int, header: dict, x: torch.Tensor | None,
+                   masks: torch.Tensor | None = None) -> tuple[Sampled, list]:
         """The step's sampled tokens (and the log-probs asked for), and the (compute, wait) seconds
-        of this stage and those after it."""
-        batch, route, reserve, onward = parse_handoff(header)
+        of this stage and those after it; ``masks``: the structured-output bitmasks, sampled or passed on."""
+        batch, route, reserve, onward = parse_handoff(header, masks)
         if not isinstance(x, torch.Tensor) or x.shape[0] != len(batch.positions):
             raise ProtocolError("a HIDDEN frame without hidden states for each of its rows")
         links = [self.pool.at(index) for index in route]
@@ -236,7 +237,7 @@ class StageNode:
 
         out = await run_step(self.model, batch, clock.timed_compute(self._compute), attend, x=x)
         if self.downstream is not None:
-            out = await clock.hand_on(self.downstream.forward(mb, onward, out))
+            out = await clock.hand_on(self.downstream.forward(mb, onward, out, batch.masks))
         return out, clock.stages
 
     def _compute(self, work: StageWork):

@@ -285,7 +285,7 @@ class Tier1Node(ClientService):
 
     def forward(self, mb: int, batch: StepBatch, routes: Seq[Route], reserve: dict[int, int],
                 hidden: torch.Tensor):
-        return self.downstream.forward(mb, handoff_header(mb, batch, routes, reserve), hidden)
+        return self.downstream.forward(mb, handoff_header(mb, batch, routes, reserve), hidden, batch.masks)
 
     def pace(self, stages: list[list[float]]) -> None:
         self.pacer.record(stages)
