@@ -79,3 +79,23 @@ async def test_a_wait_does_not_count_this_nodes_own_compute():
     idle = StepClock()
     await idle.wait(asyncio.sleep(0.02))
     assert idle.wait_s >= 0.02
+
+
+async def test_the_way_down_and_back_is_what_the_next_stage_did_not_spend():
+    """A later stage's step that queued there behind others is its time, not the link's."""
+    import asyncio
+
+    import torch
+
+    from glinthawk.node.fanout import StepClock
+
+    async def answer(elapsed: float):
+        await asyncio.sleep(0.03)
+        return torch.zeros(1), [[0.001, 0.002, elapsed]]
+
+    busy = StepClock()
+    await busy.hand_on(answer(10.0))  # the next stage spent all of it (and more: clocks differ)
+    assert busy.wait_s == 0.0 and busy.stages[1] == [0.001, 0.002, 10.0]
+    idle = StepClock()
+    await idle.hand_on(answer(0.0))
+    assert idle.wait_s >= 0.03

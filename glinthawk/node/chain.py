@@ -301,10 +301,10 @@ class NextStage:
 
 
 def _timings(header: dict) -> list:
-    """A TOKENS frame's (compute, wait) seconds per stage; none if malformed (they only pace)."""
+    """A TOKENS frame's (compute, wait, elapsed) seconds per stage; none if malformed (they only pace)."""
     timings = header.get("timings")
     try:
-        return [[float(c), float(w)] for c, w in timings]
+        return [[float(c), float(w), float(e)] for c, w, e in timings]
     except (TypeError, ValueError):
         return []
 

@@ -9,6 +9,7 @@ row order (its nodes are other ones), and gathers each node's rows by index inst
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -63,15 +64,18 @@ def attention_work(starts: Seq[int], counts: Seq[int]) -> int:
 class StepClock:
     """One step's compute and waiting at one stage, and at the stages after it (for ``pacing.Pacer``).
 
-    A wait counts only what is not this node's own compute: on the CPU the event loop computes,
-    so an answer that came during another micro-batch's job is read after it, and counting
-    that time would make any number in flight look right (``held``: seconds the loop has
-    computed so far)."""
+    Waiting counts only time no stage's own work explains: on the CPU the event loop computes,
+    so an answer that came during another micro-batch's job is read after it (``held``: seconds
+    the loop has computed so far), and a later stage's step may queue behind others there.
+    Counted as waiting, either would grow with the number in flight and make any number look
+    right. So a stage reports its (compute, wait, elapsed) seconds, and the stage before counts
+    as the way there and back only what the next one's elapsed time leaves."""
 
     def __init__(self, held: Callable[[], float] = lambda: 0.0) -> None:
         self.held = held
         self.compute_s = self.wait_s = 0.0
-        self.later: list[list[float]] = []  # (compute, wait) of each later stage, as they reported them
+        self.later: list[list[float]] = []  # (compute, wait, elapsed) of each later stage, as they reported them
+        self._started = time.perf_counter()
 
     def timed_compute(self, compute):
         async def timed(work):
@@ -89,17 +93,19 @@ class StepClock:
             self.wait_s += max(0.0, loop.time() - sent - (self.held() - held))
 
     async def hand_on(self, answer: Awaitable[tuple[torch.Tensor, list]]) -> torch.Tensor:
-        """The later stages' answer (tokens, their (compute, wait) seconds); of the time it took,
-        what their own compute and waits leave is the hops'."""
+        """The later stages' answer (tokens, their timings); of the time it took, what the next
+        stage's elapsed time leaves is the way there and back."""
         before = self.wait_s
         tokens, later = await self.wait(answer)
-        self.later = [[float(c), float(w)] for c, w in later]
-        self.wait_s = before + max(0.0, self.wait_s - before - sum(c + w for c, w in self.later))
+        self.later = [[float(value) for value in timing] for timing in later]
+        elapsed = self.later[0][2] if self.later and len(self.later[0]) > 2 else 0.0
+        self.wait_s = before + max(0.0, self.wait_s - before - elapsed)
         return tokens
 
     @property
     def stages(self) -> list[list[float]]:
-        return [[self.compute_s, self.wait_s], *self.later]
+        """(compute, wait, elapsed) seconds of this stage's step, then of each later stage's."""
+        return [[self.compute_s, self.wait_s, time.perf_counter() - self._started], *self.later]
 
 
 class Fanout:

@@ -34,11 +34,11 @@ class Pacer:
             self.most = max(self.most, self.least)
             self.count = max(self.count, self.least + 1)
 
-    def record(self, stages: list[tuple[float, float]]) -> None:
-        """One step's (compute seconds, waiting seconds) at each stage, the first stage's first."""
+    def record(self, stages: list) -> None:
+        """One step's (compute seconds, waiting seconds, ...) at each stage, the first stage's first."""
         if self.fixed is not None or not stages:
             return
-        self._steps.append((sum(c + w for c, w in stages), max(c for c, _ in stages)))
+        self._steps.append((sum(s[0] + s[1] for s in stages), max(s[0] for s in stages)))
         chain, busiest = (sum(values) for values in zip(*self._steps))
         if busiest > 0:
             self.count = min(self.most, max(self.least, math.ceil(chain / busiest)))
