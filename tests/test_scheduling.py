@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -155,6 +156,21 @@ async def test_a_burst_of_requests_starts_in_one_step(checkpoint, tmp_path, monk
     assert jobs == max_tokens * (model.config.num_layers + 1)
 
 
+@dataclass(eq=False)
+class FakeLink:
+    """A Tier 2 link as placement sees it: its KV account and whether it takes sequences."""
+
+    alive: bool
+    capacity_tokens: int
+    free_tokens: int
+    sequences: int = 0
+    draining: bool = False
+
+    @property
+    def placeable(self) -> bool:
+        return self.alive and not self.draining
+
+
 async def test_a_request_no_alive_node_can_hold_does_not_stall_the_queue(checkpoint, tmp_path, caplog):
     """Nodes of 256 and 64 KV tokens, the large one gone: a request of 100 tokens first in the queue
     is passed over (with one warning) and those behind it run; one that only waits for room still
@@ -166,8 +182,8 @@ async def test_a_request_no_alive_node_can_hold_does_not_stall_the_queue(checkpo
     node = Tier1Node(model, tokenizer, [], spool_dir=tmp_path)
     node.micro_batch_list = [MicroBatch(node, model, tokenizer, node.settings.max_seqs,
                                         node.settings.max_batch_tokens)]
-    large = SimpleNamespace(alive=False, capacity_tokens=256, free_tokens=256, sequences=0)
-    small = SimpleNamespace(alive=True, capacity_tokens=64, free_tokens=64, sequences=0)
+    large = FakeLink(alive=False, capacity_tokens=256, free_tokens=256)
+    small = FakeLink(alive=True, capacity_tokens=64, free_tokens=64)
     node.pool.links = {"large": large, "small": small}
     intake = Intake(tokenizer, model.config.max_position_embeddings, model.config.vocab_size, None)
     queue = {}
