@@ -105,6 +105,7 @@ def test_cancel_keeps_finished_lines_and_stops_the_cluster(service, client, tmp_
 
 
 def test_list_pagination(client, tmp_path):
+    upload(client, write_lines(tmp_path / "older.jsonl", [batch_line("a", "The", 1)]))  # a page after the first
     file_id = upload(client, write_lines(tmp_path / "one.jsonl", [batch_line("a", "The", 1)])).id
     made = [client.batches.create(input_file_id=file_id, endpoint="/v1/completions", completion_window="24h").id
             for _ in range(3)]
