@@ -103,18 +103,26 @@ def answered(output_path: Path) -> Answered:
     return done
 
 
-async def fetch_status(host: str, port: int, *, secret: bytes | None = None) -> dict:
-    """Ask Tier 1 for its live status."""
+async def ask_tier1(host: str, port: int, role: str, info: dict, *, secret: bytes | None = None) -> dict:
+    """One question to Tier 1 (a handshake as ``role``, then its one answer frame); OSError,
+    ConnectionClosed or ProtocolError if it cannot be asked."""
     conn = None
     try:
         conn = await open_connection(host, port)
-        await client_handshake(conn, "status", {}, secret=secret)
+        await client_handshake(conn, role, info, secret=secret)
         header, _ = await conn.recv()
-    except (OSError, ConnectionClosed, ProtocolError) as exc:
-        raise SubmitError(f"cannot get status from Tier 1 at {host}:{port}: {exc}") from None
+        return header
     finally:
         if conn is not None:
             conn.close()
+
+
+async def fetch_status(host: str, port: int, *, secret: bytes | None = None) -> dict:
+    """Ask Tier 1 for its live status."""
+    try:
+        header = await ask_tier1(host, port, "status", {}, secret=secret)
+    except (OSError, ConnectionClosed, ProtocolError) as exc:
+        raise SubmitError(f"cannot get status from Tier 1 at {host}:{port}: {exc}") from None
     header.pop("type", None)
     return header
 

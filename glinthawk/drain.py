@@ -18,20 +18,15 @@ from glinthawk.settings import DRAIN_TIMEOUT_S
 async def drain_node(host: str, port: int, node: str, timeout_s: float, *, secret: bytes | None = None) -> int:
     """Ask Tier 1 at host:port to drain ``node``; how many of its sequences were moved rather than finished.
     RuntimeError says why it could not be drained."""
+    from glinthawk.client import ask_tier1
     from glinthawk.net.codec import ProtocolError
-    from glinthawk.net.connection import ConnectionClosed, client_handshake, open_connection
+    from glinthawk.net.connection import ConnectionClosed
     from glinthawk.net.messages import MsgType
 
-    conn = None
     try:
-        conn = await open_connection(host, port)
-        await client_handshake(conn, "drain", {"node": node, "timeout_s": timeout_s}, secret=secret)
-        header, _ = await conn.recv()
+        header = await ask_tier1(host, port, "drain", {"node": node, "timeout_s": timeout_s}, secret=secret)
     except (OSError, ConnectionClosed, ProtocolError) as exc:
         raise RuntimeError(f"cannot drain {node} through Tier 1 at {host}:{port}: {exc}") from None
-    finally:
-        if conn is not None:
-            conn.close()
     if header["type"] != MsgType.LEFT:
         raise RuntimeError(f"Tier 1 at {host}:{port} did not drain {node}: {header.get('message', header['type'])}")
     return int(header.get("moved", 0))

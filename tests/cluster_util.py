@@ -61,3 +61,25 @@ async def distributed(checkpoint, requests: Path, out: Path, *, nodes: int, micr
         for node in tier2:
             await node.close()
     return summary, out
+
+
+async def losing_a_node(checkpoint, requests: Path, out: Path, *, after_steps: int, kv_tokens: int = 4096,
+                        max_batch_tokens: int = 8):
+    """Two Tier 2 nodes, one closed once Tier 1 has run ``after_steps`` steps; the submit's summary."""
+    import asyncio
+
+    model, tokenizer = checkpoint
+    tier2 = [Tier2Node(kv_tokens=kv_tokens) for _ in range(2)]
+    ports = [await node.start("127.0.0.1", 0) for node in tier2]
+    tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{p}" for p in ports], micro_batches=2,
+                      max_batch_tokens=max_batch_tokens, reconnect_seconds=3600)
+    try:
+        port = await tier1.start("127.0.0.1", 0)
+        run = asyncio.ensure_future(submit(requests, "127.0.0.1", port, out, progress=False))
+        while tier1.stats.steps < after_steps and not run.done():
+            await asyncio.sleep(0.001)
+        await tier2[0].close()
+        return await asyncio.wait_for(run, timeout=240)
+    finally:
+        await tier1.close()
+        await tier2[1].close()

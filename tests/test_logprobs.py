@@ -19,7 +19,7 @@ from glinthawk.engine import Engine
 from glinthawk.requests import RequestError, error_line, parse_line, parse_stream
 from glinthawk.sequence import new_sequence, pack_step
 
-from cluster_util import distributed, read_results
+from cluster_util import distributed, losing_a_node, read_results
 from engine_util import PROMPTS
 from pipeline_util import pipeline
 
@@ -350,31 +350,11 @@ def test_the_service_scores_a_prompt_on_v1_completions(tmp_path):
 async def test_a_tier2_node_lost_mid_run_changes_no_logprob(checkpoint, tmp_path, caplog):
     """Sequences rebuilt on another node after theirs is lost rewrite the same prompt log-probs
     and add none twice: the lines equal one process's."""
-    import asyncio
-
-    from glinthawk.client import submit
-    from glinthawk.node.tier1 import Tier1Node
-    from glinthawk.node.tier2 import Tier2Node
-
-    model, tokenizer = checkpoint
     lines = [{**line, "max_tokens": 20} if line["max_tokens"] else line for line in MIXED] + [
         {"custom_id": f"late{i}", "prompt": PROMPTS[i % 4], "max_tokens": 0, "prompt_logprobs": 1} for i in range(4)]
     requests = tmp_path / "in.jsonl"
     requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    tier2 = [Tier2Node(kv_tokens=4096) for _ in range(2)]
-    ports = [await node.start("127.0.0.1", 0) for node in tier2]
-    tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{p}" for p in ports], micro_batches=2, max_batch_tokens=8,
-                      reconnect_seconds=3600)
-    try:
-        port = await tier1.start("127.0.0.1", 0)
-        run = asyncio.ensure_future(submit(requests, "127.0.0.1", port, tmp_path / "out.jsonl", progress=False))
-        while tier1.stats.steps < 6 and not run.done():
-            await asyncio.sleep(0.001)
-        await tier2[0].close()
-        summary = await asyncio.wait_for(run, timeout=240)
-    finally:
-        await tier1.close()
-        await tier2[1].close()
+    summary = await losing_a_node(checkpoint, requests, tmp_path / "out.jsonl", after_steps=6)
     assert summary.failed == 0
     assert "go back to the queue" in caplog.text  # sequences were rebuilt
     assert_same(read_results(tmp_path / "out.jsonl"), run_lines(checkpoint, lines, max_batch_tokens=8))

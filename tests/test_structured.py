@@ -5,7 +5,6 @@ field or a grammar that does not compile is its line's error."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import re
@@ -19,7 +18,7 @@ from glinthawk.compute.sampling import SamplingParams, sample
 from glinthawk.engine import Engine
 from glinthawk.requests import is_error, parse_stream
 
-from cluster_util import distributed, read_results
+from cluster_util import distributed, losing_a_node, read_results
 from pipeline_util import pipeline
 
 # Bounded, so a random-weight model cannot run past max_tokens inside the document.
@@ -350,27 +349,9 @@ async def test_two_tiers_and_pipeline_stages_give_the_single_process_tokens(chec
 async def test_a_tier2_node_lost_mid_run_still_gives_valid_outputs(checkpoint, tmp_path, caplog):
     """Rebuilt sequences keep their matcher (advanced only on committed tokens): the outputs
     still validate, and equal one process's."""
-    from glinthawk.client import submit
-    from glinthawk.node.tier1 import Tier1Node
-    from glinthawk.node.tier2 import Tier2Node
-
-    model, tokenizer = checkpoint
     lines = schema_lines(12)
     requests = write(tmp_path / "in.jsonl", lines)
-    tier2 = [Tier2Node(kv_tokens=8192) for _ in range(2)]
-    ports = [await node.start("127.0.0.1", 0) for node in tier2]
-    tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{p}" for p in ports], micro_batches=2, max_batch_tokens=8,
-                      reconnect_seconds=3600)
-    try:
-        port = await tier1.start("127.0.0.1", 0)
-        run = asyncio.ensure_future(submit(requests, "127.0.0.1", port, tmp_path / "out.jsonl", progress=False))
-        while tier1.stats.steps < 12 and not run.done():
-            await asyncio.sleep(0.001)
-        await tier2[0].close()
-        summary = await asyncio.wait_for(run, timeout=240)
-    finally:
-        await tier1.close()
-        await tier2[1].close()
+    summary = await losing_a_node(checkpoint, requests, tmp_path / "out.jsonl", after_steps=12, kv_tokens=8192)
     assert summary.failed == 0
     assert "go back to the queue" in caplog.text  # sequences were rebuilt
     results = read_results(tmp_path / "out.jsonl")
