@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glinthawk.compute import attention, kvquant
+from glinthawk.compute import attention, attention_kernels, kvquant
 from glinthawk.compute.attention import AttentionPlan, attend, attend_with
 from glinthawk.compute.kvcache import KVStore, bytes_per_token
 
@@ -41,11 +41,12 @@ def path(request, monkeypatch):
     """Each way decode rows are attended: the C kernel at each instruction-set level (2 is
     AVX512_VNNI for int8), torch per sequence, torch as one padded batch."""
     if request.param.startswith("fused"):
-        if attention._attention is None:
+        if attention_kernels._attention is None:
             pytest.skip("the C kernels are not built (no C compiler at install time)")
-        monkeypatch.setattr(attention, "_KERNEL_WIDEST", {"fused": 2, "fused-avx512": 1, "fused-portable": 0}[request.param])
+        widest = {"fused": 2, "fused-avx512": 1, "fused-portable": 0}[request.param]
+        monkeypatch.setattr(attention_kernels, "KERNEL_WIDEST", widest)
     else:
-        monkeypatch.setattr(attention, "_attention", None)
+        monkeypatch.setattr(attention_kernels, "_attention", None)
         monkeypatch.setattr(attention, "BATCHED_DECODE_MAX_CONTEXT", 8 if request.param == "torch-batched" else 0)
     return request.param
 
@@ -69,7 +70,7 @@ def test_quantize_round_trip_is_within_half_a_step_of_each_rows_scale():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_the_decode_kernel_appends_equal_what_torch_writes(dtype):
     """The C kernel quantizes the rows it appends itself; they must be the very bytes torch writes."""
-    if attention._attention is None:
+    if attention_kernels._attention is None:
         pytest.skip("the C kernels are not built")
     heads, kv_heads, dim = 4, 2, 64
     s = KVStore(1, kv_heads, dim, 64, dtype, kv_dtype=torch.int8)
@@ -129,8 +130,8 @@ def test_prefill_chunks_over_int8_match_the_reference(dtype, dim, heads, kv_head
     kernel packs straight from int8 where the CPU has AVX512_BF16, else the rows are dequantized
     for SDPA; both within tolerance of fp32 math over what the store holds."""
     kernel_calls = []
-    real = attention._prefill_fused
-    monkeypatch.setattr(attention, "_prefill_fused", lambda *args: kernel_calls.append(len(args)) or real(*args))
+    real = attention_kernels.prefill_fused
+    monkeypatch.setattr(attention_kernels, "prefill_fused", lambda *args: kernel_calls.append(len(args)) or real(*args))
     s = KVStore(1, kv_heads, dim, 1024, dtype, kv_dtype=torch.int8)
     g = torch.Generator().manual_seed(dim)
     chunks = {"one": [1, 2, 1], "blocks": [16, 33, 64, 5], "long": [130, 70]}
@@ -151,8 +152,8 @@ def test_prefill_chunks_over_int8_match_the_reference(dtype, dim, heads, kv_head
             torch.testing.assert_close(out[offset:offset + count].float(), expected, atol=TOLERANCE_STORED[dtype],
                                        rtol=0)
             offset += count
-    kernel = (dtype == torch.bfloat16 and dim % 32 == 0 and attention._attention is not None
-              and attention._attention.prefill_supported())
+    kernel = (dtype == torch.bfloat16 and dim % 32 == 0 and attention_kernels._attention is not None
+              and attention_kernels._attention.prefill_supported())
     assert bool(kernel_calls) == kernel and all(n == 7 for n in kernel_calls)  # with the int8 scales
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glinthawk.compute import attention
+from glinthawk.compute import attention, attention_kernels, thread_policy
 from glinthawk.compute.attention import AttentionPlan, attend, attend_with
 from glinthawk.compute.config import ModelConfig
 from glinthawk.compute.kvcache import KVCapacityError, KVStore, UnknownSequenceError
@@ -200,12 +200,12 @@ def attention_path(request, monkeypatch):
     """Each way decode rows can be attended: the C kernel at each instruction-set level it
     may pick (this CPU permitting), torch per sequence, torch as one padded batch."""
     if request.param.startswith("fused"):
-        if attention._attention is None:
+        if attention_kernels._attention is None:
             pytest.skip("the C decode-attention kernel is not built (no C compiler at install time)")
         widest = {"fused": 2, "fused-avx512": 1, "fused-portable": 0}[request.param]
-        monkeypatch.setattr(attention, "_KERNEL_WIDEST", widest)
+        monkeypatch.setattr(attention_kernels, "KERNEL_WIDEST", widest)
     else:
-        monkeypatch.setattr(attention, "_attention", None)
+        monkeypatch.setattr(attention_kernels, "_attention", None)
         # With a low limit some decodes take the padded-batch path and some the per-sequence one.
         monkeypatch.setattr(attention, "BATCHED_DECODE_MAX_CONTEXT", 8 if request.param == "torch-batched" else 0)
     return request.param
@@ -349,10 +349,10 @@ def test_short_fresh_prompts_batched_match_the_reference(dtype, lengths, decode_
 def test_bfloat16_prefill_chunks_match_float32_reference(dim, heads, kv_heads, attention_path, monkeypatch):
     """Prompts in chunks over a bf16 store (the C prefill kernel where the CPU has AVX512_BF16,
     else SDPA): chunks of every size around the kernel's blocks, the first and later ones."""
-    monkeypatch.setattr(attention, "_PREFILL_PARALLEL_MIN_WORK", 0)  # split every chunk over the threads
+    monkeypatch.setattr(thread_policy, "PREFILL_PARALLEL_MIN_WORK", 0)  # split every chunk over the threads
     kernel_calls = []
-    real = attention._prefill_fused
-    monkeypatch.setattr(attention, "_prefill_fused", lambda *args: kernel_calls.append(1) or real(*args))
+    real = attention_kernels.prefill_fused
+    monkeypatch.setattr(attention_kernels, "prefill_fused", lambda *args: kernel_calls.append(1) or real(*args))
     s = KVStore(1, kv_heads, dim, 512, dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(dim + heads)
     chunks = {"one": [1, 1, 2], "short": [3, 17], "blocks": [16, 33, 64, 5], "long": [130]}
@@ -368,7 +368,7 @@ def test_bfloat16_prefill_chunks_match_float32_reference(dim, heads, kv_heads, a
             expected = reference_attention(q[rows].float(), k[:start + size].float(), v[:start + size].float(), start)
             torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
             start += size
-    kernel_expected = attention_path == "fused" and attention._attention.prefill_supported()
+    kernel_expected = attention_path == "fused" and attention_kernels._attention.prefill_supported()
     assert bool(kernel_calls) == kernel_expected
 
 
@@ -376,13 +376,13 @@ def test_bfloat16_prefill_chunks_match_float32_reference(dim, heads, kv_heads, a
 def test_kernel_slices_on_openmp_or_our_threads_match_one_thread(openmp, monkeypatch):
     """The C kernels' slices run as one region on torch's OpenMP threads, or one call each on
     our threads: the same result as one slice, for decode and prefill."""
-    if attention._attention is None:
+    if attention_kernels._attention is None:
         pytest.skip("the C kernels are not built (no C compiler at install time)")
-    if openmp and not attention._OPENMP:
+    if openmp and not thread_policy.OPENMP:
         pytest.skip("torch's OpenMP runtime is not GNU libgomp here")
-    monkeypatch.setattr(attention, "_OPENMP", openmp)
-    monkeypatch.setattr(attention, "_FUSED_PARALLEL_MIN_WORK", 0)
-    monkeypatch.setattr(attention, "_PREFILL_PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(thread_policy, "OPENMP", openmp)
+    monkeypatch.setattr(thread_policy, "FUSED_PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(thread_policy, "PREFILL_PARALLEL_MIN_WORK", 0)
     prompt, batch = 150, 6
 
     def run() -> tuple[torch.Tensor, torch.Tensor]:
@@ -408,14 +408,14 @@ def test_kernel_slices_on_openmp_or_our_threads_match_one_thread(openmp, monkeyp
 def test_torch_openmp_is_found_where_torch_loaded_libgomp():
     """The kernels take torch's OpenMP threads wherever torch uses GNU libgomp (a silent
     fallback to our own threads would cost decode attention a third)."""
-    if attention._attention is None:
+    if attention_kernels._attention is None:
         pytest.skip("the C kernels are not built (no C compiler at install time)")
     try:
         with open("/proc/self/maps") as maps:
             loaded = any("libgomp" in line for line in maps)
     except OSError:
         pytest.skip("no /proc/self/maps")
-    assert attention._OPENMP == loaded
+    assert thread_policy.OPENMP == loaded
 
 
 def test_c_kernels_are_built_where_a_compiler_is():
@@ -428,7 +428,7 @@ def test_c_kernels_are_built_where_a_compiler_is():
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler}) on this machine: torch's ops are the expected path")
-    assert attention._attention is not None, "glinthawk/compute/_attention.c was not built"
+    assert attention_kernels._attention is not None, "glinthawk/compute/_attention.c was not built"
     assert elementwise._elementwise is not None, "glinthawk/compute/_elementwise.c was not built"
     assert sampling._sampling is not None, "glinthawk/compute/_sampling.c was not built"
 
@@ -505,7 +505,7 @@ def test_a_plan_made_before_a_compaction_is_replanned_not_used(attention_path):
 
 def test_long_decodes_on_several_threads_match_one_thread(attention_path, monkeypatch):
     """Long decodes are spread over threads; results must not change, in or out of inference mode."""
-    monkeypatch.setattr(attention, "_FUSED_PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(thread_policy, "FUSED_PARALLEL_MIN_WORK", 0)
     torch.manual_seed(0)
     length, batch = attention.BATCHED_DECODE_MAX_CONTEXT + 8, 5
     store = KVStore(1, 2, 8, batch * (length + 1))

@@ -9,10 +9,10 @@
  *   - portable C, compiled for x86-64-v4/v3/baseline and picked by the loader.
  * All accumulate in float32.
  *
- * The caller (glinthawk/compute/attention.py) checks every shape, dtype and range; this
+ * The callers (glinthawk/compute/attention.py, attention_kernels.py) check every shape, dtype and range; this
  * file trusts its arguments. The caller also splits the work items into slices, one per
  * thread, and passes them all (run_slices): they run as one parallel region of torch's
- * own OpenMP runtime when attention.py has handed over its entry points (use_openmp), so
+ * own OpenMP runtime when thread_policy.py has handed over its entry points (use_openmp), so
  * the kernels take torch's worker threads, which are still spinning after the matmul
  * before; otherwise the caller passes one slice per call, from its own threads.
  */
@@ -31,7 +31,7 @@
 /* Tokens handled per step of each pass: a block of K or V rows (as float32, at most
  * 32 x 256 floats) stays in L1 while every query head of the group uses it. */
 #define BLOCK 32
-#define MAX_DIM 256 /* largest head_dim the kernel takes; attention.py checks */
+#define MAX_DIM 256 /* largest head_dim the kernel takes; attention_kernels.py checks */
 
 /* Rows t0..t0+n-1 of a [length, dim] slab as float32: the slab itself, or `buffer` filled
  * from bfloat16 or int8 (unscaled: the callers apply an int8 row's scale to its score or
