@@ -130,6 +130,16 @@ def test_help_lists_suites_and_knobs():
     assert "delays_ms=0,1,5,10,20,50" in result.output
 
 
+def test_help_lists_the_defaults_each_suite_runs_with():
+    """--help reads the knobs from bench/knobs.py, without importing the suites (they import torch)."""
+    import importlib
+
+    from glinthawk.bench import knobs
+
+    for suite in SUITES:
+        assert importlib.import_module(f"glinthawk.bench.{suite}").DEFAULTS is knobs.DEFAULTS[suite]
+
+
 def test_parse_knob_types():
     assert parse_knob("3", 1, "k") == 3
     assert parse_knob("0.5", 1.0, "k") == 0.5

@@ -39,7 +39,8 @@ def test_importing_the_package_and_the_cli_loads_no_torch():
     assert not _torch_loaded("import glinthawk, glinthawk.cli")
 
 
-@pytest.mark.parametrize("command", [(), ("run",), ("submit",), ("generate",), ("status",), ("plan",), ("drain",)])
+@pytest.mark.parametrize("command", [(), ("run",), ("submit",), ("generate",), ("status",), ("plan",), ("drain",),
+                                     ("bench",)])
 def test_help_loads_no_torch(command):
     """torch takes seconds to import; --help needs none of it."""
     assert not _torch_loaded(_help(*command))

@@ -30,7 +30,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from glinthawk.bench import capacity_int8
+from glinthawk.bench import capacity_int8, knobs
 from glinthawk.bench.common import (
     BenchContext,
     ratio,
@@ -42,10 +42,7 @@ from glinthawk.bench.common import (
     token_prompts,
 )
 
-DEFAULTS = {"contexts": [512, 2048, 8192], "two_tier_batch": [32, 32, 2], "new_tokens": 128, "tier1_kv_mib": 48.0,
-            "max_batch_tokens": 2048, "micro_batches": 1, **capacity_int8.DEFAULTS}
-QUICK = {"contexts": [32, 64, 128], "two_tier_batch": [8, 4, 2], "new_tokens": 4, "tier1_kv_mib": 0.1,
-         **capacity_int8.QUICK}
+DEFAULTS, QUICK = knobs.CAPACITY, knobs.CAPACITY_QUICK
 MIB = 1 << 20
 
 

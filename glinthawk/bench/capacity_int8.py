@@ -18,13 +18,11 @@ from pathlib import Path
 import torch
 
 from glinthawk import DEFAULT_MODEL
+from glinthawk.bench import knobs
 from glinthawk.bench.common import BenchContext, ratio, request_lines, run_two_tier_inprocess, token_prompts
 from glinthawk.compute.kvcache import bytes_per_token
 
-DEFAULTS = {"int8_contexts": [512, 2048], "int8_base_batch": [16, 8], "int8_new_tokens": 128,
-            "int8_repeats": 2, "int8_quality_tokens": 32}
-QUICK = {"int8_contexts": [64], "int8_base_batch": [2], "int8_new_tokens": 4, "int8_repeats": 1,
-         "int8_quality_tokens": 4}
+DEFAULTS, QUICK = knobs.CAPACITY_INT8, knobs.CAPACITY_INT8_QUICK
 QUALITY_PROMPTS = ["The built-in function", "A class definition", "When an exception is raised",
                    "The import statement", "String literals can be enclosed in", "The for statement is used to"]
 

@@ -8,18 +8,18 @@ from pathlib import Path
 
 import click
 
-from glinthawk.bench import SUITES
+from glinthawk.bench import SUITES, knobs
 
 # What the [bench] extra installs: matplotlib draws SUITE.png, transformers is the engine suite's baseline.
 BENCH_EXTRA = ("matplotlib", "transformers")
 
 
 def _knob_help() -> str:
+    """Every suite's knobs and defaults, from ``knobs`` (torch-free: the suites import torch)."""
     lines = []
     for name in SUITES:
-        module = importlib.import_module(f"glinthawk.bench.{name}")
-        knobs = ", ".join(f"{k}={_show(v)}" for k, v in module.DEFAULTS.items())
-        lines.append(f"{name}: {knobs}")
+        defaults = ", ".join(f"{k}={_show(v)}" for k, v in knobs.DEFAULTS[name].items())
+        lines.append(f"{name}: {defaults}")
     return ("\b\nKnobs: --set SUITE.KEY=VALUE, or --set KEY=VALUE for every suite that has KEY; lists are "
             "comma-separated. Full-size defaults:\n") + \
         "\n".join(lines)
@@ -73,8 +73,8 @@ def bench(suite, quick, out_dir, dtype, device, model_dir, repeats, threads, set
         if not sep or not key.strip():
             raise click.BadParameter(f"expected KEY=VALUE, got {setting!r}", param_hint="--set")
         overrides[key.strip()] = value.strip()
-    known = {k for name in SUITES for k in importlib.import_module(f"glinthawk.bench.{name}").DEFAULTS}
-    known |= {f"{name}.{k}" for name in SUITES for k in importlib.import_module(f"glinthawk.bench.{name}").DEFAULTS}
+    known = {k for name in SUITES for k in knobs.DEFAULTS[name]}
+    known |= {f"{name}.{k}" for name in SUITES for k in knobs.DEFAULTS[name]}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise click.BadParameter(f"unknown knob(s) {', '.join(unknown)}; see glinthawk bench --help",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from glinthawk.bench import knobs
 from glinthawk.bench.common import (
     BenchContext,
     ratio,
@@ -29,9 +30,7 @@ from glinthawk.bench.common import (
 )
 from glinthawk.cluster import LocalCluster
 
-DEFAULTS = {"batch": 64, "prompt": 16, "new_tokens": 32, "tier2_nodes": [1, 2, 3], "micro_batches": 1,
-            "max_batch_tokens": 2048, "mode": "processes"}
-QUICK = {"batch": 8, "prompt": 8, "new_tokens": 4, "tier2_nodes": [2]}
+DEFAULTS, QUICK = knobs.CLUSTER, knobs.CLUSTER_QUICK
 
 
 def run(ctx: BenchContext) -> dict:

@@ -2,8 +2,9 @@
 workloads and the runners that drive glinthawk on them, and JSON/PNG/table output.
 
 Conventions:
-- A suite module defines ``DEFAULTS`` and ``QUICK`` (its knobs, full and ``--quick``
-  sizes), ``run(ctx) -> dict`` and ``plot(result, figure)``. ``run`` returns
+- A suite module has ``DEFAULTS`` and ``QUICK`` (its knobs, full and ``--quick`` sizes,
+  written in the torch-free ``knobs`` so that ``--help`` can list them), ``run(ctx) -> dict``
+  and ``plot(result, figure)``. ``run`` returns
   ``{"config", "results", "summary", "targets", "notes", "table"}``; ``run_suite`` adds
   the machine facts, versions and timings, writes ``SUITE.json`` and ``SUITE.png`` and
   prints the table.

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from glinthawk.bench import limits
+from glinthawk.bench import knobs, limits
 from glinthawk.bench.common import (
     EOS_ID,
     BenchContext,
@@ -31,12 +31,7 @@ from glinthawk.bench.common import (
 )
 
 DEVICES = ("cpu", "cuda")  # where the suite can run its model (--device)
-DEFAULTS = {
-    "batch": 128, "prompt": 16, "new_tokens": 128,
-    "long_batch": 2, "long_prompt": 2048, "long_new_tokens": 128,  # as many new tokens: only the context differs
-    "max_batch_tokens": 2048, "hf": True,
-}
-QUICK = {"batch": 8, "prompt": 8, "new_tokens": 8, "long_batch": 2, "long_prompt": 128, "long_new_tokens": 4}
+DEFAULTS, QUICK = knobs.ENGINE, knobs.ENGINE_QUICK
 
 
 def _load_hf(ctx: BenchContext):

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from glinthawk.bench import limits
+from glinthawk.bench import knobs, limits
 from glinthawk.bench.common import BenchContext, best_of, ratio, target
 from glinthawk.compute import sampling
 from glinthawk.compute.sampling import SamplingParams
 
-DEFAULTS = {"contexts": [256, 512, 1024, 2048, 4096, 8192], "attn_batch": 64,
-            "tokens": [1, 8, 32, 64, 128, 256, 512], "sample_rows": 128}
-QUICK = {"contexts": [32, 64, 128], "attn_batch": 4, "tokens": [1, 8, 64], "sample_rows": 8}
+DEFAULTS, QUICK = knobs.KERNELS, knobs.KERNELS_QUICK
 SAMPLERS = {"greedy": SamplingParams(temperature=0), "temperature 0.8": SamplingParams(temperature=0.8),
             "top-p 0.95": SamplingParams(temperature=0.8, top_p=0.95),
             "top-k 50": SamplingParams(temperature=0.8, top_k=50)}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from glinthawk.bench import knobs
 from glinthawk.bench.common import (
     BenchContext,
     ratio,
@@ -30,9 +31,7 @@ from glinthawk.bench.common import (
 # half as fast (batch 0 picks by dtype). 4608, which was as much work before the Tier 2
 # plan reuse and the chunked head, left Tier 1 84% busy at 50 ms (0.73-0.79 of the 0 ms
 # throughput against 0.87 at 6144). At batch 256 a step is all waiting.
-DEFAULTS = {"delays_ms": [0, 1, 5, 10, 20, 50], "in_flight": [1, 2, 4, 8, 16, "auto"], "batch": 0, "prompt": 4,
-            "new_tokens": 8, "max_batch_tokens": 2048}
-QUICK = {"delays_ms": [0, 5, 20], "in_flight": [1, 4, "auto"], "batch": 16, "prompt": 4, "new_tokens": 3}
+DEFAULTS, QUICK = knobs.LATENCY, knobs.LATENCY_QUICK
 BATCH_BY_DTYPE = {"float32": 3072, "bfloat16": 6144}
 
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import torch
 
+from glinthawk.bench import knobs
 from glinthawk.bench.common import BenchContext, best_of, ratio
 from glinthawk.compute import matmul
 
 DEVICES = ("cpu", "cuda")  # where the suite can run its model (--device)
-DEFAULTS = {"read_mib": 512, "matmul_sizes": [512, 1024, 2048], "dtypes": "float32,bfloat16"}
-QUICK = {"read_mib": 32, "matmul_sizes": [128, 256]}
+DEFAULTS, QUICK = knobs.LIMITS, knobs.LIMITS_QUICK
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from glinthawk.bench import knobs
 from glinthawk.bench.common import (
     BenchContext,
     check_results,
@@ -35,10 +36,7 @@ from glinthawk.bench.common import (
     write_jsonl,
 )
 
-DEFAULTS = {"sequences": 128, "prompt": 511, "new_tokens": 72, "max_batch_tokens": 1024,
-            "checkpoints": [1024, 2048, 4096, 8192, 16384, 32768, 65536], "sample_ms": 25}
-QUICK = {"sequences": 16, "prompt": 63, "new_tokens": 12, "max_batch_tokens": 128,
-         "checkpoints": [128, 256, 512, 1024], "sample_ms": 10}
+DEFAULTS, QUICK = knobs.MEMORY, knobs.MEMORY_QUICK
 MIB = 1 << 20
 
 

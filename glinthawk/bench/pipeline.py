@@ -15,11 +15,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from glinthawk.bench import knobs
 from glinthawk.bench.common import BenchContext, ratio, request_lines, run_local_cluster, target, token_prompts
 
-DEFAULTS = {"batch": 64, "prompt": 16, "new_tokens": 32, "stages": [1, 2, 3], "micro_batches": [1, 2, 4, 6],
-            "delay_ms": [0, 10], "tier2_nodes": 1, "max_batch_tokens": 2048}
-QUICK = {"batch": 8, "prompt": 8, "new_tokens": 4, "stages": [1, 2], "micro_batches": [1, 2], "delay_ms": [0, 10]}
+DEFAULTS, QUICK = knobs.PIPELINE, knobs.PIPELINE_QUICK
 
 
 def run(ctx: BenchContext) -> dict:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import click
 
+from glinthawk.bench import knobs
 from glinthawk.bench.common import BenchContext, parse_requests, ratio, target
 
 DEVICES = ("cpu",)
-DEFAULTS = {"requests": 128, "max_tokens": 96, "max_batch_tokens": 2048}
-QUICK = {"requests": 128, "max_tokens": 64}
+DEFAULTS, QUICK = knobs.STRUCTURED, knobs.STRUCTURED_QUICK
 SCHEMA = {
     "type": "object",
     "properties": {
