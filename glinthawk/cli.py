@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -104,9 +107,29 @@ def _where(output_path: str) -> str:
     return "stdout" if output_path == "-" else output_path
 
 
-def check_resume(output_path: str, resume: bool) -> None:
+def check_resume(output_path: str, resume: bool, input_path: str | None = None) -> None:
     if resume and output_path == "-":
         raise click.UsageError("--resume reads back the results file; give -o a file, not '-'")
+    if resume and input_path == "-":
+        raise click.UsageError("--resume finds a run by its prompts file; give the file, not '-'")
+
+
+@contextlib.contextmanager
+def input_file(input_path: str):
+    """The prompts file of ``run`` and ``submit``, '-' being stdin (as for ``generate``). Stdin is copied to
+    a temporary file first, removed afterwards: the client sends the file from the event loop that also
+    takes the results, where a read blocked on a slow pipe would stall both; the copy also gives the progress
+    bar its total. On a terminal '-' is refused rather than waiting there in silence."""
+    if input_path != "-":
+        yield input_path
+        return
+    if sys.stdin.isatty():
+        raise click.UsageError("'-' reads the prompts from stdin: pipe them in, or give the file")
+    with tempfile.TemporaryDirectory(prefix="glinthawk-stdin-") as directory:
+        copy = Path(directory) / "stdin.jsonl"
+        with open(copy, "wb") as out:
+            shutil.copyfileobj(sys.stdin.buffer, out)
+        yield str(copy)
 
 
 @main.command()
@@ -184,11 +207,15 @@ def _run_submit(input_path: str, host: str, port: int, output_path: str, progres
 @click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Shared secret of the cluster (default: $GLINTHAWK_SECRET if set).")
 def submit_command(input_path, to, output_path, progress, resume, secret_file) -> None:
-    """Send a prompts file to a running Tier 1 and write the results as they arrive."""
+    """Send a prompts file to a running Tier 1 and write the results as they arrive.
+
+    PROMPTS.jsonl may be '-': stdin, read whole before it is sent."""
     host, port = parse_address(to, "--to")
-    check_resume(output_path, resume)
+    check_resume(output_path, resume, input_path)
     check_output(output_path)
-    if _run_submit(input_path, host, port, output_path, progress, resume, secret_file):
+    with input_file(input_path) as path:
+        failed = _run_submit(path, host, port, output_path, progress, resume, secret_file)
+    if failed:
         sys.exit(1)
 
 
@@ -221,19 +248,33 @@ def submit_command(input_path, to, output_path, progress, resume, secret_file) -
                    "start one here); needs pip install 'glinthawk[ray]'.")
 def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, stages, micro_batches, log_dir,
                 progress, resume, secret_file, ray_address, **settings) -> None:
-    """Start a two-tier cluster on loopback (N Tier 2 + 1 Tier 1), run the file through it, stop it."""
-    from glinthawk.cluster import ClusterError, LocalCluster
+    """Start a two-tier cluster on loopback (N Tier 2 + 1 Tier 1), run the file through it, stop it.
 
-    if not Path(input_path).is_file():
+    PROMPTS.jsonl may be '-': stdin, read whole before the cluster starts."""
+    if input_path != "-" and not Path(input_path).is_file():
         raise click.ClickException(f"cannot read input file {input_path}: no such file")
-    check_resume(output_path, resume)
+    check_resume(output_path, resume, input_path)
     check_node_options(secret_file, settings)
     check_output(output_path)
-    if ray_address is not None:
-        if stages is not None:
-            raise click.UsageError("--ray runs one Tier 1 stage; leave out --stages")
-        sys.exit(1 if _run_on_ray(ray_address, input_path, output_path, model_dir, dtype, device, tier2_nodes,
-                                  micro_batches, progress, resume, secret_file, settings) else 0)
+    if ray_address is not None and stages is not None:
+        raise click.UsageError("--ray runs one Tier 1 stage; leave out --stages")
+    with input_file(input_path) as path:
+        if ray_address is not None:
+            failed = _run_on_ray(ray_address, path, output_path, model_dir, dtype, device, tier2_nodes,
+                                 micro_batches, progress, resume, secret_file, settings)
+        else:
+            failed = _run_local(path, output_path, model_dir, dtype, device, tier2_nodes, stages, micro_batches,
+                                log_dir, progress, resume, secret_file, settings)
+    if failed:  # bad lines, not a cluster that failed: its logs went with it
+        sys.exit(1)
+
+
+def _run_local(input_path: str, output_path: str, model_dir: Path, dtype: str, device: str, tier2_nodes: int,
+               stages: str | None, micro_batches: int | None, log_dir: Path | None, progress: bool | None,
+               resume: bool, secret_file: Path | None, settings: dict) -> int:
+    """``run`` on a cluster of local processes (glinthawk/cluster.py); how many requests failed."""
+    from glinthawk.cluster import ClusterError, LocalCluster
+
     try:
         cluster = LocalCluster(model_dir, tier2_nodes=tier2_nodes, dtype=dtype, device=device, stages=stages,
                                micro_batches=micro_batches, log_dir=log_dir, secret_file=secret_file, **settings)
@@ -245,11 +286,9 @@ def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, 
             kept = " (removed after a clean run)" if cluster.temporary_logs else ""
             click.echo(f"cluster up: {shape}{tier2_nodes} Tier 2 node(s), logs in {cluster.log_dir}{kept}", err=True)
             host, port = cluster.tier1_address
-            failed = _run_submit(input_path, host, port, output_path, progress, resume, secret_file, cluster)
+            return _run_submit(input_path, host, port, output_path, progress, resume, secret_file, cluster)
     except ClusterError as exc:
         raise click.ClickException(str(exc)) from None
-    if failed:  # bad lines, not a cluster that failed: its logs went with it
-        sys.exit(1)
 
 
 def _run_on_ray(address: str, input_path: str, output_path: str, model_dir: Path, dtype: str, device: str,

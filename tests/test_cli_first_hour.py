@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,45 @@ def test_run_checks_what_it_hands_its_nodes_before_starting_them(tmp_path, optio
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and option.split("-")[-1] in errors[0] and says in errors[0], result.output
     assert "glinthawk.node" not in result.output and not logs.exists()
+
+
+def test_run_reads_its_prompts_from_stdin_as_generate_does(tiny_checkpoint, tmp_path):
+    """``run - -o OUT``: before, '-' was a file that did not exist."""
+    inputs, out = _prompts(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
+    proc = _glinthawk("run", "-", "-o", str(out), "--model", str(tiny_checkpoint("llama_gqa")), "--device", "cpu",
+                      "--tier2-nodes", "1", "--log-dir", str(tmp_path / "logs"), "--no-progress",
+                      input=inputs.read_text(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(json.loads(line)["custom_id"] for line in out.read_text().splitlines()) == ["p0", "p1"]
+    assert not (tmp_path / "-").exists()
+
+
+def test_submit_reads_its_prompts_from_stdin_and_leaves_no_copy(tmp_path, monkeypatch):
+    """``submit - --to ...`` sends what stdin holds (here to a Tier 1 that is not there): before, '-' was a
+    file that did not exist. The copy of stdin it sends from is gone afterwards."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    result = CliRunner().invoke(main, ["submit", "-", "--to", "127.0.0.1:9", "-o", str(tmp_path / "out.jsonl")],
+                                input=_prompts(tmp_path / "in.jsonl").read_text())
+    assert result.exit_code == 1 and "cannot reach Tier 1 at 127.0.0.1:9" in result.output, result.output
+    assert "Traceback" not in result.output and list((tmp_path / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["run", "submit"])
+def test_resume_of_stdin_is_refused(tmp_path, command):
+    """--resume finds the earlier run by its prompts file's path, which stdin has not."""
+    extra = ["--to", "127.0.0.1:9"] if command == "submit" else ["--log-dir", str(tmp_path / "logs")]
+    result = CliRunner().invoke(main, [command, "-", "-o", str(tmp_path / "out.jsonl"), "--resume", *extra], input="")
+    assert result.exit_code == 2 and "--resume" in result.output and "'-'" in result.output, result.output
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "out.jsonl").exists()
+
+
+def test_submit_of_stdin_on_a_terminal_says_so_instead_of_waiting(tmp_path):
+    leader, follower = os.openpty()
+    try:
+        proc = _glinthawk("submit", "-", "--to", "127.0.0.1:9", "-o", str(tmp_path / "out.jsonl"), stdin=follower,
+                          timeout=60)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert proc.returncode == 2 and "pipe them in" in proc.stderr and "Traceback" not in proc.stderr
