@@ -84,3 +84,22 @@ def model_dir(tiny_checkpoint) -> Path:
 def checkpoint(tiny_model):
     """(Model, Tokenizer) of ``model_dir``, loaded once."""
     return tiny_model("llama_gqa")
+
+
+@pytest.fixture(params=["fused", "fused-avx512", "fused-portable", "torch", "torch-batched"])
+def attention_path(request, monkeypatch):
+    """Each way decode rows can be attended: the C kernel at each instruction-set level it
+    may pick (this CPU permitting; 2 is AVX512_VNNI for int8), torch per sequence, torch as one
+    padded batch."""
+    from glinthawk.compute import attention, attention_kernels
+
+    if request.param.startswith("fused"):
+        if attention_kernels._attention is None:
+            pytest.skip("the C decode-attention kernel is not built (no C compiler at install time)")
+        widest = {"fused": 2, "fused-avx512": 1, "fused-portable": 0}[request.param]
+        monkeypatch.setattr(attention_kernels, "KERNEL_WIDEST", widest)
+    else:
+        monkeypatch.setattr(attention_kernels, "_attention", None)
+        # With a low limit some decodes take the padded-batch path and some the per-sequence one.
+        monkeypatch.setattr(attention, "BATCHED_DECODE_MAX_CONTEXT", 8 if request.param == "torch-batched" else 0)
+    return request.param

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glinthawk.compute import attention, attention_kernels, kvquant
+from glinthawk.compute import attention_kernels, kvquant
 from glinthawk.compute.attention import AttentionPlan, attend, attend_with
 from glinthawk.compute.kvcache import KVStore, bytes_per_token
 
@@ -34,21 +34,6 @@ def stored(s: KVStore, layer: int, seq_id, length: int) -> tuple[torch.Tensor, t
     """What the store holds for a sequence, dequantized, as [length, kv_heads, D]."""
     keys, values = s.view(layer, seq_id, length)
     return keys.transpose(0, 1), values.transpose(0, 1)
-
-
-@pytest.fixture(params=["fused", "fused-avx512", "fused-portable", "torch", "torch-batched"])
-def path(request, monkeypatch):
-    """Each way decode rows are attended: the C kernel at each instruction-set level (2 is
-    AVX512_VNNI for int8), torch per sequence, torch as one padded batch."""
-    if request.param.startswith("fused"):
-        if attention_kernels._attention is None:
-            pytest.skip("the C kernels are not built (no C compiler at install time)")
-        widest = {"fused": 2, "fused-avx512": 1, "fused-portable": 0}[request.param]
-        monkeypatch.setattr(attention_kernels, "KERNEL_WIDEST", widest)
-    else:
-        monkeypatch.setattr(attention_kernels, "_attention", None)
-        monkeypatch.setattr(attention, "BATCHED_DECODE_MAX_CONTEXT", 8 if request.param == "torch-batched" else 0)
-    return request.param
 
 
 def test_quantize_round_trip_is_within_half_a_step_of_each_rows_scale():
@@ -92,7 +77,7 @@ def test_rows_the_decode_kernel_appends_equal_what_torch_writes(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim,heads,kv_heads", [(32, 8, 2), (48, 6, 2), (64, 12, 4), (128, 4, 1), (16, 4, 4)])
-def test_decode_over_int8_matches_the_reference(dtype, dim, heads, kv_heads, path):
+def test_decode_over_int8_matches_the_reference(dtype, dim, heads, kv_heads, attention_path):
     """Ragged decodes (1 to 1100 cached tokens; GQA, MQA, MHA): the output within a stated
     tolerance of fp32 math over what the store holds, and of fp32 math over the unquantized
     K/V; then further steps, where the kernel appends."""

@@ -195,22 +195,6 @@ def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     return out
 
 
-@pytest.fixture(params=["fused", "fused-avx512", "fused-portable", "torch", "torch-batched"])
-def attention_path(request, monkeypatch):
-    """Each way decode rows can be attended: the C kernel at each instruction-set level it
-    may pick (this CPU permitting), torch per sequence, torch as one padded batch."""
-    if request.param.startswith("fused"):
-        if attention_kernels._attention is None:
-            pytest.skip("the C decode-attention kernel is not built (no C compiler at install time)")
-        widest = {"fused": 2, "fused-avx512": 1, "fused-portable": 0}[request.param]
-        monkeypatch.setattr(attention_kernels, "KERNEL_WIDEST", widest)
-    else:
-        monkeypatch.setattr(attention_kernels, "_attention", None)
-        # With a low limit some decodes take the padded-batch path and some the per-sequence one.
-        monkeypatch.setattr(attention, "BATCHED_DECODE_MAX_CONTEXT", 8 if request.param == "torch-batched" else 0)
-    return request.param
-
-
 @pytest.mark.parametrize("dim", [4, 48, 64, 96, 128])  # 64 and 128 have their own compiled variants
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1), (2, 2), (6, 2)])
 def test_ragged_attention_matches_naive_reference(heads, kv_heads, dim, attention_path):
