@@ -68,14 +68,7 @@ def run(ctx: BenchContext) -> dict:
         row["ratio_to_0ms_same_in_flight"] = ratio(row["tok_s"], zero.get(row["in_flight"]))
         row["ratio_to_best_0ms"] = ratio(row["tok_s"], best_zero)
 
-    def best_at(delay: float) -> float | None:
-        values = [r["ratio_to_best_0ms"] for r in rows if r["delay_ms"] == delay and r["ratio_to_best_0ms"]]
-        return max(values) if values else None
-
-    def auto_at(delay: float) -> float | None:
-        """The automatic count's throughput at ``delay`` over its own at 0 ms."""
-        return next((r["ratio_to_0ms_same_in_flight"] for r in rows
-                     if r["delay_ms"] == delay and r["in_flight"] == "auto"), None)
+    best_at, auto_at = (lambda delay: _best_at(rows, delay)), (lambda delay: _auto_at(rows, delay))
 
     return {
         "config": {**knobs, "tier2_nodes": 1, "kv_tokens": kv_tokens,
@@ -100,6 +93,17 @@ def run(ctx: BenchContext) -> dict:
                    ("ratio_to_0ms_same_in_flight", "vs 0ms same"), ("ratio_to_best_0ms", "vs best 0ms"),
                    ("tier1_busy", "Tier 1 busy"), ("micro_batches_per_job", "mb/job")], rows),
     }
+
+
+def _best_at(rows: list[dict], delay: float) -> float | None:
+    values = [r["ratio_to_best_0ms"] for r in rows if r["delay_ms"] == delay and r["ratio_to_best_0ms"]]
+    return max(values) if values else None
+
+
+def _auto_at(rows: list[dict], delay: float) -> float | None:
+    """The measured count's throughput at ``delay`` over its own at 0 ms."""
+    return next((r["ratio_to_0ms_same_in_flight"] for r in rows
+                 if r["delay_ms"] == delay and r["in_flight"] == "auto"), None)
 
 
 def plot(result: dict, figure) -> None:
