@@ -43,7 +43,7 @@ def test_stage_layers_split_evenly_or_as_given():
             stage_layers(bad, 4)
 
 
-@pytest.mark.parametrize("stages", ["2", "0:1,1:3,3:4"])
+@pytest.mark.parametrize("stages", ["2", pytest.param("0:1,1:3,3:4", marks=pytest.mark.slow)])  # 3 stages: test_pipeline
 def test_glinthawk_run_with_stages_gives_the_single_process_tokens(four_layer_dir, tmp_path, stages):
     requests = fault_requests(tmp_path / "in.jsonl")
     out = tmp_path / "out.jsonl"
@@ -57,6 +57,7 @@ def test_glinthawk_run_with_stages_gives_the_single_process_tokens(four_layer_di
     assert tokens(read_results(out)) == reference(four_layer_dir, requests)
 
 
+@pytest.mark.slow  # the same loss in process: test_pipeline.py::test_a_lost_tier2_node_of_a_later_stage_changes_no_token
 def test_sigkill_of_a_tier2_node_of_stage_two(four_layer_dir, tmp_path):
     requests = fault_requests(tmp_path / "in.jsonl")
     out = tmp_path / "out.jsonl"
