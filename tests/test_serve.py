@@ -115,7 +115,8 @@ def test_list_pagination(client, tmp_path):
     assert second.data[0].id == made[0]
     listed = [b.id for b in client.batches.list(limit=2)]  # the SDK follows the pages itself
     assert listed[:3] == made[::-1] and len(listed) == len(set(listed))
-    files = client.files.list(limit=1, order="desc")
+    # Input files only: the batches' output files, which may be made meanwhile, are newer.
+    files = client.files.list(limit=1, order="desc", purpose="batch")
     assert files.data[0].id == file_id and files.has_more
     for batch_id in made:
         wait_for(client, batch_id)
