@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -37,12 +38,24 @@ def read_results(path: Path) -> dict[str, dict]:
     return {line["custom_id"]: line for line in lines}
 
 
-def single_process(checkpoint, requests: Path, max_batch_tokens: int = 64) -> dict[str, dict]:
-    model, tokenizer = checkpoint
-    lines: list[dict] = []
+def single_process(checkpoint, requests: Path, max_batch_tokens: int = 64, kv_tokens: int = 4096) -> dict[str, dict]:
+    """The single-process engine's result lines for a requests file, by custom_id (the oracle)."""
     with open(requests, "rb") as f:
-        Engine(model, tokenizer, kv_tokens=4096, max_batch_tokens=max_batch_tokens).run(parse_stream(f), lines.append)
-    return {line["custom_id"]: line for line in lines}
+        return _engine_results(checkpoint, f, max_batch_tokens, kv_tokens)
+
+
+def engine_lines(checkpoint, lines: list[dict], max_batch_tokens: int = 64, kv_tokens: int = 4096) -> dict[str, dict]:
+    """The same for request lines given as dicts."""
+    data = io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode())
+    return _engine_results(checkpoint, data, max_batch_tokens, kv_tokens)
+
+
+def _engine_results(checkpoint, stream, max_batch_tokens: int, kv_tokens: int) -> dict[str, dict]:
+    model, tokenizer = checkpoint
+    out: list[dict] = []
+    Engine(model, tokenizer, kv_tokens=kv_tokens, max_batch_tokens=max_batch_tokens).run(parse_stream(stream),
+                                                                                        out.append)
+    return {line["custom_id"]: line for line in out}
 
 
 async def distributed(checkpoint, requests: Path, out: Path, *, nodes: int, micro_batches: int,

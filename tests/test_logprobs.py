@@ -4,7 +4,6 @@ tiers, pipeline stages). Bad fields are their line's error."""
 
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
@@ -15,11 +14,10 @@ from openai.types.chat import ChatCompletion
 from glinthawk.compute.logprobs import Sampled
 from glinthawk.compute.sampling import SamplingParams
 from glinthawk.compute.stages import head_and_sample
-from glinthawk.engine import Engine
-from glinthawk.requests import RequestError, error_line, parse_line, parse_stream
+from glinthawk.requests import RequestError, error_line, parse_line
 from glinthawk.sequence import new_sequence, pack_step
 
-from cluster_util import distributed, losing_a_node, read_results
+from cluster_util import distributed, engine_lines, losing_a_node, read_results
 from engine_util import PROMPTS
 from pipeline_util import pipeline
 
@@ -28,11 +26,7 @@ SAME = 1e-5  # between glinthawk's own paths
 
 
 def run_lines(checkpoint, lines: list[dict], max_batch_tokens: int = 64) -> dict[str, dict]:
-    model, tokenizer = checkpoint
-    data = io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode())
-    out: list[dict] = []
-    Engine(model, tokenizer, kv_tokens=4096, max_batch_tokens=max_batch_tokens).run(parse_stream(data), out.append)
-    return {line["custom_id"]: line for line in out}
+    return engine_lines(checkpoint, lines, max_batch_tokens)
 
 
 @torch.inference_mode()

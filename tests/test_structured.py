@@ -15,10 +15,9 @@ import torch
 
 from glinthawk import grammar
 from glinthawk.compute.sampling import SamplingParams, sample
-from glinthawk.engine import Engine
 from glinthawk.requests import is_error, parse_stream
 
-from cluster_util import distributed, losing_a_node, read_results
+from cluster_util import distributed, engine_lines, losing_a_node, read_results
 from pipeline_util import pipeline
 
 # Bounded, so a random-weight model cannot run past max_tokens inside the document.
@@ -39,11 +38,7 @@ SAMPLINGS = [{"temperature": 0}, {"temperature": 0.9, "seed": 5}, {"temperature"
 
 
 def run_lines(checkpoint, lines: list[dict], max_batch_tokens: int = 64) -> dict[str, dict]:
-    model, tokenizer = checkpoint
-    data = io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode())
-    out: list[dict] = []
-    Engine(model, tokenizer, kv_tokens=8192, max_batch_tokens=max_batch_tokens).run(parse_stream(data), out.append)
-    return {line["custom_id"]: line for line in out}
+    return engine_lines(checkpoint, lines, max_batch_tokens, kv_tokens=8192)
 
 
 def schema_lines(count: int = 12) -> list[dict]:

@@ -50,7 +50,7 @@ class StageNode:
                               round_trip=self.metrics.attention_round_trip, on_change=self._node_changed,
                               graceful=False)  # a leaving node's sequences move at once: placement is upstream
         self.downstream = None if next_stage is None else Downstream(
-            next_stage, model, self.settings, ChainEvents(nodes=self._relay, lost_nodes=lambda lost: None,
+            next_stage, model, self.settings, ChainEvents(nodes=self._send_up, lost_nodes=lambda lost: None,
                                                           down=self._stage_down, up=self._chain_whole),
             netem=netem, secret=secret)
         self.upstream: Connection | None = None
@@ -261,9 +261,6 @@ class StageNode:
             self.held = {i: held for i, held in self.held.items() if held is not link}
         self._send_up({"type": MsgType.NODES, "stage": self.first_layer, "nodes": self.pool.describe()})
 
-    def _relay(self, header: dict) -> None:
-        self._send_up(header)
-
     def _stage_down(self, message: str) -> None:
         self._send_up({"type": MsgType.STAGE_DOWN, "message": message})
 
@@ -272,6 +269,3 @@ class StageNode:
         first stage to start again (it reconnects to a stage that hung up on it)."""
         if self.upstream is not None:
             self.upstream.close()
-
-    def status(self) -> dict:
-        return {**self._describe(), "micro_batches": len(self.fanouts)}
