@@ -12,7 +12,8 @@ the query-row dimension, so one pass over each KV head's cache serves them all.
 Decode rows go to the fused C kernel where it serves the store, else to torch ops. Prompt
 chunks: short fresh prompts are attended together as one padded batch (their keys are their
 own new tokens); longer ones and later chunks go one at a time, to the bf16 prefill kernel
-where the CPU has AVX512_BF16, else to SDPA.
+where the CPU has AVX512_BF16, else to SDPA. Decodes of sequences on a shared prefix go
+together by prefix (``attention_shared``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from glinthawk.compute import attention_kernels, attention_torch, thread_policy
+from glinthawk.compute import attention_kernels, attention_shared, attention_torch, thread_policy
 from glinthawk.compute.attention_kernels import FusedDecodes
+from glinthawk.compute.attention_shared import SharedDecodes
 from glinthawk.compute.attention_torch import BatchedDecodes, BatchedPrefills
 from glinthawk.compute.kvcache import KVStore
 
@@ -61,6 +63,7 @@ class AttentionPlan:
     batched_prefills: BatchedPrefills | None
     prefills: list[int]  # other sequences with a prompt chunk, attended one at a time
     long_decodes: list[int]  # torch path: decodes attended one at a time, over threads
+    shared: list[SharedDecodes]  # decodes on a shared prefix, by prefix
     layout: int  # the store's compaction count when planned: a compaction moves the slabs the plan points at
 
     @property
@@ -80,7 +83,9 @@ class AttentionPlan:
     def of(cls, store: KVStore, seq_ids: Sequence[object], starts: Sequence[int],
            counts: Sequence[int]) -> AttentionPlan:
         first_rows = list(itertools.accumulate(counts[:-1], initial=0)) if counts else []
-        decodes = [i for i, count in enumerate(counts) if count == 1]
+        on_prefix = {i for i, seq_id in enumerate(seq_ids) if store.shares(seq_id)}
+        decodes = [i for i, count in enumerate(counts) if count == 1 and i not in on_prefix]
+        shared_decodes = [i for i, count in enumerate(counts) if count == 1 and i in on_prefix]
         prefills = [i for i, count in enumerate(counts) if count > 1]
         short_prompts = [i for i in prefills if starts[i] == 0 and counts[i] <= BATCHED_PREFILL_MAX_TOKENS]
         batched_prefills = None
@@ -91,6 +96,10 @@ class AttentionPlan:
         parts = {"store": store, "seq_ids": seq_ids, "starts": starts, "counts": counts, "first_rows": first_rows,
                  "prefills": prefills, "batched": None, "batched_prefills": batched_prefills, "long_decodes": [],
                  "layout": store.compactions}
+        if shared_decodes:
+            parts["shared"] = attention_shared.shared_decodes(store, first_rows, seq_ids, starts, shared_decodes)
+        else:
+            parts["shared"] = []
         if attention_kernels.fused_decode_available(store):
             if counts and len(decodes) == len(counts):  # the steady state: the kernel appends K/V itself
                 bases = store.claim(seq_ids, starts, counts)
@@ -168,6 +177,8 @@ def attend_with(plan: AttentionPlan, layer: int, q: torch.Tensor, k: torch.Tenso
         out[rows] = attention_torch.decode_batched(store, layer, plan.batched, q[rows], scale)
     if plan.batched_prefills is not None:
         plan.batched_prefills.put(out, attention_torch.prefill_batched(plan.batched_prefills, q, k, v, scale))
+    for shared in plan.shared:
+        out[shared.rows] = attention_shared.decode_shared(store, layer, shared, q[shared.rows], scale)
     attend_each(plan.prefills)  # SDPA and the prefill kernel use every core themselves
     long_decodes = plan.long_decodes
     workers = min(torch.get_num_threads(), len(long_decodes))
@@ -205,7 +216,8 @@ def _attend_cached(store: KVStore, layer: int, seq_id: object, q: torch.Tensor, 
     prompt chunk goes to the prefill kernel straight from its int8 rows (dequantized as they
     are packed, in one pass); elsewhere an int8 store's rows are dequantized first."""
     length = start + q.shape[0]
-    if store.quantized and q.shape[0] > 1 and attention_kernels.prefill_fused_available(q):
+    if store.quantized and q.shape[0] > 1 and attention_kernels.prefill_fused_available(q) \
+            and not store.shares(seq_id):
         keys, values, key_scales, value_scales = store.stored(layer, seq_id, length)
         return attention_kernels.prefill_fused(q, keys, values, start, scale, key_scales, value_scales)
     keys, values = store.view(layer, seq_id, length)

@@ -48,7 +48,7 @@ class BatchedPrefills:
             out.index_copy_(0, self.rows, padded.index_select(0, self.valid))
 
 
-def _padded(firsts: list[int], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_runs(firsts: list[int], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs of ``lengths[i]`` rows from ``firsts[i]``, padded to the longest: the rows
     [sequences * longest] (padding repeats a run's last row, always valid to read) and a
     bool mask [sequences, longest], True where a position is padding."""
@@ -60,13 +60,13 @@ def _padded(firsts: list[int], lengths: list[int]) -> tuple[torch.Tensor, torch.
 
 def batched_decodes(store: KVStore, rows: list[int], seq_ids: list[object], lengths: list[int]) -> BatchedDecodes:
     device = store.keys.device
-    index, padding = _padded([store.start_of(s) for s in seq_ids], lengths)
+    index, padding = padded_runs([store.start_of(s) for s in seq_ids], lengths)
     return BatchedDecodes(torch.tensor(rows, device=device), index.to(device), padding.to(device), max(lengths))
 
 
 def batched_prefills(first_rows: list[int], counts: list[int], device: torch.device) -> BatchedPrefills:
     longest = max(counts)
-    index, padding = _padded(first_rows, counts)
+    index, padding = padded_runs(first_rows, counts)
     valid = (~padding.reshape(-1)).nonzero().squeeze(1)
     future = torch.ones(longest, longest, dtype=torch.bool).triu(1)
     first = first_rows[0]

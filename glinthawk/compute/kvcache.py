@@ -14,6 +14,12 @@ The store keeps K/V in the model's dtype (``dtype``, what q, k and v arrive in a
 output leaves in) or, with ``kv_dtype=torch.int8``, quantized (``kvquant``): int8 rows plus
 one bf16 scale per token and KV head, ``[kv_heads, capacity_tokens]`` per layer beside K and
 V. Capacity is counted in tokens either way; ``bytes_per_token`` includes the scales.
+
+Shared prefixes: a sequence may be reserved *on* another one (``reserve(..., prefix=ID)``),
+whose slab holds the K/V of its first tokens (a system prompt, few-shot examples, the prompt
+of n samples). It then owns only the rows after them: the prefix is stored once, read by
+every sequence on it, and freed when the last of them is (``free`` of a prefix still in use
+waits for them).
 """
 
 from __future__ import annotations
@@ -35,11 +41,20 @@ class UnknownSequenceError(KeyError):
     """A sequence id that holds no reservation in this store."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Slab:
+    key: object  # the sequence id
     start: int
     reserved: int
     filled: int = 0  # high-water mark of written tokens (what compaction must move)
+    prefix: _Slab | None = None  # the slab holding this sequence's first tokens (a shared prefix)
+    users: int = 0  # sequences reserved on this slab as their prefix
+    freed: bool = False  # freed while in use as a prefix: goes when its last user does
+
+    @property
+    def offset(self) -> int:
+        """Tokens before this slab's first row: its prefix's."""
+        return self.prefix.reserved if self.prefix is not None else 0
 
 
 class KVStore:
@@ -106,18 +121,25 @@ class KVStore:
         return len(self._slabs)
 
     def __contains__(self, seq_id: object) -> bool:
-        return seq_id in self._slabs
+        slab = self._slabs.get(seq_id)
+        return slab is not None and not slab.freed
 
     def reserved(self, seq_id: object) -> int:
         return self._slab(seq_id).reserved
 
     # -- reserve / free ---------------------------------------------------------------
-    def reserve(self, seq_id: object, tokens: int) -> None:
-        """Set aside room for ``tokens`` tokens of ``seq_id`` (all layers)."""
+    def reserve(self, seq_id: object, tokens: int, prefix: object = None) -> None:
+        """Set aside room for ``tokens`` tokens of ``seq_id`` (all layers); with ``prefix``, its
+        tokens come after the whole of that (written) sequence's, which it reads but never writes."""
         if seq_id in self._slabs:
             raise ValueError(f"sequence {seq_id!r} already holds a KV reservation")
         if tokens <= 0:
             raise ValueError(f"a reservation needs at least one token, got {tokens}")
+        shared = None
+        if prefix is not None:
+            shared = self._slab(prefix)
+            if shared.filled < shared.reserved or shared.freed or shared.prefix is not None:
+                raise ValueError(f"sequence {seq_id!r}: prefix {prefix!r} is not a whole written sequence of its own")
         if tokens > self.free_tokens:
             raise KVCapacityError(
                 f"KV store full: sequence {seq_id!r} needs {tokens} tokens, {self.free_tokens} of "
@@ -132,13 +154,33 @@ class KVStore:
             del self._free[index]
         else:
             self._free[index] = (start + tokens, length - tokens)
-        self._slabs[seq_id] = _Slab(start, tokens)
+        self._slabs[seq_id] = _Slab(seq_id, start, tokens, prefix=shared)
+        if shared is not None:
+            shared.users += 1
 
     def free(self, seq_id: object) -> None:
-        slab = self._slabs.pop(seq_id, None)
-        if slab is None:
-            raise UnknownSequenceError(f"sequence {seq_id!r} holds no KV reservation")
+        slab = self._slab(seq_id)
+        slab.freed = True
+        if slab.users == 0:
+            self._drop(seq_id, slab)
+
+    def _drop(self, seq_id: object, slab: _Slab) -> None:
+        del self._slabs[seq_id]
         self._insert_free(slab.start, slab.reserved)
+        prefix = slab.prefix
+        if prefix is not None:
+            prefix.users -= 1
+            if prefix.freed and prefix.users == 0:
+                self._drop(prefix.key, prefix)
+
+    def prefix_of(self, seq_id: object) -> object:
+        """The sequence whose slab holds ``seq_id``'s first tokens, or None."""
+        prefix = self._slab(seq_id).prefix
+        return None if prefix is None else prefix.key
+
+    def shares(self, seq_id: object) -> bool:
+        """Whether ``seq_id`` reads a shared prefix (so its tokens are in two slabs)."""
+        return self._slab(seq_id).prefix is not None
 
     def _best_fit(self, tokens: int) -> int | None:
         best = None
@@ -174,23 +216,25 @@ class KVStore:
 
     # -- data -------------------------------------------------------------------------
     def _slab(self, seq_id: object) -> _Slab:
-        try:
-            return self._slabs[seq_id]
-        except KeyError:
-            raise UnknownSequenceError(f"sequence {seq_id!r} holds no KV reservation") from None
+        slab = self._slabs.get(seq_id)
+        if slab is None or slab.freed:
+            raise UnknownSequenceError(f"sequence {seq_id!r} holds no KV reservation")
+        return slab
 
     def claim(self, seq_ids: Sequence[object], starts: Sequence[int], counts: Sequence[int]) -> list[int]:
         """Check tokens start..start+count of each sequence against its reservation, record
-        them as written (the high-water mark), and return each sequence's first buffer row."""
+        them as written (the high-water mark), and return the buffer row of each sequence's
+        token 0 (for one on a prefix, where it would be: its own rows follow at token offset)."""
         slabs = [self._slab(seq_id) for seq_id in seq_ids]
         for seq_id, slab, start, count in zip(seq_ids, slabs, starts, counts):
-            if start < 0 or count < 0 or start + count > slab.reserved:
-                raise KVCapacityError(
-                    f"sequence {seq_id!r}: tokens {start}..{start + count} exceed its reservation of {slab.reserved}"
-                )
+            offset = slab.offset
+            if start < offset or count < 0 or start + count > offset + slab.reserved or slab.users:
+                held = f"tokens {offset}..{offset + slab.reserved} after its prefix" if offset else slab.reserved
+                raise KVCapacityError(f"sequence {seq_id!r}: tokens {start}..{start + count} exceed its reservation "
+                                      f"of {held}" + (" (a prefix in use is read-only)" if slab.users else ""))
         for slab, start, count in zip(slabs, starts, counts):  # all checked: nothing half-recorded
-            slab.filled = max(slab.filled, start + count)
-        return [slab.start for slab in slabs]
+            slab.filled = max(slab.filled, start + count - slab.offset)
+        return [slab.start - slab.offset for slab in slabs]
 
     def rows(self, seq_ids: Sequence[object], starts: Sequence[int], counts: Sequence[int]) -> torch.Tensor:
         """Buffer rows of tokens start..start+count of each sequence, packed in batch order
@@ -214,12 +258,25 @@ class KVStore:
             scales[layer].index_copy_(1, rows, scale)
 
     def start_of(self, seq_id: object) -> int:
+        """The first buffer row of ``seq_id``'s own slab (its token 0 unless it is on a prefix)."""
         return self._slab(seq_id).start
+
+    def token_rows(self, seq_id: object, length: int) -> torch.Tensor:
+        """Buffer rows of tokens 0..length-1 (int64, on the store's device): the prefix's, then its own."""
+        slab = self._slab(seq_id)
+        offset = slab.offset
+        own = torch.arange(slab.start, slab.start + length - offset)
+        if offset:
+            own = torch.cat([torch.arange(slab.prefix.start, slab.prefix.start + offset), own])
+        return own.to(self.keys.device)
 
     def stored(self, layer: int, seq_id: object, length: int) -> tuple[torch.Tensor, ...]:
         """The first ``length`` tokens as stored: keys and values, [kv_heads, length, head_dim]
-        views, and for an int8 store their scales, [kv_heads, length] views."""
+        views, and for an int8 store their scales, [kv_heads, length] views (a sequence on a
+        prefix: ``view`` or ``token_rows``, as its tokens are in two slabs)."""
         slab = self._slab(seq_id)
+        if slab.prefix is not None:
+            raise ValueError(f"sequence {seq_id!r} reads a shared prefix: its tokens are not one slab")
         if length > slab.filled:
             raise ValueError(f"sequence {seq_id!r}: asked for {length} cached tokens, only {slab.filled} written")
         rows = slice(slab.start, slab.start + length)
@@ -230,7 +287,13 @@ class KVStore:
 
     def view(self, layer: int, seq_id: object, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first ``length`` tokens in ``dtype``: two [kv_heads, length,
-        head_dim] views (an int8 store: dequantized copies)."""
+        head_dim] views (an int8 store, or a sequence on a shared prefix: copies)."""
+        slab = self._slab(seq_id)
+        if slab.prefix is not None:
+            if length - slab.offset > slab.filled:
+                raise ValueError(f"sequence {seq_id!r}: asked for {length} cached tokens, only "
+                                 f"{slab.offset + slab.filled} written")
+            return self.gather(layer, self.token_rows(seq_id, length))
         parts = self.stored(layer, seq_id, length)
         if not self.quantized:
             return parts
