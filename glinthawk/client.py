@@ -21,7 +21,8 @@ from glinthawk.net.codec import ProtocolError
 from glinthawk.net.connection import Connection, ConnectionClosed, client_handshake, open_connection
 from glinthawk.net.messages import MsgType
 from glinthawk.outputs import Output, OutputError, ResultWriter, count_lines
-from glinthawk.requests import MAX_LINE_BYTES, is_error, read_lines
+from glinthawk.requests import MAX_LINE_BYTES, read_lines
+from glinthawk.results import is_error
 
 log = logging.getLogger("glinthawk.client")
 LINES_PER_FRAME = 64

@@ -10,7 +10,6 @@ store in place of the Tier 2 nodes.
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
 from collections.abc import Callable, Iterable
 
 import torch
@@ -19,8 +18,10 @@ from glinthawk.compute.attention import AttentionPlan, attend_with
 from glinthawk.compute.kvcache import KVStore
 from glinthawk.compute.layers import warm_up
 from glinthawk.compute.loader import Model
-from glinthawk.requests import Request, RequestError, error_line, result_line
-from glinthawk.scheduling import Intake, RunStats
+from glinthawk.requests import Request, RequestError
+from glinthawk.results import error_line, result_line
+from glinthawk.prefix import PrefixCache
+from glinthawk.scheduling import FairQueue, Intake, RunStats
 from glinthawk.sequence import Sequence, commit_step, pack_step, plan_step
 from glinthawk.settings import StepSettings
 from glinthawk.step import StageWork, compute_stage, run_now, run_step
@@ -42,37 +43,79 @@ class Engine:
         warm_up(model, max_batch_tokens, max_seqs)
         self.intake = Intake(tokenizer, cfg.max_position_embeddings, cfg.vocab_size, kv_tokens)
         self.stats = RunStats()
+        self.waiting = FairQueue()  # one queue: the engine takes requests in order
+        self.prefixes = PrefixCache(enabled=settings.prefix_cache)
 
     def run(self, items: Iterable[Request | RequestError], emit: Emit) -> RunStats:
         """Generate for every item, calling ``emit`` with each output line as soon as it is ready."""
         source = iter(items)
-        waiting: deque[Sequence] = deque()
         running: list[Sequence] = []
         exhausted = False
         while True:
-            while not exhausted and len(waiting) <= self.max_seqs:
+            while not exhausted and len(self.waiting) <= self.max_seqs:
                 item = next(source, None)
                 if item is None:
                     exhausted = True
                     break
                 try:
-                    waiting.append(self.intake.admit(item))
+                    for member in self.intake.members(self.intake.admit(item)):
+                        self.waiting.append(0, member)
                 except RequestError as error:
                     self.stats.failed += 1
                     emit(error_line(error))
-            while waiting and len(running) < self.max_seqs and waiting[0].reserve_tokens <= self.store.free_tokens:
-                seq = waiting.popleft()
-                self.store.reserve(seq.id, seq.reserve_tokens)
-                running.append(seq)
+            self._admit(running)
             if not running:
-                if exhausted and not waiting:
+                if exhausted and not self.waiting:
+                    self._room_for(self.store.capacity_tokens)  # the run is over: its prefixes go too
                     return self.stats
                 continue
             for seq in self.step(running):
                 running.remove(seq)
+                if seq.holds is not None:  # a prefix is filled: its readers may come in
+                    seq.holds.ready = True
+                    continue
                 self.store.free(seq.id)
+                seq.unshare()
+                done = seq.completion(self.tokenizer)
+                if seq.samples is not None and not seq.samples.finish(seq, done):
+                    continue  # the request's other choices are still running
                 self.stats.finished += 1
-                emit(result_line(seq.request, seq.completion(self.tokenizer), self.model_name))
+                emit(result_line(seq.request, seq.samples.completions if seq.samples else done, self.model_name))
+
+    def _admit(self, running: list[Sequence]) -> None:
+        """Start waiting sequences in order while there is room; a prefix that several of them
+        share is filled first (by a holder of its own), then read by each."""
+        while self.waiting and len(running) < self.max_seqs:
+            seq = next(iter(self.waiting))
+            decision = self.prefixes.decide(seq, self.waiting.peers(seq))
+            if decision.kind == "wait":
+                return
+            if decision.kind == "fill":
+                if not self._room_for(decision.length):
+                    return
+                prefix = self.prefixes.add(seq.prompt_ids[:decision.length], seq)
+                self.store.reserve(prefix.holder.id, prefix.length)
+                running.append(prefix.holder)
+                continue
+            if decision.kind == "read":
+                seq.share(decision.ready[0])
+                self.prefixes.touch(seq.prefix)
+            if not self._room_for(seq.reserve_tokens):
+                seq.unshare()
+                return
+            self.waiting.take(0, seq)
+            tokens, *prefix = seq.room
+            self.store.reserve(seq.id, tokens, prefix=prefix[0] if prefix else None)
+            running.append(seq)
+
+    def _room_for(self, tokens: int) -> bool:
+        """Whether ``tokens`` fit the store, after taking back the room of unread prefixes if need be."""
+        idle = self.prefixes.idle()
+        while self.store.free_tokens < tokens and idle:
+            prefix = idle.pop(0)
+            self.prefixes.drop(prefix)
+            self.store.free(prefix.holder.id)
+        return self.store.free_tokens >= tokens
 
     @torch.inference_mode()
     def step(self, running: list[Sequence]) -> list[Sequence]:

@@ -39,6 +39,10 @@ def setting_options(cls: type, *, names: tuple[str, ...] | None = None, role: st
             elif kind is float:
                 kind = click.FloatRange(min=meta.get("minimum"))
             text = f"{role}: {meta['help']}" if role else meta["help"]
+            if kind is bool:  # a switch: --name / --no-name
+                f = click.option(f"{flag}/--no-{flag[2:]}", item.name, default=item.default, show_default=True,
+                                 help=text)(f)
+                continue
             f = click.option(flag, item.name, type=kind, default=item.default,
                              show_default=item.default is not None, help=text)(f)
         return f

@@ -14,7 +14,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from glinthawk.requests import completion_tokens, is_error
+from glinthawk.results import completion_tokens, is_error
 
 
 STDOUT = "-"  # as an output path: standard output

@@ -1,4 +1,4 @@
-"""Input and output lines: the plain JSONL form and the OpenAI Batch API form.
+"""Input lines: the plain JSONL form and the OpenAI Batch API form (output lines: ``results``).
 
 Parsing is strict: an unknown field, a wrong type or an out-of-range value becomes a
 ``RequestError`` for that line, never a silent default, and never stops the run.
@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from glinthawk import logprobs as lp
@@ -34,11 +32,12 @@ _SAMPLING_FIELDS = {
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
 }
 _LOGPROB_FIELDS = {"logprobs", "top_logprobs", "prompt_logprobs"}
-_PLAIN_FIELDS = {"custom_id", "prompt", "messages"} | _SAMPLING_FIELDS | _LOGPROB_FIELDS | STRUCTURED_FIELDS
+MAX_N = 128  # choices (n) one request may ask for
+_PLAIN_FIELDS = {"custom_id", "prompt", "messages", "n"} | _SAMPLING_FIELDS | _LOGPROB_FIELDS | STRUCTURED_FIELDS
 _OPENAI_FIELDS = {"custom_id", "method", "url", "body"}
 # Fields an OpenAI body may carry that change nothing here, with the only value we honour.
-_OPENAI_NEUTRAL = {"model": None, "n": 1, "stream": False, "user": None}
-_OPENAI_BODY_FIELDS = ({"prompt", "messages", "max_completion_tokens", "echo"} | _SAMPLING_FIELDS
+_OPENAI_NEUTRAL = {"model": None, "stream": False, "user": None}
+_OPENAI_BODY_FIELDS = ({"prompt", "messages", "max_completion_tokens", "echo", "n"} | _SAMPLING_FIELDS
                        | _LOGPROB_FIELDS | STRUCTURED_FIELDS | set(_OPENAI_NEUTRAL))
 # JSON lets "\ud800" escape half a surrogate pair: it decodes to a str that is not Unicode
 # text, which the tokenizer refuses and no result line can be encoded with.
@@ -62,6 +61,7 @@ class Request:
     echo: bool = False  # completions: the prompt comes back before the completion
     show_prompt_logprobs: bool = False  # the line asked for prompt_logprobs by that name
     structured: Constraint | None = None  # what the output must match (response_format, guided_*)
+    n: int = 1  # choices to generate (samples.py)
 
     @property
     def is_chat(self) -> bool:
@@ -217,6 +217,15 @@ def _sampling(fields: dict[str, Any], logprobs: dict[str, Any]) -> SamplingParam
     return SamplingParams(**kwargs)
 
 
+def _choices(fields: dict[str, Any]) -> int:
+    n = fields.get("n")
+    if n is None:
+        return 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
+        raise ValueError(f"'n' must be an integer from 1 to {MAX_N} (choices to generate), got {json.dumps(n)}")
+    return n
+
+
 def _list_of(value: Any, kind: type, name: str) -> list:
     if not isinstance(value, (list, tuple)) or any(not isinstance(v, kind) or isinstance(v, bool) for v in value):
         raise ValueError(f"'{name}' must be a list of {kind.__name__}")
@@ -252,7 +261,7 @@ def _parse_plain(obj: dict, number: int, custom_id: str) -> Request:
         raise ValueError("give exactly one of 'prompt' or 'messages'")
     request = Request(custom_id, number, PLAIN, _sampling(obj, lp.plain_fields(obj)), unset=_unset(obj),
                       show_prompt_logprobs=obj.get("prompt_logprobs") is not None,
-                      structured=from_fields(obj))
+                      structured=from_fields(obj), n=_choices(obj))
     if "prompt" in obj:
         request.prompt = _prompt(obj["prompt"])
     else:
@@ -284,7 +293,7 @@ def _parse_openai(obj: dict, number: int, custom_id: str) -> Request:
     request = Request(custom_id, number, OPENAI, _sampling(fields, logprobs), url=url,
                       model=model if isinstance(model, str) else None, unset=_unset(fields), echo=echo,
                       show_prompt_logprobs=body.get("prompt_logprobs") is not None,
-                      structured=from_fields(body))
+                      structured=from_fields(body), n=_choices(body))
     if url == CHAT_URL:
         if "prompt" in body:
             raise ValueError(f"{CHAT_URL} takes 'messages', not 'prompt'")
@@ -294,93 +303,3 @@ def _parse_openai(obj: dict, number: int, custom_id: str) -> Request:
             raise ValueError(f"{COMPLETIONS_URL} takes 'prompt', not 'messages'")
         request.prompt = _prompt(body.get("prompt"))
     return request
-
-
-@dataclass
-class Completion:
-    """What the engine produced for one request."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    logprobs: list[lp.TokenLogprob] | None = field(default=None, repr=False)
-    prompt_logprobs: list[lp.TokenLogprob] | None = field(default=None, repr=False)
-    prompt_text: str | None = None  # echo: the prompt, returned before the text
-
-
-def _plain_line(request: Request, done: Completion) -> dict[str, Any]:
-    line = {
-        "custom_id": request.custom_id,
-        "text": done.text,
-        "token_ids": done.token_ids,
-        "finish_reason": done.finish_reason,
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": len(done.token_ids),
-    }
-    if done.logprobs is not None:
-        line["logprobs"] = lp.plain_list(done.logprobs)
-    if done.prompt_logprobs is not None:
-        line["prompt_logprobs"] = lp.plain_list(done.prompt_logprobs)
-    return line
-
-
-def result_line(request: Request, done: Completion, model_name: str) -> dict[str, Any]:
-    completion_tokens = len(done.token_ids)
-    if request.form == PLAIN:
-        return _plain_line(request, done)
-    if request.is_chat:
-        obj, choice = "chat.completion", {"message": {"role": "assistant", "content": done.text}}
-    else:
-        text = done.text if done.prompt_text is None else done.prompt_text + done.text
-        obj, choice = "text_completion", {"text": text}
-    body = {
-        "id": ("chatcmpl-" if request.is_chat else "cmpl-") + uuid.uuid4().hex,
-        "object": obj,
-        "created": int(time.time()),
-        "model": request.model or model_name,
-        "choices": [{"index": 0, **choice, "logprobs": lp.choice_logprobs(
-            request.is_chat, done.logprobs, done.prompt_logprobs if request.echo else None, done.prompt_text),
-                     "finish_reason": done.finish_reason}],
-        "usage": {
-            "prompt_tokens": done.prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": done.prompt_tokens + completion_tokens,
-        },
-    }
-    if request.show_prompt_logprobs and done.prompt_logprobs is not None:
-        body["prompt_logprobs"] = lp.vllm_prompt_logprobs(done.prompt_logprobs)
-    return _openai_line(request.custom_id, 200, body)
-
-
-def error_line(error: RequestError) -> dict[str, Any]:
-    """The output line of a request that failed; ``line`` (its input line number) lets a
-    resumed run tell which line it answers, even one without a usable custom_id."""
-    if error.form == OPENAI:
-        body = {"error": {"message": error.message, "type": "invalid_request_error", "param": None, "code": None}}
-        line = _openai_line(error.custom_id, 400, body)
-    else:
-        line = {"custom_id": error.custom_id, "error": {"message": error.message}}
-    if error.line is not None:
-        line["line"] = error.line
-    return line
-
-
-def _openai_line(custom_id: str | None, status: int, body: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": "batch_req_" + uuid.uuid4().hex,
-        "custom_id": custom_id,
-        "response": {"status_code": status, "request_id": "req_" + uuid.uuid4().hex, "body": body},
-        "error": None,
-    }
-
-
-def completion_tokens(line: dict[str, Any]) -> int:
-    """Tokens a result line generated, in either form (0 for an error line)."""
-    if "completion_tokens" in line:
-        return int(line["completion_tokens"])
-    return int(((line.get("response") or {}).get("body") or {}).get("usage", {}).get("completion_tokens", 0))
-
-
-def is_error(line: dict[str, Any]) -> bool:
-    return "error" in line and (line["error"] is not None or line.get("response", {}).get("status_code") != 200)

@@ -14,6 +14,9 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 
+from glinthawk import samples
+from glinthawk.grammar import compiler_for
+from glinthawk.prefix import BLOCK_TOKENS, can_share
 from glinthawk.requests import Request, RequestError, internal_error
 from glinthawk.sequence import Sequence, StepBatch, new_sequence
 from glinthawk.tokenizer import Tokenizer
@@ -78,18 +81,42 @@ class Intake:
             )
         return seq
 
+    def members(self, seq: Sequence) -> list[Sequence]:
+        """``seq``'s request's sequences: n of them when it asks for n choices (``samples.py``)."""
+        structured = seq.request.structured
+        return samples.members(seq, lambda: compiler_for(self.tokenizer, self.vocab_size).matcher(structured))
+
 
 class FairQueue:
     """Sequences waiting for KV room: one FIFO per key (a batch), the keys taking turns.
 
     ``turns()`` offers each key's sequences in order, key after key starting with the one
     whose turn it is; ``served(key)`` sends a key to the back of the line once one of its
-    sequences was placed.
+    sequences was placed. ``peers(seq)``: the waiting sequences whose prompts start as its
+    does (a shared prefix in the making, prefix.py).
     """
 
     def __init__(self) -> None:
         self._queues: OrderedDict[Hashable, deque[Sequence]] = OrderedDict()
         self._size = 0
+        self._by_start: dict[tuple[int, ...], dict[int, Sequence]] = {}  # first block -> {id: sequence}
+
+    def peers(self, seq: Sequence) -> list[Sequence]:
+        """Waiting sequences (``seq`` aside) whose prompts share their first block with ``seq``'s."""
+        return [peer for peer in self._by_start.get(tuple(seq.prompt_ids[:BLOCK_TOKENS]), {}).values()
+                if peer is not seq]
+
+    def _indexed(self, seqs, add: bool) -> None:
+        for seq in seqs:
+            if not can_share(seq):
+                continue
+            start = tuple(seq.prompt_ids[:BLOCK_TOKENS])
+            if add:
+                self._by_start.setdefault(start, {})[seq.id] = seq
+            elif (same := self._by_start.get(start)) is not None:
+                same.pop(seq.id, None)
+                if not same:
+                    del self._by_start[start]
 
     def __len__(self) -> int:
         return self._size
@@ -108,12 +135,14 @@ class FairQueue:
     def append(self, key: Hashable, seq: Sequence) -> None:
         self._queues.setdefault(key, deque()).append(seq)
         self._size += 1
+        self._indexed([seq], add=True)
 
     def push_front(self, key: Hashable, seqs: list[Sequence]) -> None:
         """Put ``seqs`` (in order) at the head of ``key``'s queue: they were running before."""
         queue = self._queues.setdefault(key, deque())
         queue.extendleft(reversed(seqs))
         self._size += len(seqs)
+        self._indexed(seqs, add=True)
 
     def turns(self) -> Iterator[tuple[Hashable, deque[Sequence]]]:
         """Each key with its queue, in turn order (a snapshot: the caller may change the queues)."""
@@ -128,6 +157,7 @@ class FairQueue:
         queue = self._queues[key]
         queue.remove(seq)
         self._size -= 1
+        self._indexed([seq], add=False)
         del self._queues[key]
         if queue:
             self._queues[key] = queue
@@ -143,6 +173,7 @@ class FairQueue:
             else:
                 del self._queues[key]
         self._size -= len(dropped)
+        self._indexed(dropped, add=False)
         return dropped
 
     def clear(self) -> list[Sequence]:

@@ -13,6 +13,7 @@ import secrets
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,13 +21,23 @@ from glinthawk.compute.logprobs import Sampled, Scores
 from glinthawk.compute.sampling import SamplingParams
 from glinthawk.grammar import GrammarError, Matcher, compiler_for, fill_masks
 from glinthawk.logprobs import Scored, render
-from glinthawk.requests import Completion, Request, RequestError
+from glinthawk.requests import Request, RequestError
+from glinthawk.results import Completion
 from glinthawk.stops import StopState
 from glinthawk.tokenizer import Tokenizer, TokenizerError, TooManyTokens
+
+if TYPE_CHECKING:
+    from glinthawk.prefix import Prefix
+    from glinthawk.samples import Samples
 
 log = logging.getLogger("glinthawk.sequence")
 
 _ids = itertools.count()
+
+
+def next_id() -> int:
+    """A sequence id no other sequence of this process has (ids name sequences on the KV stores)."""
+    return next(_ids)
 
 
 @dataclass(eq=False)  # identity: a sequence is itself, however its fields compare
@@ -34,7 +45,7 @@ class Sequence:
     request: Request
     prompt_ids: list[int]
     seed: int
-    id: int = field(default_factory=lambda: next(_ids))
+    id: int = field(default_factory=next_id)
     generated: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the cache
     finish_reason: str | None = None
@@ -47,6 +58,13 @@ class Sequence:
     # Structured output: where the generated tokens stand in the request's grammar (advanced
     # only as tokens are committed, so it always matches ``generated``).
     matcher: Matcher | None = field(default=None, repr=False)
+    # Shared prefixes (prefix.py): the one this sequence reads its first tokens' KV from, or
+    # the one it fills (a holder, which generates nothing).
+    prefix: Prefix | None = field(default=None, repr=False)
+    holds: Prefix | None = field(default=None, repr=False)
+    # n samples (samples.py): the request's choices, and which of them this sequence is.
+    samples: Samples | None = field(default=None, repr=False)
+    sample_index: int = 0
 
     def __post_init__(self) -> None:
         if self.params.logprobs is not None:
@@ -60,9 +78,29 @@ class Sequence:
 
     @property
     def reserve_tokens(self) -> int:
-        """KV room the whole life of the sequence needs (the last sampled token is never cached;
-        a prompt only scored, max_tokens 0, is cached whole)."""
-        return len(self.prompt_ids) + max(self.params.max_tokens, 1) - 1
+        """KV room of its own the whole life of the sequence needs (the last sampled token is
+        never cached; a prompt only scored, max_tokens 0, is cached whole; a prefix it reads is not its own)."""
+        return len(self.prompt_ids) + max(self.params.max_tokens, 1) - 1 - self.prefix_tokens
+
+    @property
+    def prefix_tokens(self) -> int:
+        return self.prefix.length if self.prefix is not None else 0
+
+    @property
+    def room(self) -> list[int]:
+        """What a KV store reserves for it: [tokens], or [tokens, the id of the prefix's holder]."""
+        return [self.reserve_tokens] if self.prefix is None else [self.reserve_tokens, self.prefix.holder.id]
+
+    def share(self, prefix: Prefix) -> None:
+        """Read ``prefix``'s KV: its tokens count as cached, and prefill starts after them."""
+        self.prefix, self.num_cached = prefix, prefix.length
+        prefix.readers += 1
+
+    def unshare(self) -> None:
+        """Stop reading a prefix (the sequence ended, or its KV is lost and is to be rebuilt whole)."""
+        if self.prefix is not None:
+            self.prefix.readers -= 1
+            self.prefix, self.num_cached = None, 0
 
     @property
     def total_tokens(self) -> int:
@@ -114,8 +152,9 @@ class Sequence:
 
     @property
     def only_scored(self) -> bool:
-        """A prompt to score, nothing to generate (max_tokens 0): its last row is never sampled."""
-        return self.params.max_tokens == 0
+        """A prompt to score, nothing to generate (max_tokens 0), or a shared prefix to fill: its
+        last row is never sampled."""
+        return self.params.max_tokens == 0 or self.holds is not None
 
     def completion(self, tokenizer: Tokenizer) -> Completion:
         text = self.stop_text if self.stop_text is not None else tokenizer.decode(self.generated)

@@ -40,6 +40,9 @@ class StepSettings(_Settings):
 
     max_batch_tokens: int = setting(2048, "Tokens (decode + prefill chunks) per step.", minimum=1)
     max_seqs: int = setting(256, "Sequences running at once (on Tier 1: per micro-batch).", minimum=1)
+    prefix_cache: bool = setting(
+        True, "Keep the KV of a prompt prefix that several requests share once, and skip its prefill for each "
+        "(outputs are the same either way).")
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,12 @@ def to_args(settings: object) -> list[str]:
 def args_for(cls: type, values: dict[str, Any]) -> list[str]:
     """The command-line arguments for the entries of ``values`` that are fields of ``cls`` and not None."""
     return [arg for item in dataclasses.fields(cls) if (value := values.get(item.name)) is not None
-            for arg in (flag_of(item), str(value))]
+            for arg in (_switch(item, value) if isinstance(value, bool) else (flag_of(item), str(value)))]
+
+
+def _switch(item: dataclasses.Field, on: bool) -> tuple[str]:
+    flag = flag_of(item)
+    return (flag,) if on else ("--no-" + flag[2:],)
 
 
 def field_names(cls: type) -> tuple[str, ...]:

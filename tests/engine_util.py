@@ -11,7 +11,8 @@ from glinthawk.compute.kvcache import KVStore
 from glinthawk.compute.layers import forward, head
 from glinthawk.compute.sampling import SamplingParams
 from glinthawk.engine import Engine
-from glinthawk.requests import PLAIN, Request, is_error
+from glinthawk.requests import PLAIN, Request
+from glinthawk.results import is_error
 
 # The variant the session fixtures store as a sharded checkpoint (index + several files).
 SHARDED_VARIANT = "mistral"
@@ -27,8 +28,8 @@ PROMPTS = [
 ]
 
 
-def request(custom_id: str, prompt: str | list[int], line: int = 0, **params) -> Request:
-    return Request(custom_id, line, PLAIN, SamplingParams(**params), prompt=prompt)
+def request(custom_id: str, prompt: str | list[int], line: int = 0, n: int = 1, **params) -> Request:
+    return Request(custom_id, line, PLAIN, SamplingParams(**params), prompt=prompt, n=n)
 
 
 def run_engine(model, tokenizer, requests, kv_tokens: int = 4096, **engine_kwargs) -> tuple[dict[str, dict], Engine]:

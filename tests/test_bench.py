@@ -30,12 +30,14 @@ ROW_FIELDS = {
                  "decode_ratio", "end_to_end_ratio"],
     "pipeline": ["stages", "delay_ms", "micro_batches", "tok_s", "ratio_to_best_hand_picked", "ratio_to_one_stage"],
     "structured": ["constrained_tok_s", "unconstrained_tok_s", "ratio_constrained_to_unconstrained", "valid_json"],
+    "prefix": ["tok_s_without", "tok_s_with", "speedup", "peak_kv_tokens_without", "peak_kv_tokens_with", "kv_ratio",
+               "identical_outputs"],
 }
 TARGETS = {"limits": set(), "engine": {"roofline", "vs_hf", "long_context"},
            "kernels": {"attention", "attention_int8", "linear"},
            "cluster": {"vs_single"}, "latency": {"10ms", "50ms", "10ms_auto", "50ms_auto"},
            "memory": {"tier1_flat", "tier2_bound"}, "capacity": {"ratio_2048", "int8_batch"}, "pipeline": {"auto_count"},
-           "structured": {"vs_unconstrained"}}
+           "structured": {"vs_unconstrained"}, "prefix": {"throughput", "kv", "no_shared_prefix"}}
 
 
 @pytest.fixture(scope="module")

@@ -79,8 +79,8 @@ def test_tiny_kv_cache_runs_everything_one_or_two_at_a_time(llama):
     concurrent = []
     reserve = engine.store.reserve
 
-    def tracking_reserve(seq_id, tokens):
-        reserve(seq_id, tokens)
+    def tracking_reserve(seq_id, tokens, prefix=None):
+        reserve(seq_id, tokens, prefix=prefix)
         concurrent.append(engine.store.num_sequences)
 
     engine.store.reserve = tracking_reserve

@@ -15,9 +15,8 @@ from click.testing import CliRunner
 
 from glinthawk.cli import main
 from glinthawk.scheduling import Intake
-from glinthawk.requests import (
-    CHAT_URL, COMPLETIONS_URL, OPENAI, PLAIN, RequestError, error_line, is_error, parse_line, parse_stream,
-)
+from glinthawk.requests import CHAT_URL, COMPLETIONS_URL, OPENAI, PLAIN, RequestError, parse_line, parse_stream
+from glinthawk.results import error_line, is_error
 
 
 def parse(obj, number: int = 3):

@@ -14,7 +14,8 @@ from openai.types.chat import ChatCompletion
 from glinthawk.compute.logprobs import Sampled
 from glinthawk.compute.sampling import SamplingParams
 from glinthawk.compute.stages import head_and_sample
-from glinthawk.requests import RequestError, error_line, parse_line
+from glinthawk.requests import RequestError, parse_line
+from glinthawk.results import error_line
 from glinthawk.sequence import new_sequence, pack_step
 
 from cluster_util import distributed, engine_lines, losing_a_node, read_results

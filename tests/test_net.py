@@ -63,7 +63,7 @@ def address_range(buf: bytearray) -> tuple[int, int]:
 
 
 def test_message_types() -> None:
-    assert PROTOCOL_VERSION == 5
+    assert PROTOCOL_VERSION == 6
     assert MsgType.ATTN_OUT == "attn_out" and "attn_out" in KNOWN_TYPES
     names = {"HELLO", "WELCOME", "CAPACITY", "ATTN", "ATTN_OUT", "RELEASE", "SUBMIT", "RESULT"}
     assert names | {"ERROR", "PING", "PONG", "DRAIN", "DONE"} <= set(MsgType.__members__)

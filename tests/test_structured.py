@@ -15,7 +15,8 @@ import torch
 
 from glinthawk import grammar
 from glinthawk.compute.sampling import SamplingParams, sample
-from glinthawk.requests import is_error, parse_stream
+from glinthawk.requests import parse_stream
+from glinthawk.results import is_error
 
 from cluster_util import distributed, engine_lines, losing_a_node, read_results
 from pipeline_util import pipeline

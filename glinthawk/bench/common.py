@@ -426,7 +426,7 @@ def decode_rate(timeline: list[tuple[float, int, int]], sequences: int, total: i
 
 def check_results(lines: list[dict], expected_tokens: int) -> int:
     """Fail loudly if any request errored or generated a different number of tokens."""
-    from glinthawk.requests import is_error
+    from glinthawk.results import is_error
 
     errors = [line for line in lines if is_error(line)]
     if errors:

@@ -50,6 +50,10 @@ PIPELINE_QUICK = {"batch": 8, "prompt": 8, "new_tokens": 4, "stages": [1, 2], "m
 STRUCTURED = {"requests": 128, "max_tokens": 96, "max_batch_tokens": 2048}
 STRUCTURED_QUICK = {"requests": 128, "max_tokens": 64}
 
+PREFIX = {"requests": 512, "prefix": 1024, "suffix": 64, "new_tokens": 64, "max_seqs": 256, "max_batch_tokens": 2048}
+PREFIX_QUICK = {"requests": 32, "prefix": 256, "suffix": 16, "new_tokens": 8, "max_seqs": 32}
+
 # What ``glinthawk bench --help`` lists and ``--set`` accepts, suite by suite.
 DEFAULTS = {"limits": LIMITS, "engine": ENGINE, "kernels": KERNELS, "cluster": CLUSTER, "latency": LATENCY,
-            "memory": MEMORY, "capacity": CAPACITY, "pipeline": PIPELINE, "structured": STRUCTURED}
+            "memory": MEMORY, "capacity": CAPACITY, "pipeline": PIPELINE, "structured": STRUCTURED,
+            "prefix": PREFIX}

@@ -52,7 +52,7 @@ def constrained_lines(count: int, max_tokens: int) -> list[dict]:
 
 def _run(model, tokenizer, lines: list[dict], max_batch_tokens: int) -> tuple[float, list[dict]]:
     from glinthawk.engine import Engine
-    from glinthawk.requests import is_error
+    from glinthawk.results import is_error
 
     engine = Engine(model, tokenizer, kv_tokens=len(lines) * 512, max_batch_tokens=max_batch_tokens,
                     max_seqs=len(lines))

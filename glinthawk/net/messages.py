@@ -2,8 +2,8 @@
 
 from enum import StrEnum
 
-PROTOCOL_VERSION = 5  # 3: pipeline stages (HIDDEN, TOKENS, STEP_FAILED, NODES, STAGE_DOWN, RESET); 4: log-probs in them;
-# 5: Tier 2 nodes that join and leave (JOINED, LEAVE, LEFT)
+PROTOCOL_VERSION = 6  # 3: pipeline stages (HIDDEN, TOKENS, STEP_FAILED, NODES, STAGE_DOWN, RESET); 4: log-probs in them;
+# 5: Tier 2 nodes that join and leave (JOINED, LEAVE, LEFT); 6: reservations on a shared prefix ([id, tokens, holder])
 
 
 class MsgType(StrEnum):

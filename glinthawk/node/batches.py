@@ -15,7 +15,7 @@ from pathlib import Path
 
 from glinthawk.net.connection import Connection, ConnectionClosed
 from glinthawk.net.messages import MsgType
-from glinthawk.requests import completion_tokens
+from glinthawk.results import completion_tokens
 from glinthawk.scheduling import Intake
 from glinthawk.sequence import Sequence
 

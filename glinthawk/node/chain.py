@@ -89,9 +89,10 @@ class RemoteNode:
                 pass  # the stage is gone, and its nodes' KV with it
 
 
-def handoff_header(mb: int, batch: StepBatch, routes: Seq[Seq[RemoteNode]], reserve: dict[int, int]) -> dict:
+def handoff_header(mb: int, batch: StepBatch, routes: Seq[Seq[RemoteNode]], reserve: dict[int, list[int]]) -> dict:
     """A HIDDEN frame's header: the step's sequences, each one's node at every later stage
-    (``routes``, one tuple a sequence), the room to reserve for new ones, and what the last
+    (``routes``, one tuple a sequence), the room to reserve for new ones ([tokens] or [tokens,
+    the holder of the prefix they read], ``Sequence.room``), and what the last
     stage samples with (each row's log-prob alternatives, -1 for none) and, only where asked,
     the prompt rows it scores."""
     params, seeds, steps = batch.sampling()
@@ -99,7 +100,7 @@ def handoff_header(mb: int, batch: StepBatch, routes: Seq[Seq[RemoteNode]], rese
         "type": MsgType.HIDDEN, "mb": mb,
         "seqs": [[s.id, start, count] for s, start, count in zip(batch.seqs, batch.starts, batch.counts)],
         "route": [[route[stage].index for route in routes] for stage in range(len(routes[0]) if routes else 0)],
-        "reserve": [[seq_id, tokens] for seq_id, tokens in reserve.items()],
+        "reserve": [[seq_id, *room] for seq_id, room in reserve.items()],
         "sample": {"rows": batch.sample_rows.tolist(), "seeds": list(seeds), "steps": list(steps),
                    "params": [[p.temperature, p.top_p, p.top_k, p.min_p, _or_none(p.logprobs)] for p in params]},
     }
@@ -139,13 +140,15 @@ class StageBatch:
 
 
 def parse_handoff(header: dict, masks: torch.Tensor | None = None
-                  ) -> tuple[StageBatch, list[int], dict[int, int], dict]:
+                  ) -> tuple[StageBatch, list[int], dict[int, list[int]], dict]:
     """A HIDDEN header (and its frame's ``masks`` tensor) as (the step, this stage's node index
     per sequence, room to reserve, the header for the next stage); ProtocolError if it is malformed."""
     try:
         ids, starts, counts = ([int(s[i]) for s in header["seqs"]] for i in range(3))
         route = [int(i) for i in header["route"][0]]
-        reserve = {int(seq_id): int(tokens) for seq_id, tokens in header["reserve"]}
+        reserve = {int(entry[0]): [int(x) for x in entry[1:3]] for entry in header["reserve"]}
+        if any(not room for room in reserve.values()):
+            raise ValueError("a reservation without its tokens")
         sample = header["sample"]
         params = [SamplingParams(max_tokens=1, temperature=t, top_p=p, top_k=k, min_p=m,
                                  logprobs=None if lp < 0 else int(lp)) for t, p, k, m, lp in sample["params"]]

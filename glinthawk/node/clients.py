@@ -13,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+from glinthawk import samples
 from glinthawk.compute.loader import Model
 from glinthawk.net.codec import ProtocolError
 from glinthawk.net.connection import Connection, ConnectionClosed
@@ -21,7 +22,8 @@ from glinthawk.net.messages import MsgType
 from glinthawk.node.batches import Batch, unless_closed
 from glinthawk.node.membership import MEMBER_ROLES, serve_member
 from glinthawk.node.pool import Tier2Pool
-from glinthawk.requests import RequestError, error_line, parse_line
+from glinthawk.requests import RequestError, parse_line
+from glinthawk.results import error_line
 from glinthawk.scheduling import FairQueue, Intake, RunStats
 from glinthawk.settings import Tier1Settings
 from glinthawk.tokenizer import Tokenizer
@@ -113,7 +115,8 @@ class ClientService:
         """Drop a batch without results: its waiting requests leave the queue, its running ones
         leave their micro-batches at the next step, and its handler (a dead client's) stops."""
         for seq in batch.running.values():
-            del self.batch_of[seq.id]
+            for member in samples.of(seq):
+                self.batch_of.pop(member.id, None)
         self.waiting.remove_if(lambda seq: seq.id not in self.batch_of)
         batch.running.clear()
         batch.conn = None
@@ -207,8 +210,9 @@ class ClientService:
                 continue
             self.stats.admitted += 1
             batch.running[seq.request.custom_id] = seq
-            self.batch_of[seq.id] = batch
-            self.waiting.append(batch.id, seq)
+            for member in batch.intake.members(seq):  # n choices: n sequences
+                self.batch_of[member.id] = batch
+                self.waiting.append(batch.id, member)
         self.place_waiting()
 
 

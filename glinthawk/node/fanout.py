@@ -33,9 +33,9 @@ class Part:
 
 
 def split_by_node(links: Seq[Tier2Link], ids: Seq[int], starts: Seq[int], counts: Seq[int],
-                  reserve: dict[int, int]) -> list[Part]:
+                  reserve: dict[int, list[int]]) -> list[Part]:
     """The parts of a step whose i-th sequence (``ids[i]``, rows ``counts[i]``) lives on
-    ``links[i]``; ``reserve``: the room to reserve for sequences new to their node."""
+    ``links[i]``; ``reserve``: the room to reserve for sequences new to their node (``Sequence.room``)."""
     groups: dict[Tier2Link, list[int]] = {}
     for i, link in enumerate(links):
         groups.setdefault(link, []).append(i)
@@ -51,7 +51,7 @@ def split_by_node(links: Seq[Tier2Link], ids: Seq[int], starts: Seq[int], counts
             rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in members])
         parts.append(Part(link, rows, {
             "seqs": [[ids[i], starts[i], counts[i]] for i in members],
-            "reserve": [[ids[i], reserve[ids[i]]] for i in members if ids[i] in reserve],
+            "reserve": [[ids[i], *reserve[ids[i]]] for i in members if ids[i] in reserve],
         }))
     return parts
 

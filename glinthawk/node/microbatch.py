@@ -25,6 +25,7 @@ from glinthawk.compute.logprobs import Sampled
 from glinthawk.node.chain import RemoteNode, StageLost
 from glinthawk.node.fanout import Fanout, StepClock, attention_work, split_by_node
 from glinthawk.node.links import LinkLost, Tier2Link
+from glinthawk.prefix import Prefix
 from glinthawk.sequence import Sequence, StepBatch, commit_step, pack_step, plan_step
 from glinthawk.step import StageWork, run_step
 from glinthawk.tokenizer import Tokenizer
@@ -51,7 +52,7 @@ class Host(Protocol):
 
     def compute(self, work: StageWork) -> Awaitable[Any]: ...
 
-    def forward(self, mb: int, batch: StepBatch, routes: Seq[Route], reserve: dict[int, int],
+    def forward(self, mb: int, batch: StepBatch, routes: Seq[Route], reserve: dict[int, list[int]],
                 hidden: torch.Tensor) -> Awaitable[tuple[Sampled, list]]:
         """Hand a step's hidden states on to the next stage; its sampled tokens, and each later
         stage's (compute, wait) seconds (pipeline stages only)."""
@@ -67,6 +68,12 @@ class Host(Protocol):
 
     def place_waiting(self) -> None:
         """KV room was freed."""
+
+    def prefix_filled(self, prefix: Prefix) -> None:
+        """A shared prefix's holder is done: its readers may be placed (it keeps its room)."""
+
+    def prefix_gone(self, prefix: Prefix) -> None:
+        """A shared prefix's holder stopped before it was filled (its node was lost, its step failed)."""
 
     def requeue(self, seqs: list[Sequence]) -> None:
         """These sequences' node was lost: rebuild them elsewhere."""
@@ -108,6 +115,9 @@ class MicroBatch:
                 account.sequences -= 1
                 released.setdefault(account, []).append(seq.id)
             self.on_node.discard(seq.id)
+            seq.unshare()
+            if seq.holds is not None:
+                self.host.prefix_gone(seq.holds)
         return released
 
     async def run(self) -> None:
@@ -179,7 +189,7 @@ class MicroBatch:
         batch = pack_step(plan)
         ids = [s.id for s in batch.seqs]
         routes = [self.route_of[i] for i in ids]
-        reserve = {s.id: s.reserve_tokens for s in batch.seqs if s.id not in self.on_node}
+        reserve = {s.id: s.room for s in batch.seqs if s.id not in self.on_node}
         parts = split_by_node([route[0] for route in routes], ids, batch.starts, batch.counts, reserve)
         work = attention_work(batch.starts, batch.counts)
 
@@ -202,6 +212,13 @@ class MicroBatch:
     async def _deliver(self, finished: list[Sequence]) -> None:
         for seq in finished:
             self.seqs.remove(seq)
+        filled = [seq for seq in finished if seq.holds is not None]
+        for seq in filled:  # a prefix is filled: its holder leaves, its room stays (the prefix cache's now)
+            finished.remove(seq)
+            for account in self.route_of.pop(seq.id):
+                account.sequences -= 1
+            self.on_node.discard(seq.id)
+            self.host.prefix_filled(seq.holds)
         await self._release(finished)
         for seq in finished:
             try:

@@ -18,9 +18,7 @@ import asyncio
 import dataclasses
 import logging
 import tempfile
-import time
 import uuid
-from collections import deque
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
@@ -38,11 +36,15 @@ from glinthawk.node.chain import ChainEvents, Downstream, NextStage, handoff_hea
 from glinthawk.node.clients import ClientService
 from glinthawk.node.links import Tier2Link
 from glinthawk.node.merger import StageMerger
-from glinthawk.node.microbatch import MicroBatch, Route
+from glinthawk.node.microbatch import Account, MicroBatch, Route
 from glinthawk.node.pacing import Pacer
 from glinthawk.node.pipeline import LaterStages
+from glinthawk.node.placement import Placer
 from glinthawk.node.pool import Tier2Pool
-from glinthawk.requests import RequestError, error_line, result_line
+from glinthawk.node.status import Throughput, tier1_status
+from glinthawk.requests import RequestError
+from glinthawk.results import error_line, result_line
+from glinthawk.prefix import Prefix, PrefixCache
 from glinthawk.scheduling import FairQueue, RunStats
 from glinthawk.sequence import Sequence, StepBatch
 from glinthawk.settings import Tier1Settings
@@ -76,6 +78,8 @@ class Tier1Node(ClientService):
         self.tier2_addresses, self.netem, self.secret = tier2_addresses, netem, secret
         self.last_placed = 0.0  # event-loop time of the latest placement
         self.waiting = FairQueue()  # by batch id: batches take turns for KV room
+        self.prefixes = PrefixCache(enabled=self.settings.prefix_cache)
+        self.placer = Placer(self.prefixes, self._release_on)
         self._warned_too_large = False  # a waiting sequence fits no alive node (warned once until the queue empties)
         self.batches: dict[str, Batch] = {}
         self.batch_of: dict[int, Batch] = {}  # sequence id -> its batch
@@ -96,8 +100,7 @@ class Tier1Node(ClientService):
             self.downstream = Downstream(next_stage, model, self.settings, events, netem=netem, secret=secret)
         self.later = LaterStages(self._send_down)
         self.chain_down: str | None = None  # why the run stopped: a later stage is unreachable
-        self._started = time.monotonic()
-        self._token_samples: deque[tuple[float, int]] = deque(maxlen=11)  # (time, tokens) once a second
+        self.throughput = Throughput(lambda: self.generated_tokens)
         self.merger: StageMerger | None = None
         self.micro_batch_list: list[MicroBatch] = []
         self.pacer = Pacer(self.settings.micro_batches)  # how many of them take sequences
@@ -129,7 +132,7 @@ class Tier1Node(ClientService):
         if self.downstream is not None:
             await self._connect_downstream()
         self._spawn(self.pool.reconnect_forever())
-        self._spawn(self._sample_throughput())
+        self._spawn(self.throughput.sample_forever())
         self._server = await start_server(self._serve_client, host, port)
         return self._server.sockets[0].getsockname()[1]
 
@@ -156,9 +159,9 @@ class Tier1Node(ClientService):
                                            "requests not yet started are handed back (rerun with --resume)"})
                 except (ConnectionClosed, ConnectionError):
                     pass
-        for seq in self.waiting:
+        for seq in self.waiting:  # (a request with n choices some of which run is handed back whole)
             batch = self.batch_of.pop(seq.id)
-            del batch.running[seq.request.custom_id]
+            batch.running.pop(seq.request.custom_id, None)
             batch.maybe_finish()
         self.waiting.clear()
         deadline = asyncio.get_running_loop().time() + timeout_s
@@ -198,35 +201,9 @@ class Tier1Node(ClientService):
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _sample_throughput(self) -> None:
-        while True:
-            self._token_samples.append((time.monotonic(), self.generated_tokens))
-            await asyncio.sleep(1.0)
-
     def status(self) -> dict:
         """The live state of the cluster as Tier 1 sees it (for ``glinthawk status``)."""
-        samples = list(self._token_samples) + [(time.monotonic(), self.generated_tokens)]
-        (t0, n0), (t1, n1) = samples[0], samples[-1]
-        uptime = time.monotonic() - self._started
-        return {
-            "model": self.model_name,
-            "uptime_s": round(uptime, 1),
-            "busy_fraction": round(self.merger.stats.busy_seconds / max(uptime, 1e-9), 3) if self.merger else 0.0,
-            "tokens_per_s": round((n1 - n0) / max(t1 - t0, 1e-9), 1),
-            "generated_tokens": self.generated_tokens,
-            "requests": {"admitted": self.stats.admitted, "finished": self.stats.finished,
-                         "failed": self.stats.failed, "waiting": len(self.waiting), "running": len(self.batch_of)},
-            "batches": len(self.batches),
-            "micro_batches_in_flight": self.micro_batches_in_flight,
-            "micro_batches": self.pacer.count,  # how many take sequences (measured, unless given)
-            "tier2": [{  # every configured or joined node, reached or not, until it leaves
-                "address": address, "alive": bool(link and link.alive), "kv_tokens": link.capacity_tokens if link else 0,
-                "kv_tokens_used": link.used_tokens if link else 0, "sequences": link.sequences if link else 0,
-                "draining": bool(link and link.alive and link.draining), "joined": address in self.pool.joined,
-            } for address in self.pool.members for link in [self.links.get(address)]],
-            **({"layers": [self.model.layer_range.start, self.model.layer_range.stop], "stages": self.later.status(),
-                "stopped": self.chain_down} if self.downstream is not None else {}),
-        }
+        return tier1_status(self)
 
     @property
     def micro_batches_in_flight(self) -> int:
@@ -283,7 +260,7 @@ class Tier1Node(ClientService):
     def compute(self, work: StageWork):
         return self.merger.run(work, alone=self.micro_batches_in_flight == 1)
 
-    def forward(self, mb: int, batch: StepBatch, routes: Seq[Route], reserve: dict[int, int],
+    def forward(self, mb: int, batch: StepBatch, routes: Seq[Route], reserve: dict[int, list[int]],
                 hidden: torch.Tensor):
         return self.downstream.forward(mb, handoff_header(mb, batch, routes, reserve), hidden, batch.masks)
 
@@ -294,34 +271,52 @@ class Tier1Node(ClientService):
         return self.merger.loop_seconds() if self.merger is not None else 0.0
 
     def wanted(self, seq: Sequence) -> bool:
-        return seq.id in self.batch_of
+        return seq.id in self.batch_of or seq.holds is not None
+
+    def prefix_filled(self, prefix: Prefix) -> None:
+        prefix.ready = True
+
+    def prefix_gone(self, prefix: Prefix) -> None:
+        self.prefixes.drop(prefix)
+
+    def _release_on(self, node: Account, seq_ids: list[int]) -> None:
+        self._spawn(node.release(seq_ids))
 
     def record_step(self, batch: StepBatch) -> None:
         self.stats.record_step(batch)
 
     def place_waiting(self) -> None:
-        """Place queued sequences on the node with the most free KV room that can hold them, in
-        the micro-batch with the fewest sequences; batches take turns, each in its own order.
+        """Place queued sequences (``placement.Placer``: the node with the most free KV room that
+        can hold them, or the nodes of the shared prefix they read) in the micro-batch with the
+        fewest sequences; batches take turns, each in its own order.
 
         A sequence that waits for room holds back all others, so it is not starved; one that
         no alive node could hold even empty (the nodes large enough are gone) is passed over
-        until one (re)joins, so it does not stall the queue.
+        until one (re)joins, so it does not stall the queue; so is one whose prefix is being filled.
         """
         stages = [self.pool.placeable, *self.later.alive()]  # a sequence takes a node of each (not a leaving one)
         largest = min(max((node.capacity_tokens for node in nodes), default=0) for nodes in stages)
         placed = False
-        while all(stages) and (seq_key := self._next_placeable(largest)) is not None:
+        held_back: set[int] = set()  # waiting for a prefix to be filled
+        self.placer.drop_lost()
+        while all(stages) and (seq_key := self._next_placeable(largest, held_back)) is not None:
             key, seq = seq_key
-            route = tuple(max(fits, key=lambda node: node.free_tokens) for nodes in stages
-                          if (fits := [node for node in nodes if node.free_tokens >= seq.reserve_tokens]))
             mb = min(self.micro_batch_list[:self.pacer.count], key=lambda m: m.size)
-            if len(route) < len(stages) or mb.size >= self.settings.max_seqs:
+            if mb.size >= self.settings.max_seqs:
                 break
+            choice = self.placer.choose(seq, stages, self.waiting.peers(seq))
+            if choice.kind == "full":
+                break
+            if choice.kind != "go":  # its prefix is being filled (now, by the holder placed here)
+                held_back.add(seq.id)
+                if choice.kind == "fill":
+                    self._place(choice.prefix.holder, choice.route, mb)
+                    placed = True
+                continue
+            if choice.prefix is not None:
+                seq.share(choice.prefix)
             self.waiting.take(key, seq)
-            for node in route:
-                node.free_tokens -= seq.reserve_tokens
-            mb.add(seq, route)
-            self.last_placed = asyncio.get_running_loop().time()
+            self._place(seq, choice.route, mb)
             placed = True
         if not self.waiting:
             self._warned_too_large = False
@@ -331,10 +326,19 @@ class Tier1Node(ClientService):
             log.error("no Tier 2 node is alive (and not leaving)%s; %d requests wait until one (re)joins",
                       " in some stage" if len(stages) > 1 else "", len(self.waiting))
 
-    def _next_placeable(self, largest: int) -> tuple[str, Sequence] | None:
-        """The batch whose turn it is and its first sequence that an alive node could hold."""
+    def _place(self, seq: Sequence, route: Route, mb: MicroBatch) -> None:
+        for node in route:
+            node.free_tokens -= seq.reserve_tokens
+        mb.add(seq, route)
+        self.last_placed = asyncio.get_running_loop().time()
+
+    def _next_placeable(self, largest: int, held_back: set[int]) -> tuple[str, Sequence] | None:
+        """The batch whose turn it is and its first sequence that an alive node could hold (and
+        that does not wait for a prefix)."""
         for key, queue in self.waiting.turns():
             for seq in queue:
+                if seq.id in held_back:
+                    continue
                 if seq.reserve_tokens <= largest:
                     return key, seq
                 if not self._warned_too_large:
@@ -362,7 +366,13 @@ class Tier1Node(ClientService):
         batch = self.batch_of.pop(seq.id, None)
         if batch is None:
             return  # its batch was given up
-        del batch.running[seq.request.custom_id]
+        group = seq.samples
+        if group is not None:
+            if not group.finish(seq, None if error is not None else seq.completion(self.tokenizer), error):
+                return  # the request's other choices are still running
+            error = group.error
+        if batch.running.pop(seq.request.custom_id, None) is None:
+            return  # handed back (drain): a resumed run answers it
         try:
             if error is not None:
                 self.stats.failed += 1
@@ -371,6 +381,7 @@ class Tier1Node(ClientService):
                 await batch.deliver(line, True)
             else:
                 self.stats.finished += 1
-                await batch.deliver(result_line(seq.request, seq.completion(self.tokenizer), self.model_name), False)
+                done = group.completions if group is not None else seq.completion(self.tokenizer)
+                await batch.deliver(result_line(seq.request, done, self.model_name), False)
         finally:
             batch.maybe_finish()  # even if the line could not be delivered: the batch must still end

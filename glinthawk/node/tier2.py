@@ -253,9 +253,9 @@ class Tier2Node:
         starts = [int(s[1]) for s in seqs]
         counts = [int(s[2]) for s in seqs]
         check_shapes(store, q, k, v, sum(counts))  # before reserving: a refused frame holds no room
-        for seq_id, tokens in header.get("reserve", ()):
+        for seq_id, tokens, *prefix in header.get("reserve", ()):  # prefix: the holder of a shared prefix it reads
             if seq_id not in store:
-                store.reserve(seq_id, tokens)
+                store.reserve(seq_id, tokens, prefix=prefix[0] if prefix else None)
         plan = AttentionPlan.of(store, ids, starts, counts)
         if len(plans) >= _MAX_PLANS:
             del plans[next(iter(plans))]  # the least recently started step

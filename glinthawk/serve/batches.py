@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from glinthawk.requests import CHAT_URL, COMPLETIONS_URL, MAX_LINE_BYTES, is_error, read_lines
+from glinthawk.requests import CHAT_URL, COMPLETIONS_URL, MAX_LINE_BYTES, read_lines
+from glinthawk.results import is_error
 from glinthawk.serve.store import ApiError, new_id, not_found, read_json, write_json
 
 ENDPOINTS = (COMPLETIONS_URL, CHAT_URL)

@@ -21,7 +21,7 @@ from glinthawk.client import SubmitError, batch_id, submit
 from glinthawk.net.codec import ProtocolError
 from glinthawk.net.connection import ConnectionClosed, client_handshake, open_connection
 from glinthawk.net.messages import MsgType
-from glinthawk.requests import is_error
+from glinthawk.results import is_error
 from glinthawk.serve.batches import ACTIVE, BatchStore, split_results, usage_object, validate_input
 from glinthawk.serve.files import FileStore
 from glinthawk.serve.store import ApiError, new_id

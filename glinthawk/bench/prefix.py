@@ -1,0 +1,141 @@
+"""prefix: requests that share a long prompt prefix, with the prefix cache and without.
+
+Every request is one shared prefix plus a suffix of its own; both runs generate the same
+tokens from the same prompts (greedy, ``ignore_eos``), in one engine process, so the ratio
+of their tok/s is what the cache saves (the prefix's prefill done once per copy instead of
+once per request; its KV read once per decode step for all its readers) and the ratio of
+their peak KV is what it stores. A workload with no shared prefix runs both ways too: the
+cache must cost it nothing. ``n`` samples per prompt are not built yet (issue 20, item 2).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import click
+
+from glinthawk.bench import knobs
+from glinthawk.bench.common import BenchContext, parse_requests, ratio, target
+
+DEFAULTS, QUICK = knobs.PREFIX, knobs.PREFIX_QUICK
+DEVICES = ("cpu", "cuda")
+FIRST_ID = 3  # token ids below are the benchmark tokenizer's specials
+
+
+def workload(count: int, prefix: int, suffix: int, new_tokens: int, vocab: int, shared: bool) -> list[dict]:
+    """``count`` greedy requests of ``prefix + suffix`` token ids: one prefix for all (``shared``) or each its own."""
+    rng = random.Random(0)
+    start = [rng.randrange(FIRST_ID, vocab) for _ in range(prefix)]
+    lines = []
+    for i in range(count):
+        head = start if shared else [rng.randrange(FIRST_ID, vocab) for _ in range(prefix)]
+        tail = [rng.randrange(FIRST_ID, vocab) for _ in range(suffix)]
+        lines.append({"custom_id": f"r{i}", "prompt": head + tail, "max_tokens": new_tokens, "temperature": 0,
+                      "ignore_eos": True})
+    return lines
+
+
+def _run(model, tokenizer, lines: list[dict], settings: dict, cache: bool) -> dict:
+    """One engine run: seconds, generated tokens, the most KV tokens written at once, the prompt tokens computed."""
+    from glinthawk.engine import Engine
+    from glinthawk.results import is_error
+
+    engine = Engine(model, tokenizer, kv_tokens=settings["kv_tokens"], max_batch_tokens=settings["max_batch_tokens"],
+                    max_seqs=settings["max_seqs"], prefix_cache=cache)
+    peak = 0
+    inner = engine.step
+
+    def step(running):
+        nonlocal peak
+        finished = inner(running)
+        peak = max(peak, engine.store.filled_tokens)
+        return finished
+
+    engine.step = step
+    out: list[dict] = []
+    started = time.perf_counter()
+    engine.run(parse_requests(lines), out.append)
+    seconds = time.perf_counter() - started
+    if errors := [line for line in out if is_error(line)]:
+        raise click.ClickException(f"{len(errors)} benchmark requests failed, e.g. {errors[0]}")
+    return {"seconds": seconds, "tokens": sum(line["completion_tokens"] for line in out), "peak_kv_tokens": peak,
+            "prompt_tokens_computed": engine.stats.prompt_tokens,
+            "outputs": {line["custom_id"]: line["token_ids"] for line in out}}
+
+
+def _compare(model, tokenizer, lines: list[dict], settings: dict, repeats: int, name: str) -> dict:
+    """Both ways, back to back each repeat (a shared machine's load moves); the best of each, and whether they agree."""
+    best: dict[bool, dict] = {}
+    for _ in range(repeats):
+        for cache in (False, True):
+            result = _run(model, tokenizer, lines, settings, cache)
+            if cache not in best or result["seconds"] < best[cache]["seconds"]:
+                best[cache] = result
+    plain, cached = best[False], best[True]
+    return {
+        "workload": name, "requests": len(lines), "generated_tokens": plain["tokens"],
+        "tok_s_without": plain["tokens"] / plain["seconds"], "tok_s_with": cached["tokens"] / cached["seconds"],
+        "speedup": ratio(plain["seconds"], cached["seconds"]),
+        "peak_kv_tokens_without": plain["peak_kv_tokens"], "peak_kv_tokens_with": cached["peak_kv_tokens"],
+        "kv_ratio": ratio(plain["peak_kv_tokens"], cached["peak_kv_tokens"]),
+        "prompt_tokens_computed_without": plain["prompt_tokens_computed"],
+        "prompt_tokens_computed_with": cached["prompt_tokens_computed"],
+        "identical_outputs": sum(plain["outputs"][key] == cached["outputs"].get(key) for key in plain["outputs"])
+        / len(lines),
+    }
+
+
+def run(ctx: BenchContext) -> dict:
+    knob = ctx.knobs("prefix", DEFAULTS, QUICK)
+    model, tokenizer = ctx.load()
+    vocab = model.config.vocab_size
+    settings = {"max_batch_tokens": knob["max_batch_tokens"], "max_seqs": knob["max_seqs"],
+                "kv_tokens": knob["max_seqs"] * (knob["prefix"] + knob["suffix"] + knob["new_tokens"])}
+    shape = (knob["requests"], knob["prefix"], knob["suffix"], knob["new_tokens"], vocab)
+    _run(model, tokenizer, workload(4, *shape[1:], shared=True), settings, True)  # warm up
+    rows = [_compare(model, tokenizer, workload(*shape, shared=shared), settings, ctx.best_of, name)
+            for shared, name in ((True, "shared prefix"), (False, "no shared prefix"))]
+    shared, distinct = rows
+    kv_bytes = model.config.kv_bytes_per_token(model.embed_tokens.element_size())
+    return {
+        "config": {**knob, "device": ctx.device, "dtype": ctx.dtype, "kv_tokens": settings["kv_tokens"]},
+        "model": ctx.model_info(),
+        "baseline": {"speed": "the same requests without the prefix cache, same run"},
+        "results": rows,
+        "summary": {"speedup": shared["speedup"], "kv_ratio": shared["kv_ratio"],
+                    "peak_kv_bytes_without": shared["peak_kv_tokens_without"] * kv_bytes,
+                    "peak_kv_bytes_with": shared["peak_kv_tokens_with"] * kv_bytes,
+                    "no_shared_prefix_ratio": distinct["speedup"],
+                    "identical_outputs": min(row["identical_outputs"] for row in rows)},
+        "targets": {
+            "throughput": target(">= 3x tok/s with the cache (requests sharing a prefix)", shared["speedup"], 3.0),
+            "kv": target(">= 5x less peak KV with the cache", shared["kv_ratio"], 5.0),
+            "no_shared_prefix": target(">= 0.95 of the tok/s without the cache when nothing is shared",
+                                       distinct["speedup"], 0.95)},
+        "notes": ["single process (the engine's KV store is a Tier 2 node's); greedy, ignore_eos: both runs "
+                  "generate as many tokens; identical_outputs: the fraction of requests whose tokens are equal "
+                  "(float32: all; bfloat16: the prefix's K/V computed in another batch may round differently and "
+                  "flip a near-tie)",
+                  f"best of {ctx.best_of} repeats, each running both back to back",
+                  "n samples per prompt (n = 8 vs 8 requests) is not measured: n is not built yet"],
+        "table": ([("workload", "workload"), ("requests", "requests"), ("tok_s_without", "tok/s without"),
+                   ("tok_s_with", "tok/s with"), ("speedup", "speed-up"), ("peak_kv_tokens_without", "KV without"),
+                   ("peak_kv_tokens_with", "KV with"), ("kv_ratio", "KV ratio"), ("identical_outputs", "identical")], rows),
+    }
+
+
+def plot(result: dict, figure) -> None:
+    rows = result["results"]
+    left, right = figure.subplots(1, 2)
+    names = [row["workload"] for row in rows]
+    xs = range(len(rows))
+    left.bar([x - 0.2 for x in xs], [r["tok_s_without"] for r in rows], width=0.4, label="without cache")
+    left.bar([x + 0.2 for x in xs], [r["tok_s_with"] for r in rows], width=0.4, label="with cache")
+    left.set_xticks(list(xs), names, fontsize=8)
+    left.set_ylabel("generated tok/s")
+    left.legend(fontsize=8)
+    right.bar([x - 0.2 for x in xs], [r["peak_kv_tokens_without"] for r in rows], width=0.4)
+    right.bar([x + 0.2 for x in xs], [r["peak_kv_tokens_with"] for r in rows], width=0.4)
+    right.set_xticks(list(xs), names, fontsize=8)
+    right.set_ylabel("peak KV tokens")
