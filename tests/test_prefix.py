@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 
 from cluster_util import read_results
+from test_pipeline import four_layers  # noqa: F401 (a fixture)
 from engine_util import request, run_engine
 from glinthawk.client import submit
 from glinthawk.node.tier1 import Tier1Node
 from glinthawk.node.tier2 import Tier2Node
 from glinthawk.prefix import BLOCK_TOKENS, MIN_TOKENS, PrefixCache, shared_length
+from glinthawk.requests import parse_line
 from glinthawk.sequence import Sequence
 
 SYSTEM = list(range(3, 3 + 70))  # 70 prompt tokens every request starts with
@@ -174,3 +176,27 @@ async def test_losing_a_node_rebuilds_the_readers_of_its_prefix(checkpoint, tmp_
     with_loss, tier1, _ = await two_tier(checkpoint, tmp_path, lines, kill_after_steps=4)
     assert_same(with_loss, without)
     assert "sequences on a lost Tier 2 node go back to the queue" in caplog.text
+
+
+async def test_pipeline_stages_read_a_prefix_on_every_stage(four_layers, tmp_path):
+    """Two stages, two Tier 2 nodes each: readers and n choices give the engine's tokens, the
+    prefix is filled once per copy on each stage's nodes, and every node's KV is given back."""
+    from glinthawk.compute.loader import load_model
+    from glinthawk.tokenizer import Tokenizer
+    from pipeline_util import pipeline
+
+    directory = four_layers("llama_gqa")
+    model, tokenizer = load_model(directory, dtype="float32", device="cpu"), Tokenizer(directory)
+    lines = as_lines(requests(12)) + [{"custom_id": "n", "prompt": SYSTEM + [9], "n": 3, "max_tokens": 5,
+                                       "temperature": 0.7, "seed": 4, "ignore_eos": True}]
+    path, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    engine, _ = run_engine(model, tokenizer, [parse_line(i + 1, json.dumps(line).encode())
+                                              for i, line in enumerate(lines)], prefix_cache=False)
+    async with pipeline(directory, [2], nodes_per_stage=2, micro_batches=2, max_batch_tokens=128) as p:
+        await submit(path, "127.0.0.1", p.port, out, progress=False)
+        assert p.tier1.stats.prompt_tokens < sum(len(line["prompt"]) for line in lines) - 10 * 64
+        p.tier1.placer.evict_all()
+        await asyncio.sleep(0.2)
+        assert all(node.session.store.num_sequences == 0 for nodes in p.tier2 for node in nodes if node.session)
+    assert_same(read_results(out), engine)

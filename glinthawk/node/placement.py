@@ -98,6 +98,11 @@ class Placer:
             node.free_tokens += prefix.length
             self.release(node, [prefix.holder.id])
 
+    def evict_all(self) -> None:
+        """Give back every prefix no sequence reads."""
+        for prefix in self.prefixes.idle():
+            self.evict(prefix)
+
     def drop_lost(self) -> None:
         """Forget prefixes on a node that is gone; a filled one's room goes back on its other nodes
         (one still filling is its micro-batch's to give back)."""
