@@ -96,7 +96,9 @@ def attention_path(request, monkeypatch):
     if request.param.startswith("fused"):
         if attention_kernels._attention is None:
             pytest.skip("the C decode-attention kernel is not built (no C compiler at install time)")
-        widest = {"fused": 2, "fused-avx512": 1, "fused-portable": 0}[request.param]
+        kernel = attention_kernels._attention
+        widest = {"fused": kernel.LEVEL_AVX512_BF16, "fused-avx512": kernel.LEVEL_AVX512F,
+                  "fused-portable": kernel.LEVEL_PORTABLE}[request.param]
         monkeypatch.setattr(attention_kernels, "KERNEL_WIDEST", widest)
     else:
         monkeypatch.setattr(attention_kernels, "_attention", None)
