@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from glinthawk import omp
 from glinthawk.settings import LOCAL_TIER2_NODES, NetemSettings, Tier1Settings, Tier2Settings, split, to_args
+from glinthawk.threads import CoreShares
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
@@ -187,37 +187,19 @@ class LocalCluster:
         host, port = self.nodes[-1].address.rsplit(":", 1)
         return host, int(port)
 
-    def threads_for(self, name: str) -> int:
-        """Torch threads for node ``name``: all nodes share this machine's cores.
+    @property
+    def shares(self) -> CoreShares:
+        """Each node's threads and spin-wait (``glinthawk.threads``): all share this machine's cores."""
+        return CoreShares(len(self.stages), self.tier2_nodes, self.in_flight)
 
-        A pool of full width in every node would oversubscribe the cores, and spinning pools
-        slow every node several times over, so each gets an equal share. With one
-        micro-batch in flight the tiers take turns, so Tier 1, whose matmuls are most of the
-        work, gets every core (measured with 1 Tier 2 node on 2 cores, bf16: 0.49 of the
-        single process against 0.39 with 1 thread each; 0.12 with 2 threads everywhere).
-        """
-        cores = os.cpu_count() or 1
-        if name == "tier1" and self.in_flight == 1 and len(self.stages) == 1:
-            return cores
-        return max(1, cores // (len(self.stages) * (self.tier2_nodes + 1)))
+    def threads_for(self, name: str) -> int:
+        return self.shares.threads_for(name)
 
     def spin_rounds_for(self, name: str) -> int:
-        """libgomp spin-wait rounds for node ``name``: all nodes share this machine's cores.
-
-        While a node waits for the others, its OpenMP workers spin on all but one of its
-        threads' cores. libgomp's long default keeps them awake for its next stage where the
-        nodes working meanwhile fit on the cores left; where they do not, they would wait for
-        the spinning workers (measured in docs/PERFORMANCE.md).
-        """
-        cores = os.cpu_count() or 1
-        others = (self.tier2_nodes * self.threads_for("tier2") if name == "tier1"
-                  else self.threads_for("tier1"))
-        held = self.threads_for(name) - 1
-        return omp.LIBGOMP_SPIN_ROUNDS if others <= cores - held else omp.SHARED_CORES_SPIN_ROUNDS
+        return self.shares.spin_rounds_for(name)
 
     def env_for(self, name: str) -> dict[str, str]:
-        """Node ``name``'s environment: this one, with its spin-wait (unless the user set one)."""
-        return {**os.environ, **omp.child_spin_env(self.spin_rounds_for(name))}
+        return self.shares.env_for(name)
 
     def _spawn(self, name: str, args: list[str], listen: str = "127.0.0.1:0") -> NodeProcess:
         ready = self.log_dir / f"{name}.addr"

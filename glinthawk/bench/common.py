@@ -39,6 +39,7 @@ import torch
 from glinthawk.cluster import stop_process
 from glinthawk.compute.loader import cpu_info
 from glinthawk.settings import StepSettings
+from glinthawk.threads import THREAD_VARIABLES
 
 SCHEMA_VERSION = 1
 
@@ -256,16 +257,6 @@ def machine_facts() -> dict[str, Any]:
         "cuda": torch.cuda.is_available(),
         "gpu_model": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
-
-
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def set_threads(threads: int) -> None:
-    """Torch threads in this process and, through the environment, in every node process it starts."""
-    torch.set_num_threads(threads)
-    for name in THREAD_VARIABLES:
-        os.environ[name] = str(threads)
 
 
 def _meminfo(key: str) -> int | None:
