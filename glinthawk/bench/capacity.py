@@ -31,16 +31,12 @@ import tempfile
 from pathlib import Path
 
 from glinthawk.bench import capacity_int8, knobs
-from glinthawk.bench.common import (
-    BenchContext,
-    ratio,
-    render_table,
-    request_lines,
-    run_engine,
-    run_two_tier_inprocess,
-    target,
-    token_prompts,
-)
+from glinthawk.bench.context import BenchContext
+from glinthawk.bench.measure import ratio, target
+from glinthawk.bench.nodes import run_two_tier_inprocess
+from glinthawk.bench.report import render_table
+from glinthawk.bench.runs import run_engine
+from glinthawk.bench.workloads import request_lines, token_prompts
 
 DEFAULTS, QUICK = knobs.CAPACITY, knobs.CAPACITY_QUICK
 MIB = 1 << 20

@@ -58,7 +58,8 @@ def bench(suite, quick, out_dir, dtype, device, model_dir, repeats, threads, set
     _require_bench_extra()
     import torch
 
-    from glinthawk.bench.common import BenchContext, run_suite
+    from glinthawk.bench.context import BenchContext
+    from glinthawk.bench.report import run_suite
     from glinthawk.compute.loader import auto_dtype
     from glinthawk.threads import use_threads
 

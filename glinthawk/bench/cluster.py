@@ -18,16 +18,11 @@ from pathlib import Path
 import torch
 
 from glinthawk.bench import knobs
-from glinthawk.bench.common import (
-    BenchContext,
-    ratio,
-    request_lines,
-    run_engine,
-    run_local_cluster,
-    run_two_tier_inprocess,
-    target,
-    token_prompts,
-)
+from glinthawk.bench.context import BenchContext
+from glinthawk.bench.measure import ratio, target
+from glinthawk.bench.nodes import run_local_cluster, run_two_tier_inprocess
+from glinthawk.bench.runs import run_engine
+from glinthawk.bench.workloads import request_lines, token_prompts
 from glinthawk.cluster import LocalCluster
 
 DEFAULTS, QUICK = knobs.CLUSTER, knobs.CLUSTER_QUICK

@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from glinthawk.bench import knobs, limits
-from glinthawk.bench.common import BenchContext, best_of, ratio, target
+from glinthawk.bench.context import BenchContext
+from glinthawk.bench.measure import best_of, ratio, target
 from glinthawk.compute import sampling
 from glinthawk.compute.sampling import SamplingParams
 

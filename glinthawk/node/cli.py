@@ -96,7 +96,7 @@ def main(role, listen, ready_file, log_level, log_format, metrics_port, threads,
             raise click.UsageError("--join and --advertise are for --role tier2")
         node = _tier1_node(settings, tier2_nodes, model_dir, dtype, device, netem, secret, layers, next_stage)
     try:
-        run(_serve(node, host, port, ready_file, metrics_port))
+        run(serve_node(node, host, port, ready_file, metrics_port))
     except ConnectionError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -157,7 +157,7 @@ def _layer_range(layers: str | None) -> range | None:
     return range(int(first), int(stop))
 
 
-async def _serve(node, host: str, port: int, ready_file: Path | None, metrics_port: int | None) -> None:
+async def serve_node(node, host: str, port: int, ready_file: Path | None, metrics_port: int | None) -> None:
     """Start ``node``, announce readiness, and run until SIGTERM/SIGINT, then shut down cleanly."""
     try:
         bound = await node.start(host, port)
