@@ -1,11 +1,11 @@
-"""Thread policy for the attention paths: the C kernels' OpenMP hookup, the split of a
-kernel call's work over threads, and our own pool where torch's OpenMP threads are not ours.
+"""How the attention paths split one kernel call's work over the process's threads, and our
+own pool where torch's OpenMP threads are not ours.
 
-How many threads a process has, and whose they are, is ``glinthawk.threads``; this module
-splits one kernel call's work over them. The C kernels run their slices on torch's own
-OpenMP threads where ``threads.hook_openmp`` found torch's libgomp: those threads are still
-spinning after the matmul before, and a thread of ours would have to wait for the core one
-of them holds. Elsewhere each slice is one call on a pool of our own.
+How many threads a process has, and whose they are, is ``glinthawk.threads``. The C
+kernels run their slices on torch's own OpenMP threads where ``threads.hook_openmp`` found
+torch's libgomp: those threads are still spinning after the matmul before, and a thread of
+ours would have to wait for the core one of them holds. Elsewhere each slice is one call on
+a pool of our own.
 """
 
 from __future__ import annotations
