@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from glinthawk import omp
 from glinthawk.settings import LOCAL_TIER2_NODES, NetemSettings, Tier1Settings, Tier2Settings, split, to_args
+from glinthawk.threads import CoreShares
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
@@ -80,6 +80,34 @@ class NodeProcess:
         code = self.process.returncode
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         return f"{self.name} {how}; log {self.log_path}:\n{self.log_tail()}"
+
+
+def spawn_node(name: str, args: list[str], log_dir: Path, options: list[str] | tuple = (), *,
+               env: dict[str, str] | None = None, module: str = "glinthawk.node") -> NodeProcess:
+    """Start ``python -m module args options --ready-file F`` (a node, by default), its output
+    appended to ``log_dir/NAME.log``; ``wait_ready`` waits for it. ``args``: what starts it
+    again (``NodeProcess.args``)."""
+    ready = log_dir / f"{name}.addr"
+    ready.unlink(missing_ok=True)
+    log_path = log_dir / f"{name}.log"
+    command = [sys.executable, "-m", module, *args, *options, "--ready-file", str(ready)]
+    with open(log_path, "ab") as log:  # a restarted node's log goes on after its first life's
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=env, preexec_fn=_die_with_parent, start_new_session=True)
+    return NodeProcess(name, process, log_path, ready, args=args)
+
+
+def wait_ready(node: NodeProcess, timeout_s: float = READY_TIMEOUT_S) -> str:
+    """``node``'s address once it has written its ready file; ClusterError if it exits or times out first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if node.ready_file.exists():
+            node.address = node.ready_file.read_text().strip()
+            return node.address
+        if node.process.poll() is not None:
+            raise ClusterError(f"a node failed to start: {node.exit_report()}")
+        time.sleep(0.05)
+    raise ClusterError(f"{node.name} not ready after {timeout_s:.0f} s; log {node.log_path}")
 
 
 def stage_layers(stages: int | str | None, num_layers: int) -> list[range]:
@@ -145,7 +173,7 @@ class LocalCluster:
         first = len(self.nodes)
         for i in range(self.tier2_nodes):  # each in self.nodes at once: stop() covers it if the next fails
             self.nodes.append(self._spawn(f"{prefix}tier2-{i}", ["--role", "tier2", *self.tier2.kv_args]))
-        addresses = ",".join(self._wait_ready(node) for node in self.nodes[first:])
+        addresses = ",".join(wait_ready(node) for node in self.nodes[first:])
         layers = self.stages[index]
         args = ["--role", "tier1", "--model", str(self.model_dir), "--tier2", addresses, "--dtype", self.dtype,
                 "--device", self.device, *to_args(dataclasses.replace(self.tier1, micro_batches=self.in_flight))]
@@ -154,7 +182,7 @@ class LocalCluster:
         if next_stage is not None:
             args += ["--next", next_stage]
         self.nodes.append(self._spawn(f"stage-{index}" if index else "tier1", args))
-        return self._wait_ready(self.nodes[-1])
+        return wait_ready(self.nodes[-1])
 
     def __exit__(self, exc_type: type | None, *exc: object) -> None:
         self.close(clean=exc_type is None)
@@ -187,63 +215,25 @@ class LocalCluster:
         host, port = self.nodes[-1].address.rsplit(":", 1)
         return host, int(port)
 
-    def threads_for(self, name: str) -> int:
-        """Torch threads for node ``name``: all nodes share this machine's cores.
+    @property
+    def shares(self) -> CoreShares:
+        """Each node's threads and spin-wait (``glinthawk.threads``): all share this machine's cores."""
+        return CoreShares(len(self.stages), self.tier2_nodes, self.in_flight)
 
-        A pool of full width in every node would oversubscribe the cores, and spinning pools
-        slow every node several times over, so each gets an equal share. With one
-        micro-batch in flight the tiers take turns, so Tier 1, whose matmuls are most of the
-        work, gets every core (measured with 1 Tier 2 node on 2 cores, bf16: 0.49 of the
-        single process against 0.39 with 1 thread each; 0.12 with 2 threads everywhere).
-        """
-        cores = os.cpu_count() or 1
-        if name == "tier1" and self.in_flight == 1 and len(self.stages) == 1:
-            return cores
-        return max(1, cores // (len(self.stages) * (self.tier2_nodes + 1)))
+    def threads_for(self, name: str) -> int:
+        return self.shares.threads_for(name)
 
     def spin_rounds_for(self, name: str) -> int:
-        """libgomp spin-wait rounds for node ``name``: all nodes share this machine's cores.
-
-        While a node waits for the others, its OpenMP workers spin on all but one of its
-        threads' cores. libgomp's long default keeps them awake for its next stage where the
-        nodes working meanwhile fit on the cores left; where they do not, they would wait for
-        the spinning workers (measured in docs/PERFORMANCE.md).
-        """
-        cores = os.cpu_count() or 1
-        others = (self.tier2_nodes * self.threads_for("tier2") if name == "tier1"
-                  else self.threads_for("tier1"))
-        held = self.threads_for(name) - 1
-        return omp.LIBGOMP_SPIN_ROUNDS if others <= cores - held else omp.SHARED_CORES_SPIN_ROUNDS
+        return self.shares.spin_rounds_for(name)
 
     def env_for(self, name: str) -> dict[str, str]:
-        """Node ``name``'s environment: this one, with its spin-wait (unless the user set one)."""
-        return {**os.environ, **omp.child_spin_env(self.spin_rounds_for(name))}
+        return self.shares.env_for(name)
 
     def _spawn(self, name: str, args: list[str], listen: str = "127.0.0.1:0") -> NodeProcess:
-        ready = self.log_dir / f"{name}.addr"
-        ready.unlink(missing_ok=True)
-        log_path = self.log_dir / f"{name}.log"
-        netem = to_args(self.netem)
+        options = ["--listen", listen, "--threads", str(self.threads_for(name)), *to_args(self.netem)]
         if self.secret_file:
-            netem += ["--secret-file", str(self.secret_file)]
-        threads = self.threads_for(name)
-        command = [sys.executable, "-m", "glinthawk.node", *args, "--listen", listen,
-                   "--ready-file", str(ready), "--threads", str(threads), *netem]
-        with open(log_path, "ab") as log:  # a restarted node's log goes on after its first life's
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=self.env_for(name), preexec_fn=_die_with_parent, start_new_session=True)
-        return NodeProcess(name, process, log_path, ready, args=args)
-
-    def _wait_ready(self, node: NodeProcess) -> str:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if node.ready_file.exists():
-                node.address = node.ready_file.read_text().strip()
-                return node.address
-            if node.process.poll() is not None:
-                raise ClusterError(f"a node failed to start: {node.exit_report()}")
-            time.sleep(0.05)
-        raise ClusterError(f"{node.name} not ready after {READY_TIMEOUT_S:.0f} s; log {node.log_path}")
+            options += ["--secret-file", str(self.secret_file)]
+        return spawn_node(name, args, self.log_dir, options, env=self.env_for(name))
 
     def check_alive(self) -> None:
         """Raise ClusterError once the cluster cannot go on: a Tier 1 stage has died, or every
@@ -294,7 +284,7 @@ class LocalCluster:
         if node is self.nodes[-1] or node.process.poll() is None:
             raise ValueError(f"{name} is Tier 1 or still running")
         self.nodes[index] = fresh = self._spawn(name, node.args, listen=node.address)
-        self._wait_ready(fresh)
+        wait_ready(fresh)
 
 
 def _num_layers(model_dir: Path) -> int:

@@ -96,10 +96,25 @@ def attention_path(request, monkeypatch):
     if request.param.startswith("fused"):
         if attention_kernels._attention is None:
             pytest.skip("the C decode-attention kernel is not built (no C compiler at install time)")
-        widest = {"fused": 2, "fused-avx512": 1, "fused-portable": 0}[request.param]
+        kernel = attention_kernels._attention
+        widest = {"fused": kernel.LEVEL_AVX512_BF16, "fused-avx512": kernel.LEVEL_AVX512F,
+                  "fused-portable": kernel.LEVEL_PORTABLE}[request.param]
         monkeypatch.setattr(attention_kernels, "KERNEL_WIDEST", widest)
     else:
         monkeypatch.setattr(attention_kernels, "_attention", None)
         # With a low limit some decodes take the padded-batch path and some the per-sequence one.
         monkeypatch.setattr(attention, "BATCHED_DECODE_MAX_CONTEXT", 8 if request.param == "torch-batched" else 0)
     return request.param
+
+
+@pytest.fixture(scope="session")
+def four_layers(tmp_path_factory):
+    """``four_layers(variant) -> Path``: a 4-layer checkpoint (enough layers for 3 pipeline stages)."""
+    built = {}
+
+    def get(variant: str = "llama_gqa"):
+        if variant not in built:
+            built[variant] = build_checkpoint(tmp_path_factory.mktemp(variant), variant, layers=4, seed=5)
+        return built[variant]
+
+    return get

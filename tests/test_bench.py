@@ -14,7 +14,10 @@ pytest.importorskip("transformers")
 
 from glinthawk.bench import SUITES
 from glinthawk.bench.cli import bench
-from glinthawk.bench.common import Roofline, decode_rate, parse_knob, render_table
+from glinthawk.bench.context import parse_knob
+from glinthawk.bench.measure import Roofline
+from glinthawk.bench.report import render_table
+from glinthawk.bench.runs import decode_rate
 from glinthawk.compute.loader import fast_bfloat16_cpu
 
 # Per suite: fields every result row (or the named rows) must carry, ratios first.

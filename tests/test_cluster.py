@@ -310,14 +310,14 @@ def test_local_cluster_spins_where_the_cores_allow(monkeypatch, tmp_path, cores,
                                                    tier1_long, tier2_long):
     import os
 
-    from glinthawk import omp
+    from glinthawk import threads
     from glinthawk.cluster import LocalCluster
 
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     cluster = LocalCluster(tmp_path, tier2_nodes=tier2_nodes, micro_batches=micro_batches)
-    expected = {True: omp.LIBGOMP_SPIN_ROUNDS, False: omp.SHARED_CORES_SPIN_ROUNDS}
+    expected = {True: threads.LIBGOMP_SPIN_ROUNDS, False: threads.SHARED_CORES_SPIN_ROUNDS}
     assert cluster.spin_rounds_for("tier1") == expected[tier1_long]
     assert cluster.spin_rounds_for("tier2-0") == expected[tier2_long]
     # The long spin is libgomp's default: nothing to pass. The short one goes as GOMP_SPINCOUNT.

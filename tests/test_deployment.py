@@ -60,3 +60,15 @@ def test_image_copies_what_the_build_reads():
     copied = {name for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")
               for name in line.split()[1:-1]}
     assert {project["readme"], *project["license-files"]} <= copied
+
+
+def test_package_metadata_names_its_home():
+    """`pip show glinthawk` gives a user somewhere to go: the repository, docs and issue tracker."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert set(project["urls"]) == {"Homepage", "Repository", "Documentation", "Issues"}
+    assert all(url.startswith(project["urls"]["Repository"]) for url in project["urls"].values())
+    assert any(c.startswith("Programming Language :: Python :: 3") for c in project["classifiers"])
+    # The SPDX `license` field replaces License :: classifiers; setuptools rejects both together.
+    assert not any(c.startswith("License ::") for c in project["classifiers"])

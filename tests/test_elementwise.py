@@ -79,3 +79,23 @@ def test_argmax_is_torch_argmax(cols, dtype):
     assert elementwise.fits(rows)  # the C loop, not torch's fallback
     assert torch.equal(elementwise.argmax(rows), torch.argmax(rows, dim=-1))
     assert torch.equal(elementwise.argmax(rows[:, : cols // 2 + 1]), torch.argmax(rows[:, : cols // 2 + 1], dim=-1))
+
+
+def test_dtype_codes_come_from_the_extensions():
+    """Python reads the kernels' dtype codes from the modules (one header), not from a copy."""
+    from glinthawk.compute import attention_kernels, sampling
+
+    modules = [m for m in (elementwise._elementwise, attention_kernels._attention, sampling._sampling) if m]
+    assert {(m.FLOAT32, m.BFLOAT16, m.INT8) for m in modules} == {(0, 1, 2)}
+    assert elementwise.C_DTYPE_CODES == {torch.float32: 0, torch.bfloat16: 1}
+
+
+def test_prefill_packing_sizes_come_from_the_kernel():
+    """pack_kv's buffer sizes: 16-key tiles, a multiple of 4 of them, for keys; key pairs for values."""
+    from glinthawk.compute import attention_kernels
+
+    if attention_kernels._attention is None:
+        pytest.skip("the C attention kernels are not built")
+    for length in (0, 1, 63, 64, 65, 1000):
+        tiles = -(-length // 64) * 4
+        assert attention_kernels._attention.packed_kv_words(length, 128) == (tiles * 16 * 64, (length + 1) // 2 * 128)

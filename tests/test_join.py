@@ -20,7 +20,6 @@ from glinthawk.node.tier2 import Tier2Node
 
 from cluster_util import read_results, single_process
 from test_faults import FAULT_PROMPTS, mixed_requests, small_cluster, submit_command, tokens_by_id
-from test_pipeline import four_layers  # noqa: F401 (a fixture)
 
 
 async def until(condition, what: str, timeout: float = 120.0) -> None:

@@ -14,25 +14,11 @@ from glinthawk.node.tier1 import Tier1Node
 from glinthawk.node.tier2 import Tier2Node
 from glinthawk.tokenizer import Tokenizer
 
-from checkpoints import build_checkpoint
 from cluster_util import read_results, single_process, write_requests
 from pipeline_util import pipeline
 
 GREEDY = {"temperature": 0}
 SEEDED = {"temperature": 0.9, "top_p": 0.95, "seed": 11}
-
-
-@pytest.fixture(scope="module")
-def four_layers(tmp_path_factory):
-    """``four_layers(variant) -> Path``: a 4-layer checkpoint (enough layers for 3 stages)."""
-    built = {}
-
-    def get(variant: str = "llama_gqa"):
-        if variant not in built:
-            built[variant] = build_checkpoint(tmp_path_factory.mktemp(variant), variant, layers=4, seed=5)
-        return built[variant]
-
-    return get
 
 
 def reference(directory, requests):

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from cluster_util import read_results
-from test_pipeline import four_layers  # noqa: F401 (a fixture)
 from engine_util import request, run_engine
 from glinthawk.client import submit
 from glinthawk.node.tier1 import Tier1Node

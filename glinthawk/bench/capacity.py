@@ -31,16 +31,12 @@ import tempfile
 from pathlib import Path
 
 from glinthawk.bench import capacity_int8, knobs
-from glinthawk.bench.common import (
-    BenchContext,
-    ratio,
-    render_table,
-    request_lines,
-    run_engine,
-    run_two_tier_inprocess,
-    target,
-    token_prompts,
-)
+from glinthawk.bench.context import BenchContext
+from glinthawk.bench.measure import ratio, target
+from glinthawk.bench.nodes import run_two_tier_inprocess
+from glinthawk.bench.report import render_table
+from glinthawk.bench.runs import run_engine
+from glinthawk.bench.workloads import request_lines, token_prompts
 
 DEFAULTS, QUICK = knobs.CAPACITY, knobs.CAPACITY_QUICK
 MIB = 1 << 20
@@ -54,53 +50,12 @@ def run(ctx: BenchContext) -> dict:
     info = ctx.model_info()
     bytes_per_token = info["kv_bytes_per_token"]
     single_kv_tokens = int(knobs["tier1_kv_mib"] * MIB) // bytes_per_token
-    new = knobs["new_tokens"]
     run_engine(model, tokenizer, request_lines(token_prompts(2, 4, info["vocab"]), 2), kv_tokens=64)  # warm-up
-    rows = []
-    for context, big_batch in zip(knobs["contexts"], knobs["two_tier_batch"]):
-        prompt = context - new
-        if prompt < 1:
-            raise ValueError(f"context {context} leaves no room for a prompt before {new} new tokens")
-        reserve = prompt + new - 1
-        single_batch = min(big_batch, single_kv_tokens // reserve)
-        lines = request_lines(token_prompts(big_batch, prompt, info["vocab"], seed=5), new)
-        row = {"context": context, "prompt": prompt, "new_tokens": new, "single_batch": single_batch,
-               "two_tier_batch": big_batch, "single_kv_tokens": single_kv_tokens}
-        if single_batch > 0:
-            ctx.echo(f"  context {context}: single process, batch {single_batch} (KV budget {single_kv_tokens} tokens)")
-            single = run_engine(model, tokenizer, lines[:single_batch], kv_tokens=single_kv_tokens,
-                                max_batch_tokens=knobs["max_batch_tokens"], max_seqs=single_batch)
-            row.update({"single_tok_s": single.tokens_per_s, "single_decode_tok_s": single.decode_tokens_per_s(),
-                        "single_seconds": single.seconds})
-        else:
-            ctx.echo(f"  context {context}: single process cannot hold one sequence in {single_kv_tokens} KV tokens")
-            row.update({"single_tok_s": 0.0, "single_decode_tok_s": 0.0, "single_seconds": None})
-        ctx.echo(f"  context {context}: two-tier, batch {big_batch}")
-        with tempfile.TemporaryDirectory(prefix="glinthawk-bench-capacity-") as tmp:
-            two = run_two_tier_inprocess(model, tokenizer, lines, Path(tmp), nodes=1,
-                                         micro_batches=knobs["micro_batches"], kv_tokens=big_batch * (reserve + 1),
-                                         max_batch_tokens=knobs["max_batch_tokens"], max_seqs=big_batch)
-        row.update({"two_tier_tok_s": two.tokens_per_s, "two_tier_decode_tok_s": two.decode_tokens_per_s(),
-                    "two_tier_seconds": two.seconds})
-        row["decode_ratio"] = ratio(row["two_tier_decode_tok_s"], row["single_decode_tok_s"] or None)
-        row["end_to_end_ratio"] = ratio(row["two_tier_tok_s"], row["single_tok_s"] or None)
-        rows.append(row)
+    rows = [_context_row(ctx, knobs, info, context, big_batch, single_kv_tokens)
+            for context, big_batch in zip(knobs["contexts"], knobs["two_tier_batch"])]
     at_2048 = next((r["decode_ratio"] for r in rows if r["context"] == 2048), None)
     int8 = capacity_int8.run(ctx, knobs, model, tokenizer, info)
     ctx.echo(render_table(capacity_int8.TABLE, int8["rows"]))
-    notes = [
-        ("emulation on one machine: Tier 1's memory budget is imposed on the single-process engine's KV capacity; "
-         "the two-tier run's Tier 2 shares this machine's cores and memory bandwidth"),
-        "decode tok/s: from every sequence having its first token to the last token; tok/s: whole run",
-        (f"sizes chosen to fit a ~25 minute 'bench all' on a 2-core machine: two-tier batches "
-         f"{knobs['two_tier_batch']} at contexts {knobs['contexts']} (the paper's runs use far larger batches)"),
-    ]
-    notes.append("int8: a Tier 2 node of the memory that holds int8_base_batch sequences in the model's dtype, "
-                 "with --kv-dtype auto and int8, back to back; accuracy: greedy agreement and mean |delta logit| of "
-                 "the bundled model over an int8 cache (kv_int8.quality)")
-    if any(r["single_batch"] == 0 for r in rows):
-        notes.append("where the single process cannot hold one sequence its throughput is 0 and the ratio is null "
-                     "(unbounded)")
     return {
         "config": {**knobs, "tier1_budget_bytes": info["weight_bytes"] + int(knobs["tier1_kv_mib"] * MIB),
                    "single_kv_tokens": single_kv_tokens, "two_tier_mode": "inprocess, 1 Tier 2 node",
@@ -116,12 +71,63 @@ def run(ctx: BenchContext) -> dict:
                                          at_2048, 3.0),
                     "int8_batch": target(">= 1.8x the batch of the model's dtype at the same Tier 2 memory "
                                          "(--kv-dtype int8)", int8["min_batch_ratio"], 1.8)},
-        "notes": notes,
+        "notes": _notes(knobs, rows),
         "table": ([("context", "context"), ("single_batch", "single batch"), ("single_decode_tok_s", "single dec tok/s"),
                    ("two_tier_batch", "2-tier batch"), ("two_tier_decode_tok_s", "2-tier dec tok/s"),
                    ("decode_ratio", "ratio"), ("single_tok_s", "single tok/s"), ("two_tier_tok_s", "2-tier tok/s"),
                    ("end_to_end_ratio", "e2e ratio")], rows),
     }
+
+
+def _context_row(ctx: BenchContext, knobs: dict, info: dict, context: int, big_batch: int,
+                 single_kv_tokens: int) -> dict:
+    """One context: the single process inside Tier 1's KV budget against two tiers at ``big_batch``."""
+    model, tokenizer = ctx.load()
+    new = knobs["new_tokens"]
+    prompt = context - new
+    if prompt < 1:
+        raise ValueError(f"context {context} leaves no room for a prompt before {new} new tokens")
+    reserve = prompt + new - 1
+    single_batch = min(big_batch, single_kv_tokens // reserve)
+    lines = request_lines(token_prompts(big_batch, prompt, info["vocab"], seed=5), new)
+    row = {"context": context, "prompt": prompt, "new_tokens": new, "single_batch": single_batch,
+           "two_tier_batch": big_batch, "single_kv_tokens": single_kv_tokens}
+    if single_batch > 0:
+        ctx.echo(f"  context {context}: single process, batch {single_batch} (KV budget {single_kv_tokens} tokens)")
+        single = run_engine(model, tokenizer, lines[:single_batch], kv_tokens=single_kv_tokens,
+                            max_batch_tokens=knobs["max_batch_tokens"], max_seqs=single_batch)
+        row.update({"single_tok_s": single.tokens_per_s, "single_decode_tok_s": single.decode_tokens_per_s(),
+                    "single_seconds": single.seconds})
+    else:
+        ctx.echo(f"  context {context}: single process cannot hold one sequence in {single_kv_tokens} KV tokens")
+        row.update({"single_tok_s": 0.0, "single_decode_tok_s": 0.0, "single_seconds": None})
+    ctx.echo(f"  context {context}: two-tier, batch {big_batch}")
+    with tempfile.TemporaryDirectory(prefix="glinthawk-bench-capacity-") as tmp:
+        two = run_two_tier_inprocess(model, tokenizer, lines, Path(tmp), nodes=1,
+                                     micro_batches=knobs["micro_batches"], kv_tokens=big_batch * (reserve + 1),
+                                     max_batch_tokens=knobs["max_batch_tokens"], max_seqs=big_batch)
+    row.update({"two_tier_tok_s": two.tokens_per_s, "two_tier_decode_tok_s": two.decode_tokens_per_s(),
+                "two_tier_seconds": two.seconds})
+    row["decode_ratio"] = ratio(row["two_tier_decode_tok_s"], row["single_decode_tok_s"] or None)
+    row["end_to_end_ratio"] = ratio(row["two_tier_tok_s"], row["single_tok_s"] or None)
+    return row
+
+
+def _notes(knobs: dict, rows: list[dict]) -> list[str]:
+    notes = [
+        ("emulation on one machine: Tier 1's memory budget is imposed on the single-process engine's KV capacity; "
+         "the two-tier run's Tier 2 shares this machine's cores and memory bandwidth"),
+        "decode tok/s: from every sequence having its first token to the last token; tok/s: whole run",
+        (f"sizes chosen to fit a ~25 minute 'bench all' on a 2-core machine: two-tier batches "
+         f"{knobs['two_tier_batch']} at contexts {knobs['contexts']} (the paper's runs use far larger batches)"),
+    ]
+    notes.append("int8: a Tier 2 node of the memory that holds int8_base_batch sequences in the model's dtype, "
+                 "with --kv-dtype auto and int8, back to back; accuracy: greedy agreement and mean |delta logit| of "
+                 "the bundled model over an int8 cache (kv_int8.quality)")
+    if any(r["single_batch"] == 0 for r in rows):
+        notes.append("where the single process cannot hold one sequence its throughput is 0 and the ratio is null "
+                     "(unbounded)")
+    return notes
 
 
 def plot(result: dict, figure) -> None:

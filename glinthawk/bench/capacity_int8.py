@@ -19,7 +19,10 @@ import torch
 
 from glinthawk import DEFAULT_MODEL
 from glinthawk.bench import knobs
-from glinthawk.bench.common import BenchContext, ratio, request_lines, run_two_tier_inprocess, token_prompts
+from glinthawk.bench.context import BenchContext
+from glinthawk.bench.measure import ratio
+from glinthawk.bench.nodes import run_two_tier_inprocess
+from glinthawk.bench.workloads import request_lines, token_prompts
 from glinthawk.compute.kvcache import bytes_per_token
 
 DEFAULTS, QUICK = knobs.CAPACITY_INT8, knobs.CAPACITY_INT8_QUICK

@@ -58,8 +58,10 @@ def bench(suite, quick, out_dir, dtype, device, model_dir, repeats, threads, set
     _require_bench_extra()
     import torch
 
-    from glinthawk.bench.common import BenchContext, run_suite, set_threads
+    from glinthawk.bench.context import BenchContext
+    from glinthawk.bench.report import run_suite
     from glinthawk.compute.loader import auto_dtype
+    from glinthawk.threads import use_threads
 
     names = [name for name in (SUITES if suite == "all" else (suite,)) if device in _devices(name)]
     if not names:
@@ -80,7 +82,7 @@ def bench(suite, quick, out_dir, dtype, device, model_dir, repeats, threads, set
         raise click.BadParameter(f"unknown knob(s) {', '.join(unknown)}; see glinthawk bench --help",
                                  param_hint="--set")
     if threads is not None:
-        set_threads(threads)
+        use_threads(threads, children=True)  # the node processes it starts too
     if dtype == "auto":
         dtype = auto_dtype(torch.device(device))
     ctx = BenchContext(out_dir=out_dir, quick=quick, dtype=dtype, device=device, repeats=repeats,

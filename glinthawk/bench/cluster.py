@@ -18,16 +18,11 @@ from pathlib import Path
 import torch
 
 from glinthawk.bench import knobs
-from glinthawk.bench.common import (
-    BenchContext,
-    ratio,
-    request_lines,
-    run_engine,
-    run_local_cluster,
-    run_two_tier_inprocess,
-    target,
-    token_prompts,
-)
+from glinthawk.bench.context import BenchContext
+from glinthawk.bench.measure import ratio, target
+from glinthawk.bench.nodes import run_local_cluster, run_two_tier_inprocess
+from glinthawk.bench.runs import RunResult, run_engine
+from glinthawk.bench.workloads import request_lines, token_prompts
 from glinthawk.cluster import LocalCluster
 
 DEFAULTS, QUICK = knobs.CLUSTER, knobs.CLUSTER_QUICK
@@ -55,20 +50,8 @@ def run(ctx: BenchContext) -> dict:
     for nodes in knobs["tier2_nodes"]:
         micro_batches = knobs["micro_batches"]  # each spans every Tier 2 node
         ctx.echo(f"  two-tier ({knobs['mode']}): {nodes} Tier 2 node(s), {micro_batches} micro-batches")
-        with tempfile.TemporaryDirectory(prefix="glinthawk-bench-cluster-") as tmp:
-            if knobs["mode"] == "processes":
-                result = run_local_cluster(ctx.checkpoint(), lines, Path(tmp), dtype=ctx.dtype, tier2_nodes=nodes,
-                                           kv_tokens=kv_tokens, micro_batches=micro_batches,
-                                           max_batch_tokens=knobs["max_batch_tokens"], max_seqs=batch)
-            else:
-                result = run_two_tier_inprocess(model, tokenizer, lines, Path(tmp), nodes=nodes,
-                                                micro_batches=micro_batches, kv_tokens=kv_tokens,
-                                                max_batch_tokens=knobs["max_batch_tokens"], max_seqs=batch)
+        result = _two_tier(ctx, knobs, lines, nodes, kv_tokens)
         singles.append(single())
-        if knobs["mode"] == "processes":
-            shares = LocalCluster(ctx.checkpoint(), tier2_nodes=nodes, micro_batches=micro_batches)
-            result.extra.update(tier1_threads=shares.threads_for("tier1"), tier2_threads=shares.threads_for("tier2"),
-                                tier1_spin_rounds=shares.spin_rounds_for("tier1"))
         baseline = (singles[-2] + singles[-1]) / 2
         rows.append({"system": f"two-tier, {nodes} Tier 2", "tier2_nodes": nodes, "micro_batches": micro_batches,
                      "seconds": result.seconds, "tok_s": result.tokens_per_s, "baseline_tok_s": baseline,
@@ -99,6 +82,24 @@ def run(ctx: BenchContext) -> dict:
                    ("ratio_to_single_process", "ratio to single")], base_rows + rows),
     }
 
+
+
+def _two_tier(ctx: BenchContext, knobs: dict, lines: list[dict], nodes: int, kv_tokens: int) -> RunResult:
+    """One two-tier run in ``knobs["mode"]``; node processes' thread shares and spin-wait in ``extra``."""
+    micro_batches, batch = knobs["micro_batches"], knobs["batch"]
+    with tempfile.TemporaryDirectory(prefix="glinthawk-bench-cluster-") as tmp:
+        if knobs["mode"] != "processes":
+            model, tokenizer = ctx.load()
+            return run_two_tier_inprocess(model, tokenizer, lines, Path(tmp), nodes=nodes,
+                                          micro_batches=micro_batches, kv_tokens=kv_tokens,
+                                          max_batch_tokens=knobs["max_batch_tokens"], max_seqs=batch)
+        result = run_local_cluster(ctx.checkpoint(), lines, Path(tmp), dtype=ctx.dtype, tier2_nodes=nodes,
+                                   kv_tokens=kv_tokens, micro_batches=micro_batches,
+                                   max_batch_tokens=knobs["max_batch_tokens"], max_seqs=batch)
+    shares = LocalCluster(ctx.checkpoint(), tier2_nodes=nodes, micro_batches=micro_batches).shares
+    result.extra.update(tier1_threads=shares.threads_for("tier1"), tier2_threads=shares.threads_for("tier2"),
+                        tier1_spin_rounds=shares.spin_rounds_for("tier1"))
+    return result
 
 def plot(result: dict, figure) -> None:
     ax = figure.subplots(1, 1)

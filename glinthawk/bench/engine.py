@@ -18,17 +18,11 @@ import time
 import torch
 
 from glinthawk.bench import knobs, limits
-from glinthawk.bench.common import (
-    EOS_ID,
-    BenchContext,
-    Roofline,
-    decode_summary,
-    ratio,
-    request_lines,
-    run_engine,
-    target,
-    token_prompts,
-)
+from glinthawk.bench.checkpoint import EOS_ID
+from glinthawk.bench.context import BenchContext
+from glinthawk.bench.measure import Roofline, ratio, target
+from glinthawk.bench.runs import decode_summary, run_engine
+from glinthawk.bench.workloads import request_lines, token_prompts
 
 DEVICES = ("cpu", "cuda")  # where the suite can run its model (--device)
 DEFAULTS, QUICK = knobs.ENGINE, knobs.ENGINE_QUICK

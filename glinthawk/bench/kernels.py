@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from glinthawk.bench import knobs, limits
-from glinthawk.bench.common import BenchContext, best_of, ratio, target
+from glinthawk.bench.context import BenchContext
+from glinthawk.bench.measure import best_of, ratio, target
 from glinthawk.compute import sampling
 from glinthawk.compute.sampling import SamplingParams
 
@@ -107,50 +108,15 @@ def sampling_point(model, rows: int, name: str, repeats: int) -> dict:
 def run(ctx: BenchContext) -> dict:
     knobs = ctx.knobs("kernels", DEFAULTS, QUICK)
     model, _ = ctx.load()
-    repeats = ctx.best_of
-    # This machine's bandwidth and peak drift by up to 2x over minutes (shared hosts), so
-    # each point is divided by its own limit: the mean of one measured just before and one
-    # just after it.
-    rows = []
-    for context in knobs["contexts"]:
-        ctx.echo(f"  decode attention, batch {knobs['attn_batch']}, context {context}")
-        before = limits.read_limit(ctx)
-        row = attention_point(model, knobs["attn_batch"], context, repeats)
-        int8 = attention_point(model, knobs["attn_batch"], context, repeats, torch.int8)
-        bandwidth = (before + limits.read_limit(ctx)) / 2
-        for point in (row, int8):
-            point["read_bandwidth_around"] = bandwidth
-            point["fraction_of_read_bandwidth"] = ratio(point["bytes_per_s"], bandwidth)
-        int8["speed_ratio_to_base"] = ratio(row["seconds"], int8["seconds"])
-        int8["fraction_ratio_to_base"] = ratio(int8["fraction_of_read_bandwidth"], row["fraction_of_read_bandwidth"])
-        rows += [row, int8]
-    for tokens in knobs["tokens"]:
-        ctx.echo(f"  layer_stage, {tokens} tokens")
-        before = limits.matmul_limit(ctx)
-        row = layer_point(model, tokens, repeats)
-        row["matmul_peak_around"] = (before + limits.matmul_limit(ctx)) / 2
-        row["fraction_of_matmul_peak"] = ratio(row["flops_per_s"], row["matmul_peak_around"])
-        rows.append(row)
-    for name in SAMPLERS:
-        ctx.echo(f"  sampling, {knobs['sample_rows']} rows, {name}")
-        rows.append(sampling_point(model, knobs["sample_rows"], name, repeats))
+    rows = _points(ctx, knobs, model, ctx.best_of)
     attn = [r for r in rows if r["kernel"] == "decode attention"]
     attn_int8 = [r for r in rows if r["kernel"] == "decode attention (int8 KV)"]
     layer = [r for r in rows if "tokens" in r]
     long_attn = [r["fraction_of_read_bandwidth"] for r in attn if r["context"] >= 1024]
     int8_vs_base = [r["fraction_ratio_to_base"] for r in attn_int8 if r["context"] >= 1024]
     big_layer = [r["fraction_of_matmul_peak"] for r in layer if r["tokens"] >= 64]
-    table = [{"kernel": "attention" + (" int8" if r in attn_int8 else ""), "size": f"batch {r['batch']} ctx {r['context']}",
-              "rate": r["bytes_per_s"] / 1e9, "unit": "GB/s", "fraction": r["fraction_of_read_bandwidth"],
-              "ms": r["seconds"] * 1e3} for r in rows if r["kernel"].startswith("decode attention")]
-    table += [{"kernel": "layer_stage", "size": f"{r['tokens']} tokens", "rate": r["flops_per_s"] / 1e9,
-               "unit": "GFLOP/s", "fraction": r["fraction_of_matmul_peak"], "ms": r["seconds"] * 1e3}
-              for r in layer]
-    sampled = [r for r in rows if r["kernel"] == "sampling"]
-    table += [{"kernel": "sampling", "size": f"{r['rows']} rows, {r['sampler']}", "rate": r["speed_ratio_to_torch"],
-               "unit": "x torch's", "ms": r["seconds"] * 1e3} for r in sampled]
     return {
-        "config": {**knobs, "repeats": repeats, "layer_stage": "stage 1 of the benchmark model"},
+        "config": {**knobs, "repeats": ctx.best_of, "layer_stage": "stage 1 of the benchmark model"},
         "model": ctx.model_info(),
         "baseline": {"attention": "read bandwidth (limits.read_bandwidth), mean of one run just before and one "
                                   "just after each point",
@@ -179,8 +145,55 @@ def run(ctx: BenchContext) -> dict:
                   "sampling logits: normal, scale 3, in the model's dtype; greedy rows take the same argmax "
                   "either way"],
         "table": ([("kernel", "kernel"), ("size", "size"), ("ms", "ms (best)"), ("rate", "rate"), ("unit", "unit"),
-                   ("fraction", "of limit")], table),
+                   ("fraction", "of limit")], _table(rows)),
     }
+
+
+def _points(ctx: BenchContext, knobs: dict, model, repeats: int) -> list[dict]:
+    """Decode attention (the model's dtype and int8) per context, layer_stage per token count,
+    and each sampler, each against the limit measured around it."""
+    # This machine's bandwidth and peak drift by up to 2x over minutes (shared hosts), so
+    # each point is divided by its own limit: the mean of one measured just before and one
+    # just after it.
+    rows = []
+    for context in knobs["contexts"]:
+        ctx.echo(f"  decode attention, batch {knobs['attn_batch']}, context {context}")
+        before = limits.read_limit(ctx)
+        row = attention_point(model, knobs["attn_batch"], context, repeats)
+        int8 = attention_point(model, knobs["attn_batch"], context, repeats, torch.int8)
+        bandwidth = (before + limits.read_limit(ctx)) / 2
+        for point in (row, int8):
+            point["read_bandwidth_around"] = bandwidth
+            point["fraction_of_read_bandwidth"] = ratio(point["bytes_per_s"], bandwidth)
+        int8["speed_ratio_to_base"] = ratio(row["seconds"], int8["seconds"])
+        int8["fraction_ratio_to_base"] = ratio(int8["fraction_of_read_bandwidth"], row["fraction_of_read_bandwidth"])
+        rows += [row, int8]
+    for tokens in knobs["tokens"]:
+        ctx.echo(f"  layer_stage, {tokens} tokens")
+        before = limits.matmul_limit(ctx)
+        row = layer_point(model, tokens, repeats)
+        row["matmul_peak_around"] = (before + limits.matmul_limit(ctx)) / 2
+        row["fraction_of_matmul_peak"] = ratio(row["flops_per_s"], row["matmul_peak_around"])
+        rows.append(row)
+    for name in SAMPLERS:
+        ctx.echo(f"  sampling, {knobs['sample_rows']} rows, {name}")
+        rows.append(sampling_point(model, knobs["sample_rows"], name, repeats))
+    return rows
+
+
+def _table(rows: list[dict]) -> list[dict]:
+    attn_int8 = [r for r in rows if r["kernel"] == "decode attention (int8 KV)"]
+    layer = [r for r in rows if "tokens" in r]
+    table = [{"kernel": "attention" + (" int8" if r in attn_int8 else ""), "size": f"batch {r['batch']} ctx {r['context']}",
+              "rate": r["bytes_per_s"] / 1e9, "unit": "GB/s", "fraction": r["fraction_of_read_bandwidth"],
+              "ms": r["seconds"] * 1e3} for r in rows if r["kernel"].startswith("decode attention")]
+    table += [{"kernel": "layer_stage", "size": f"{r['tokens']} tokens", "rate": r["flops_per_s"] / 1e9,
+               "unit": "GFLOP/s", "fraction": r["fraction_of_matmul_peak"], "ms": r["seconds"] * 1e3}
+              for r in layer]
+    sampled = [r for r in rows if r["kernel"] == "sampling"]
+    table += [{"kernel": "sampling", "size": f"{r['rows']} rows, {r['sampler']}", "rate": r["speed_ratio_to_torch"],
+               "unit": "x torch's", "ms": r["seconds"] * 1e3} for r in sampled]
+    return table
 
 
 def _mean(values) -> float | None:

@@ -16,14 +16,10 @@ import tempfile
 from pathlib import Path
 
 from glinthawk.bench import knobs
-from glinthawk.bench.common import (
-    BenchContext,
-    ratio,
-    request_lines,
-    run_two_tier_inprocess,
-    target,
-    token_prompts,
-)
+from glinthawk.bench.context import BenchContext
+from glinthawk.bench.measure import ratio, target
+from glinthawk.bench.nodes import run_two_tier_inprocess
+from glinthawk.bench.workloads import request_lines, token_prompts
 
 # Hiding a 100 ms round trip per layer needs well over that much Tier 1 work per layer in
 # flight, since micro-batches drift into clumps. On this 2-core machine a batch of 6144 in

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from glinthawk.bench import knobs
-from glinthawk.bench.common import BenchContext, best_of, ratio
+from glinthawk.bench.context import BenchContext
+from glinthawk.bench.measure import best_of, ratio
 from glinthawk.compute import matmul
 
 DEVICES = ("cpu", "cuda")  # where the suite can run its model (--device)

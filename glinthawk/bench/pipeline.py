@@ -16,7 +16,10 @@ import tempfile
 from pathlib import Path
 
 from glinthawk.bench import knobs
-from glinthawk.bench.common import BenchContext, ratio, request_lines, run_local_cluster, target, token_prompts
+from glinthawk.bench.context import BenchContext
+from glinthawk.bench.measure import ratio, target
+from glinthawk.bench.nodes import run_local_cluster
+from glinthawk.bench.workloads import request_lines, token_prompts
 
 DEFAULTS, QUICK = knobs.PIPELINE, knobs.PIPELINE_QUICK
 

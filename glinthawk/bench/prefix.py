@@ -17,7 +17,9 @@ import time
 import click
 
 from glinthawk.bench import knobs
-from glinthawk.bench.common import BenchContext, parse_requests, ratio, target
+from glinthawk.bench.context import BenchContext
+from glinthawk.bench.measure import ratio, target
+from glinthawk.bench.workloads import parse_requests
 
 DEFAULTS, QUICK = knobs.PREFIX, knobs.PREFIX_QUICK
 DEVICES = ("cpu", "cuda")

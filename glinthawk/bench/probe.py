@@ -1,8 +1,9 @@
 """A Tier 2 node process that also reports its KV fill, for the memory suite.
 
 ``python -m glinthawk.bench.probe --listen H:P --kv-tokens N --stats-file F --ready-file R``
-runs the ordinary ``Tier2Node`` and, every ``--interval`` seconds, rewrites F (atomically)
-with ``{"time", "filled_tokens", "reserved_tokens", "bytes_per_token", "capacity_tokens"}``.
+runs the ordinary ``Tier2Node``, served as ``glinthawk-node`` serves it, and, every
+``--interval`` seconds, rewrites F (atomically) with ``{"time", "filled_tokens",
+"reserved_tokens", "bytes_per_token", "capacity_tokens"}``.
 ``filled_tokens`` counts the K/V rows written (the store's high-water marks), which is
 what resident memory follows; ``reserved_tokens`` is the store's ``used_tokens``.
 """
@@ -13,11 +14,11 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import time
 from pathlib import Path
 
 from glinthawk.net.connection import run
+from glinthawk.node.cli import serve_node
 from glinthawk.node.tier2 import Tier2Node
 
 
@@ -29,30 +30,24 @@ def store_stats(store) -> dict:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    """The node as ``glinthawk-node --role tier2`` serves it, with the stats file kept beside."""
     host, _, port = args.listen.rpartition(":")
     node = Tier2Node(kv_tokens=args.kv_tokens)
-    bound = await node.start(host or "127.0.0.1", int(port))
-    stats_path = Path(args.stats_file)
+    reporter = asyncio.get_running_loop().create_task(report(node, Path(args.stats_file), args.interval))
+    try:
+        await serve_node(node, host or "127.0.0.1", int(port), Path(args.ready_file), metrics_port=None)
+    finally:
+        reporter.cancel()
 
-    async def report() -> None:
-        while True:
-            stats = {"time": time.time(), **store_stats(node.store)}
-            tmp = stats_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(stats))
-            tmp.replace(stats_path)
-            await asyncio.sleep(args.interval)
 
-    reporter = asyncio.get_running_loop().create_task(report())
-    ready = Path(args.ready_file)
-    ready.with_suffix(".tmp").write_text(f"{host or '127.0.0.1'}:{bound}\n")
-    ready.with_suffix(".tmp").replace(ready)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    reporter.cancel()
-    await node.drain()
-    await node.close()
+async def report(node: Tier2Node, stats_path: Path, interval: float) -> None:
+    """Rewrite ``stats_path`` every ``interval`` seconds, atomically: a reader never sees half of it."""
+    while True:
+        stats = {"time": time.time(), **store_stats(node.store)}
+        tmp = stats_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(stats))
+        tmp.replace(stats_path)
+        await asyncio.sleep(interval)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,9 @@ from pathlib import Path
 import click
 
 from glinthawk.bench import knobs
-from glinthawk.bench.common import BenchContext, parse_requests, ratio, target
+from glinthawk.bench.context import BenchContext
+from glinthawk.bench.measure import ratio, target
+from glinthawk.bench.workloads import parse_requests
 
 DEVICES = ("cpu",)
 DEFAULTS, QUICK = knobs.STRUCTURED, knobs.STRUCTURED_QUICK

@@ -31,7 +31,7 @@
 /* Tokens handled per step of each pass: a block of K or V rows (as float32, at most
  * 32 x 256 floats) stays in L1 while every query head of the group uses it. */
 #define BLOCK 32
-#define MAX_DIM 256 /* largest head_dim the kernel takes; attention_kernels.py checks */
+#define MAX_DIM 256 /* largest head_dim the kernels take; exported for attention_kernels.py */
 
 /* Rows t0..t0+n-1 of a [length, dim] slab as float32: the slab itself, or `buffer` filled
  * from bfloat16 or int8 (unscaled: the callers apply an int8 row's scale to its score or
@@ -375,24 +375,27 @@ VARIANT_BF16DP(bf16dp_head_any, dim / 32)
 #include "_kvint8.h"
 
 
-/* The fastest kernel this CPU runs, up to `widest`: 2 = AVX512_BF16 (int8 caches:
- * AVX512_VNNI), 1 = AVX-512F, 0 = portable (tests use the lower levels to cover every path
- * on one machine). */
+/* Instruction-set levels a caller may cap the decode kernel at (tests use the lower levels
+ * to cover every path on one machine). */
+enum { LEVEL_PORTABLE = 0, LEVEL_AVX512F = 1, LEVEL_AVX512_BF16 = 2 };
+
+/* The fastest kernel this CPU runs, up to level `widest` (LEVEL_AVX512_BF16 is AVX512_VNNI
+ * for int8 caches). */
 static head_kernel pick_kernel(int dim, int kv_dtype, int widest) {
     const int bf16 = kv_dtype == BFLOAT16, i8 = kv_dtype == INT8;
 #ifdef HAVE_AVX512_PATH
-    if (widest >= 2 && i8 && dim % 32 == 0 && int8_vnni_cpu_ok()) {
+    if (widest >= LEVEL_AVX512_BF16 && i8 && dim % 32 == 0 && int8_vnni_cpu_ok()) {
         if (dim == 64) return vnni_head64;
         if (dim == 128) return vnni_head128;
         return vnni_head_any;
     }
-    if (widest >= 2 && bf16 && dim % 32 == 0 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+    if (widest >= LEVEL_AVX512_BF16 && bf16 && dim % 32 == 0 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl")) {
         if (dim == 64) return bf16dp_head64;
         if (dim == 128) return bf16dp_head128;
         return bf16dp_head_any;
     }
-    if (widest >= 1 && dim % 16 == 0 && __builtin_cpu_supports("avx512f")) {
+    if (widest >= LEVEL_AVX512F && dim % 16 == 0 && __builtin_cpu_supports("avx512f")) {
         if (dim == 64) return i8 ? avx512_head64_i8 : bf16 ? avx512_head64_bf16 : avx512_head64_f32;
         if (dim == 128) return i8 ? avx512_head128_i8 : bf16 ? avx512_head128_bf16 : avx512_head128_f32;
         return i8 ? avx512_head_any_i8 : bf16 ? avx512_head_any_bf16 : avx512_head_any_f32;
@@ -555,6 +558,7 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
 #define PREFILL_ROWS 4         /* query rows per pass over K and V */
 #define PREFILL_TILES 4        /* 16-key tiles per step of the q.K pass */
 #define PREFILL_POSITIONS 16   /* positions per work item */
+#define PREFILL_DIM_MULTIPLE 32 /* head_dim: whole 32-dim chunks (bf16 pairs of 16 lanes) */
 
 /* 16-key tiles covering `length` keys, rounded up to a multiple of PREFILL_TILES (the q.K
  * pass's step); pack_kv pads the packed keys to this many. */
@@ -802,7 +806,7 @@ static PyObject *pack_kv(PyObject *self, PyObject *args) {
  * Work items: item = g * blocks + b, b the block of positions PREFILL_POSITIONS * b.. of KV
  *   head g's query heads; each writes only its own rows of out. slices: int64 [count][2],
  *   as for decode_attention.
- * Needs head_dim a multiple of 32 (at most MAX_DIM) and prefill_supported().
+ * Needs head_dim a multiple of PREFILL_DIM_MULTIPLE (at most MAX_DIM) and prefill_supported().
  */
 static PyObject *prefill_attention(PyObject *self, PyObject *args) {
     (void)self;
@@ -814,7 +818,8 @@ static PyObject *prefill_attention(PyObject *self, PyObject *args) {
                           &kv_heads, &dim, &scale, &slices_addr, &count))
         return NULL;
 #ifdef HAVE_AVX512_PATH
-    if (!prefill_cpu_ok() || kv_heads <= 0 || heads % kv_heads != 0 || dim % 32 != 0 || dim > MAX_DIM || count <= 0) {
+    if (!prefill_cpu_ok() || kv_heads <= 0 || heads % kv_heads != 0 || dim % PREFILL_DIM_MULTIPLE != 0 || dim > MAX_DIM
+        || count <= 0) {
         PyErr_SetString(PyExc_ValueError, "prefill_attention: unsupported CPU, geometry or slices");
         return NULL;
     }
@@ -837,6 +842,20 @@ static PyObject *prefill_attention(PyObject *self, PyObject *args) {
 #endif
 }
 
+/* packed_kv_words(length, head_dim) -> (key_words, value_words): the uint32 words pack_kv
+ * writes per KV head, for the caller to allocate. */
+static PyObject *packed_kv_words(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t length;
+    int dim;
+    if (!PyArg_ParseTuple(args, "ni", &length, &dim)) return NULL;
+    if (length < 0 || dim <= 0 || dim % 2 != 0) {
+        PyErr_SetString(PyExc_ValueError, "packed_kv_words: length must be >= 0 and head_dim even and positive");
+        return NULL;
+    }
+    return Py_BuildValue("LL", (long long)(key_tiles(length) * 16 * (dim / 2)), (long long)((length + 1) / 2 * dim));
+}
+
 /* prefill_supported() -> bool: whether this CPU runs prefill_attention (AVX512_BF16). */
 static PyObject *prefill_supported(PyObject *self, PyObject *unused) {
     (void)self, (void)unused;
@@ -852,6 +871,7 @@ static PyMethodDef methods[] = {
     {"use_openmp", use_openmp, METH_VARARGS, "Run slices as parallel regions of this OpenMP runtime."},
     {"pack_kv", pack_kv, METH_VARARGS, "Lay out one sequence's bf16 (or int8) keys and values for prefill_attention."},
     {"prefill_attention", prefill_attention, METH_VARARGS, "Causal bf16 prefill attention over slices of work items."},
+    {"packed_kv_words", packed_kv_words, METH_VARARGS, "uint32 words pack_kv writes per KV head: (keys, values)."},
     {"prefill_supported", prefill_supported, METH_NOARGS, "Whether this CPU runs prefill_attention."},
     {NULL, NULL, 0, NULL},
 };
@@ -859,10 +879,14 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_attention", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__attention(void) {
-    PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddIntConstant(m, "PREFILL_POSITIONS", PREFILL_POSITIONS) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
+    static const int_constant constants[] = {
+        {"MAX_DIM", MAX_DIM},
+        {"LEVEL_PORTABLE", LEVEL_PORTABLE},
+        {"LEVEL_AVX512F", LEVEL_AVX512F},
+        {"LEVEL_AVX512_BF16", LEVEL_AVX512_BF16},
+        {"PREFILL_POSITIONS", PREFILL_POSITIONS},
+        {"PREFILL_DIM_MULTIPLE", PREFILL_DIM_MULTIPLE},
+        {NULL, 0},
+    };
+    return create_module(&module, constants);
 }

@@ -211,4 +211,4 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_elementwise", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__elementwise(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__elementwise(void) { return create_module(&module, NULL); }

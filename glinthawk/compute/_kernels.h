@@ -1,10 +1,11 @@
-/* Shared by the C kernels: the element types they take (numbered as C_DTYPE_CODES in
- * elementwise.py), conversions that round as torch does, multiversioning, and two pieces
- * of a softmax: e^x for x <= 0 (attention, the sampler) and the index of a row's first
- * maximum (argmax, the sampler). */
+/* Shared by the C kernels: the element types they take (each module exports their codes,
+ * which elementwise.C_DTYPE_CODES reads), conversions that round as torch does,
+ * multiversioning, two pieces of a softmax: e^x for x <= 0 (attention, the sampler) and
+ * the index of a row's first maximum (argmax, the sampler), and the modules' creation. */
 #ifndef GLINTHAWK_KERNELS_H
 #define GLINTHAWK_KERNELS_H
 
+#include <Python.h> /* after the module's own #define PY_SSIZE_T_CLEAN */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -114,6 +115,26 @@ static inline __attribute__((always_inline)) int64_t first_maximum(const void *r
         for (c = 0; c < cols; c++)
             if (load(row, c, dtype) != load(row, c, dtype)) return c;
     return index;
+}
+
+/* The module `definition` describes, exporting the dtype codes and `constants` (ending in a NULL
+ * name): the Python side reads them rather than keeping copies that could drift. */
+typedef struct {
+    const char *name;
+    long value;
+} int_constant;
+
+static int add_constants(PyObject *m, const int_constant *constants) {
+    for (const int_constant *c = constants; c != NULL && c->name != NULL; c++)
+        if (PyModule_AddIntConstant(m, c->name, c->value) < 0) return -1;
+    return 0;
+}
+
+static PyObject *create_module(PyModuleDef *definition, const int_constant *constants) {
+    static const int_constant dtypes[] = {{"FLOAT32", FLOAT32}, {"BFLOAT16", BFLOAT16}, {"INT8", INT8}, {NULL, 0}};
+    PyObject *m = PyModule_Create(definition);
+    if (m != NULL && (add_constants(m, dtypes) < 0 || add_constants(m, constants) < 0)) Py_CLEAR(m);
+    return m;
 }
 
 #endif

@@ -3,7 +3,7 @@
  * After a matmul, torch's libgomp workers spin before they sleep; a kernel that hands its
  * slices to that team (one parallel region) takes those threads, where threads of its own
  * would wait for the cores the spinning workers hold. The Python side finds the runtime
- * torch loaded (glinthawk/omp.py: torch_openmp) and hands each module its entry points
+ * torch loaded (glinthawk/threads.py: hook_openmp) and hands each module its entry points
  * (use_openmp); without them, run_slices runs the slices in turn on the calling thread.
  * Each including module keeps its own copy of these statics.
  */

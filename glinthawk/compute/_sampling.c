@@ -343,4 +343,4 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_sampling", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__sampling(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__sampling(void) { return create_module(&module, NULL); }

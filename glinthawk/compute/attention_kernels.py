@@ -28,11 +28,9 @@ except ImportError:  # built at install time when a C compiler is present
     _attention = None
 
 
-# The widest instruction set the kernel may pick (2: AVX512_BF16, 1: AVX-512F, 0: portable
-# C); the CPU's support is checked in C. Tests lower it to cover each path.
-KERNEL_WIDEST = 2
-
-_INT8_CODE = 2  # INT8 in _kernels.h: an int8 store, its rows quantized
+# The widest instruction set the kernel may pick (its LEVEL_* constants); the CPU's support
+# is checked in C. Tests lower it to cover each path.
+KERNEL_WIDEST = 0 if _attention is None else _attention.LEVEL_AVX512_BF16
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,7 @@ def fused_decodes(store: KVStore, rows: torch.Tensor | None, bases: list[int], s
 def fused_decode_available(store: KVStore) -> bool:
     """Whether decode rows over ``store`` run on the fused C kernel."""
     return (_attention is not None and store.keys.device.type == "cpu" and store.dtype in C_DTYPE_CODES
-            and store.head_dim <= 256)  # MAX_DIM in the C file; an int8 store: q, k, v in dtype, K/V as int8
+            and store.head_dim <= _attention.MAX_DIM)  # an int8 store: q, k, v in dtype, K/V as int8
 
 
 def _scale_args(store: KVStore, layer: int) -> tuple[int, int, int]:
@@ -81,7 +79,7 @@ def decode_fused(
     new_keys, new_values = (t.to(store.dtype).contiguous() for t in new_kv) if new_kv else (None, None)
     keys, values = store.keys[layer], store.values[layer]
     key_scales, value_scales, scale_stride = _scale_args(store, layer)
-    kv_code = _INT8_CODE if store.quantized else C_DTYPE_CODES[store.dtype]
+    kv_code = _attention.INT8 if store.quantized else C_DTYPE_CODES[store.dtype]
 
     def run(slices: int, count: int) -> None:
         _attention.decode_attention(
@@ -96,11 +94,11 @@ def decode_fused(
 
 def prefill_fused_available(q: torch.Tensor) -> bool:
     """Whether a prefill chunk of ``q`` (in the store's dtype, see ``check_shapes``) runs on
-    the C kernel: bf16 on a CPU with AVX512_BF16, head_dim a multiple of 32 up to 256 (the
-    cache bf16, or int8 dequantized as it is packed)."""
-    return (_attention is not None and KERNEL_WIDEST >= 2 and q.device.type == "cpu"
-            and q.dtype == torch.bfloat16 and q.shape[-1] % 32 == 0 and q.shape[-1] <= 256
-            and _attention.prefill_supported())
+    the C kernel: bf16 on a CPU with AVX512_BF16, head_dim a multiple of PREFILL_DIM_MULTIPLE
+    up to MAX_DIM (the cache bf16, or int8 dequantized as it is packed)."""
+    return (_attention is not None and KERNEL_WIDEST >= _attention.LEVEL_AVX512_BF16 and q.device.type == "cpu"
+            and q.dtype == torch.bfloat16 and q.shape[-1] % _attention.PREFILL_DIM_MULTIPLE == 0
+            and q.shape[-1] <= _attention.MAX_DIM and _attention.prefill_supported())
 
 
 def prefill_fused(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float,
@@ -110,9 +108,9 @@ def prefill_fused(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sta
     with their scales, [kv_heads, start + n] views)."""
     n, heads, dim = q.shape
     kv_heads, length = keys.shape[0], keys.shape[1]
-    tiles = -(-length // 64) * 4  # key_tiles() in _attention.c: 16-key tiles, a multiple of 4
-    packed_keys = torch.empty(kv_heads, tiles * 16 * dim // 2, dtype=torch.int32)
-    packed_values = torch.empty(kv_heads, (length + 1) // 2 * dim, dtype=torch.int32)
+    key_words, value_words = _attention.packed_kv_words(length, dim)
+    packed_keys = torch.empty(kv_heads, key_words, dtype=torch.int32)
+    packed_values = torch.empty(kv_heads, value_words, dtype=torch.int32)
     scales = (0, 0, 0) if key_scales is None else (key_scales.data_ptr(), value_scales.data_ptr(),
                                                    key_scales.stride(0))
     _attention.pack_kv(keys.data_ptr(), values.data_ptr(), *scales[:2], packed_keys.data_ptr(),

@@ -18,7 +18,9 @@ try:
 except ImportError:  # built at install time when a C compiler is present
     _elementwise = None
 
-C_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the dtypes the C kernels take, as in _kernels.h
+# The dtypes the C kernels take, by the codes every extension exports from _kernels.h.
+C_DTYPE_CODES = {} if _elementwise is None else {torch.float32: _elementwise.FLOAT32,
+                                                 torch.bfloat16: _elementwise.BFLOAT16}
 
 
 def fits(x: torch.Tensor, *others: torch.Tensor) -> bool:

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from glinthawk import omp
 from glinthawk.stops import check_stop_limits
+from glinthawk.threads import hook_openmp
 from glinthawk.compute import elementwise
 from glinthawk.compute.logprobs import MAX_LOGPROBS
 
@@ -31,8 +31,7 @@ try:
     from glinthawk.compute import _sampling
 except ImportError:  # built at install time when a C compiler is present
     _sampling = None
-if _sampling is not None and (_openmp_entries := omp.torch_openmp()) is not None:
-    _sampling.use_openmp(*_openmp_entries)  # slices of rows on torch's threads, else in turn
+hook_openmp(_sampling)  # slices of rows on torch's threads, else in turn
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
-"""Thread policy for the attention paths: the C kernels' OpenMP hookup, the split of a
-kernel call's work over threads, and our own pool where torch's OpenMP threads are not ours.
+"""How the attention paths split one kernel call's work over the process's threads, and our
+own pool where torch's OpenMP threads are not ours.
 
-The C kernels run their slices on torch's own OpenMP threads where torch's libgomp can be
-found (``omp.torch_openmp``): those threads are still spinning after the matmul before, and
-a thread of ours would have to wait for the core one of them holds. Elsewhere each slice is
-one call on a pool of our own.
+How many threads a process has, and whose they are, is ``glinthawk.threads``. The C
+kernels run their slices on torch's own OpenMP threads where ``threads.hook_openmp`` found
+torch's libgomp: those threads are still spinning after the matmul before, and a thread of
+ours would have to wait for the core one of them holds. Elsewhere each slice is one call on
+a pool of our own.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from glinthawk import omp
+from glinthawk.threads import hook_openmp
 
 try:
     from glinthawk.compute import _attention
@@ -25,9 +26,7 @@ except ImportError:  # built at install time when a C compiler is present
 
 
 # Whether the C kernels run all their slices in one call, on torch's OpenMP threads.
-OPENMP = _attention is not None and (_openmp_entries := omp.torch_openmp()) is not None
-if OPENMP:
-    _attention.use_openmp(*_openmp_entries)
+OPENMP = hook_openmp(_attention)
 
 # Below this many (cached token x KV head) reads a decode batch is too small to be worth
 # handing to several threads: cheap on torch's still-spinning OpenMP threads, dearer on a

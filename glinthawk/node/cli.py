@@ -29,6 +29,7 @@ from glinthawk.options import (
     setting_options,
 )
 from glinthawk.settings import DEFAULT_KV_MEMORY, DRAIN_TIMEOUT_S, NetemSettings, Tier1Settings, Tier2Settings, pick
+from glinthawk.threads import torch_threads, use_threads
 
 log = logging.getLogger("glinthawk.node")
 
@@ -75,9 +76,7 @@ def main(role, listen, ready_file, log_level, log_format, metrics_port, threads,
     tune_malloc()
     host, port = parse_address(listen)
     if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+        use_threads(threads)
     secret = read_secret(secret_file)
     if secret is None and not insecure and not is_loopback(host):
         raise click.UsageError(
@@ -97,7 +96,7 @@ def main(role, listen, ready_file, log_level, log_format, metrics_port, threads,
             raise click.UsageError("--join and --advertise are for --role tier2")
         node = _tier1_node(settings, tier2_nodes, model_dir, dtype, device, netem, secret, layers, next_stage)
     try:
-        run(_serve(node, host, port, ready_file, metrics_port))
+        run(serve_node(node, host, port, ready_file, metrics_port))
     except ConnectionError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -111,7 +110,7 @@ def _tier2_node(settings: dict, netem, secret: bytes | None, **joining):
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--kv-memory") from None
     log.info("tier2: KV cache of %s (in tokens once Tier 1 gives the model's shape), K/V as %s, %d torch threads",
-             f"{kv.kv_tokens} tokens" if memory is None else f"{memory / 2**20:.0f} MiB", kv.kv_dtype, _torch_threads())
+             f"{kv.kv_tokens} tokens" if memory is None else f"{memory / 2**20:.0f} MiB", kv.kv_dtype, torch_threads())
     return Tier2Node(kv_memory=memory, kv_tokens=kv.kv_tokens, netem=netem, secret=secret, kv_dtype=kv.kv_dtype,
                      **joining)
 
@@ -136,7 +135,7 @@ def _tier1_node(settings: dict, tier2_nodes: str | None, model_dir: Path, dtype:
     stage = "" if model.is_first and model.is_last else f", layers {model.layer_range.start}:{model.layer_range.stop}"
     log.info("tier1: model %s (%s, %d layers%s), %s on %s, %d torch threads; micro-batches in flight: %s, "
              "up to %d tokens a batch; Tier 2 nodes %s%s", model_dir, model.config.architecture,
-             model.config.num_layers, stage, str(model.dtype).removeprefix("torch."), model.device, _torch_threads(),
+             model.config.num_layers, stage, str(model.dtype).removeprefix("torch."), model.device, torch_threads(),
              tier1.micro_batches or "measured", tier1.max_batch_tokens, ", ".join(addresses) or "to join",
              f"; next stage {next_stage}" if next_stage else "")
     if not model.is_first:
@@ -158,13 +157,7 @@ def _layer_range(layers: str | None) -> range | None:
     return range(int(first), int(stop))
 
 
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-async def _serve(node, host: str, port: int, ready_file: Path | None, metrics_port: int | None) -> None:
+async def serve_node(node, host: str, port: int, ready_file: Path | None, metrics_port: int | None) -> None:
     """Start ``node``, announce readiness, and run until SIGTERM/SIGINT, then shut down cleanly."""
     try:
         bound = await node.start(host, port)

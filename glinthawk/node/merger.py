@@ -6,12 +6,10 @@ and the next job takes those that stand at one stage, up to ``max_rows`` rows (t
 size the linear layers were warmed up for). Later stages go first: that drains the
 pipeline and frees KV room soonest.
 
-On the CPU that one thread is the event loop's own: torch's OpenMP (libgomp) gives every
-thread that starts parallel work a team of workers of its own, and with more workers than
-cores it cuts their spin-wait short, so a second computing thread slows every stage (see
-docs/PERFORMANCE.md). Frames that arrive during a job wait in the socket; the loop reads
-them, and sends what the job produced, between jobs. On CUDA the compute runs on a thread of its
-own, so the loop keeps moving frames while the GPU works.
+On the CPU that one thread is the event loop's own (``threads.computes_on_own_thread`` says
+why): frames that arrive during a job wait in the socket; the loop reads them, and sends
+what the job produced, between jobs. On CUDA the compute runs on a thread of its own, so
+the loop keeps moving frames while the GPU works.
 
 Jobs start from a callback, not from a task of their own: at the end of the event-loop
 pass in which work came to an idle merger, or (on the compute thread) at once when the job
@@ -37,6 +35,7 @@ import torch
 from glinthawk.compute.loader import Model
 from glinthawk.compute.rope import Rotary
 from glinthawk.step import StageWork, compute_stage
+from glinthawk.threads import computes_on_own_thread
 
 __all__ = ["MergerStats", "StageMerger", "StageWork"]
 
@@ -51,13 +50,13 @@ class MergerStats:
 class StageMerger:
     def __init__(self, model: Model, max_rows: int, own_thread: bool | None = None):
         """``own_thread``: compute on a thread of its own rather than the event loop's (by
-        default only where the model is not on the CPU; see the module docstring)."""
+        default as ``threads.computes_on_own_thread`` decides for the model's device)."""
         self.model, self.max_rows = model, max_rows
         self.final = model.config.num_layers
         self.stats = MergerStats()
         self._pending: dict[int, list[StageWork]] = defaultdict(list)
         if own_thread is None:
-            own_thread = model.device.type != "cpu"
+            own_thread = computes_on_own_thread(model.device.type)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier1-compute") if own_thread else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._busy = False  # a job is on the compute thread
