@@ -25,7 +25,7 @@ from glinthawk.client import submit
 from glinthawk.cluster import LocalCluster
 from glinthawk.compute.sampling import SamplingParams
 from glinthawk.generation_config import DEFAULTED_FIELDS
-from glinthawk.net.connection import run
+from glinthawk.net.loop import run
 from glinthawk.settings import LOCAL_TIER2_NODES
 
 class GenerationError(RuntimeError):
@@ -82,10 +82,13 @@ class LLM:
         return self._run([{"prompt": p} for p in prompts], prompts, sampling_params)
 
     def chat(self, messages: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
-             sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
-        """Answer one conversation (a list of {"role", "content"}) or a list of them, with the chat template."""
+             sampling_params: SamplingParams | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Answer one conversation (a list of {"role", "content"}) or a list of them, with the chat
+        template (``chat_template_kwargs``: its further variables, e.g. {"enable_thinking": False})."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        return self._run([{"messages": c} for c in conversations], conversations, sampling_params)
+        extra = {"chat_template_kwargs": chat_template_kwargs} if chat_template_kwargs is not None else {}
+        return self._run([{"messages": c, **extra} for c in conversations], conversations, sampling_params)
 
     def _run(self, bodies: list[dict], prompts: list, params: SamplingParams | None) -> list[RequestOutput]:
         fields = _sampling_fields(params) if params is not None else {}
@@ -107,9 +110,9 @@ class LLM:
             if line is None or "error" in line:
                 reason = line["error"]["message"] if line else "no result"
                 raise GenerationError(f"request {index} failed: {reason}")
-            completion = CompletionOutput(0, line["text"], line["token_ids"], line["finish_reason"],
-                                          line.get("logprobs"))
-            outputs.append(RequestOutput(str(index), prompt, line["prompt_tokens"], [completion],
+            choices = [CompletionOutput(i, choice["text"], choice["token_ids"], choice["finish_reason"],
+                                        choice.get("logprobs")) for i, choice in enumerate(line.get("choices", [line]))]
+            outputs.append(RequestOutput(str(index), prompt, line["prompt_tokens"], choices,
                                          line.get("prompt_logprobs")))
         return outputs
 

@@ -180,7 +180,7 @@ def _run_submit(input_path: str, host: str, port: int, output_path: str, progres
     many requests failed (the caller exits non-zero then, once its cluster is down)."""
     from glinthawk.client import SubmitError, submit
     from glinthawk.cluster import ClusterError
-    from glinthawk.net.connection import run
+    from glinthawk.net.loop import run
 
     secret = read_secret(secret_file)
     work = submit(input_path, host, port, output_path, progress=progress, resume=resume, secret=secret)
@@ -330,7 +330,7 @@ def status_command(address, secret_file, as_json) -> None:
     import json
 
     from glinthawk.client import SubmitError, fetch_status
-    from glinthawk.net.connection import run
+    from glinthawk.net.loop import run
 
     host, port = parse_address(address, "HOST:PORT")
     try:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from glinthawk.net.codec import ProtocolError
-from glinthawk.net.connection import Connection, ConnectionClosed, client_handshake, open_connection
+from glinthawk.net.connection import Connection, ConnectionClosed, open_connection
+from glinthawk.net.handshake import client_handshake
 from glinthawk.net.messages import MsgType
 from glinthawk.outputs import Output, OutputError, ResultWriter, count_lines
 from glinthawk.requests import MAX_LINE_BYTES, read_lines

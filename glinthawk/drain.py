@@ -42,7 +42,7 @@ async def drain_node(host: str, port: int, node: str, timeout_s: float, *, secre
 def drain(node, to, timeout_s, secret_file) -> None:
     """Take a Tier 2 node out of a running cluster: it gets no new sequences, its running ones finish (or move
     after --timeout), then it exits. Returns once it is out."""
-    from glinthawk.net.connection import run
+    from glinthawk.net.loop import run
 
     host, port = parse_address(to, "--to")
     parse_address(node, "NODE_HOST:PORT")

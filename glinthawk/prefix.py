@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+from weakref import WeakKeyDictionary
 
 from glinthawk.compute.sampling import SamplingParams
 
@@ -64,6 +65,10 @@ class PrefixCache:
         self._copies: dict[tuple[int, ...], list[Prefix]] = {}  # by tokens: the same prefix may be on several nodes
         self._lengths: dict[int, int] = {}  # prefix length -> how many prefixes have it
         self._clock = 0
+        # A waiting sequence is looked at on every placement: what it found stays good until a
+        # prefix is added or dropped (``_version``).
+        self._version = 0
+        self._found: WeakKeyDictionary[Sequence, tuple[int, list[Prefix]]] = WeakKeyDictionary()
 
     def __iter__(self) -> Iterator[Prefix]:
         for copies in list(self._copies.values()):
@@ -77,7 +82,10 @@ class PrefixCache:
         start with the same block (``FairQueue.peers``)."""
         if not self.enabled or not can_share(seq):
             return ALONE
-        copies = self.find(seq.prompt_ids)
+        found = self._found.get(seq)
+        if found is None or found[0] != self._version:
+            found = self._found[seq] = (self._version, self.find(seq.prompt_ids))
+        copies = found[1]
         if copies:
             return Decision("read" if any(p.ready for p in copies) else "wait", copies)
         length = shared_length(seq, peers)
@@ -99,6 +107,7 @@ class PrefixCache:
         prefix = Prefix(list(tokens), holder, route)
         holder.holds = prefix
         self._copies.setdefault(tuple(tokens), []).append(prefix)
+        self._version += 1
         self._lengths[len(tokens)] = self._lengths.get(len(tokens), 0) + 1
         return prefix
 
@@ -107,6 +116,7 @@ class PrefixCache:
         key = tuple(prefix.tokens)
         copies = self._copies.get(key, [])
         if prefix in copies:
+            self._version += 1
             copies.remove(prefix)
             if not copies:
                 del self._copies[key]

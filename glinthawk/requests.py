@@ -33,11 +33,13 @@ _SAMPLING_FIELDS = {
 }
 _LOGPROB_FIELDS = {"logprobs", "top_logprobs", "prompt_logprobs"}
 MAX_N = 128  # choices (n) one request may ask for
-_PLAIN_FIELDS = {"custom_id", "prompt", "messages", "n"} | _SAMPLING_FIELDS | _LOGPROB_FIELDS | STRUCTURED_FIELDS
+_TEMPLATE_RESERVED = {"messages", "bos_token", "eos_token"}  # variables the chat template gets from us
+_PLAIN_FIELDS = {"custom_id", "prompt", "messages", "n", "chat_template_kwargs"} | _SAMPLING_FIELDS | _LOGPROB_FIELDS | STRUCTURED_FIELDS
 _OPENAI_FIELDS = {"custom_id", "method", "url", "body"}
 # Fields an OpenAI body may carry that change nothing here, with the only value we honour.
 _OPENAI_NEUTRAL = {"model": None, "stream": False, "user": None}
-_OPENAI_BODY_FIELDS = ({"prompt", "messages", "max_completion_tokens", "echo", "n"} | _SAMPLING_FIELDS
+_OPENAI_BODY_FIELDS = ({"prompt", "messages", "max_completion_tokens", "echo", "n", "chat_template_kwargs"}
+                       | _SAMPLING_FIELDS
                        | _LOGPROB_FIELDS | STRUCTURED_FIELDS | set(_OPENAI_NEUTRAL))
 # JSON lets "\ud800" escape half a surrogate pair: it decodes to a str that is not Unicode
 # text, which the tokenizer refuses and no result line can be encoded with.
@@ -62,6 +64,7 @@ class Request:
     show_prompt_logprobs: bool = False  # the line asked for prompt_logprobs by that name
     structured: Constraint | None = None  # what the output must match (response_format, guided_*)
     n: int = 1  # choices to generate (samples.py)
+    template_kwargs: dict[str, Any] | None = None  # chat_template_kwargs: further chat template variables
 
     @property
     def is_chat(self) -> bool:
@@ -244,6 +247,20 @@ def _prompt(value: Any) -> str | list[int]:
     raise ValueError("'prompt' must be a non-empty string or a non-empty list of token ids")
 
 
+def _template_kwargs(fields: dict[str, Any]) -> dict[str, Any] | None:
+    value = fields.get("chat_template_kwargs")
+    if value is None:
+        return None
+    if "messages" not in fields:
+        raise ValueError("'chat_template_kwargs' goes with 'messages' (a chat request)")
+    if not isinstance(value, dict):
+        raise ValueError("'chat_template_kwargs' must be an object of template variables, "
+                         "such as {\"enable_thinking\": false}")
+    if taken := sorted(_TEMPLATE_RESERVED & set(value)):
+        raise ValueError(f"'chat_template_kwargs' cannot set {', '.join(taken)}: the request gives those")
+    return value
+
+
 def _messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise ValueError("'messages' must be a non-empty list")
@@ -261,7 +278,7 @@ def _parse_plain(obj: dict, number: int, custom_id: str) -> Request:
         raise ValueError("give exactly one of 'prompt' or 'messages'")
     request = Request(custom_id, number, PLAIN, _sampling(obj, lp.plain_fields(obj)), unset=_unset(obj),
                       show_prompt_logprobs=obj.get("prompt_logprobs") is not None,
-                      structured=from_fields(obj), n=_choices(obj))
+                      structured=from_fields(obj), n=_choices(obj), template_kwargs=_template_kwargs(obj))
     if "prompt" in obj:
         request.prompt = _prompt(obj["prompt"])
     else:
@@ -293,7 +310,7 @@ def _parse_openai(obj: dict, number: int, custom_id: str) -> Request:
     request = Request(custom_id, number, OPENAI, _sampling(fields, logprobs), url=url,
                       model=model if isinstance(model, str) else None, unset=_unset(fields), echo=echo,
                       show_prompt_logprobs=body.get("prompt_logprobs") is not None,
-                      structured=from_fields(body), n=_choices(body))
+                      structured=from_fields(body), n=_choices(body), template_kwargs=_template_kwargs(body))
     if url == CHAT_URL:
         if "prompt" in body:
             raise ValueError(f"{CHAT_URL} takes 'messages', not 'prompt'")

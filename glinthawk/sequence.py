@@ -193,7 +193,7 @@ def new_sequence(request: Request, tokenizer: Tokenizer, max_context: int, vocab
     _check_stop_token_ids(request.params.stop_token_ids, vocab_size, fail)
     try:
         if request.messages is not None:
-            prompt_ids = tokenizer.encode_chat(request.messages, limit=room)
+            prompt_ids = tokenizer.encode_chat(request.messages, limit=room, template_kwargs=request.template_kwargs)
         elif isinstance(request.prompt, str):
             prompt_ids = tokenizer.encode_within(request.prompt, room)
         else:

@@ -160,8 +160,10 @@ class Tokenizer:
         self._pieces[token_id] = text, data
         return text, data
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        """Render chat messages into a prompt string with the checkpoint's chat template."""
+    def render_chat(self, messages: list[dict[str, Any]], template_kwargs: dict[str, Any] | None = None) -> str:
+        """Render chat messages into a prompt string with the checkpoint's chat template;
+        ``template_kwargs`` (a request's ``chat_template_kwargs``) are its further variables,
+        such as Qwen3's ``enable_thinking``."""
         if self.chat_template is None:
             raise TokenizerError(
                 "this model has no chat template (chat_template.jinja, tokenizer_config.json 'chat_template' or "
@@ -171,21 +173,19 @@ class Tokenizer:
         try:
             if self._compiled_template is None:
                 self._compiled_template = _compile_template(self.chat_template, self._template_path)
-            return self._compiled_template.render(
-                messages=messages,
-                add_generation_prompt=True,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-            )
+            variables = {"add_generation_prompt": True, **(template_kwargs or {}), "messages": messages,
+                         "bos_token": self.bos_token or "", "eos_token": self.eos_token or ""}
+            return self._compiled_template.render(**variables)
         except TokenizerError:
             raise
         except Exception as exc:  # jinja2 errors of any kind from a user-supplied template
             raise TokenizerError(f"chat template failed to render these messages: {exc}") from None
 
-    def encode_chat(self, messages: list[dict[str, Any]], limit: int | None = None) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], limit: int | None = None,
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """Render and encode chat messages; with ``limit``, as ``encode_within`` (TooManyTokens)."""
         # The rendered template already carries BOS and friends, as in apply_chat_template.
-        text = self.render_chat(messages)
+        text = self.render_chat(messages, template_kwargs)
         if limit is None:
             return self.encode(text, add_special_tokens=False)
         return self.encode_within(text, limit, add_special_tokens=False)

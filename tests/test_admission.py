@@ -10,7 +10,9 @@ import torch
 
 from glinthawk.client import submit
 from glinthawk.net.codec import ProtocolError
-from glinthawk.net.connection import Connection, client_handshake, open_connection, run
+from glinthawk.net.connection import Connection, open_connection
+from glinthawk.net.handshake import client_handshake
+from glinthawk.net.loop import run
 from glinthawk.net.server import server_handshake, start_server
 from glinthawk.node.tier1 import Tier1Node
 from glinthawk.node.tier2 import Tier2Node

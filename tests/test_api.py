@@ -45,3 +45,13 @@ def test_chat_uses_the_chat_template(llm, checkpoint):
 def test_a_failed_request_raises_with_its_reason(llm):
     with pytest.raises(GenerationError, match="exceeds the model's context"):
         llm.generate(["x"], SamplingParams(max_tokens=100_000))
+
+
+def test_n_choices_come_back_as_the_outputs_of_one_prompt(llm):
+    """vLLM's SamplingParams(n=...): one RequestOutput with n CompletionOutputs, choice 0 the
+    request's own seed (the same as n=1 gives)."""
+    params = SamplingParams(n=3, temperature=0.9, seed=4, max_tokens=5, ignore_eos=True)
+    (output,) = llm.generate([PROMPTS[3]], params)
+    assert [choice.index for choice in output.outputs] == [0, 1, 2]
+    (alone,) = llm.generate([PROMPTS[3]], SamplingParams(temperature=0.9, seed=4, max_tokens=5, ignore_eos=True))
+    assert output.outputs[0].token_ids == alone.outputs[0].token_ids

@@ -15,7 +15,8 @@ import torch
 
 from glinthawk.client import answered, submit
 from glinthawk.cluster import LocalCluster
-from glinthawk.net.connection import client_handshake, open_connection
+from glinthawk.net.connection import open_connection
+from glinthawk.net.handshake import client_handshake
 from glinthawk.net.server import server_handshake, start_server
 from glinthawk.node.tier1 import Tier1Node
 from glinthawk.node.tier2 import Tier2Node
@@ -376,7 +377,7 @@ def test_a_tier1_loop_held_up_longer_than_the_heartbeat_timeout_loses_no_node():
     can hold the loop past the heartbeat's timeout while the node's PONGs wait unread. On
     uvloop the heartbeat's timer ran before the reader got them, and a healthy node was
     declared lost. The time the loop was held up no longer counts as the node's silence."""
-    from glinthawk.net.connection import run
+    from glinthawk.net.loop import run
     from glinthawk.node.links import Tier2Link
 
     async def main() -> bool:

@@ -130,7 +130,7 @@ def test_openai_forms_parse():
     ({"custom_id": "o", "url": "/v1/embeddings", "body": {"input": "x"}}, ["unsupported url '/v1/embeddings'"]),
     ({"custom_id": "o", "method": "GET", "url": COMPLETIONS_URL, "body": {"prompt": "x"}}, ["'method' must be POST"]),
     ({"custom_id": "o", "url": COMPLETIONS_URL, "body": "prompt"}, ["'body' must be a JSON object"]),
-    ({"custom_id": "o", "url": COMPLETIONS_URL, "body": {"prompt": "x", "n": 2}}, ["'n' must be 1"]),
+    ({"custom_id": "o", "url": COMPLETIONS_URL, "body": {"prompt": "x", "n": 0}}, ["'n' must be an integer from 1"]),
     ({"custom_id": "o", "url": COMPLETIONS_URL, "body": {"prompt": "x", "stream": True}}, ["'stream' must be false"]),
     ({"custom_id": "o", "url": COMPLETIONS_URL, "body": {"prompt": "x", "suffix": "y"}}, ["unknown field(s) suffix"]),
     ({"custom_id": "o", "url": COMPLETIONS_URL, "body": {"prompt": "x"}, "extra": 1}, ["unknown field(s) extra"]),
@@ -612,3 +612,26 @@ def test_a_chat_template_jinja_file_comes_before_tokenizer_config(tiny_checkpoin
     shutil.copy(source / "tokenizer_config.json", tmp_path)
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
     assert Tokenizer(tmp_path).render_chat(MESSAGES) == "[Be brief.][The quick brown fox?]"
+
+
+def test_chat_template_kwargs_reach_the_template(tiny_checkpoint, tmp_path):
+    """vLLM's chat_template_kwargs: further template variables (Qwen3's enable_thinking), in
+    both forms; a bad one is its line's error."""
+    from glinthawk.tokenizer import Tokenizer
+
+    source = tiny_checkpoint("llama_gqa")
+    shutil.copy(source / "tokenizer.json", tmp_path)
+    shutil.copy(source / "tokenizer_config.json", tmp_path)
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if enable_thinking %}<think>{% endif %}")
+    tokenizer = Tokenizer(tmp_path)
+    assert tokenizer.render_chat(MESSAGES, {"enable_thinking": True}).endswith("<think>")
+    assert not tokenizer.render_chat(MESSAGES).endswith("<think>")
+    plain = parse({"custom_id": "a", "messages": MESSAGES, "chat_template_kwargs": {"enable_thinking": True}})
+    openai = parse({"custom_id": "b", "url": CHAT_URL, "body": {"messages": MESSAGES,
+                                                               "chat_template_kwargs": {"enable_thinking": True}}})
+    assert plain.template_kwargs == openai.template_kwargs == {"enable_thinking": True}
+    parse_error({"custom_id": "c", "prompt": "x", "chat_template_kwargs": {}}, "goes with 'messages'")
+    parse_error({"custom_id": "d", "messages": MESSAGES, "chat_template_kwargs": [1]}, "must be an object")
+    parse_error({"custom_id": "e", "messages": MESSAGES, "chat_template_kwargs": {"messages": []}},
+                "cannot set messages")

@@ -126,7 +126,7 @@ async def test_a_join_tier1_cannot_take_is_refused_clearly_on_both_sides(checkpo
     tier1 = tier1_for(checkpoint, [], secret=secret)
     port = await tier1.start("127.0.0.1", 0)
     if fault == "protocol version":  # the joiner speaks an older protocol
-        monkeypatch.setattr("glinthawk.net.connection.PROTOCOL_VERSION", 4)
+        monkeypatch.setattr("glinthawk.net.handshake.PROTOCOL_VERSION", 4)
     node = Tier2Node(kv_memory=16 if fault == "geometry" else 1 << 20, join=f"127.0.0.1:{port}",
                      secret=b"another secret" if fault == "secret" else None)
     await node.start("127.0.0.1", 0)

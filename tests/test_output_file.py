@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from glinthawk.cli import main
 from glinthawk.client import SubmitError, batch_id, submit
-from glinthawk.net.connection import client_handshake, open_connection
+from glinthawk.net.connection import open_connection
+from glinthawk.net.handshake import client_handshake
 from glinthawk.outputs import OutputError, ResultWriter
 from test_inputs import assert_clean_failure
 from test_resume import cluster, write_lines

@@ -57,8 +57,10 @@ def test_the_shared_length_saves_the_most_prefill_in_whole_blocks():
     peers = [seq(long_start + [2])] + [seq(long_start[:40] + [i] * 70) for i in range(3)]
     assert shared_length(base, peers) == 32
     same = SYSTEM[:MIN_TOKENS + 1]
-    assert shared_length(seq(same), [seq(same)]) == MIN_TOKENS  # equal prompts: each keeps its last token
-    assert shared_length(seq(same[:-1]), [seq(same[:-1])]) == 0  # too short to be worth it
+    assert shared_length(seq(same), [seq(same)]) == MIN_TOKENS  # the same prompt: all but its last token
+    short = SYSTEM[:BLOCK_TOKENS]
+    assert shared_length(seq(short), [seq(short)]) == 0  # too short to be worth a prefill of its own
+    assert shared_length(seq(SYSTEM[:40] + [1]), [seq(SYSTEM[:20] + [2] * 21)]) == 0  # 20 shared: under MIN_TOKENS
     assert shared_length(seq(SYSTEM, prompt_logprobs=1), [seq(SYSTEM)]) == 0  # its prompt's log-probs need its prefill
     assert 64 % BLOCK_TOKENS == 0
 

@@ -9,7 +9,8 @@ from collections import Counter
 from pathlib import Path
 
 from glinthawk.client import answered, batch_id, submit
-from glinthawk.net.connection import client_handshake, open_connection
+from glinthawk.net.connection import open_connection
+from glinthawk.net.handshake import client_handshake
 from glinthawk.node.tier1 import Tier1Node
 from glinthawk.node.tier2 import Tier2Node
 from glinthawk.requests import read_lines

@@ -22,7 +22,8 @@ from glinthawk.client import submit
 from glinthawk.compute.attention import attend
 from glinthawk.compute.kvcache import KVStore
 from glinthawk.net.codec import ProtocolError, encode_frame
-from glinthawk.net.connection import client_handshake, open_connection
+from glinthawk.net.connection import open_connection
+from glinthawk.net.handshake import client_handshake
 from glinthawk.net.server import server_handshake, start_server
 from glinthawk.net.messages import PROTOCOL_VERSION
 from glinthawk.net.messages import MsgType

@@ -13,7 +13,7 @@ from openai.types.chat import ChatCompletion
 from serve_util import ServeProcess, batch_line, generate, read_jsonl, wait_for, write_lines
 
 from glinthawk.client import fetch_status
-from glinthawk.net.connection import run
+from glinthawk.net.loop import run
 
 KEYS = ("key-alice", "key-bob")
 LIMIT = 1 << 20  # --max-file-size

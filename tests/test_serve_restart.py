@@ -6,7 +6,7 @@ from __future__ import annotations
 from serve_util import ServeProcess, batch_line, generate, read_jsonl, wait_for, write_lines
 
 from glinthawk.client import fetch_status
-from glinthawk.net.connection import run
+from glinthawk.net.loop import run
 
 
 def test_killed_service_resumes_its_batch(tmp_path):

@@ -10,7 +10,8 @@ import torch
 from glinthawk.compute.attention import attend
 from glinthawk.compute.kvcache import KVStore
 from glinthawk.net.codec import ProtocolError
-from glinthawk.net.connection import client_handshake, open_connection
+from glinthawk.net.connection import open_connection
+from glinthawk.net.handshake import client_handshake
 from glinthawk.net.messages import MsgType
 from glinthawk.node.tier1 import Tier1Node
 from glinthawk.node.tier2 import Tier2Node

@@ -11,7 +11,8 @@ import torch
 from cluster_util import PROMPTS, distributed, read_results, write_requests
 from glinthawk.cluster import LocalCluster
 from glinthawk.clusterfile import ClusterFileError, load_cluster_file, local_cluster_kwargs, node_args
-from glinthawk.net.connection import client_handshake, open_connection
+from glinthawk.net.connection import open_connection
+from glinthawk.net.handshake import client_handshake
 from glinthawk.node.tier2 import KV_STORAGE, Tier2Node
 from glinthawk.settings import KV_DTYPES, Tier2Settings
 

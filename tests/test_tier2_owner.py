@@ -8,7 +8,8 @@ import pytest
 
 from glinthawk.client import submit
 from glinthawk.net.codec import ProtocolError
-from glinthawk.net.connection import Connection, client_handshake, open_connection
+from glinthawk.net.connection import Connection, open_connection
+from glinthawk.net.handshake import client_handshake
 from glinthawk.net.messages import PROTOCOL_VERSION, MsgType
 from glinthawk.node import tier2 as tier2_module
 from glinthawk.node.tier1 import Tier1Node

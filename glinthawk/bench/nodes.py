@@ -68,7 +68,7 @@ def run_two_tier_inprocess(model, tokenizer, lines: list[dict], work_dir: Path, 
                            kv_dtype: str = "auto") -> RunResult:
     """Tier 1 and Tier 2 nodes in this process (one event loop, real TCP on loopback, real delays);
     each Tier 2 node sized by ``kv_tokens`` or ``kv_memory`` (bytes), keeping K/V as ``kv_dtype``."""
-    from glinthawk.net.connection import run
+    from glinthawk.net.loop import run
     from glinthawk.net.netem import NetEm
 
     requests_path = write_jsonl(work_dir / "requests.jsonl", lines)
@@ -89,7 +89,7 @@ def run_local_cluster(model_dir: Path, lines: list[dict], work_dir: Path, *, dty
     """``glinthawk run``: real Tier 2 and Tier 1 processes on loopback; times the submit only.
     ``micro_batches``: see ``LocalCluster`` ("auto": Tier 1 measures the count)."""
     from glinthawk.client import fetch_status, submit
-    from glinthawk.net.connection import run
+    from glinthawk.net.loop import run
 
     requests_path = write_jsonl(work_dir / "requests.jsonl", lines)
     out_path = work_dir / "results.jsonl"

@@ -17,7 +17,7 @@ import logging
 import time
 from pathlib import Path
 
-from glinthawk.net.connection import run
+from glinthawk.net.loop import run
 from glinthawk.node.cli import serve_node
 from glinthawk.node.tier2 import Tier2Node
 

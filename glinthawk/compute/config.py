@@ -92,24 +92,7 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
             raise ModelConfigError(f"{source}: '{key}' must be a positive number, got {value!r}")
         return value
 
-    architectures = raw.get("architectures") or []
-    if not isinstance(architectures, list) or len(architectures) != 1:
-        raise ModelConfigError(
-            f"{source}: 'architectures' must name exactly one of {', '.join(SUPPORTED_ARCHITECTURES)}, "
-            f"got {architectures!r}"
-        )
-    architecture = architectures[0]
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        raise ModelConfigError(
-            f"{source}: architecture '{architecture}' is not supported; "
-            f"glinthawk runs {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    activation = raw.get("hidden_act", "silu")
-    if activation not in SUPPORTED_ACTIVATIONS:
-        raise ModelConfigError(f"{source}: hidden_act '{activation}' is not supported (only silu)")
-    if raw.get("pretraining_tp", 1) != 1:
-        raise ModelConfigError(f"{source}: pretraining_tp={raw['pretraining_tp']} is not supported (only 1)")
-
+    architecture = _architecture(raw, source)
     hidden = need("hidden_size")
     heads = need("num_attention_heads")
     kv_heads = raw.get("num_key_value_heads") or heads
@@ -148,6 +131,28 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
         eos_token_ids=_token_ids(raw.get("eos_token_id")),
         torch_dtype=next((v for v in (raw.get("torch_dtype"), raw.get("dtype")) if isinstance(v, str)), None),
     )
+
+
+def _architecture(raw: dict[str, Any], source: str) -> str:
+    """The one architecture ``raw`` names, checked with the other fields only some architectures take."""
+    architectures = raw.get("architectures") or []
+    if not isinstance(architectures, list) or len(architectures) != 1:
+        raise ModelConfigError(
+            f"{source}: 'architectures' must name exactly one of {', '.join(SUPPORTED_ARCHITECTURES)}, "
+            f"got {architectures!r}"
+        )
+    architecture = architectures[0]
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ModelConfigError(
+            f"{source}: architecture '{architecture}' is not supported; "
+            f"glinthawk runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    activation = raw.get("hidden_act", "silu")
+    if activation not in SUPPORTED_ACTIVATIONS:
+        raise ModelConfigError(f"{source}: hidden_act '{activation}' is not supported (only silu)")
+    if raw.get("pretraining_tp", 1) != 1:
+        raise ModelConfigError(f"{source}: pretraining_tp={raw['pretraining_tp']} is not supported (only 1)")
+    return architecture
 
 
 def _token_ids(value: Any) -> tuple[int, ...]:

@@ -54,6 +54,8 @@ class SamplingParams:
     # Python API only (vLLM's field): {"json": schema} / {"regex": ...} / {"choice": [...]} /
     # {"json_object": true}, sent as the line's ``structured_outputs``; the sampler never reads it.
     structured_outputs: dict | None = field(default=None, compare=False)
+    # Python API only (vLLM's field): choices per prompt, sent as the line's ``n``; the sampler never reads it.
+    n: int = field(default=1, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 0:

@@ -6,8 +6,8 @@ The names below load on first use, so that importing one light module of the pac
 
 _LAZY = {
     "DEFAULT_MAX_FRAME_BYTES": "codec", "ProtocolError": "codec", "decode_frame": "codec", "encode_frame": "codec",
-    "Connection": "connection", "ConnectionClosed": "connection", "client_handshake": "connection",
-    "install_event_loop_policy": "connection", "open_connection": "connection", "run": "connection",
+    "Connection": "connection", "ConnectionClosed": "connection", "client_handshake": "handshake",
+    "install_event_loop_policy": "loop", "open_connection": "connection", "run": "loop",
     "KNOWN_TYPES": "messages", "PROTOCOL_VERSION": "messages", "MsgType": "messages",
     "NetEm": "netem", "parse_bandwidth": "netem", "parse_size": "netem",
     "server_handshake": "server", "start_server": "server",

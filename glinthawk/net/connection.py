@@ -10,25 +10,21 @@ memory.
 
 import asyncio
 import collections
-import random
 import socket
 import sys
-from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
-from . import auth
 from .codec import DEFAULT_MAX_FRAME_BYTES, ProtocolError, decode_frame, encode_frame
-from .messages import PROTOCOL_VERSION, MsgType
-from .netem import NetEm
+from .messages import MsgType
+from .netem import DelayedSender, NetEm
 
 
-T = TypeVar("T")
 Tensors = Mapping[str, torch.Tensor]
 
 _MAX_QUEUED_FRAMES = 64  # received but not yet recv()ed; beyond this, stop reading
-_MAX_DELAYED_FRAMES = 1024  # sent but held back by a NetEm; beyond this, send() waits
 _COALESCE_BYTES = 16 << 10  # smaller buffers are joined: a copy is cheaper than a syscall
 _LINGER_S = 2.0  # after a protocol error, how long to wait for the peer to hang up
 # The limit on frames until the handshake is done, on either end (a server until
@@ -278,62 +274,6 @@ class _FrameProtocol(asyncio.BufferedProtocol):
             self.transport.close()
 
 
-class _DelayedSender:
-    """Holds frames back to emulate a link's latency, jitter and bandwidth, in order.
-
-    A frame is due at ``max(previous due, transmitted + delay ± jitter)``. Without a
-    bandwidth cap it is transmitted when sent; with one, transmission starts once the
-    link has finished the frames before it and takes ``8 * size / bandwidth_bps``.
-    Every frame is scheduled when it is enqueued, and a task writes it when due, so
-    the caller of ``send`` never waits for the emulated delay.
-    """
-
-    def __init__(self, protocol: _FrameProtocol, netem: NetEm) -> None:
-        self._protocol = protocol
-        self._netem = netem
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[tuple[float, list[memoryview | bytes]] | None] = asyncio.Queue()
-        self._room = asyncio.Event()  # set while fewer than _MAX_DELAYED_FRAMES are queued
-        self._room.set()
-        self._last_due = 0.0
-        self._link_free = 0.0
-        self._task = self._loop.create_task(self._run())
-        protocol.lost.add_done_callback(self._on_lost)
-
-    def _on_lost(self, _: asyncio.Future[None]) -> None:
-        self._task.cancel()
-        self._room.set()  # wake senders waiting for room; they find the connection lost
-
-    async def put(self, buffers: list[memoryview | bytes]) -> None:
-        while self._queue.qsize() >= _MAX_DELAYED_FRAMES and not self._protocol.lost.done():
-            self._room.clear()
-            await self._room.wait()
-        if self._protocol.lost.done():
-            raise ConnectionClosed(self._protocol.closed_reason or "connection lost")
-        now = self._loop.time()
-        netem = self._netem
-        sent = now
-        if netem.bandwidth_bps is not None:
-            nbytes = sum(memoryview(b).nbytes for b in buffers)
-            sent = self._link_free = max(now, self._link_free) + 8 * nbytes / netem.bandwidth_bps
-        delay = netem.delay_ms + random.uniform(-netem.jitter_ms, netem.jitter_ms)
-        self._last_due = max(self._last_due, sent + max(delay, 0.0) / 1000)
-        self._queue.put_nowait((self._last_due, buffers))
-
-    def close(self) -> None:
-        """Close the transport once every frame already enqueued has been written."""
-        self._queue.put_nowait(None)
-
-    async def _run(self) -> None:
-        while (item := await self._queue.get()) is not None:
-            due, buffers = item
-            await asyncio.sleep(due - self._loop.time())
-            self._protocol.write(buffers)
-            self._room.set()
-            await self._protocol.drain()
-        self._protocol.close()
-
-
 class Connection:
     """A framed connection carrying msgpack headers and tensors; see ``send`` and ``recv``.
 
@@ -344,7 +284,7 @@ class Connection:
         self._protocol = protocol
         self.bytes_sent = 0  # frame bytes handed to the transport (for metrics)
         self.bytes_received = 0
-        self._sender = _DelayedSender(protocol, netem) if netem is not None and netem.active else None
+        self._sender = DelayedSender(protocol, netem) if netem is not None and netem.active else None
 
     @property
     def peername(self) -> Any:
@@ -438,85 +378,3 @@ async def open_connection(
     except TimeoutError:
         raise TimeoutError(f"no answer from {host}:{port} within {timeout_s:g} s") from None
     return Connection(protocol, netem)
-
-
-HANDSHAKE_TIMEOUT_S = 10.0
-
-
-async def _recv_within(conn: Connection, timeout_s: float, what: str) -> dict:
-    """A peer that stalls mid-handshake is dropped instead of holding a connection slot."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            header, _ = await conn.recv()
-    except TimeoutError:
-        conn.close()
-        raise ProtocolError(f"no {what} within {timeout_s:.0f} s") from None
-    return header
-
-
-async def client_handshake(
-    conn: Connection, role: str, info: Mapping[str, Any], *, secret: bytes | None = None,
-    timeout_s: float = HANDSHAKE_TIMEOUT_S,
-) -> dict:
-    """Introduce ourselves with HELLO; return the server's WELCOME header.
-
-    With a ``secret``, the server must prove it knows it too (mutual HMAC). Raises
-    ProtocolError (and closes the connection) if the server refuses with an ERROR,
-    fails authentication, or answers with anything but a WELCOME of our version.
-    """
-    if clash := {"type", "version", "role", "nonce"} & info.keys():
-        raise ValueError(f"handshake info may not set {sorted(clash)}")
-    # The server answers with one frame (WELCOME or ERROR), after a CHALLENGE where we authenticate.
-    conn._protocol.end_handshake_after(2 if secret is not None else 1)
-    nonce = auth.new_nonce()
-    await conn.send({**info, "type": MsgType.HELLO, "version": PROTOCOL_VERSION, "role": role, "nonce": nonce})
-    reply = await _recv_within(conn, timeout_s, "handshake reply")
-    problem = None
-    if reply["type"] == MsgType.CHALLENGE:
-        server_nonce = reply.get("nonce")
-        if secret is None:
-            problem = f"server requires a shared secret; pass --secret-file or set ${auth.SECRET_ENV}"
-        elif not isinstance(server_nonce, bytes) or not auth.verify(
-                auth.proof(secret, b"server", nonce, server_nonce), reply.get("proof")):
-            problem = "server failed authentication: its secret differs from ours"
-            # In place of our proof, so that the server logs why we hung up (not just that we did).
-            await conn.send({"type": MsgType.ERROR, "message": "the client's shared secret differs"})
-        else:
-            await conn.send({"type": MsgType.AUTH, "proof": auth.proof(secret, b"client", server_nonce, nonce)})
-            reply = await _recv_within(conn, timeout_s, "WELCOME")
-    elif secret is not None and reply["type"] == MsgType.WELCOME:
-        problem = "server did not authenticate itself although we have a shared secret; refusing it"
-    if problem is None:
-        if reply["type"] == MsgType.ERROR:
-            problem = f"server refused the handshake: {reply.get('message', 'no reason given')}"
-        elif reply["type"] != MsgType.WELCOME:
-            problem = f"expected WELCOME, got {reply['type']!r}"
-        elif reply.get("version") != PROTOCOL_VERSION:
-            problem = f"server speaks protocol version {reply.get('version')!r}, we speak {PROTOCOL_VERSION}"
-        else:
-            return reply
-    conn.close()
-    raise ProtocolError(problem)
-
-
-def _uvloop() -> Any:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop
-
-
-def install_event_loop_policy() -> bool:
-    """Make new event loops uvloop ones when uvloop is installed; return whether it is."""
-    if (uvloop := _uvloop()) is None:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
-
-
-def run(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run`` on a uvloop event loop when uvloop is installed."""
-    uvloop = _uvloop()
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None) as runner:
-        return runner.run(main)

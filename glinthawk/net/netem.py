@@ -1,9 +1,13 @@
-"""Link emulation settings and the parsers for sizes and bandwidths given on a command line."""
+"""Link emulation: its settings, the sender that holds frames back, and the parsers for sizes and
+bandwidths given on a command line."""
 
+import asyncio
 import math
+import random
 import re
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 _DECIMAL = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _BINARY = {"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -20,6 +24,7 @@ _BANDWIDTH_UNITS = (
     | {p + suffix: n for p, n in _DECIMAL.items() for suffix in ("bit", "bps")}
     | {p + "B": 8 * n for p, n in (_DECIMAL | _BINARY).items()}
 )
+_MAX_DELAYED_FRAMES = 1024  # sent but held back by a NetEm; beyond this, send() waits
 _QUANTITY = re.compile(r"\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*([A-Za-z/]*)\s*")
 
 
@@ -109,3 +114,61 @@ def _bandwidth_scale(unit: str, text: str) -> int:
             "for bits/s, or B/s, kB/s, MB/s, MiB/s, … for bytes/s"
         )
     return scale
+
+
+class DelayedSender:
+    """Holds frames back to emulate a link's latency, jitter and bandwidth, in order.
+
+    A frame is due at ``max(previous due, transmitted + delay ± jitter)``. Without a
+    bandwidth cap it is transmitted when sent; with one, transmission starts once the
+    link has finished the frames before it and takes ``8 * size / bandwidth_bps``.
+    Every frame is scheduled when it is enqueued, and a task writes it when due, so
+    the caller of ``send`` never waits for the emulated delay.
+    """
+
+    def __init__(self, protocol: Any, netem: NetEm) -> None:  # connection._FrameProtocol
+        self._protocol = protocol
+        self._netem = netem
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[tuple[float, list[memoryview | bytes]] | None] = asyncio.Queue()
+        self._room = asyncio.Event()  # set while fewer than _MAX_DELAYED_FRAMES are queued
+        self._room.set()
+        self._last_due = 0.0
+        self._link_free = 0.0
+        self._task = self._loop.create_task(self._run())
+        protocol.lost.add_done_callback(self._on_lost)
+
+    def _on_lost(self, _: asyncio.Future[None]) -> None:
+        self._task.cancel()
+        self._room.set()  # wake senders waiting for room; they find the connection lost
+
+    async def put(self, buffers: list[memoryview | bytes]) -> None:
+        while self._queue.qsize() >= _MAX_DELAYED_FRAMES and not self._protocol.lost.done():
+            self._room.clear()
+            await self._room.wait()
+        if self._protocol.lost.done():
+            from .connection import ConnectionClosed  # (which imports this module)
+
+            raise ConnectionClosed(self._protocol.closed_reason or "connection lost")
+        now = self._loop.time()
+        netem = self._netem
+        sent = now
+        if netem.bandwidth_bps is not None:
+            nbytes = sum(memoryview(b).nbytes for b in buffers)
+            sent = self._link_free = max(now, self._link_free) + 8 * nbytes / netem.bandwidth_bps
+        delay = netem.delay_ms + random.uniform(-netem.jitter_ms, netem.jitter_ms)
+        self._last_due = max(self._last_due, sent + max(delay, 0.0) / 1000)
+        self._queue.put_nowait((self._last_due, buffers))
+
+    def close(self) -> None:
+        """Close the transport once every frame already enqueued has been written."""
+        self._queue.put_nowait(None)
+
+    async def _run(self) -> None:
+        while (item := await self._queue.get()) is not None:
+            due, buffers = item
+            await asyncio.sleep(due - self._loop.time())
+            self._protocol.write(buffers)
+            self._room.set()
+            await self._protocol.drain()
+        self._protocol.close()

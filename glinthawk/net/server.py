@@ -17,14 +17,8 @@ from typing import Any
 
 from . import auth
 from .codec import DEFAULT_MAX_FRAME_BYTES, ProtocolError
-from .connection import (
-    HANDSHAKE_MAX_FRAME_BYTES,
-    HANDSHAKE_TIMEOUT_S,
-    Connection,
-    ConnectionClosed,
-    _FrameProtocol,
-    _recv_within,
-)
+from .connection import HANDSHAKE_MAX_FRAME_BYTES, Connection, ConnectionClosed, _FrameProtocol
+from .handshake import HANDSHAKE_TIMEOUT_S, recv_within
 from .messages import PROTOCOL_VERSION, MsgType
 from .netem import NetEm
 
@@ -151,7 +145,7 @@ async def server_handshake(
     accepted, it counts against the server's ``max_connections`` and its handshake frame
     limit is lifted (see ``start_server``).
     """
-    hello = await _recv_within(conn, timeout_s, "HELLO")
+    hello = await recv_within(conn, timeout_s, "HELLO")
     problem = _hello_problem(hello, secret)
     if problem is None and secret is not None:
         problem = await _challenge(conn, secret, hello["nonce"], timeout_s)
@@ -188,7 +182,7 @@ async def _challenge(conn: Connection, secret: bytes, client_nonce: bytes, timeo
     nonce = auth.new_nonce()
     await conn.send({"type": MsgType.CHALLENGE, "nonce": nonce,
                      "proof": auth.proof(secret, b"server", client_nonce, nonce)})
-    answer = await _recv_within(conn, timeout_s, "AUTH")
+    answer = await recv_within(conn, timeout_s, "AUTH")
     if answer["type"] != MsgType.AUTH or not auth.verify(auth.proof(secret, b"client", nonce, client_nonce),
                                                           answer.get("proof")):
         return "authentication failed: wrong or missing shared secret"

@@ -26,7 +26,8 @@ from glinthawk.compute.loader import Model
 from glinthawk.compute.logprobs import Sampled
 from glinthawk.compute.sampling import SamplingParams
 from glinthawk.net.codec import ProtocolError
-from glinthawk.net.connection import Connection, ConnectionClosed, client_handshake, open_connection
+from glinthawk.net.connection import Connection, ConnectionClosed, open_connection
+from glinthawk.net.handshake import client_handshake
 from glinthawk.net.messages import MsgType
 from glinthawk.net.netem import NetEm
 from glinthawk.node.links import LinkLost

@@ -15,7 +15,7 @@ from glinthawk.cluster_options import node_cluster_options
 from glinthawk.logs import configure as configure_logging
 from glinthawk.metrics import serve as serve_metrics
 from glinthawk.net.auth import SECRET_ENV, is_loopback
-from glinthawk.net.connection import run
+from glinthawk.net.loop import run
 from glinthawk.net.netem import parse_size
 from glinthawk.options import (
     device_option,

@@ -21,7 +21,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from glinthawk.net.codec import ProtocolError
-from glinthawk.net.connection import ConnectionClosed, client_handshake, open_connection
+from glinthawk.net.connection import ConnectionClosed, open_connection
+from glinthawk.net.handshake import client_handshake
 from glinthawk.net.messages import MsgType
 
 if TYPE_CHECKING:

@@ -26,7 +26,8 @@ from prometheus_client import Histogram
 
 from glinthawk.compute.loader import Model
 from glinthawk.net.codec import ProtocolError
-from glinthawk.net.connection import ConnectionClosed, client_handshake, open_connection
+from glinthawk.net.connection import ConnectionClosed, open_connection
+from glinthawk.net.handshake import client_handshake
 from glinthawk.net.netem import NetEm
 from glinthawk.node.links import Tier2Link
 from glinthawk.settings import DRAIN_TIMEOUT_S, Tier1Settings

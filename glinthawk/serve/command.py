@@ -121,7 +121,7 @@ def serve(data_dir, listen, api_key_file, insecure, to, secret_file, model_dir, 
 
 def _serve(config, host: str, port: int, secret: bytes | None, check_alive=None) -> None:
     from glinthawk.client import SubmitError
-    from glinthawk.net.connection import run
+    from glinthawk.net.loop import run
     from glinthawk.serve.runner import Tier1
     from glinthawk.serve.service import serve as serve_forever
 

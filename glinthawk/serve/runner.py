@@ -19,7 +19,8 @@ from typing import Any
 
 from glinthawk.client import SubmitError, batch_id, submit
 from glinthawk.net.codec import ProtocolError
-from glinthawk.net.connection import ConnectionClosed, client_handshake, open_connection
+from glinthawk.net.connection import ConnectionClosed, open_connection
+from glinthawk.net.handshake import client_handshake
 from glinthawk.net.messages import MsgType
 from glinthawk.results import is_error
 from glinthawk.serve.batches import ACTIVE, BatchStore, split_results, usage_object, validate_input
