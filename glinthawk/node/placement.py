@@ -38,6 +38,7 @@ WAIT, FULL = Choice("wait"), Choice("full")
 class Placer:
     def __init__(self, prefixes: PrefixCache, release: Callable[[Account, list[int]], None]):
         self.prefixes, self.release = prefixes, release
+        self._orphans: list[Prefix] = []  # on a lost node, forgotten, still read until their readers are requeued
 
     def choose(self, seq: Sequence, stages: list[list[Account]], peers: Iterable[Sequence]) -> Choice:
         """Where ``seq`` goes; ``stages``: each stage's placeable nodes, ``peers``: others waiting that may share its prefix."""
@@ -94,6 +95,9 @@ class Placer:
     def evict(self, prefix: Prefix) -> None:
         """Give a filled prefix's room back (its holder is released on each of its nodes)."""
         self.prefixes.drop(prefix)
+        self._give_back(prefix)
+
+    def _give_back(self, prefix: Prefix) -> None:
         for node in prefix.route:
             node.free_tokens += prefix.length
             self.release(node, [prefix.holder.id])
@@ -104,11 +108,14 @@ class Placer:
             self.evict(prefix)
 
     def drop_lost(self) -> None:
-        """Forget prefixes on a node that is gone; a filled one's room goes back on its other nodes
-        (one still filling is its micro-batch's to give back)."""
+        """Forget prefixes on a node that is gone. A filled one's room on its other nodes (a later
+        stage's) goes back once no sequence reads it (the nodes free it only then); one still
+        filling is its micro-batch's to give back."""
         for prefix in list(self.prefixes):
             if not all(node.alive for node in prefix.route):
+                self.prefixes.drop(prefix)
                 if prefix.ready:
-                    self.evict(prefix)
-                else:
-                    self.prefixes.drop(prefix)
+                    self._orphans.append(prefix)
+        for prefix in [p for p in self._orphans if not p.readers]:
+            self._orphans.remove(prefix)
+            self._give_back(prefix)
