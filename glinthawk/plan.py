@@ -92,6 +92,7 @@ class Model:
     wire_per_token: int  # what goes Tier 1 -> Tier 2 for one token, all layers (q, k, v)
     layers: int
     max_tokens: int
+    head_flops: int = 0  # of flops_per_token: the LM head's, which a prompt spends on its last token only
 
     @classmethod
     def of(cls, config: ModelConfig, itemsize: int) -> "Model":
@@ -102,7 +103,7 @@ class Model:
         return cls(weights=parameters * itemsize, flops_per_token=2 * (config.num_layers * per_layer + head),
                    kv_per_token=config.kv_bytes_per_token(itemsize),
                    wire_per_token=config.num_layers * (q + 2 * kv) * itemsize, layers=config.num_layers,
-                   max_tokens=config.max_position_embeddings)
+                   max_tokens=config.max_position_embeddings, head_flops=2 * head)
 
 
 def plan(model: Model, tier1: Machine, tier2: Machine, work: Workload) -> tuple[Layout, Layout | None]:
