@@ -2,7 +2,8 @@
 
 The machine defaults are the original work's layout (an NVIDIA T4 as Tier 1, CPU VMs as Tier 2,
 8 Gbit/s links; ../shared/PAPER.md): a T4's 65 TFLOP/s of float16 and 320 GB/s, and 20 GB/s of
-memory bandwidth for a CPU VM. Measure yours with ``glinthawk bench limits`` on each kind.
+memory bandwidth for a CPU VM. Measure yours with ``glinthawk bench limits`` on each kind and give
+its output (--tier1-limits, --tier2-limits); --input takes the lengths from a requests file.
 """
 
 from __future__ import annotations
