@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -32,6 +33,7 @@ def test_model_sizes_from_a_config():
     assert model.flops_per_token == 2 * (2 * per_layer + 100 * 64)
     assert model.kv_per_token == 2 * 2 * 2 * 16 * 2  # K and V, layers, KV heads, head_dim, bytes
     assert model.wire_per_token == 2 * (64 + 2 * 32) * 2  # q, k, v of each layer
+    assert model.head_flops == 2 * 100 * 64
     tied = Model.of(ModelConfig.from_dict({**TINY, "tie_word_embeddings": True}), itemsize=2)
     assert model.weights - tied.weights == 2 * 100 * 64
 
@@ -57,6 +59,16 @@ def test_two_tier_plan_worked_by_hand():
     per_token = 100 * 2e10 / 8e13 + 100 * 0.010602 / 40
     assert one.tokens_per_s == pytest.approx(100 / per_token)
     assert one.cost_per_million == pytest.approx(2.0 / (100 / per_token * 3600) * 1e6)
+
+
+def test_a_prompt_token_skips_the_lm_head():
+    """Only a prompt's last token is sampled: with a quarter of the FLOPs in the head, 100 prompt tokens
+    and 100 generated cost 100 x 1.5e10 + 100 x 2e10 FLOPs, at 8e13 FLOP/s."""
+    headed = dataclasses.replace(MODEL, head_flops=5 * 10**9)
+    two, one = plan(headed, TIER1, TIER2, WORK)
+    assert two.tokens_per_s == pytest.approx(8e13 * 100 / (100 * 1.5e10 + 100 * 2e10))
+    per_token = 100 * 1.5e10 / 8e13 + 100 * 0.010602 / 40  # single-tier: as worked by hand above, cheaper prompts
+    assert one.tokens_per_s == pytest.approx(100 / per_token)
 
 
 def test_a_slow_link_caps_the_throughput_and_so_the_nodes():
