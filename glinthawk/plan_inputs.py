@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from glinthawk.requests import Request
 
 CHARS_PER_TOKEN = 4  # without a tokenizer: the usual rule of thumb for English text with BPE vocabularies
 LIMITS_HINT = "give the limits.json that `glinthawk bench limits --out DIR` writes on a machine of that kind"
@@ -71,7 +76,7 @@ def read_lengths(path: Path, model_dir: Path) -> Lengths:
     where ``model_dir`` has one; counted from the characters otherwise."""
     from glinthawk.requests import RequestError, parse_stream
 
-    count = _counter(model_dir)
+    count, estimated = _counter(model_dir)
     prompts, outputs, skipped = [], [], 0
     try:
         with open(path, "rb") as stream:
@@ -91,11 +96,12 @@ def read_lengths(path: Path, model_dir: Path) -> Lengths:
     if not prompts:
         raise PlanInputError(f"{path} holds no request ({skipped} line(s) that are not one): give a JSONL file "
                              "with a 'prompt' or 'messages' on each line, as `glinthawk run` takes")
-    return Lengths(prompts, outputs, skipped, estimated=count.__name__ == "estimate")
+    return Lengths(prompts, outputs, skipped, estimated)
 
 
-def _counter(model_dir: Path):
-    """A request's prompt tokens: the tokenizer's count where the checkpoint has one."""
+def _counter(model_dir: Path) -> tuple[Callable[[Request], int], bool]:
+    """A request's prompt tokens, and whether they are estimated: the tokenizer's count where the
+    checkpoint has one."""
     tokenizer = None
     if (model_dir / "tokenizer.json").is_file():
         from glinthawk.tokenizer import Tokenizer, TokenizerError
@@ -105,20 +111,20 @@ def _counter(model_dir: Path):
         except TokenizerError:
             tokenizer = None
 
-    def exact(request) -> int:
+    def exact(request: Request) -> int:
         if isinstance(request.prompt, list):
             return len(request.prompt)
         if request.is_chat:
             return len(tokenizer.encode_chat(request.messages))
         return len(tokenizer.encode(request.prompt))
 
-    def estimate(request) -> int:
+    def estimate(request: Request) -> int:
         if isinstance(request.prompt, list):
             return len(request.prompt)
         text = request.prompt if not request.is_chat else "".join(str(m.get("content", "")) for m in request.messages)
         return math.ceil(len(text) / CHARS_PER_TOKEN)
 
-    return exact if tokenizer is not None else estimate
+    return (exact, False) if tokenizer is not None else (estimate, True)
 
 
 def percentile(values: list[int], share: float) -> int:

@@ -234,3 +234,19 @@ def test_lengths_are_asked_for_when_no_file_gives_them(llama2):
     no_memory = [a for a in PAPER if a not in ("--tier2-memory", "110GiB")]
     result = CliRunner().invoke(main, ["plan", "--model", llama2, *no_memory])
     assert result.exit_code == 2 and "give --tier2-memory" in result.output
+
+
+def test_the_limits_files_this_project_wrote_are_read():
+    """The real output of `glinthawk bench limits` (docs/bench), CPU and GPU."""
+    from pathlib import Path
+
+    from glinthawk.plan_inputs import read_limits
+
+    bench = Path(__file__).resolve().parent.parent / "docs" / "bench"
+    for path in (bench / "limits.json", bench / "gpu-h200" / "limits.json"):
+        result = json.loads(path.read_text())
+        limits = read_limits(path, "bfloat16")
+        assert limits.flops == result["summary"]["matmul_peak_bfloat16"] and limits.flops > 0
+        assert limits.bandwidth == result["summary"]["read_bandwidth"]
+        assert limits.memory == result["machine"]["ram_bytes"] and limits.measured == ["bfloat16", "float32"]
+    assert read_limits(bench / "limits.json", "float16").flops is None  # not measured: the command asks for it
