@@ -49,7 +49,9 @@ class Host:
 
 @dataclass(frozen=True)
 class LoopbackRun:
-    """A ``glinthawk run`` configuration: every request submitted at once, all of one length."""
+    """A ``glinthawk run`` configuration: every request submitted at once, all of one length. Each node
+    computes on one thread, as ``glinthawk run`` gives them with 2 or more micro-batches (with one, Tier 1
+    gets every core, which this model does not cover)."""
 
     tier2_nodes: int
     requests: int

@@ -124,9 +124,9 @@ async def _ping(port: int, q_width: int, kv_width: int, rows: int) -> tuple[floa
     tensors = {"q": torch.zeros(rows, q_width, dtype=torch.bfloat16),
                "k": torch.zeros(rows, kv_width, dtype=torch.bfloat16),
                "v": torch.zeros(rows, kv_width, dtype=torch.bfloat16)}
-    walls = []
+    walls, cpu = [], 0.0
     for i in range(2 * ECHOES):
-        if i == ECHOES:
+        if i == ECHOES:  # the first half warms up both ends
             cpu = time.process_time()
         started = time.perf_counter()
         await conn.send({"type": "qkv", "layer": i}, tensors)
