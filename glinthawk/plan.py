@@ -7,7 +7,8 @@ A roofline model, with the efficiencies this project measured (docs/PERFORMANCE.
   the device's peak (the projections and MLP reach 76-86% of it). Past the batch ``B*`` where the
   two meet, a larger batch buys nothing; below it, Tier 1 waits on its memory. So the plan runs
   ``B*`` sequences per micro-batch, which is also the cheapest per token (below ``B*`` throughput
-  and KV room grow together; above it only KV room does). Prompt tokens cost ``F`` each too.
+  and KV room grow together; above it only KV room does). Prompt tokens cost ``F`` each too, less
+  the LM head's share (only a prompt's last token is sampled).
 - Tier 1 is kept busy with ``m = 1 + ceil(round trip / Tier 1's time per layer)`` micro-batches in
   flight (DESIGN.md), the round trip being the link's latency both ways, the q/k/v frame on the
   link, and Tier 2's attention. A sequence makes one token per cycle (Tier 1's step plus a round
@@ -23,7 +24,8 @@ A roofline model, with the efficiencies this project measured (docs/PERFORMANCE.
 
 It predicts upper bounds for a well-fed cluster: Python overheads, prefill attention and
 stragglers are left out, so measured figures come lower (on loopback, two-tier reached 0.70-0.83
-of a single process, docs/PERFORMANCE.md).
+of a single process, docs/PERFORMANCE.md). ``plan_loopback`` adds those fixed costs, measured, to
+check the model against runs on one machine.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class Model:
     wire_per_token: int  # what goes Tier 1 -> Tier 2 for one token, all layers (q, k, v)
     layers: int
     max_tokens: int
+    head_flops: int = 0  # of flops_per_token: the LM head's, which a prompt spends on its last token only
 
     @classmethod
     def of(cls, config: ModelConfig, itemsize: int) -> "Model":
@@ -102,7 +105,7 @@ class Model:
         return cls(weights=parameters * itemsize, flops_per_token=2 * (config.num_layers * per_layer + head),
                    kv_per_token=config.kv_bytes_per_token(itemsize),
                    wire_per_token=config.num_layers * (q + 2 * kv) * itemsize, layers=config.num_layers,
-                   max_tokens=config.max_position_embeddings)
+                   max_tokens=config.max_position_embeddings, head_flops=2 * head)
 
 
 def plan(model: Model, tier1: Machine, tier2: Machine, work: Workload) -> tuple[Layout, Layout | None]:
@@ -138,9 +141,14 @@ UNFILLED = "too few requests in flight"
 
 
 def _t1_tokens_s(model: Model, tier1: Machine, work: Workload) -> float:
-    """Generated tokens/s of a Tier 1 that computes all the time (prompt tokens cost as much)."""
-    share = work.output_tokens / (work.prompt_tokens + work.output_tokens)
-    return tier1.flops * TIER1_EFFICIENCY / model.flops_per_token * share
+    """Generated tokens/s of a Tier 1 that computes all the time (prompt tokens cost as much, but
+    for the LM head: only a prompt's last token is sampled)."""
+    per_request = work.prompt_tokens * _prompt_flops(model) + work.output_tokens * model.flops_per_token
+    return tier1.flops * TIER1_EFFICIENCY * work.output_tokens / per_request
+
+
+def _prompt_flops(model: Model) -> int:
+    return model.flops_per_token - model.head_flops
 
 
 def _timing(model: Model, tier1: Machine, tier2: Machine, work: Workload, nodes: int) -> tuple[int, float, float]:
@@ -197,7 +205,7 @@ def _single_tier(model: Model, tier1: Machine, work: Workload) -> Layout | None:
         return None
     step_s = max((model.weights + batch * context * model.kv_per_token) / tier1.bandwidth,
                  batch * model.flops_per_token / flops)
-    per_token_s = (work.prompt_tokens * model.flops_per_token / flops + work.output_tokens * step_s / batch)
+    per_token_s = (work.prompt_tokens * _prompt_flops(model) / flops + work.output_tokens * step_s / batch)
     tokens_s = work.output_tokens / per_token_s
     compute_s = batch * model.flops_per_token / flops
     bound = "Tier 1 compute" if step_s == compute_s else "accelerator memory"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -32,6 +33,7 @@ def test_model_sizes_from_a_config():
     assert model.flops_per_token == 2 * (2 * per_layer + 100 * 64)
     assert model.kv_per_token == 2 * 2 * 2 * 16 * 2  # K and V, layers, KV heads, head_dim, bytes
     assert model.wire_per_token == 2 * (64 + 2 * 32) * 2  # q, k, v of each layer
+    assert model.head_flops == 2 * 100 * 64
     tied = Model.of(ModelConfig.from_dict({**TINY, "tie_word_embeddings": True}), itemsize=2)
     assert model.weights - tied.weights == 2 * 100 * 64
 
@@ -57,6 +59,16 @@ def test_two_tier_plan_worked_by_hand():
     per_token = 100 * 2e10 / 8e13 + 100 * 0.010602 / 40
     assert one.tokens_per_s == pytest.approx(100 / per_token)
     assert one.cost_per_million == pytest.approx(2.0 / (100 / per_token * 3600) * 1e6)
+
+
+def test_a_prompt_token_skips_the_lm_head():
+    """Only a prompt's last token is sampled: with a quarter of the FLOPs in the head, 100 prompt tokens
+    and 100 generated cost 100 x 1.5e10 + 100 x 2e10 FLOPs, at 8e13 FLOP/s."""
+    headed = dataclasses.replace(MODEL, head_flops=5 * 10**9)
+    two, one = plan(headed, TIER1, TIER2, WORK)
+    assert two.tokens_per_s == pytest.approx(8e13 * 100 / (100 * 1.5e10 + 100 * 2e10))
+    per_token = 100 * 1.5e10 / 8e13 + 100 * 0.010602 / 40  # single-tier: as worked by hand above, cheaper prompts
+    assert one.tokens_per_s == pytest.approx(100 / per_token)
 
 
 def test_a_slow_link_caps_the_throughput_and_so_the_nodes():
@@ -121,3 +133,120 @@ def test_the_command_prints_the_table(llama2):
 def test_the_command_refuses_in_one_line(llama2, args, message):
     result = CliRunner().invoke(main, ["plan", "--model", llama2, *PAPER, *args])
     assert result.exit_code != 0 and message in result.output
+
+
+def _limits_file(tmp_path, summary: dict, name: str = "limits.json", ram: int | None = 64 * GiB) -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps({"suite": "limits", "summary": summary, "machine": {"ram_bytes": ram}}))
+    return str(path)
+
+
+BY_HAND = ["--tier1-memory", "16GiB", "--tier1-price", "0.54", "--tier2-price", "0.75", "--latency-ms", "0"]
+
+
+def test_machine_figures_come_from_bench_limits_files(llama2, tmp_path):
+    """The figures of `glinthawk bench limits` output give the same plan as the same figures typed in."""
+    tier1 = _limits_file(tmp_path, {"read_bandwidth": 3e11, "matmul_peak_float16": 6e13}, "t1.json")
+    tier2 = _limits_file(tmp_path, {"read_bandwidth": 4e10, "matmul_peak_float32": 1e12}, "t2.json", ram=110 * GiB)
+    from_files = CliRunner().invoke(main, ["plan", "--model", llama2, "--dtype", "float16", *BY_HAND,
+                                           "--tier1-limits", tier1, "--tier2-limits", tier2,
+                                           "--prompt-tokens", "1024", "--output-tokens", "1024"])
+    typed = CliRunner().invoke(main, ["plan", "--model", llama2, "--dtype", "float16", *BY_HAND,
+                                      "--tier1-flops", "60T", "--tier1-bandwidth", "300GB/s",
+                                      "--tier2-bandwidth", "40GB/s", "--tier2-memory", "110GiB",
+                                      "--prompt-tokens", "1024", "--output-tokens", "1024"])
+    assert from_files.exit_code == 0 and typed.exit_code == 0, from_files.output + typed.output
+    assert from_files.output == typed.output
+    defaults = CliRunner().invoke(main, ["plan", "--model", llama2, "--dtype", "float16", *BY_HAND,
+                                         "--tier2-memory", "110GiB", "--prompt-tokens", "1024",
+                                         "--output-tokens", "1024"])
+    assert defaults.exit_code == 0 and defaults.output != typed.output  # the files did change the figures
+
+
+def test_the_workload_comes_from_a_requests_file(tmp_path):
+    """--input: the mean prompt (tokenized) and max_tokens, and the request count, as if typed in."""
+    from glinthawk import DEFAULT_MODEL
+    from glinthawk.tokenizer import Tokenizer
+
+    prompts = ["The quick brown fox", "Tier one holds the weights; tier two holds the key value cache. " * 4]
+    lines = [{"custom_id": "a", "prompt": prompts[0], "max_tokens": 20},
+             {"custom_id": "b", "prompt": prompts[1], "max_tokens": 41},
+             {"custom_id": "c", "prompt": list(range(5, 35)), "max_tokens": 30},
+             {"custom_id": "d", "prompt": "x", "temperature": "hot"}]  # not a request: left out
+    path = tmp_path / "requests.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    tokenizer = Tokenizer(DEFAULT_MODEL)
+    counts = [len(tokenizer.encode(p)) for p in prompts] + [30]
+    machines = BY_HAND + ["--dtype", "float32", "--tier2-memory", "8GiB", "--requests", "5000"]
+    from_file = CliRunner().invoke(main, ["plan", *machines, "--input", str(path)])
+    assert from_file.exit_code == 0, from_file.output
+    assert "3 requests, 1 line(s) that are not requests left out" in from_file.output
+    assert f"max {max(counts)}" in from_file.output and "the model's tokenizer" in from_file.output
+    typed = CliRunner().invoke(main, ["plan", *machines, "--prompt-tokens", str(math.ceil(sum(counts) / 3)),
+                                      "--output-tokens", "31"])  # (20 + 41 + 30) / 3, rounded up
+    assert typed.exit_code == 0
+    assert from_file.output.split("\n", 1)[1] == typed.output
+
+
+def test_without_a_tokenizer_prompts_are_counted_from_their_characters(llama2, tmp_path):
+    path = tmp_path / "requests.jsonl"
+    path.write_text(json.dumps({"custom_id": "a", "prompt": "x" * 4000, "max_tokens": 1000}) + "\n")
+    result = CliRunner().invoke(main, ["plan", "--model", llama2, *PAPER[:10], "--input", str(path),
+                                       "--requests", "10000"])
+    assert result.exit_code == 0, result.output
+    assert "characters / 4" in result.output and "mean 1,000.0" in result.output
+    assert "(2000 tokens)" in result.output  # 1000 prompt tokens + 1000 generated
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"--tier1-limits": "{broken"}, "is not JSON"),
+    ({"--tier2-limits": json.dumps({"suite": "engine", "summary": {}})}, "is not a `glinthawk bench limits` result"),
+    ({"--tier1-limits": json.dumps({"suite": "limits", "summary": {"read_bandwidth": 1e11,
+                                                                   "matmul_peak_float32": 1e12}})},
+     "has no float16 matmul peak (it measured float32)"),
+    ({"--input": "not json\n"}, "holds no request (1 line(s) that are not one)"),
+    ({"--input": ""}, "holds no request"),
+])
+def test_bad_input_files_are_refused_in_one_line(llama2, tmp_path, files, message):
+    args = []
+    for option, text in files.items():
+        path = tmp_path / option.strip("-")
+        path.write_text(text)
+        args += [option, str(path)]
+    result = CliRunner().invoke(main, ["plan", "--model", llama2, *PAPER, *args])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert "glinthawk bench limits" in result.output or "JSONL" in result.output  # what to do
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tier1-limits", "missing.json"], "'--tier1-limits': File 'missing.json' does not exist"),
+    (["--input", "missing.jsonl"], "'--input': File 'missing.jsonl' does not exist"),
+])
+def test_missing_files_are_named(llama2, args, message):
+    result = CliRunner().invoke(main, ["plan", "--model", llama2, *PAPER, *args])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_lengths_are_asked_for_when_no_file_gives_them(llama2):
+    result = CliRunner().invoke(main, ["plan", "--model", llama2, *PAPER[:10]])
+    assert result.exit_code == 2 and "give --prompt-tokens and --output-tokens, or --input" in result.output
+    no_memory = [a for a in PAPER if a not in ("--tier2-memory", "110GiB")]
+    result = CliRunner().invoke(main, ["plan", "--model", llama2, *no_memory])
+    assert result.exit_code == 2 and "give --tier2-memory" in result.output
+
+
+def test_the_limits_files_this_project_wrote_are_read():
+    """The real output of `glinthawk bench limits` (docs/bench), CPU and GPU."""
+    from pathlib import Path
+
+    from glinthawk.plan_inputs import read_limits
+
+    bench = Path(__file__).resolve().parent.parent / "docs" / "bench"
+    for path in (bench / "limits.json", bench / "gpu-h200" / "limits.json"):
+        result = json.loads(path.read_text())
+        limits = read_limits(path, "bfloat16")
+        assert limits.flops == result["summary"]["matmul_peak_bfloat16"] and limits.flops > 0
+        assert limits.bandwidth == result["summary"]["read_bandwidth"]
+        assert limits.memory == result["machine"]["ram_bytes"] and limits.measured == ["bfloat16", "float32"]
+    assert read_limits(bench / "limits.json", "float16").flops is None  # not measured: the command asks for it
