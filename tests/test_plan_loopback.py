@@ -26,7 +26,7 @@ def _run(run: LoopbackRun, work: Path) -> tuple[float, float]:
     from glinthawk.bench.common import request_lines, token_prompts, write_jsonl
     from glinthawk.client import submit
     from glinthawk.cluster import LocalCluster
-    from glinthawk.net.connection import run as run_async
+    from glinthawk.net.loop import run as run_async
     from glinthawk.plan_measure import OthersRunning
 
     lines = request_lines(token_prompts(run.requests, run.prompt_tokens, 4096, seed=2), run.output_tokens)

@@ -121,7 +121,7 @@ def _measure(ctx: BenchContext, knobs: dict, vocab: int, capacity: int, work: Pa
     """Start the two node processes (``start``: ``nodes.node_processes``), warm Tier 1 up, then
     sample both RSS while the requests run; the samples and the RSS at each stage before."""
     from glinthawk.client import submit
-    from glinthawk.net.connection import run as run_async
+    from glinthawk.net.loop import run as run_async
 
     seqs, prompt, new = knobs["sequences"], knobs["prompt"], knobs["new_tokens"]
     stats_path = work / "tier2-stats.json"
