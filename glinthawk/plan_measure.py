@@ -22,6 +22,7 @@ import torch
 from glinthawk.cluster import stop_process
 from glinthawk.plan import TIER1_EFFICIENCY, Model
 from glinthawk.plan_loopback import Host
+from glinthawk.threads import torch_threads, use_threads
 
 ECHOES = 300  # round trips timed (after as many untimed): enough for a stable median
 
@@ -31,8 +32,8 @@ def measure_host(model_dir: Path, dtype: str, repeats: int = 5) -> Host:
     from glinthawk.bench import limits
     from glinthawk.compute.loader import load_model
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    threads = torch_threads()
+    use_threads(1)
     try:
         peak = limits.matmul_peak(limits.DTYPES[dtype], [512, 1024], repeats)
         bandwidth = limits.read_bandwidth(64 << 20, repeats)
@@ -40,7 +41,7 @@ def measure_host(model_dir: Path, dtype: str, repeats: int = 5) -> Host:
         step = _step_at_batch_one(model, model_dir) - Model.of(model.config, torch.finfo(
             limits.DTYPES[dtype]).bits // 8).flops_per_token / (peak * TIER1_EFFICIENCY)
     finally:
-        torch.set_num_threads(threads)
+        use_threads(threads)
     round_trip, cpu = echo_round_trip(model.config.num_heads * model.config.head_dim,
                                       model.config.num_kv_heads * model.config.head_dim)
     return Host(matmul_peak=peak, read_bandwidth=bandwidth, step_s=max(step, 0.0), round_trip_s=round_trip,

@@ -201,7 +201,7 @@ def test_run_stops_with_the_reason_when_its_tier2_nodes_die(tmp_path, model_dir)
     """A Tier 2 node killed (say by the OOM killer) with none left: ``glinthawk run`` used to wait
     forever. Now it names the node, shows its log, keeps what finished, and --resume does the rest."""
     requests = tmp_path / "in.jsonl"
-    write_requests(requests, {"temperature": 0}, [(f"r{i}", "Count with me: 1 2 3", 60) for i in range(40)])
+    write_requests(requests, {"temperature": 0}, [(f"r{i}", "Count with me: 1 2 3", 24) for i in range(16)])
     out, logs = tmp_path / "out.jsonl", tmp_path / "logs"
     command = ["run", str(requests), "-o", str(out), "--model", str(model_dir), "--tier2-nodes", "1",
                "--max-seqs", "2", "--log-dir", str(logs), "--no-progress"]
