@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from glinthawk.net.netem import NetEm
-from glinthawk.node.pacing import MOST_IN_FLIGHT, Pacer
+from glinthawk.node.pacing import MOST_IN_FLIGHT, Pacer, best_count, regroup_moves
 
 from glinthawk.client import submit
 from glinthawk.node.tier1 import Tier1Node
@@ -12,34 +12,69 @@ from glinthawk.node.tier2 import Tier2Node
 from cluster_util import read_results, single_process, write_requests
 
 
-def test_one_stage_follows_the_design_formula():
+FULL = {"available": 10_000, "max_rows": 64}  # more sequences waiting than the micro-batches hold
+BATCH_128 = {"available": 128, "max_rows": 256}  # every sequence already in flight
+
+
+def test_one_stage_follows_the_design_formula_when_micro_batches_are_full():
     pacer = Pacer(None)
-    pacer.record([[1.0, 3.0]])  # 1 + round trip / compute
+    pacer.record([[1.0, 3.0]], 64, **FULL)  # 1 + round trip / compute
     assert pacer.count == 4
     for _ in range(40):  # the window forgets the old steps
-        pacer.record([[2.0, 1.0]])
+        pacer.record([[2.0, 1.0]], 64, **FULL)
     assert pacer.count == 2
 
 
-def test_stages_are_paced_by_the_busiest_and_never_below_one_each():
+def test_a_fixed_batch_is_not_cut_for_waits_a_split_cannot_pay_for():
+    """With every sequence in flight, another micro-batch cuts the others smaller: at 10% waits
+    (a loopback round trip) one stays, where "1 + wait / compute" rounded up said two."""
     pacer = Pacer(None)
-    pacer.at_least(2)
-    pacer.record([[1.0, 1.0], [2.0, 0.5]])  # a chain of 4.5 s over a busiest stage of 2 s
-    assert pacer.count == 3
+    pacer.record([[1.0, 0.1]], 128, **BATCH_128)
+    assert pacer.count == 1
+    pacer = Pacer(None)  # waits as long as the compute: several, though fewer than a full queue would take
+    pacer.record([[1.0, 1.0]], 128, **BATCH_128)
+    fixed_size = Pacer(None)
+    fixed_size.record([[1.0, 1.0]], 64, **FULL)
+    assert 2 <= pacer.count < MOST_IN_FLIGHT and fixed_size.count == 2
+
+
+def test_the_count_within_the_tolerance_of_the_best_and_without_it():
+    # one stage: 1 s compute and 1 s waits a row-batch of 64, queue full: rate(m) = 64m / max(m, 2)
+    assert best_count(1 / 64, 1 / 64, 1.0, 10_000, 64, 1, MOST_IN_FLIGHT) == 2
+    # two stages, a chain of 4.5 s over a busiest stage of 2 s: 3 hides it all, 2 is within 15%
+    args = (2 / 64, 3 / 64, 1.5, 10_000, 64, 2, MOST_IN_FLIGHT)
+    assert (best_count(*args, tolerance=0.0), best_count(*args)) == (3, 2)
+    # all waiting: each one more adds as much, up to the ceiling (14 of 16 is within 15%), as long
+    # as there are sequences for them
+    all_waiting = (0.001 / 64, 0.001 / 64, 10.0, 10_000, 64, 1, MOST_IN_FLIGHT)
+    assert (best_count(*all_waiting, tolerance=0.0), best_count(*all_waiting)) == (MOST_IN_FLIGHT, 14)
+    assert best_count(0.001 / 64, 0.001 / 64, 10.0, 5, 64, 1, MOST_IN_FLIGHT, tolerance=0.0) == 5
+
+
+def test_stages_are_never_below_one_each():
     pacer = Pacer(None)
     pacer.at_least(3)
-    pacer.record([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    pacer.record([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]], 64, **FULL)
     assert pacer.count == 3
 
 
 def test_the_count_has_a_ceiling_and_a_given_count_is_kept():
     pacer = Pacer(None)
-    pacer.record([[0.001, 10.0]])
-    assert pacer.count == MOST_IN_FLIGHT
+    for _ in range(3):
+        pacer.record([[0.001, 1000.0]], 64, **FULL)
+    assert pacer.most == MOST_IN_FLIGHT and 14 <= pacer.count <= MOST_IN_FLIGHT
     fixed = Pacer(3)
     fixed.at_least(2)
-    fixed.record([[0.001, 10.0]])
+    fixed.record([[0.001, 10.0]], 64, **FULL)
     assert (fixed.count, fixed.most) == (3, 3)
+
+
+def test_regrouping_moves_sequences_to_the_micro_batches_the_count_keeps():
+    assert regroup_moves([128, 0, 0, 0], 4, 0) == [(1, 32), (2, 32), (3, 32)]
+    assert regroup_moves([64, 64, 0, 0], 1, 1) == [(0, 64)]  # beyond the count: gives everything
+    assert regroup_moves([64, 64, 0, 0], 1, 0) == []  # the one kept takes, it does not give
+    assert regroup_moves([36, 30, 30, 30], 4, 0) == []  # within an eighth of its share: stays put
+    assert regroup_moves([60, 30, 22, 16], 4, 0) == [(1, 2), (2, 10), (3, 16)]  # each up to the share, 32
 
 
 async def test_with_injected_delay_tier1_keeps_several_micro_batches_in_flight(checkpoint, tmp_path):
@@ -51,6 +86,9 @@ async def test_with_injected_delay_tier1_keeps_several_micro_batches_in_flight(c
     tier2 = [Tier2Node(kv_tokens=4096, netem=netem) for _ in range(2)]
     ports = [await node.start("127.0.0.1", 0) for node in tier2]
     tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{p}" for p in ports], netem=netem, max_seqs=2)
+    counts = []  # the count after each step (it falls to one as the last sequences finish)
+    record = tier1.pacer.record
+    tier1.pacer.record = lambda *args: (record(*args), counts.append(tier1.pacer.count))
     try:
         port = await tier1.start("127.0.0.1", 0)
         summary = await submit(requests, "127.0.0.1", port, tmp_path / "out.jsonl", progress=False)
@@ -59,8 +97,39 @@ async def test_with_injected_delay_tier1_keeps_several_micro_batches_in_flight(c
         for node in tier2:
             await node.close()
     assert summary.failed == 0
-    assert tier1.pacer.count > 2
+    assert max(counts) > 2
     assert sum(mb.fanout._round_trip_s is not None for mb in tier1.micro_batch_list) > 2  # they did step
+    assert {k: v["token_ids"] for k, v in read_results(tmp_path / "out.jsonl").items()} == {
+        k: v["token_ids"] for k, v in single_process(checkpoint, requests).items()}
+
+
+class _Switching(Pacer):
+    """One micro-batch until the first step is measured, then three."""
+
+    def record(self, *args) -> None:
+        self.count = 3
+
+
+async def test_running_sequences_are_regrouped_when_the_count_changes(checkpoint, tmp_path):
+    """Every sequence is placed in the first micro-batch before any step; when the count grows,
+    they are handed over between steps (their KV stays on its node), and the tokens are the
+    single process's."""
+    model, tokenizer = checkpoint
+    requests = write_requests(tmp_path / "in.jsonl", {"temperature": 0})
+    tier2 = [Tier2Node(kv_tokens=4096) for _ in range(2)]
+    ports = [await node.start("127.0.0.1", 0) for node in tier2]
+    tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{p}" for p in ports], max_seqs=256)
+    tier1.pacer = _Switching(None)
+    tier1.pacer.count = 1
+    try:
+        port = await tier1.start("127.0.0.1", 0)
+        summary = await submit(requests, "127.0.0.1", port, tmp_path / "out.jsonl", progress=False)
+    finally:
+        await tier1.close()
+        for node in tier2:
+            await node.close()
+    assert summary.failed == 0
+    assert [mb.fanout._round_trip_s is not None for mb in tier1.micro_batch_list[:4]] == [True, True, True, False]
     assert {k: v["token_ids"] for k, v in read_results(tmp_path / "out.jsonl").items()} == {
         k: v["token_ids"] for k, v in single_process(checkpoint, requests).items()}
 

@@ -57,8 +57,11 @@ class Host(Protocol):
         """Hand a step's hidden states on to the next stage; its sampled tokens, and each later
         stage's (compute, wait) seconds (pipeline stages only)."""
 
-    def pace(self, stages: list[list[float]]) -> None:
-        """A step's (compute, wait) seconds at each stage (``pacing.Pacer``)."""
+    def pace(self, stages: list[list[float]], rows: int) -> None:
+        """A step's (compute, wait) seconds at each stage, and its sequences (``pacing.Pacer``)."""
+
+    def regroup(self, mb: "MicroBatch") -> None:
+        """Between ``mb``'s steps: hand its sequences to others where the count has changed."""
 
     def computed_s(self) -> float:
         """Seconds the event loop has spent computing (``merger.StageMerger.loop_seconds``)."""
@@ -106,6 +109,18 @@ class MicroBatch:
         self.incoming.append(seq)
         self._wake.set()
 
+    def hand_over(self, count: int, to: "MicroBatch") -> None:
+        """Move ``count`` of this micro-batch's sequences (between its steps) to ``to``: their KV and
+        its reservation stay where they are; they only step with other sequences from now on."""
+        moved, self.seqs = self.seqs[len(self.seqs) - count:], self.seqs[:len(self.seqs) - count]
+        for seq in moved:
+            to.route_of[seq.id] = self.route_of.pop(seq.id)
+            if seq.id in self.on_node:
+                self.on_node.discard(seq.id)
+                to.on_node.add(seq.id)
+        to.incoming += moved
+        to._wake.set()
+
     def _forget(self, seqs: list[Sequence]) -> dict[Account, list[int]]:
         """Drop ``seqs`` from this micro-batch and give back their KV room; returns the ids per node."""
         released: dict[Account, list[int]] = {}
@@ -129,6 +144,7 @@ class MicroBatch:
                 continue
             self.seqs += self.incoming
             self.incoming.clear()
+            self.host.regroup(self)
             await self._drop_given_up()
             if not self.seqs:
                 continue
@@ -202,7 +218,7 @@ class MicroBatch:
         if not self.model.is_last:  # a pipeline's first stage: the rest of the model is downstream
             next_tokens = await clock.hand_on(self.host.forward(self.id, batch, [route[1:] for route in routes],
                                                                 reserve, next_tokens))
-        self.host.pace(clock.stages)
+        self.host.pace(clock.stages, len(batch.seqs))
         self.on_node.update(ids)  # every node of their route has reserved their room
         self.host.record_step(batch)
         finished = commit_step(batch, next_tokens, self.tokenizer)

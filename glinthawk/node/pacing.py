@@ -1,11 +1,14 @@
 """How many micro-batches Tier 1 keeps in flight, from what their steps measure.
 
 A micro-batch's step is a chain of compute (each stage's share of the merged jobs) and
-waits (Tier 2 round trips, and with several stages the way down and back). The busiest
-stage never waits once the micro-batches in flight cover one whole chain in its compute
-time: 1 + (round trip + Tier 2 time) / Tier 1 time with one stage, as DESIGN.md says;
-generally, the chain's length over the busiest stage's compute. More than that would only
-cut each micro-batch's batch smaller.
+waits (Tier 2 round trips, and with several stages the way down and back). With micro-batches
+of a fixed size, the busiest stage never waits once they cover one whole chain in its compute
+time: 1 + (round trip + Tier 2 time) / Tier 1 time with one stage, as DESIGN.md says. But
+when the sequences are fewer than the micro-batches could hold (a batch of 128, or KV room
+running short), another micro-batch only cuts the others smaller: their compute shrinks, the
+waits do not. So the count is the one whose predicted rate, with each micro-batch holding its
+share of the sequences, is best; the fewest within SPLIT_TOLERANCE of it, since each split
+also costs smaller matmuls and a step's fixed work, which the prediction leaves out.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections import deque
 
 MOST_IN_FLIGHT = 16  # the automatic count's ceiling
 WINDOW_STEPS = 32  # steps the estimate is taken over (the latest, from every micro-batch)
+SPLIT_TOLERANCE = 0.15  # see the module docstring; measured in docs/PERFORMANCE.md ("Delay at ordinary batch sizes")
 
 
 class Pacer:
@@ -25,7 +29,8 @@ class Pacer:
         self.fixed, self.least = fixed, max(1, least)
         self.most = fixed if fixed is not None else max(MOST_IN_FLIGHT, self.least)
         self.count = fixed if fixed is not None else self.least + 1
-        self._steps: deque[tuple[float, float]] = deque(maxlen=WINDOW_STEPS)  # (chain seconds, busiest compute)
+        # per step: (compute along the chain, waits along it, the busiest stage's compute, rows)
+        self._steps: deque[tuple[float, float, float, int]] = deque(maxlen=WINDOW_STEPS)
 
     def at_least(self, least: int) -> None:
         """The pipeline's stage count, once known: that many micro-batches at the least."""
@@ -34,11 +39,54 @@ class Pacer:
             self.most = max(self.most, self.least)
             self.count = max(self.count, self.least + 1)
 
-    def record(self, stages: list) -> None:
-        """One step's (compute seconds, waiting seconds, ...) at each stage, the first stage's first."""
-        if self.fixed is not None or not stages:
+    def record(self, stages: list, rows: int, available: int, max_rows: int) -> None:
+        """One step: its (compute seconds, waiting seconds, ...) at each stage, the first stage's
+        first, and its ``rows`` (sequences); ``available``: the sequences Tier 1 could run now
+        (running and waiting), ``max_rows``: what one micro-batch may hold."""
+        if self.fixed is not None or not stages or rows < 1:
             return
-        self._steps.append((sum(s[0] + s[1] for s in stages), max(s[0] for s in stages)))
-        chain, busiest = (sum(values) for values in zip(*self._steps))
+        self._steps.append((sum(s[0] for s in stages), sum(s[1] for s in stages), max(s[0] for s in stages), rows))
+        chain_compute, waits, busiest, total_rows = (sum(values) for values in zip(*self._steps))
         if busiest > 0:
-            self.count = min(self.most, max(self.least, math.ceil(chain / busiest)))
+            steps = len(self._steps)
+            self.count = best_count(busiest / total_rows, chain_compute / total_rows, waits / steps,
+                                    max(available, 1), max_rows, self.least, self.most)
+
+
+def best_count(busiest_per_row: float, chain_per_row: float, wait: float, available: int, max_rows: int,
+               least: int, most: int, tolerance: float = SPLIT_TOLERANCE) -> int:
+    """The fewest micro-batches in ``least..most`` whose predicted rows per second are within
+    ``tolerance`` of the best count's. With ``m`` in flight each holds ``r`` rows (its share of
+    ``available``, at most ``max_rows``); a round takes the longer of the busiest stage's
+    compute for all of them and one micro-batch's chain (its compute along it plus ``wait``)."""
+    def rate(m: int) -> float:
+        running = min(m, available)  # more micro-batches than sequences leaves some empty
+        rows = min(max_rows, available / running)
+        return running * rows / max(running * rows * busiest_per_row, rows * chain_per_row + wait, 1e-12)
+
+    rates = {m: rate(m) for m in range(least, most + 1)}
+    best = max(rates.values())
+    return next(m for m, value in rates.items() if value >= (1 - tolerance) * best - 1e-12 * best)
+
+
+def regroup_moves(sizes: list[int], count: int, index: int) -> list[tuple[int, int]]:
+    """Between micro-batch ``index``'s steps: (to, how many) of its sequences to hand over, so
+    that only the first ``count`` micro-batches hold sequences, about evenly. A whole batch is
+    often placed before the first step has measured anything; without this the count would
+    reach only sequences placed later. A micro-batch gives only what it holds beyond its share
+    by more than an eighth, so sizes that merely drift as sequences finish stay put."""
+    kept = list(range(min(count, len(sizes))))
+    share = math.ceil(sum(sizes) / len(kept)) if kept else 0
+    own_share = share if index in kept else 0
+    surplus = sizes[index] - own_share
+    if surplus <= 0 or (index in kept and surplus <= max(1, share // 8)):
+        return []
+    sizes = list(sizes)
+    moves: dict[int, int] = {}
+    for _ in range(surplus):
+        to = min((i for i in kept if i != index), key=lambda i: sizes[i], default=None)
+        if to is None or sizes[to] >= share:
+            break
+        sizes[to] += 1
+        moves[to] = moves.get(to, 0) + 1
+    return sorted(moves.items())

@@ -37,7 +37,7 @@ from glinthawk.node.clients import ClientService
 from glinthawk.node.links import Tier2Link
 from glinthawk.node.merger import StageMerger
 from glinthawk.node.microbatch import Account, MicroBatch, Route
-from glinthawk.node.pacing import Pacer
+from glinthawk.node.pacing import Pacer, regroup_moves
 from glinthawk.node.pipeline import LaterStages
 from glinthawk.node.placement import Placer
 from glinthawk.node.pool import Tier2Pool
@@ -264,8 +264,14 @@ class Tier1Node(ClientService):
                 hidden: torch.Tensor):
         return self.downstream.forward(mb, handoff_header(mb, batch, routes, reserve), hidden, batch.masks)
 
-    def pace(self, stages: list[list[float]]) -> None:
-        self.pacer.record(stages)
+    def pace(self, stages: list[list[float]], rows: int) -> None:
+        running = sum(mb.size for mb in self.micro_batch_list)
+        self.pacer.record(stages, rows, running + len(self.waiting), self.settings.max_seqs)
+
+    def regroup(self, mb: MicroBatch) -> None:
+        index = self.micro_batch_list.index(mb)
+        for to, count in regroup_moves([m.size for m in self.micro_batch_list], self.pacer.count, index):
+            mb.hand_over(count, self.micro_batch_list[to])
 
     def computed_s(self) -> float:
         return self.merger.loop_seconds() if self.merger is not None else 0.0
