@@ -38,7 +38,7 @@ ROW_FIELDS = {
 }
 TARGETS = {"limits": set(), "engine": {"roofline", "vs_hf", "long_context"},
            "kernels": {"attention", "attention_int8", "linear"},
-           "cluster": {"vs_single"}, "latency": {"10ms", "50ms", "10ms_auto", "50ms_auto"},
+           "cluster": {"vs_single"}, "latency": {"10ms", "50ms", "10ms_ordinary", "50ms_ordinary"},
            "memory": {"tier1_flat", "tier2_bound"}, "capacity": {"ratio_2048", "int8_batch"}, "pipeline": {"auto_count"},
            "structured": {"vs_unconstrained"}, "prefix": {"throughput", "kv", "no_shared_prefix", "n"}}
 

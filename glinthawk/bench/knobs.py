@@ -24,8 +24,10 @@ CLUSTER = {"batch": 64, "prompt": 16, "new_tokens": 32, "tier2_nodes": [1, 2, 3]
 CLUSTER_QUICK = {"batch": 8, "prompt": 8, "new_tokens": 4, "tier2_nodes": [2]}
 
 LATENCY = {"delays_ms": [0, 1, 5, 10, 20, 50], "in_flight": [1, 2, 4, 8, 16, "auto"], "batch": 0, "prompt": 4,
-           "new_tokens": 8, "max_batch_tokens": 2048}
-LATENCY_QUICK = {"delays_ms": [0, 5, 20], "in_flight": [1, 4, "auto"], "batch": 16, "prompt": 4, "new_tokens": 3}
+           "new_tokens": 8, "max_batch_tokens": 2048, "ordinary_batch": 128, "ordinary_prompt": 16,
+           "ordinary_new_tokens": 128, "ordinary_tier2_nodes": 2, "ordinary_delays_ms": [10, 50]}
+LATENCY_QUICK = {"delays_ms": [0, 5, 20], "in_flight": [1, 4, "auto"], "batch": 16, "prompt": 4, "new_tokens": 3,
+                 "ordinary_batch": 8, "ordinary_new_tokens": 4, "ordinary_delays_ms": [5]}
 
 MEMORY = {"sequences": 128, "prompt": 511, "new_tokens": 72, "max_batch_tokens": 1024,
           "checkpoints": [1024, 2048, 4096, 8192, 16384, 32768, 65536], "sample_ms": 25}

@@ -5,7 +5,7 @@ Conventions:
 - A suite module has ``DEFAULTS`` and ``QUICK`` (its knobs, full and ``--quick`` sizes,
   written in the torch-free ``knobs`` so that ``--help`` can list them), ``run(ctx) -> dict``
   and ``plot(result, figure)``. ``run`` returns
-  ``{"config", "results", "summary", "targets", "notes", "table"}``; ``run_suite`` adds
+  ``{"config", "results", "summary", "targets", "notes", "table"}`` (and ``more_tables``); ``run_suite`` adds
   the machine facts, versions and timings, writes ``SUITE.json`` and ``SUITE.png`` and
   prints the table.
 - Every speed figure comes with a ratio to a baseline measured in the same run.
@@ -123,11 +123,11 @@ def run_suite(name: str, ctx: BenchContext) -> dict:
         **body,
     }
     result["config"] = {"dtype": ctx.dtype, "quick": ctx.quick, "best_of": ctx.best_of, **body.get("config", {})}
-    table = result.pop("table", None)
+    tables = [result.pop("table", None), *result.pop("more_tables", [])]
     json_path = ctx.out_dir / f"{name}.json"
     json_path.write_text(json.dumps(_finite(result), indent=1, default=_json_default) + "\n", encoding="utf-8")
     save_plot(ctx.out_dir / f"{name}.png", module.plot, result)
-    if table is not None:
+    for table in filter(None, tables):
         click.echo(render_table(*table))
     for key, check in result.get("targets", {}).items():
         verdict = {True: "met", False: "NOT met", None: "n/a"}[check["met"]]
