@@ -135,6 +135,10 @@ def test_online_endpoints(client, tmp_path):
     chunks = list(client.completions.create(model="default", prompt="The built-in function", max_tokens=5,
                                             temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == completion.choices[0].text
+    several = client.completions.create(model="default", prompt="The", max_tokens=4, n=3, seed=1)
+    assert [c.index for c in several.choices] == [0, 1, 2] and several.usage.completion_tokens == 12
+    chunks = list(client.completions.create(model="default", prompt="The", max_tokens=4, n=3, seed=1, stream=True))
+    assert {c.choices[0].index: c.choices[0].text for c in chunks} == {c.index: c.text for c in several.choices}
     with pytest.raises(openai.BadRequestError, match="bogus"):
         client.completions.create(model="default", prompt="x", max_tokens=2, extra_body={"bogus": 1})
 

@@ -79,22 +79,24 @@ async def _run_one(tier1: Tier1, workdir: Path, url: str, body: dict[str, Any]) 
 
 
 async def _as_events(request: web.Request, answer: dict[str, Any], url: str) -> web.StreamResponse:
-    """A finished completion as a stream: one chunk holding the whole text, then [DONE]."""
-    choice = answer["choices"][0]
-    if url.endswith("chat/completions"):
-        delta = {"role": "assistant", "content": choice["message"]["content"]}
-        chunk_choice = {"index": 0, "delta": delta, "logprobs": choice.get("logprobs"),
-                        "finish_reason": choice["finish_reason"]}
-        kind = "chat.completion.chunk"
-    else:
-        chunk_choice = {"index": 0, "text": choice["text"], "logprobs": choice.get("logprobs"),
-                        "finish_reason": choice["finish_reason"]}
-        kind = "text_completion"
-    chunk = {"id": answer["id"], "object": kind, "created": answer.get("created", int(time.time())),
-             "model": answer["model"], "choices": [chunk_choice], "usage": answer.get("usage")}
+    """A finished completion as a stream: a chunk holding each choice's whole text, then [DONE]."""
+    chat = url.endswith("chat/completions")
+    chunks = []
+    for choice in answer["choices"]:  # several with n
+        if chat:
+            delta = {"role": "assistant", "content": choice["message"]["content"]}
+            chunk_choice = {"index": choice["index"], "delta": delta, "logprobs": choice.get("logprobs"),
+                            "finish_reason": choice["finish_reason"]}
+        else:
+            chunk_choice = {"index": choice["index"], "text": choice["text"], "logprobs": choice.get("logprobs"),
+                            "finish_reason": choice["finish_reason"]}
+        chunks.append({"id": answer["id"], "object": "chat.completion.chunk" if chat else "text_completion",
+                       "created": answer.get("created", int(time.time())), "model": answer["model"],
+                       "choices": [chunk_choice], "usage": answer.get("usage")})
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
-    await response.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
+    for chunk in chunks:
+        await response.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
