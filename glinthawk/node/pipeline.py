@@ -30,12 +30,17 @@ class LaterStages:
         return RemoteNode(stage, index, str(address), int(capacity), bool(alive), self.send)
 
     def update(self, stage: int, nodes: list) -> None:
-        """A NODES frame: a node lost, or one (re)joined with an empty store (a new account, so
-        the sequences placed on its former life are seen as lost)."""
+        """A NODES frame: a node lost, one (re)joined with an empty store (a new account, so the
+        sequences placed on its former life are seen as lost), or a new one that joined the stage
+        (the stage appends it: an index names one node for good)."""
         accounts = self.nodes.get(stage)
         if accounts is None:
             return
-        for index, node in enumerate(nodes[:len(accounts)]):
+        for index, node in enumerate(nodes):
+            if index == len(accounts):
+                accounts.append(self._account(stage, index, node))
+                log.info("%s: Tier 2 node %s joined", stage_name(self.layers[stage]), node[0])
+                continue
             current = accounts[index]
             if node[2] and not current.alive:
                 accounts[index] = self._account(stage, index, node)
@@ -60,6 +65,11 @@ class LaterStages:
         for accounts in self.nodes.values():
             for account in accounts:
                 account.alive = False
+
+    def stage_of(self, address: str) -> str | None:
+        """The name of the later stage that has a node at ``address``, if one has."""
+        return next((stage_name(self.layers[stage]) for stage, accounts in self.nodes.items()
+                     if any(a.address == address for a in accounts)), None)
 
     def alive(self) -> list[list[RemoteNode]]:
         """Each later stage's alive nodes, in stage order."""
