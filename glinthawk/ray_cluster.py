@@ -140,11 +140,11 @@ class RayCluster:
                      **settings: Any) -> "RayCluster":
         """As ``LocalCluster`` takes them: ``settings`` are fields of Tier1Settings, Tier2Settings or
         NetemSettings (a name none has is a TypeError); ``stages`` a count or ranges (ValueError if wrong)."""
-        from glinthawk.cluster import _num_layers, stage_layers
+        from glinthawk.cluster import model_layers, stage_layers
         from glinthawk.settings import NetemSettings, Tier1Settings, Tier2Settings, split, to_args
 
         tier1, tier2, netem = split(settings, Tier1Settings, Tier2Settings, NetemSettings)
-        ranges = stage_layers(stages, _num_layers(model_dir)) if stages is not None else None
+        ranges = stage_layers(stages, model_layers(model_dir)) if stages is not None else None
         return cls(address, model_dir, tier2_nodes, device=device, secret=secret, stages=ranges,
                    tier1_args=["--dtype", dtype, "--device", device, *to_args(tier1), *to_args(netem)],
                    tier2_args=[*(tier2.kv_args if tier2.sized else tier2.dtype_args), *to_args(netem)])
@@ -173,9 +173,9 @@ class RayCluster:
     def _start(self, ray) -> None:
         cpus = ray.cluster_resources().get("CPU", 0)
         if cpus < self.actors:
-            shape = f"{len(self.stages)} stages with " if len(self.stages) > 1 else ""
-            raise RuntimeError(f"the Ray cluster has {cpus:g} CPUs; Tier 1 and {shape}{self.tier2_nodes} Tier 2 actors "
-                               "take one each: add machines, or ask for fewer --tier2-nodes")
+            raise RuntimeError(f"the Ray cluster has {cpus:g} CPUs; {len(self.stages)} Tier 1 actor(s) with "
+                               f"{self.tier2_nodes} Tier 2 actors each take one CPU apiece: add machines, or ask for "
+                               "fewer --tier2-nodes (or --stages)")
         share = None if self.sized else self._kv_share(ray)
         node = ray.remote(NodeProcess)
         addresses = self._start_stages(ray, node)

@@ -32,6 +32,16 @@ async def until(condition, what: str, timeout: float = 120.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def until_refused(node: Tier2Node, dialed) -> None:
+    """Start ``node`` (which joins ``dialed``), wait until it gives up, then close both."""
+    try:
+        await node.start("127.0.0.1", 0)
+        await until(node.finished.is_set, "the refusal", timeout=30)
+    finally:
+        await dialed.close()
+        await node.close()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -129,12 +139,7 @@ async def test_a_join_tier1_cannot_take_is_refused_clearly_on_both_sides(checkpo
         monkeypatch.setattr("glinthawk.net.handshake.PROTOCOL_VERSION", 4)
     node = Tier2Node(kv_memory=16 if fault == "geometry" else 1 << 20, join=f"127.0.0.1:{port}",
                      secret=b"another secret" if fault == "secret" else None)
-    await node.start("127.0.0.1", 0)
-    try:
-        await until(node.finished.is_set, "the refusal", timeout=30)
-    finally:
-        await tier1.close()
-        await node.close()
+    await until_refused(node, tier1)
     tier1_said = " ".join(r.getMessage() for r in caplog.records if r.name.startswith("glinthawk.tier1")
                           or r.name.startswith("glinthawk.net"))
     expected = {"secret": ("secret", "authentication failed"),
