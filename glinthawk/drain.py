@@ -1,5 +1,5 @@
 """``glinthawk drain NODE --to TIER1``: take one Tier 2 node out of a running cluster (a node of a
-later pipeline stage through that stage, which moves its sequences at once).
+later pipeline stage through that stage, which tells the first stage to place nothing more there).
 
 Tier 1 does the work (node/pool.py: no new sequences on the node, its running ones finish or,
 after the timeout, are moved; then it tells the node LEFT and the node exits 0); this command

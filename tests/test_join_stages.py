@@ -1,10 +1,12 @@
 """Tier 2 nodes that join a later pipeline stage (--join naming that stage) and are drained
-through it: the first stage starts placing on them from the stage's NODES frame, and the output
-is that of one process."""
+through it: the first stage starts (or stops) placing on them from the stage's NODES frame,
+and the output is that of one process."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 
 import pytest
 
@@ -29,14 +31,30 @@ def later_account(tier1, address: str):
     return next((a for accounts in tier1.later.nodes.values() for a in accounts if a.address == address), None)
 
 
-async def test_a_node_joins_stage_two_mid_run_and_another_of_it_is_drained(four_layers, tmp_path, caplog):
+async def placements_while_leaving(account) -> bool:
+    """Whether the first stage places a sequence on ``account``'s node once it knows it is leaving
+    (a sequence lives many steps, so one placed there is seen by polling)."""
+    while not account.draining:
+        await asyncio.sleep(0.001)
+    fewest = account.sequences
+    while account.alive:
+        if account.sequences > fewest:
+            return True
+        fewest = min(fewest, account.sequences)
+        await asyncio.sleep(0.001)
+    return False
+
+
+@pytest.mark.parametrize("timeout_s", [60.0, 0.0], ids=["sequences-finish", "sequences-move"])
+async def test_a_node_joins_stage_two_mid_run_and_another_of_it_is_drained(four_layers, tmp_path, caplog, timeout_s):
     """Stage 2:4 starts with nodes A and B; C joins it mid-run and the first stage places on C
-    (its KV fills); A is drained through stage 2:4 (its sequences move); every request is
-    answered once, with the tokens of one process."""
+    (its KV fills); A is drained through stage 2:4: the first stage places nothing more there, its
+    sequences finish (or, with no time given, move), it is told LEFT; every request is answered
+    once, with the tokens of one process."""
+    caplog.set_level(logging.INFO)
     directory = four_layers()
     requests = fault_requests(tmp_path / "in.jsonl")
     out = tmp_path / "out.jsonl"
-    joiner = None
     async with pipeline(directory, [2], nodes_per_stage=2, **TIGHT) as p:
         stage_port = port_of(p.stages[0])
         run = asyncio.ensure_future(submit(requests, "127.0.0.1", p.port, out, progress=False))
@@ -46,19 +64,20 @@ async def test_a_node_joins_stage_two_mid_run_and_another_of_it_is_drained(four_
         await until(lambda: (a := later_account(p.tier1, c_address)) is not None and a.sequences > 0,
                     "the first stage to place on the joined node")
         await until(lambda: joiner.store is not None and joiner.store.used_tokens > 0, "its KV to fill")
-        leaving = p.tier2[1][0]
-        a_address = f"127.0.0.1:{p.tier2_ports[1][0]}"
-        await until(lambda: leaving.store is not None and leaving.store.num_sequences > 0, "sequences on A")
-        moved = await asyncio.wait_for(drain_node("127.0.0.1", stage_port, a_address, 60.0), 60)
+        leaving, a_address = p.tier2[1][0], f"127.0.0.1:{p.tier2_ports[1][0]}"
+        await until(lambda: later_account(p.tier1, a_address).sequences > 0, "sequences on A")
+        placed_on_leaving = asyncio.ensure_future(placements_while_leaving(later_account(p.tier1, a_address)))
+        moved = await asyncio.wait_for(drain_node("127.0.0.1", stage_port, a_address, timeout_s), 90)
+        assert not await placed_on_leaving
         assert leaving.finished.is_set() and leaving.failure is None  # told LEFT: its process would exit 0
+        assert leaving.store is None or leaving.store.num_sequences == 0 or timeout_s == 0.0
         summary = await asyncio.wait_for(run, 180)
-        later = p.tier1.status()["stages"][0]["tier2"]
+        later = {node["address"]: node["alive"] for node in p.tier1.status()["stages"][0]["tier2"]}
         await joiner.close()
-    # A later stage moves a leaving node's sequences at once (only the first stage places); how
-    # many were still there when the request came is up to timing, so only the path is checked.
-    assert "leaves (it leaves)" in caplog.text and isinstance(moved, int)
-    assert {node["address"]: node["alive"] for node in later}[c_address]
-    assert not {node["address"]: node["alive"] for node in later}[a_address]
+    assert (moved > 0) == (timeout_s == 0.0)
+    assert ("go back to the queue" in caplog.text) == (timeout_s == 0.0)  # nothing rebuilt when they finish there
+    assert "stage 2:4: Tier 2 node " + a_address + " is leaving" in caplog.text
+    assert later[c_address] and not later[a_address]
     assert summary.done == 16 and summary.failed == 0
     got, want = read_results(out), reference(directory, requests)  # read_results: no request answered twice
     assert {k: v["token_ids"] for k, v in got.items()} == {k: v["token_ids"] for k, v in want.items()}
@@ -99,3 +118,20 @@ async def test_join_to_an_address_that_is_not_a_tier1_stage_says_so():
     await until_refused(node, other)
     assert f"--join 127.0.0.1:{port} is not a Tier 1 stage" in node.failure
     assert "give --join the --listen address of Tier 1" in node.failure
+
+
+async def test_a_leaving_later_stage_node_is_let_go_once_only_unread_prefixes_are_left(four_layers, tmp_path):
+    """After a run, stage 2:4's nodes keep its shared prefixes (a cache). Draining one gives them
+    back (the first stage evicts what a leaving node keeps) instead of waiting out the timeout."""
+    from test_prefix import as_lines, requests as prefix_requests
+
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in as_lines(prefix_requests(8))))
+    async with pipeline(four_layers(), [2], nodes_per_stage=2, micro_batches=2, max_batch_tokens=128) as p:
+        summary = await submit(path, "127.0.0.1", p.port, tmp_path / "out.jsonl", progress=False)
+        index = next(i for i, node in enumerate(p.tier2[1]) if node.store is not None and node.store.num_sequences)
+        moved = await asyncio.wait_for(drain_node("127.0.0.1", port_of(p.stages[0]),
+                                                  f"127.0.0.1:{p.tier2_ports[1][index]}", 60.0), 90)
+        assert p.tier2[1][index].finished.is_set()
+        assert all(prefix.route[1].placeable for prefix in p.tier1.prefixes)
+    assert summary.done == 8 and moved == 0  # nothing was left running there: the prefix holders were let go

@@ -7,8 +7,9 @@ samples; the tokens go back upstream. Its sequences' KV room is reserved on thei
 step and given back on the first stage's RELEASE, or all at once when the upstream is gone.
 
 Tier 2 nodes join it (``--join`` naming this stage) and are drained through it (``glinthawk
-drain NODE --to THIS_STAGE``) as on the first stage, through the same pool; the change goes up
-the chain in a NODES frame, which is how the first stage starts, or stops, placing on them.
+drain NODE --to THIS_STAGE``, or SIGTERM on the node) as on the first stage, through the same
+pool; the change goes up the chain in a NODES frame, which is how the first stage starts, or
+stops, placing on them. A leaving node's sequences are those whose room it holds here.
 """
 
 from __future__ import annotations
@@ -52,8 +53,7 @@ class StageNode:
         self.name = stage_name([model.layer_range.start, model.layer_range.stop])
         self.metrics = StageMetrics(self)
         self.pool = Tier2Pool(tier2_addresses, model, self.settings, netem=netem, secret=secret,
-                              round_trip=self.metrics.attention_round_trip, on_change=self._node_changed,
-                              graceful=False)  # a leaving node's sequences move at once: placement is upstream
+                              round_trip=self.metrics.attention_round_trip, on_change=self._node_changed)
         self.downstream = None if next_stage is None else Downstream(
             next_stage, model, self.settings, ChainEvents(nodes=self._send_up, lost_nodes=lambda lost: None,
                                                           down=self._stage_down, up=self._chain_whole),
@@ -240,7 +240,7 @@ class StageNode:
             if seq_id in reserve and self.held.get(seq_id) is not link:
                 self._unhold(seq_id)
                 self.held[seq_id] = link
-                link.sequences += 1  # what drain reports as moved
+                link.sequences += 1  # what a drain waits for (or moves)
         parts = split_by_node(links, batch.ids, batch.starts, batch.counts, reserve)
         work = attention_work(batch.starts, batch.counts)
         fanout = self.fanouts.setdefault(mb, Fanout(mb, self.first_layer))
