@@ -49,9 +49,9 @@ def kv_memory_for(node_memory: float, actors_on_node: int, fraction: float = RAY
     share = fraction * node_memory / max(1, actors_on_node)
     kv = int((share - TIER2_FIXED) / TIER2_KV_OVERHEAD)
     if kv <= 0:
-        raise ValueError(f"Ray reports {node_memory / GiB:.1f} GiB of memory on a machine for {actors_on_node} Tier 2 "
-                         f"actor(s): {fraction:.0%} of it leaves no KV beside each process's {TIER2_FIXED / GiB:g} GiB; "
-                         "give --kv-memory (or --kv-tokens), or run fewer Tier 2 nodes")
+        raise ValueError(f"Ray reports {node_memory / GiB:.1f} GiB of memory on a machine for {actors_on_node} "
+                         f"Tier 2 actor(s): {fraction:.0%} of it leaves no KV beside each process's "
+                         f"{TIER2_FIXED / GiB:g} GiB; give --kv-memory (or --kv-tokens), or run fewer Tier 2 nodes")
     return kv
 
 
@@ -191,17 +191,17 @@ class RayCluster:
     def _start_stages(self, ray, node) -> list[str]:
         """Start Tier 1 (each stage, from the last: each is given its next one's address); their addresses."""
         gpus = 1 if self.device.startswith("cuda") else 0
-        actors, addresses = [], []
-        for layers in reversed(self.stages):
+        addresses: list[str] = []
+        for layers in reversed(self.stages):  # each kept in self.later at once: close() stops it if the next fails
             args = ["--role", "tier1", "--model", str(self.model_dir), *self.tier1_args]
             if layers is not None:
                 args += ["--layers", f"{layers.start}:{layers.stop}"]
             if addresses:
                 args += ["--next", addresses[0]]
-            actors.insert(0, node.options(num_cpus=1, num_gpus=gpus, max_restarts=0).remote(args, self.secret))
+            self.later.insert(0, node.options(num_cpus=1, num_gpus=gpus, max_restarts=0).remote(args, self.secret))
             what = "Tier 1" if layers is None else f"Tier 1 stage {layers.start}:{layers.stop}"
-            addresses.insert(0, self._get(ray, actors[0].address.remote(), what))
-        self.tier1, self.later = actors[0], actors[1:]
+            addresses.insert(0, self._get(ray, self.later[0].address.remote(), what))
+        self.tier1 = self.later.pop(0)
         return addresses
 
     def _kv_share(self, ray) -> int:
