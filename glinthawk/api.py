@@ -57,7 +57,8 @@ class LLM:
         """Start a local cluster on ``model`` (``cluster_options`` go to LocalCluster: kv_memory,
         dtype, micro_batches, ...), or use the running Tier 1 at ``endpoint``, or, with ``ray``
         ("auto", "local" or an address; ``pip install 'glinthawk[ray]'``), start the nodes as actors
-        of that Ray cluster (glinthawk/ray_cluster.py)."""
+        of that Ray cluster (glinthawk/ray_cluster.py; ``stages`` too, and without kv_memory or
+        kv_tokens each Tier 2 actor takes a share of its machine's memory)."""
         self._cluster: Any = None
         self._secret = secret
         if endpoint is not None:

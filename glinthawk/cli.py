@@ -245,7 +245,8 @@ def submit_command(input_path, to, output_path, progress, resume, secret_file) -
               help="Shared secret the nodes authenticate each other with (optional on loopback).")
 @click.option("--ray", "ray_address", default=None, metavar="auto|local|ADDRESS",
               help="Run the nodes as actors of a Ray cluster instead (auto: the one this machine belongs to; local: "
-                   "start one here); needs pip install 'glinthawk[ray]'.")
+                   "start one here); needs pip install 'glinthawk[ray]'. Given no KV size, each Tier 2 actor takes a "
+                   "share of its machine's memory.")
 def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, stages, micro_batches, log_dir,
                 progress, resume, secret_file, ray_address, **settings) -> None:
     """Start a two-tier cluster on loopback (N Tier 2 + 1 Tier 1), run the file through it, stop it.
@@ -256,11 +257,9 @@ def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, 
     check_resume(output_path, resume, input_path)
     check_node_options(secret_file, settings)
     check_output(output_path)
-    if ray_address is not None and stages is not None:
-        raise click.UsageError("--ray runs one Tier 1 stage; leave out --stages")
     with input_file(input_path) as path:
         if ray_address is not None:
-            failed = _run_on_ray(ray_address, path, output_path, model_dir, dtype, device, tier2_nodes,
+            failed = _run_on_ray(ray_address, path, output_path, model_dir, dtype, device, tier2_nodes, stages,
                                  micro_batches, progress, resume, secret_file, settings)
         else:
             failed = _run_local(path, output_path, model_dir, dtype, device, tier2_nodes, stages, micro_batches,
@@ -292,8 +291,8 @@ def _run_local(input_path: str, output_path: str, model_dir: Path, dtype: str, d
 
 
 def _run_on_ray(address: str, input_path: str, output_path: str, model_dir: Path, dtype: str, device: str,
-                tier2_nodes: int, micro_batches: int | None, progress: bool | None, resume: bool,
-                secret_file: Path | None, settings: dict) -> int:
+                tier2_nodes: int, stages: str | None, micro_batches: int | None, progress: bool | None,
+                resume: bool, secret_file: Path | None, settings: dict) -> int:
     """``run --ray``: the same run with the nodes as Ray actors (glinthawk/ray_cluster.py); how many failed."""
     import os
 
@@ -305,14 +304,17 @@ def _run_on_ray(address: str, input_path: str, output_path: str, model_dir: Path
     except RayMissing as exc:
         raise click.ClickException(str(exc)) from None
     try:
-        cluster = RayCluster.from_options(address, model_dir, tier2_nodes, dtype=dtype, device=device,
+        cluster = RayCluster.from_options(address, model_dir, tier2_nodes, dtype=dtype, device=device, stages=stages,
                                           secret=read_secret(secret_file), micro_batches=micro_batches, **settings)
     except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+        raise click.BadParameter(str(exc), param_hint="--stages" if stages else None) from None
     try:
         with cluster:
             host, port = cluster.tier1_address
-            click.echo(f"cluster up on Ray: Tier 1 at {host}:{port}, {tier2_nodes} Tier 2 actor(s) joined", err=True)
+            shape = f" in {len(cluster.stages)} stages" if stages else ""
+            each = " to each" if stages else ""
+            click.echo(f"cluster up on Ray: Tier 1{shape} at {host}:{port}, {tier2_nodes} Tier 2 actor(s) joined"
+                       f"{each}", err=True)
             os.environ[SECRET_ENV] = cluster.secret  # the run's own, when none was given
             return _run_submit(input_path, host, port, output_path, progress, resume, secret_file, cluster)
     except (RuntimeError, ConnectionError) as exc:

@@ -147,7 +147,7 @@ class LocalCluster:
                  device: str = "auto", micro_batches: int | str | None = None, log_dir: Path | None = None,
                  secret_file: Path | None = None, stages: int | str | None = None, **settings: Any):
         self.model_dir, self.tier2_nodes, self.dtype, self.device = model_dir, tier2_nodes, dtype, device
-        self.stages = stage_layers(stages, _num_layers(model_dir)) if stages is not None else [None]
+        self.stages = stage_layers(stages, model_layers(model_dir)) if stages is not None else [None]
         self.micro_batches, self.log_dir, self.secret_file = micro_batches, log_dir, secret_file
         self.temporary_logs = log_dir is None  # a directory of our own: removed after a clean run
         self.tier1, self.tier2, self.netem = split(settings, Tier1Settings, Tier2Settings, NetemSettings)
@@ -287,7 +287,8 @@ class LocalCluster:
         wait_ready(fresh)
 
 
-def _num_layers(model_dir: Path) -> int:
+def model_layers(model_dir: Path) -> int:
+    """How many layers the checkpoint in ``model_dir`` has (from its config.json only)."""
     from glinthawk.compute.config import ModelConfig
 
     return ModelConfig.from_file(Path(model_dir) / "config.json").num_layers

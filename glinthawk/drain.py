@@ -1,4 +1,5 @@
-"""``glinthawk drain NODE --to TIER1``: take one Tier 2 node out of a running cluster.
+"""``glinthawk drain NODE --to TIER1``: take one Tier 2 node out of a running cluster (a node of a
+later pipeline stage through that stage, which tells the first stage to place nothing more there).
 
 Tier 1 does the work (node/pool.py: no new sequences on the node, its running ones finish or,
 after the timeout, are moved; then it tells the node LEFT and the node exits 0); this command
@@ -34,7 +35,8 @@ async def drain_node(host: str, port: int, node: str, timeout_s: float, *, secre
 
 @click.command("drain")
 @click.argument("node", metavar="NODE_HOST:PORT")
-@click.option("--to", "to", required=True, help="Tier 1 address, HOST:PORT.")
+@click.option("--to", "to", required=True,
+              help="Tier 1 address, HOST:PORT (for a node of a later pipeline stage: that stage's).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0), default=DRAIN_TIMEOUT_S, show_default=True,
               help="Seconds the node's running sequences may take to finish; then they are moved to other nodes.")
 @click.option("--secret-file", type=click.Path(dir_okay=False, path_type=Path), default=None,

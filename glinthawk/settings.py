@@ -78,12 +78,21 @@ class Tier2Settings(_Settings):
         choices=KV_DTYPES)
 
     @property
+    def sized(self) -> bool:
+        """Whether a KV size was given (else the default, or on Ray a share of the machine's memory)."""
+        return self.kv_tokens is not None or self.kv_memory is not None
+
+    @property
+    def dtype_args(self) -> list[str]:
+        """The node's --kv-dtype, unless auto."""
+        return [] if self.kv_dtype == "auto" else ["--kv-dtype", self.kv_dtype]
+
+    @property
     def kv_args(self) -> list[str]:
         """The node's command-line arguments for this KV cache (its size; its dtype unless auto)."""
-        dtype = [] if self.kv_dtype == "auto" else ["--kv-dtype", self.kv_dtype]
         if self.kv_tokens is not None:
-            return ["--kv-tokens", str(self.kv_tokens), *dtype]
-        return ["--kv-memory", self.kv_memory or DEFAULT_KV_MEMORY, *dtype]
+            return ["--kv-tokens", str(self.kv_tokens), *self.dtype_args]
+        return ["--kv-memory", self.kv_memory or DEFAULT_KV_MEMORY, *self.dtype_args]
 
 
 @dataclass(frozen=True)

@@ -25,15 +25,16 @@ class Pipeline:
 
 
 @asynccontextmanager
-async def pipeline(directory: Path, cuts: list[int], *, nodes_per_stage: int = 1, kv_tokens: int = 4096,
+async def pipeline(directory: Path, cuts: list[int], *, nodes_per_stage: int | list[int] = 1, kv_tokens: int = 4096,
                    netem: NetEm | None = None, **tier1_settings):
-    """Stages cut at ``cuts`` (layers 0:cuts[0], cuts[0]:cuts[1], ...), each with its Tier 2 nodes,
-    started from the last as a deployment would."""
+    """Stages cut at ``cuts`` (layers 0:cuts[0], cuts[0]:cuts[1], ...), each with its Tier 2 nodes
+    (``nodes_per_stage``: as many for each, or a count per stage), started from the last as a deployment would."""
     whole = load_model(directory, dtype="float32", device="cpu")
     bounds = [0, *cuts, whole.config.num_layers]
     models = [load_model(directory, dtype="float32", device="cpu", layers=range(a, b))
               for a, b in zip(bounds, bounds[1:])]
-    tier2 = [[Tier2Node(kv_tokens=kv_tokens, netem=netem) for _ in range(nodes_per_stage)] for _ in models]
+    counts = nodes_per_stage if isinstance(nodes_per_stage, list) else [nodes_per_stage] * len(models)
+    tier2 = [[Tier2Node(kv_tokens=kv_tokens, netem=netem) for _ in range(count)] for count in counts]
     ports = [[await node.start("127.0.0.1", 0) for node in nodes] for nodes in tier2]
     addresses = [[f"127.0.0.1:{p}" for p in stage_ports] for stage_ports in ports]
     settings = Tier1Settings(**tier1_settings)

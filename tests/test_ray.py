@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from glinthawk.client import fetch_status
 from glinthawk.net.auth import SECRET_ENV
@@ -84,14 +85,63 @@ async def _sequences_seen_on(host: str, port: int, address: str, secret: bytes, 
     return False
 
 
-def test_the_python_api_runs_on_ray(checkpoint, model_dir, tmp_path):
+def test_run_on_ray_in_stages_equals_a_single_process(checkpoint, model_dir, tmp_path):
+    """--ray with --stages: each stage an actor with Tier 2 actors of its own, chained by --next."""
     pytest.importorskip("ray")
+    requests = mixed_requests(tmp_path / "in.jsonl")
+    out = tmp_path / "out.jsonl"
+    run = subprocess.run([sys.executable, "-m", "glinthawk", "run", str(requests), "-o", str(out), "--ray", "local",
+                          "--stages", "2", "--tier2-nodes", "1", "--model", str(model_dir), "--dtype", "float32",
+                          "--kv-tokens", "4096", "--max-batch-tokens", "64", "--no-progress"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "Tier 1 in 2 stages at" in run.stderr and "1 Tier 2 actor(s) joined to each" in run.stderr
+    assert tokens_by_id(read_results(out)) == tokens_by_id(single_process(checkpoint, requests))
+
+
+def test_the_python_api_runs_on_ray_in_stages_with_kv_sized_from_memory(checkpoint, model_dir, tmp_path):
+    """LLM(ray=..., stages=2) with no KV size: every stage's Tier 2 actors size their KV from the
+    memory Ray reports for their machine, and the output is a local cluster's."""
+    ray = pytest.importorskip("ray")
     from glinthawk import LLM, SamplingParams
+    from glinthawk.compute.config import ModelConfig
+    from glinthawk.compute.kvcache import bytes_per_token
+    from glinthawk.ray_cluster import kv_memory_for, node_memory
 
     prompts = ["The quick brown fox", "Tier two holds the key value cache"]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    with LLM(model_dir, ray="local", tier2_nodes=2, dtype="float32", kv_tokens=4096) as llm:
+    with LLM(model_dir, ray="local", stages=2, tier2_nodes=1, dtype="float32") as llm:
         on_ray = [output.outputs[0].token_ids for output in llm.generate(prompts, params)]
+        status = asyncio.run(fetch_status(*llm._cluster.tier1_address, secret=llm._cluster.secret.encode()))
+        memory = node_memory(ray)  # one machine: the driver's is the actors'
     with LLM(model_dir, tier2_nodes=1, dtype="float32", kv_tokens=4096) as llm:
         local = [output.outputs[0].token_ids for output in llm.generate(prompts, params)]
     assert on_ray == local and all(len(ids) == 8 for ids in on_ray)
+    config = ModelConfig.from_file(model_dir / "config.json")
+    for layers, nodes in [(status["layers"], status["tier2"]), *((s["layers"], s["tier2"]) for s in status["stages"])]:
+        per_token = bytes_per_token(layers[1] - layers[0], config.num_kv_heads, config.head_dim, torch.float32)
+        assert [node["kv_tokens"] for node in nodes] == [kv_memory_for(memory, 2) // per_token]
+
+
+def test_a_ray_tier2_actor_takes_a_share_of_its_machines_memory():
+    from glinthawk.plan import GiB
+    from glinthawk.ray_cluster import RAY_KV_FRACTION, kv_memory_for
+
+    alone = kv_memory_for(64 * GiB, 1)
+    assert alone == int((RAY_KV_FRACTION * 64 * GiB - GiB) / 1.045)
+    assert kv_memory_for(64 * GiB, 4) == int((RAY_KV_FRACTION * 16 * GiB - GiB) / 1.045) < alone
+    assert kv_memory_for(64 * GiB, 1, fraction=0.5) < alone
+    with pytest.raises(ValueError, match=r"Ray reports 4\.0 GiB of memory on a machine for 4 Tier 2 actor\(s\).*give "
+                                         r"--kv-memory \(or --kv-tokens\), or run fewer Tier 2 nodes"):
+        kv_memory_for(4 * GiB, 4)
+
+
+def test_ray_options_leave_the_kv_size_to_each_machine_only_when_none_is_given(model_dir):
+    from glinthawk.ray_cluster import RayCluster
+
+    auto = RayCluster.from_options("local", model_dir, 2, stages=2, kv_dtype="int8")
+    assert not auto.sized and auto.tier2_args[:2] == ["--kv-dtype", "int8"]
+    assert [(r.start, r.stop) for r in auto.stages] == [(0, 1), (1, 2)]  # the test model's 2 layers
+    assert RayCluster.from_options("local", model_dir, 2, kv_memory="2GiB").sized
+    with pytest.raises(ValueError, match="--stages 9: give 1 to 2 stages"):
+        RayCluster.from_options("local", model_dir, 2, stages=9)

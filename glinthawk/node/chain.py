@@ -72,8 +72,13 @@ class RemoteNode:
     capacity_tokens: int
     alive: bool
     send: Callable  # into the chain, for releases
+    draining: bool = False  # leaving: placement passes it over (its stage drains it)
     free_tokens: int = field(init=False)
     sequences: int = 0
+
+    @property
+    def placeable(self) -> bool:
+        return self.alive and not self.draining
 
     def __post_init__(self) -> None:
         self.free_tokens = self.capacity_tokens

@@ -54,7 +54,7 @@ log = logging.getLogger("glinthawk.node")
 @dtype_option
 @device_option
 @click.option("--tier2", "tier2_nodes", default=None,
-              help="tier1: Tier 2 nodes, HOST:PORT[,HOST:PORT...] (none: it waits for nodes to --join).")
+              help="tier1: Tier 2 nodes, HOST:PORT[,HOST:PORT...] (none: it waits for nodes to --join, on any stage).")
 @click.option("--layers", default=None, metavar="A:B",
               help="tier1: serve layers A..B-1 only, as one pipeline stage (default: all). The stage with layer 0 "
                    "takes the clients; each stage but the last needs --next.")
@@ -63,7 +63,8 @@ log = logging.getLogger("glinthawk.node")
 @setting_options(Tier1Settings, role="tier1")
 @setting_options(Tier2Settings, role="tier2")
 @click.option("--join", "join", default=None, metavar="HOST:PORT",
-              help="tier2: join the running Tier 1 listening there (and again whenever it restarts).")
+              help="tier2: join the running Tier 1 (or pipeline stage, for its layers) listening there, and again "
+                   "whenever it restarts.")
 @click.option("--advertise", default=None, metavar="HOST:PORT",
               help="tier2 with --join: the address Tier 1 reaches this node at (default: the listening host, or with "
                    "0.0.0.0 this machine's address towards Tier 1, and the bound port).")
@@ -117,9 +118,6 @@ def _tier2_node(settings: dict, netem, secret: bytes | None, **joining):
 
 def _tier1_node(settings: dict, tier2_nodes: str | None, model_dir: Path, dtype: str, device: str, netem,
                 secret: bytes | None, layers: str | None, next_stage: str | None):
-    if not tier2_nodes and (_layer_range(layers) or range(1)).start != 0:
-        raise click.UsageError("a stage after the first needs --tier2 HOST:PORT[,HOST:PORT...] (nodes join the "
-                               "first stage only)")
     addresses = [a.strip() for a in (tier2_nodes or "").split(",") if a.strip()]
     for address in addresses:
         parse_address(address, "--tier2")

@@ -21,6 +21,7 @@ from glinthawk.net.server import server_handshake
 from glinthawk.net.messages import MsgType
 from glinthawk.node.batches import Batch, unless_closed
 from glinthawk.node.membership import MEMBER_ROLES, serve_member
+from glinthawk.node.pipeline import LaterStages
 from glinthawk.node.pool import Tier2Pool
 from glinthawk.requests import RequestError, parse_line
 from glinthawk.results import error_line
@@ -44,6 +45,7 @@ class ClientService:
     stats: RunStats
     capacity_per_node: int
     pool: Tier2Pool
+    later: LaterStages
     _room: asyncio.Event
     _draining: bool
     chain_down: str | None  # why the run stopped (a pipeline stage is unreachable)
@@ -138,7 +140,7 @@ class ClientService:
                                        {"model": self.model_name, "max_context": cfg.max_position_embeddings},
                                        secret=self.secret)
         if hello["role"] in MEMBER_ROLES:  # a Tier 2 node that joins, or glinthawk drain
-            await serve_member(self.pool, conn, hello, shutting_down=self._draining)
+            await serve_member(self.pool, conn, hello, shutting_down=self._draining, stage_of=self.later.stage_of)
             return
         if hello["role"] == "status":
             await conn.send({"type": MsgType.STATUS, **self.status()})

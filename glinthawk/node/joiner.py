@@ -1,4 +1,5 @@
-"""A Tier 2 node's side of joining a running Tier 1 (``glinthawk-node --role tier2 --join``).
+"""A Tier 2 node's side of joining a running Tier 1 (``glinthawk-node --role tier2 --join``):
+the first stage, or a later pipeline stage, which then tells the first that it has a new node.
 
 The node dials Tier 1's listening port with the role "tier2-join" and the address it listens
 on; Tier 1 connects back to that address as to any Tier 2 node and then answers JOINED (or an
@@ -79,6 +80,9 @@ class Joiner:
             except ProtocolError as exc:
                 if "try again" in str(exc):
                     raise RetryJoin(str(exc)) from None
+                if "is not accepted here" in str(exc):  # a Tier 2 node, a client port of something else
+                    raise ProtocolError(f"--join {self.tier1} is not a Tier 1 stage ({exc}); give --join the --listen "
+                                        "address of Tier 1, or of the pipeline stage this node is for") from None
                 raise ProtocolError(f"Tier 1 at {self.tier1} refuses this node: {exc}") from None
             header, _ = await asyncio.wait_for(conn.recv(), REPLY_TIMEOUT_S)
         finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from glinthawk.net.connection import Connection, ConnectionClosed
 from glinthawk.net.messages import MsgType
@@ -32,13 +33,15 @@ def address_problem(address: object) -> str | None:
     return None
 
 
-async def serve_member(pool: Tier2Pool, conn: Connection, hello: dict, shutting_down: bool) -> None:
-    """Answer a node that joins, or a request to drain one."""
+async def serve_member(pool: Tier2Pool, conn: Connection, hello: dict, shutting_down: bool,
+                       stage_of: Callable[[str], str | None] = lambda address: None) -> None:
+    """Answer a node that joins, or a request to drain one (``stage_of``: which later pipeline
+    stage a node that is not ours belongs to, for the first stage to say where to drain it)."""
     try:
         if hello["role"] == JOIN_ROLE:
             await conn.send(await _join(pool, hello, shutting_down))
         else:
-            await conn.send(await _drain(pool, hello))
+            await conn.send(await _drain(pool, hello, stage_of))
     except (ConnectionClosed, ConnectionError):
         pass  # it hung up: what was asked is done all the same
 
@@ -56,13 +59,16 @@ async def _join(pool: Tier2Pool, hello: dict, shutting_down: bool) -> dict:
     return {"type": MsgType.JOINED, "address": address, "capacity_tokens": pool.links[address].capacity_tokens}
 
 
-async def _drain(pool: Tier2Pool, hello: dict) -> dict:
+async def _drain(pool: Tier2Pool, hello: dict, stage_of: Callable[[str], str | None]) -> dict:
     node, timeout_s = hello.get("node"), hello.get("timeout_s")
     if (problem := address_problem(node)) is not None:
         return {"type": MsgType.ERROR, "message": f"cannot drain: {problem}"}
     try:
         task = pool.drain(node, float(timeout_s) if isinstance(timeout_s, (int, float)) else None)
     except KeyError as exc:
+        if (stage := stage_of(node)) is not None:
+            return {"type": MsgType.ERROR, "message": f"{node} is a Tier 2 node of {stage}: drain it through that "
+                    f"stage (glinthawk drain {node} --to the address that stage listens on)"}
         return {"type": MsgType.ERROR, "message": exc.args[0]}
     log.info("asked to drain Tier 2 node %s", node)
     moved = await asyncio.shield(task)  # the asker hanging up does not stop the drain

@@ -107,6 +107,13 @@ class Placer:
         for prefix in self.prefixes.idle():
             self.evict(prefix)
 
+    def evict_leaving(self) -> None:
+        """Give back the prefixes no sequence reads on a node that is leaving: they are only a cache,
+        and a later stage's node counts their holders among the sequences it waits for."""
+        for prefix in self.prefixes.idle():
+            if not all(node.placeable for node in prefix.route):
+                self.evict(prefix)
+
     def drop_lost(self) -> None:
         """Forget prefixes on a node that is gone. A filled one's room on its other nodes (a later
         stage's) goes back once no sequence reads it (the nodes free it only then); one still

@@ -14,6 +14,8 @@ good (a deleted pod) leaves no address behind that is tried forever.
 Leaving (``drain``): the node is *draining* (placement passes it over) until its sequences
 have finished, or, after the timeout, they are moved (released and rebuilt elsewhere, as a
 lost node's); then it is told LEFT and forgotten, and a configured one is not called back.
+A later pipeline stage's pool does the same: ``on_change`` hears that the node is draining, and
+the stage tells the first stage (its NODES frame), which places there no more.
 """
 
 from __future__ import annotations
@@ -48,17 +50,15 @@ def kv_geometry(model: Model) -> dict:
 
 class Tier2Pool:
     """``addresses``' links, by address (a lost link stays until its node rejoins). ``on_change``
-    hears of every link that joins, is lost or leaves. ``graceful``: whether a leaving node's
-    sequences may finish (the first stage counts them); a later stage, which does not place,
-    moves them at once."""
+    hears of every link that joins, starts leaving, is lost or leaves."""
 
     def __init__(self, addresses: list[str], model: Model, settings: Tier1Settings, *, netem: NetEm | None = None,
                  secret: bytes | None = None, round_trip: Histogram | None = None,
-                 on_change: Callable[[Tier2Link], None] = lambda link: None, graceful: bool = True):
+                 on_change: Callable[[Tier2Link], None] = lambda link: None):
         # Append-only, so that an index names one node for good (later stages are told their
         # nodes by index); ``gone`` are those that left, or joined and were lost.
         self.addresses = list(addresses)
-        self.settings, self.netem, self.secret, self.graceful = settings, netem, secret, graceful
+        self.settings, self.netem, self.secret = settings, netem, secret
         self.hello, self.round_trip, self.on_change = kv_geometry(model), round_trip, on_change
         self.links: dict[str, Tier2Link] = {}
         self.joined: set[str] = set()
@@ -85,8 +85,9 @@ class Tier2Pool:
         return self.links.get(self.addresses[index]) if 0 <= index < len(self.addresses) else None
 
     def describe(self) -> list[list]:
-        """[address, KV tokens, alive] of every configured node, in their configured order."""
-        return [[address, link.capacity_tokens if link else 0, bool(link and link.alive)]
+        """[address, KV tokens, alive, leaving] of every configured node, in their configured order."""
+        return [[address, link.capacity_tokens if link else 0, bool(link and link.alive),
+                 bool(link and link.alive and link.draining)]
                 for address in self.addresses for link in [self.links.get(address)]]
 
     async def connect_all(self) -> list[str]:
@@ -183,22 +184,22 @@ class Tier2Pool:
     async def _drain(self, link: Tier2Link, timeout_s: float) -> int:
         loop = asyncio.get_running_loop()
         link.draining = True
+        self.on_change(link)
         log.info("Tier 2 node %s is leaving: no new sequences; its %d running ones have %.0f s to finish",
                  link.address, link.sequences, timeout_s)
-        deadline = loop.time() + (timeout_s if self.graceful else 0.0)
+        deadline = loop.time() + timeout_s
         while link.alive and link.sequences and loop.time() < deadline:
             await asyncio.sleep(POLL_S)
         moved = link.sequences if link.alive else 0
-        if link.alive and (moved or not self.graceful):
-            link.retire(f"it did not finish within {timeout_s:g} s" if self.graceful else "it leaves")
+        if link.alive and moved:
+            link.retire(f"it did not finish within {timeout_s:g} s")
             deadline = loop.time() + MOVE_TIMEOUT_S
             while link.sequences and loop.time() < deadline:
                 await asyncio.sleep(POLL_S)
         self.gone.add(link.address)
         if self.links.get(link.address) is link:
             await link.leave()
-        log.info("Tier 2 node %s left (%s)", link.address, f"{moved} sequences moved" if self.graceful
-                 else "its sequences moved, as the first stage places them")
+        log.info("Tier 2 node %s left (%d sequences moved)", link.address, moved)
         self.on_change(link)
         return moved
 

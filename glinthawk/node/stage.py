@@ -5,6 +5,11 @@ its layers on the hidden states (attention on the node each sequence was placed 
 first stage decided), then hands the result on to its next stage, or, as the last stage,
 samples; the tokens go back upstream. Its sequences' KV room is reserved on their first
 step and given back on the first stage's RELEASE, or all at once when the upstream is gone.
+
+Tier 2 nodes join it (``--join`` naming this stage) and are drained through it (``glinthawk
+drain NODE --to THIS_STAGE``, or SIGTERM on the node) as on the first stage, through the same
+pool; the change goes up the chain in a NODES frame, which is how the first stage starts, or
+stops, placing on them. A leaving node's sequences are those whose room it holds here.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from glinthawk.node.chain import (ChainEvents, Downstream, NextStage, StageLost,
                                   parse_handoff, stage_name)
 from glinthawk.node.fanout import Fanout, StepClock, attention_work, split_by_node
 from glinthawk.node.links import LinkLost, Tier2Link
+from glinthawk.node.membership import MEMBER_ROLES, serve_member
 from glinthawk.node.merger import StageMerger
 from glinthawk.node.pool import Tier2Pool
 from glinthawk.settings import Tier1Settings
@@ -47,8 +53,7 @@ class StageNode:
         self.name = stage_name([model.layer_range.start, model.layer_range.stop])
         self.metrics = StageMetrics(self)
         self.pool = Tier2Pool(tier2_addresses, model, self.settings, netem=netem, secret=secret,
-                              round_trip=self.metrics.attention_round_trip, on_change=self._node_changed,
-                              graceful=False)  # a leaving node's sequences move at once: placement is upstream
+                              round_trip=self.metrics.attention_round_trip, on_change=self._node_changed)
         self.downstream = None if next_stage is None else Downstream(
             next_stage, model, self.settings, ChainEvents(nodes=self._send_up, lost_nodes=lambda lost: None,
                                                           down=self._stage_down, up=self._chain_whole),
@@ -75,9 +80,12 @@ class StageNode:
         self.merger.start()
         await self.merger.call(warm_up, self.model, self.settings.max_batch_tokens, self.settings.max_seqs)
         failures = await self.pool.connect_all()
-        if not self.pool.links:
+        if self.pool.addresses and not self.pool.links:
             raise ConnectionError(f"no Tier 2 node usable for {self.name} ({'; '.join(failures)}); start any that "
                                   "are not running (glinthawk-node --role tier2 --listen HOST:PORT)")
+        if not self.pool.addresses:
+            log.info("%s: no Tier 2 node listed: steps wait until nodes join (glinthawk-node --role tier2 --join "
+                     "THIS_HOST:PORT)", self.name)
         if self.downstream is not None:
             reason = await self.downstream.connect()
             if reason is not None:
@@ -113,7 +121,10 @@ class StageNode:
 
     # -- the upstream stage -------------------------------------------------------------
     def _claim(self, conn: Connection, hello: dict) -> dict:
-        """The handshake's welcome: one upstream at a time, and only the model's previous layers."""
+        """The handshake's welcome: one upstream at a time, and only the model's previous layers
+        (a node that joins, or glinthawk drain, just hears which stage this is)."""
+        if hello.get("role") in MEMBER_ROLES:
+            return {"layers": [self.first_layer, self.model.layer_range.stop]}
         if self.upstream is not None and not self.upstream.closed:
             raise ProtocolError(f"{self.name} already serves another stage; give each stage one --next")
         if hello.get("layers_from") != self.first_layer:
@@ -132,7 +143,12 @@ class StageNode:
         return {"layers": [self.first_layer, self.model.layer_range.stop], "nodes": self.pool.describe()}
 
     async def _serve_upstream(self, conn: Connection) -> None:
-        await server_handshake(conn, {"stage"}, lambda hello: self._claim(conn, hello), secret=self.secret)
+        hello = await server_handshake(conn, {"stage", *MEMBER_ROLES}, lambda hello: self._claim(conn, hello),
+                                       secret=self.secret)
+        if hello["role"] in MEMBER_ROLES:
+            await serve_member(self.pool, conn, hello, shutting_down=self._server is None or
+                               not self._server.is_serving())
+            return
         if self.upstream is not conn:
             return
         try:
@@ -168,7 +184,7 @@ class StageNode:
         link = self.pool.at(int(header.get("node", -1)))
         ids = [i for i in header.get("seqs", ()) if isinstance(i, int)]
         for seq_id in ids:
-            self.held.pop(seq_id, None)
+            self._unhold(seq_id)
         if link is not None:
             await link.release(ids)
 
@@ -177,6 +193,7 @@ class StageNode:
         by_link: dict[Tier2Link, list[int]] = {}
         for seq_id, link in self.held.items():
             by_link.setdefault(link, []).append(seq_id)
+            link.sequences -= 1
         self.held.clear()
         self.fanouts.clear()
         for link, ids in by_link.items():
@@ -220,8 +237,10 @@ class StageNode:
         if lost := sorted({index for index, link in zip(route, links) if link is None or not link.alive}):
             raise StepLost(f"{self.name}: Tier 2 node(s) {lost} lost", [[self.first_layer, i] for i in lost])
         for seq_id, link in zip(batch.ids, links):
-            if seq_id in reserve:
+            if seq_id in reserve and self.held.get(seq_id) is not link:
+                self._unhold(seq_id)
                 self.held[seq_id] = link
+                link.sequences += 1  # what a drain waits for (or moves)
         parts = split_by_node(links, batch.ids, batch.starts, batch.counts, reserve)
         work = attention_work(batch.starts, batch.counts)
         fanout = self.fanouts.setdefault(mb, Fanout(mb, self.first_layer))
@@ -239,6 +258,10 @@ class StageNode:
         if self.downstream is not None:
             out = await clock.hand_on(self.downstream.forward(mb, onward, out, batch.masks))
         return out, clock.stages
+
+    def _unhold(self, seq_id: int) -> None:
+        if (link := self.held.pop(seq_id, None)) is not None:
+            link.sequences -= 1
 
     def _compute(self, work: StageWork):
         return self.merger.run(work, alone=self.steps_running == 1)
@@ -259,6 +282,7 @@ class StageNode:
     def _node_changed(self, link: Tier2Link) -> None:
         if not link.alive:
             self.held = {i: held for i, held in self.held.items() if held is not link}
+            link.sequences = 0
         self._send_up({"type": MsgType.NODES, "stage": self.first_layer, "nodes": self.pool.describe()})
 
     def _stage_down(self, message: str) -> None:

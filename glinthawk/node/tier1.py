@@ -300,11 +300,12 @@ class Tier1Node(ClientService):
         no alive node could hold even empty (the nodes large enough are gone) is passed over
         until one (re)joins, so it does not stall the queue; so is one whose prefix is being filled.
         """
-        stages = [self.pool.placeable, *self.later.alive()]  # a sequence takes a node of each (not a leaving one)
+        stages = [self.pool.placeable, *self.later.placeable()]  # a sequence takes a node of each (not a leaving one)
         largest = min(max((node.capacity_tokens for node in nodes), default=0) for nodes in stages)
         placed = False
         held_back: set[int] = set()  # waiting for a prefix to be filled
         self.placer.drop_lost()
+        self.placer.evict_leaving()
         while all(stages) and (seq_key := self._next_placeable(largest, held_back)) is not None:
             key, seq = seq_key
             mb = min(self.micro_batch_list[:self.pacer.count], key=lambda m: m.size)
