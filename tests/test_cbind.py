@@ -232,3 +232,24 @@ def test_prefill_over_int8_needs_its_scales_alike():
         attention_kernels.prefill_fused(q, int8_keys, int8_values, 0, 0.2, scales.float(), scales)
     with refused(ValueError, "pack_kv", "value_scales"):
         attention_kernels.prefill_fused(q, int8_keys, int8_values, 0, 0.2, scales, scales.contiguous())
+
+
+def test_only_the_bindings_hand_addresses_to_native_code():
+    """No module but cbind takes a tensor's address, or calls a kernel entry itself."""
+    from pathlib import Path
+
+    import glinthawk
+
+    root = Path(glinthawk.__file__).parent
+    entries = ("rms_norm(", "rotary(", "argmax(", "mask_logits(", "sample(", "decode_attention(", "pack_kv(",
+               "prefill_attention(")
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.name == "cbind.py":
+            continue
+        text = path.read_text()
+        if "data_ptr(" in text:
+            offenders.append(f"{path.relative_to(root)}: data_ptr")
+        for module in ("_elementwise.", "_sampling.", "_attention."):
+            offenders += [f"{path.relative_to(root)}: {module}{entry}" for entry in entries if module + entry in text]
+    assert offenders == []
