@@ -67,6 +67,8 @@ def test_rms_norm_refuses_a_weight_it_would_misread():
         elementwise.rms_norm(x, weight[:64].double(), 1e-5)
     with refused(ValueError, "rms_norm", "weight"):  # the kernel read 64 floats of a 32-float tensor
         elementwise.rms_norm(x, weight[:32], 1e-5)
+    with refused(ValueError, "rms_norm", "x"):
+        cbind.rms_norm(torch.zeros(4, 0), weight[:0], 1e-5)
 
 
 def test_rotary_refuses_tables_of_another_shape_dtype_or_layout():

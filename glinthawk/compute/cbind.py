@@ -108,8 +108,10 @@ def _mismatch(kernel: str, name: str, tensor: object, dtypes: Collection[torch.d
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm(x) * weight over x's last dim (any leading dims)."""
-    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"rms_norm: argument 'x' must be a tensor [..., dim], got {getattr(x, 'shape', x)!r}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"rms_norm: argument 'x' must be a tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"rms_norm: argument 'x' must be [..., dim] with dim > 0, got shape {list(x.shape)}")
     dim = x.shape[-1]
     x_at = address("rms_norm", "x", x, FLOATS)
     weight_at = address("rms_norm", "weight", weight, (x.dtype,), (dim,))
