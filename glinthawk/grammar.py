@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from glinthawk.compute import elementwise
+from glinthawk.compute import cbind, elementwise
 from glinthawk.structured import Constraint
 
 if TYPE_CHECKING:
@@ -110,8 +110,9 @@ class Matcher:
         self._m, self.words = matcher, words
 
     def fill(self, row: torch.Tensor) -> None:
-        """Write the allowed next tokens into ``row`` (a contiguous int32 tensor of ``words``)."""
-        self._m.unsafe_compute_mask_ptr(row.data_ptr(), self.words * 4)
+        """Write the allowed next tokens into ``row`` (a contiguous int32 CPU tensor of ``words``)."""
+        self._m.unsafe_compute_mask_ptr(cbind.address("compute_mask", "row", row, (torch.int32,), (self.words,)),
+                                        self.words * 4)
 
     def advance(self, token: int) -> bool:
         """Take a sampled token; False if the grammar did not allow it (a bug upstream)."""

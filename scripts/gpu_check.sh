@@ -15,8 +15,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 $python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" \
     || exit 1
 $python setup.py -q build_ext --inplace >"$out/build.log" 2>&1 || echo "C kernels not built (see build.log)"
-$python -c "from glinthawk.compute import attention, elementwise
-print('C kernels:', attention._attention is not None, elementwise._elementwise is not None)"
+$python -c "from glinthawk.compute import cbind
+print('C kernels:', cbind._attention is not None, cbind._elementwise is not None, cbind._sampling is not None)"
 
 timeout 360 $python -m pytest -m gpu tests/test_gpu.py -rs -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" \
     || status=1

@@ -170,7 +170,8 @@ AVX512VNNI static inline __attribute__((always_inline)) void accumulate_int8_pai
             for (int c = 0; c < 2 * chunks; c++)
                 total[i][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][c]), _mm512_set1_ps(w_scales[r + i]), total[i][c]);
     }
-    /* Per 128-bit lane L: the low accumulator holds dims 8L..8L+3, the high one 8L+4..8L+7. */
+    /* Per 128-bit lane L: the low accumulator holds dims 8L..8L+3, the high one 8L+4..8L+7.
+     * accumulate_pairs' store, copied: one helper for both cost the bf16 kernel (PERFORMANCE.md). */
     const __m512i first_half = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
     const __m512i second_half = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
     for (int i = 0; i < rows; i++)

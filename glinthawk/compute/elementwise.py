@@ -13,14 +13,8 @@ from __future__ import annotations
 
 import torch
 
-try:
-    from glinthawk.compute import _elementwise
-except ImportError:  # built at install time when a C compiler is present
-    _elementwise = None
-
-# The dtypes the C kernels take, by the codes every extension exports from _kernels.h.
-C_DTYPE_CODES = {} if _elementwise is None else {torch.float32: _elementwise.FLOAT32,
-                                                 torch.bfloat16: _elementwise.BFLOAT16}
+from glinthawk.compute import cbind
+from glinthawk.compute.cbind import C_DTYPE_CODES, _elementwise  # None where not built
 
 
 def fits(x: torch.Tensor, *others: torch.Tensor) -> bool:
@@ -31,22 +25,14 @@ def fits(x: torch.Tensor, *others: torch.Tensor) -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``layers.rms_norm`` for a contiguous [rows, dim] ``x`` that ``fits``."""
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    _elementwise.rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
-                          eps, C_DTYPE_CODES[x.dtype])
-    return out
+    return cbind.rms_norm(x.contiguous(), weight, eps)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``rope.apply_rotary`` for x [tokens, heads, dim] whose heads are contiguous rows."""
-    tokens, heads, dim = x.shape
-    if x.stride(2) != 1 or x.stride(1) != dim:
-        x = x.contiguous()
-    out = torch.empty(tokens, heads, dim, dtype=x.dtype)
-    _elementwise.rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), tokens, heads, dim,
-                        x.stride(0), C_DTYPE_CODES[x.dtype])
-    return out
+    if x.dim() == 3 and (x.stride(2) != 1 or x.stride(1) != x.shape[2]):
+        x = x.contiguous()  # the kernel takes tokens any distance apart, each one's heads contiguous
+    return cbind.rotary(x, cos, sin)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -54,11 +40,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     for them (CPU float32 or bfloat16), as int64 on the CPU."""
     if not fits(logits):
         return torch.argmax(logits, dim=-1).cpu()
-    logits = logits.contiguous()
-    out = torch.empty(logits.shape[0], dtype=torch.int64)
-    _elementwise.argmax(logits.data_ptr(), out.data_ptr(), logits.shape[0], logits.shape[1],
-                        C_DTYPE_CODES[logits.dtype])
-    return out
+    return cbind.argmax(logits.contiguous())
 
 
 def mask_logits(logits: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor) -> bool:
@@ -68,6 +50,5 @@ def mask_logits(logits: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor) -
         return False
     rows = rows.to(torch.int64).contiguous()
     masks = masks.to(torch.int32).contiguous()
-    _elementwise.mask_logits(logits.data_ptr(), rows.data_ptr(), rows.shape[0], logits.shape[1], masks.data_ptr(),
-                             masks.shape[1], C_DTYPE_CODES[logits.dtype])
+    cbind.mask_logits(logits, rows, masks)
     return True

@@ -24,13 +24,10 @@ import torch.nn.functional as F
 
 from glinthawk.stops import check_stop_limits
 from glinthawk.threads import hook_openmp
-from glinthawk.compute import elementwise
+from glinthawk.compute import cbind, elementwise
+from glinthawk.compute.cbind import _sampling  # None where not built (the benchmark sets it so)
 from glinthawk.compute.logprobs import MAX_LOGPROBS
 
-try:
-    from glinthawk.compute import _sampling
-except ImportError:  # built at install time when a C compiler is present
-    _sampling = None
 hook_openmp(_sampling)  # slices of rows on torch's threads, else in turn
 
 
@@ -173,10 +170,7 @@ def _sample_in_c(logits: torch.Tensor, rows: list[int], params: list[SamplingPar
     top_p = column("top_p", torch.float32).clamp_(min=_TINY)
     vocab = logits.shape[1]
     top_k = torch.tensor(_active_top_ks([p.top_k for p in params], vocab), dtype=torch.int64)
-    _sampling.sample(logits.data_ptr(), index.data_ptr(), len(rows), vocab,
-                     elementwise.C_DTYPE_CODES[logits.dtype], temperature.data_ptr(), top_k.data_ptr(),
-                     min_p.data_ptr(), top_p.data_ptr(), draws.data_ptr(), tokens.data_ptr(),
-                     threads or torch.get_num_threads())
+    cbind.sample(logits, index, temperature, top_k, min_p, top_p, draws, tokens, threads or torch.get_num_threads())
 
 
 CDF_BLOCK = 256

@@ -51,15 +51,14 @@ def balanced_slices(work: torch.Tensor, serial_below: int = 0) -> torch.Tensor:
     return torch.tensor(list(itertools.pairwise([0, *bounds, items])), dtype=torch.int64)
 
 
-def run_slices(run: Callable[[int, int], None], slices: torch.Tensor) -> None:
-    """``run(slices, count)``, a C kernel's call over (first, last) work-item ``slices``
-    (``balanced_slices``): all in one call where the kernels have torch's OpenMP threads,
-    else one call per slice, over our own threads."""
-    count = slices.shape[0]
+def run_slices(run: Callable[[int, int], None], count: int) -> None:
+    """``run(first, n)``, a C kernel's call over ``n`` of its ``count`` (first, last)
+    work-item slices (``balanced_slices``) from slice ``first``: all in one call where the
+    kernels have torch's OpenMP threads, else one call per slice, over our own threads."""
     if count == 1 or OPENMP:
-        run(slices.data_ptr(), count)
+        run(0, count)
     else:
-        in_parallel(lambda row: run(slices[row].data_ptr(), 1), [(row,) for row in range(count)])
+        in_parallel(lambda row: run(row, 1), [(row,) for row in range(count)])
 
 
 def in_parallel(fn: Callable[..., None], slices: list[tuple]) -> None:
