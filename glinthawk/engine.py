@@ -117,6 +117,10 @@ class Engine:
             self.store.free(prefix.holder.id)
         return self.store.free_tokens >= tokens
 
+    def warm_all(self) -> None:
+        """Warm every bucket now, as a node does at start-up: for callers that time the steps (benchmarks)."""
+        self._warm_for(self.max_batch_tokens, self.max_seqs)
+
     def _warm_for(self, rows: int, head_rows: int) -> None:
         """Warm (``warm_up``) the row-count buckets up to this step's before it runs: a one-shot run
         warms only the batch sizes it reaches (a node warms all at start-up), largest first."""

@@ -445,6 +445,23 @@ def test_one_short_prompt_warms_only_its_own_buckets(tiny_model, monkeypatch):
         assert assert_warmed_before_use(calls) == {(8, False), (8, True)}
 
 
+def test_warm_all_warms_every_bucket_before_the_run(tiny_model, monkeypatch):
+    """What the benchmarks call before their timed runs: every bucket at once, none during the run."""
+    from glinthawk.compute import matmul
+
+    model, tok = tiny_model(VARIANT, "bfloat16")
+    calls = record_matmuls(monkeypatch, model)
+    engine = Engine(model, tok, kv_tokens=4096, max_batch_tokens=37, max_seqs=3)
+    engine.warm_all()
+    if not matmul.pads_rows(model.layers[0].gate_up):
+        pytest.skip("no oneDNN bf16 here: nothing to warm")
+    assert {rows for rows, is_head, _ in calls if not is_head} == {matmul.padded_rows(n) for n in range(1, 38)}
+    before = len(calls)
+    lines = []
+    engine.run([request("r", PROMPTS[3], max_tokens=3, temperature=0, ignore_eos=True)], lines.append)
+    assert ok(lines[0]) and len(calls) > before and not any(warming for _, _, warming in calls[before:])
+
+
 def test_warm_up_runs_new_buckets_largest_first(tiny_model, monkeypatch):
     """warm_up goes from the largest bucket down (the heap grows once) and skips those already warmed."""
     from glinthawk.compute import layers, matmul
