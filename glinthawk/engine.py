@@ -40,7 +40,7 @@ class Engine:
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.max_batch_tokens, self.max_seqs = max_batch_tokens, max_seqs
         self.store = KVStore(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_tokens, model.dtype, model.device)
-        warm_up(model, max_batch_tokens, max_seqs)
+        self.warmed = (0, 0)  # row counts (matmul, LM head) whose buckets are warmed: see _warm_for
         self.intake = Intake(tokenizer, cfg.max_position_embeddings, cfg.vocab_size, kv_tokens)
         self.stats = RunStats()
         self.waiting = FairQueue()  # one queue: the engine takes requests in order
@@ -117,9 +117,23 @@ class Engine:
             self.store.free(prefix.holder.id)
         return self.store.free_tokens >= tokens
 
+    def warm_all(self) -> None:
+        """Warm every bucket now, as a node does at start-up: for callers that time the steps (benchmarks)."""
+        self._warm_for(self.max_batch_tokens, self.max_seqs)
+
+    def _warm_for(self, rows: int, head_rows: int) -> None:
+        """Warm (``warm_up``) the row-count buckets up to this step's before it runs: a one-shot run
+        warms only the batch sizes it reaches (a node warms all at start-up), largest first."""
+        rows, head_rows = min(rows, self.max_batch_tokens), min(head_rows, self.max_seqs)
+        done_rows, done_head = self.warmed
+        if rows > done_rows or head_rows > done_head:
+            warm_up(self.model, rows, head_rows, done_rows, done_head)
+            self.warmed = (max(rows, done_rows), max(head_rows, done_head))
+
     @torch.inference_mode()
     def step(self, running: list[Sequence]) -> list[Sequence]:
         batch = pack_step(plan_step(running, self.max_batch_tokens), self.model.device)
+        self._warm_for(sum(batch.counts), len(batch.sampled) + len(batch.scored))
         plan = AttentionPlan.of(self.store, [seq.id for seq in batch.seqs], batch.starts, batch.counts)
 
         async def compute(work: StageWork):

@@ -314,32 +314,59 @@ def test_head_in_chunks_samples_what_the_whole_batch_samples(llama, monkeypatch)
     assert torch.equal(chunked.logprobs.top_ids, whole.logprobs.top_ids)
 
 
+def record_matmuls(monkeypatch, model) -> list[tuple[int, bool, bool]]:
+    """Every linear call from now on as (rows, is the LM head, inside warm_up)."""
+    from glinthawk import engine
+    from glinthawk.compute import matmul
+
+    calls, warming = [], []
+    real_multiply, real_warm_up = matmul._multiply, engine.warm_up
+
+    def recording(x, weight, bias):
+        calls.append((x.shape[0], weight is model.lm_head, bool(warming)))
+        return real_multiply(x, weight, bias)
+
+    def warm_up(*args):
+        warming.append(True)
+        try:
+            real_warm_up(*args)
+        finally:
+            warming.pop()
+
+    monkeypatch.setattr(matmul, "_multiply", recording)
+    monkeypatch.setattr(engine, "warm_up", warm_up)
+    return calls
+
+
+def assert_warmed_before_use(calls: list[tuple[int, bool, bool]]) -> set[tuple[int, bool]]:
+    """Each (rows, head) shape the steps used was run by warm_up first; returns the warmed shapes."""
+    warmed = set()
+    for rows, is_head, warming in calls:
+        if warming:
+            warmed.add((rows, is_head))
+        else:
+            assert (rows, is_head) in warmed, f"{rows} rows ({'head' if is_head else 'layer'}) not warmed first"
+    return warmed
+
+
 def test_lm_head_sees_only_warmed_chunks(tiny_model, monkeypatch):
-    """With chunks of 16 rows and 20 sequences, the LM head sees at most 16 rows a call, and
-    warm_up ran exactly the row counts up to 16 (not up to max_seqs)."""
+    """With chunks of 16 rows and 20 sequences, the LM head sees at most 16 rows a call, each
+    count warmed before its first use, and none above 16 (not up to max_seqs)."""
     from glinthawk.compute import layers, matmul
 
     model, tok = tiny_model(VARIANT, "bfloat16")
     monkeypatch.setattr(layers, "HEAD_CHUNK_BYTES", 16 * 4 * model.config.vocab_size)
-    head_rows = []
-    real = matmul._multiply
-
-    def recording(x, weight, bias):
-        if weight is model.lm_head:
-            head_rows.append(x.shape[0])
-        return real(x, weight, bias)
-
-    monkeypatch.setattr(matmul, "_multiply", recording)
+    calls = record_matmuls(monkeypatch, model)
     engine = Engine(model, tok, kv_tokens=4096, max_batch_tokens=256, max_seqs=24)
-    warmed = set(head_rows)
-    head_rows.clear()
     reqs = [request(f"r{i}", PROMPTS[i % len(PROMPTS)], max_tokens=3, temperature=0, ignore_eos=True)
             for i in range(20)]
     lines = []
     engine.run(reqs, lines.append)
     assert len(lines) == len(reqs) and all(ok(line) for line in lines)
-    assert head_rows and max(head_rows) <= 16 and set(head_rows) <= warmed
+    head_rows = [rows for rows, is_head, warming in calls if is_head and not warming]
+    assert head_rows and max(head_rows) <= 16
     if matmul.pads_rows(model.lm_head):
+        warmed = {rows for rows, is_head in assert_warmed_before_use(calls) if is_head}
         assert warmed == {matmul.padded_rows(n) for n in range(1, 17)}
 
 
@@ -380,33 +407,73 @@ def test_padded_rows_buckets():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_cpu_matmuls_see_only_bucketed_row_counts(tiny_model, monkeypatch, dtype):
     """oneDNN keeps memory for every row count it sees: continuous batching must show it only
-    the buckets, and all of them at start-up (warm_up), so resident memory stays flat."""
+    the buckets, each run once by warm_up before a step first needs it, so resident memory
+    stays flat once the run has reached its largest batch."""
     import torch
 
     from glinthawk.compute import matmul
 
     model, tok = tiny_model(VARIANT, dtype)
     assert model.layers[0].gate_up.is_mkldnn == matmul.packs(torch.empty(0, dtype=model.dtype))
-    seen = []
-    real = matmul._multiply
-
-    def recording(x, weight, bias):
-        seen.append(x.shape[0])
-        return real(x, weight, bias)
-
-    monkeypatch.setattr(matmul, "_multiply", recording)
+    calls = record_matmuls(monkeypatch, model)
     engine = Engine(model, tok, kv_tokens=4096, max_batch_tokens=37, max_seqs=3)
-    warmed = set(seen)
-    if not matmul.pads_rows(model.layers[0].gate_up):  # float32 without oneDNN: nothing to keep flat
-        assert not warmed
-        return
-    assert warmed == {matmul.padded_rows(n) for n in range(1, 38)}
-    seen.clear()
+    assert not calls  # nothing is warmed before the run shows its batch sizes
     reqs = [request(f"r{i}", p, max_tokens=3 + 2 * i, temperature=0, ignore_eos=True) for i, p in enumerate(PROMPTS)]
     lines = []
     engine.run(reqs, lines.append)
     assert len(lines) == len(reqs) and all(ok(line) for line in lines)
-    assert set(seen) <= warmed and len(set(seen)) > 2
+    if not matmul.pads_rows(model.layers[0].gate_up):  # float32 without oneDNN: nothing to keep flat
+        assert not any(warming for _, _, warming in calls)
+        return
+    warmed = {rows for rows, is_head in assert_warmed_before_use(calls) if not is_head}
+    used = {rows for rows, is_head, warming in calls if not is_head and not warming}
+    assert warmed <= {matmul.padded_rows(n) for n in range(1, 38)} and len(used) > 2
+    assert max(warmed) == max(used)  # no bucket beyond the largest batch the run reached
+
+
+def test_one_short_prompt_warms_only_its_own_buckets(tiny_model, monkeypatch):
+    """A run of one short prompt (under 8 tokens) warms the 8-row bucket, not every bucket up to max_batch_tokens."""
+    from glinthawk.compute import matmul
+
+    model, tok = tiny_model(VARIANT, "bfloat16")
+    calls = record_matmuls(monkeypatch, model)
+    lines = []
+    Engine(model, tok, kv_tokens=4096, max_batch_tokens=2048, max_seqs=256).run(
+        [request("r", PROMPTS[0], max_tokens=4, temperature=0, ignore_eos=True)], lines.append)
+    assert len(lines) == 1 and ok(lines[0])
+    if matmul.pads_rows(model.layers[0].gate_up):
+        assert assert_warmed_before_use(calls) == {(8, False), (8, True)}
+
+
+def test_warm_all_warms_every_bucket_before_the_run(tiny_model, monkeypatch):
+    """What the benchmarks call before their timed runs: every bucket at once, none during the run."""
+    from glinthawk.compute import matmul
+
+    model, tok = tiny_model(VARIANT, "bfloat16")
+    calls = record_matmuls(monkeypatch, model)
+    engine = Engine(model, tok, kv_tokens=4096, max_batch_tokens=37, max_seqs=3)
+    engine.warm_all()
+    if not matmul.pads_rows(model.layers[0].gate_up):
+        pytest.skip("no oneDNN bf16 here: nothing to warm")
+    assert {rows for rows, is_head, _ in calls if not is_head} == {matmul.padded_rows(n) for n in range(1, 38)}
+    before = len(calls)
+    lines = []
+    engine.run([request("r", PROMPTS[3], max_tokens=3, temperature=0, ignore_eos=True)], lines.append)
+    assert ok(lines[0]) and len(calls) > before and not any(warming for _, _, warming in calls[before:])
+
+
+def test_warm_up_runs_new_buckets_largest_first(tiny_model, monkeypatch):
+    """warm_up goes from the largest bucket down (the heap grows once) and skips those already warmed."""
+    from glinthawk.compute import layers, matmul
+
+    model, _ = tiny_model(VARIANT, "bfloat16")
+    if not matmul.pads_rows(model.layers[0].gate_up):
+        pytest.skip("no oneDNN bf16 here: warm_up has nothing to do")
+    calls = record_matmuls(monkeypatch, model)
+    layers.warm_up(model, 100, 20, warmed_rows=30, warmed_sampled_rows=8)
+    layer_rows = [rows for rows, is_head, _ in calls if not is_head]
+    assert layer_rows == [n for n in (112, 96, 80, 64, 56, 48, 40) for _ in range(4)]
+    assert [rows for rows, is_head, _ in calls if is_head] == [24, 16]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -46,6 +46,7 @@ def run_engine(model, tokenizer, lines: list[dict], *, kv_tokens: int,
     from glinthawk.engine import Engine
 
     engine = Engine(model, tokenizer, kv_tokens=kv_tokens, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs)
+    engine.warm_all()  # outside the timed run, as the figures have always been measured
     requests = parse_requests(lines)
     steps: list[dict] = []
     timeline: list[tuple[float, int, int]] = []

@@ -9,7 +9,8 @@ oneDNN) weights stay plain tensors.
 
 oneDNN keeps a primitive, with scratch memory, for every input shape it sees, so on the
 CPU ``linear`` pads the rows to a few fixed counts (``padded_rows``) and resident memory
-stays flat under continuous batching; ``layers.warm_up`` runs each count once at start-up.
+stays flat under continuous batching; ``layers.warm_up`` runs each count once, at start-up on a
+node, and as the run first reaches it in the single-process engine.
 """
 
 from __future__ import annotations
