@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from glinthawk.compute.attention import AttentionPlan, attend_with
+from glinthawk.compute.graphs import stage_graphs
 from glinthawk.compute.kvcache import KVStore
 from glinthawk.compute.layers import warm_up
 from glinthawk.compute.loader import Model
@@ -41,6 +42,7 @@ class Engine:
         self.max_batch_tokens, self.max_seqs = max_batch_tokens, max_seqs
         self.store = KVStore(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_tokens, model.dtype, model.device)
         self.warmed = (0, 0)  # row counts (matmul, LM head) whose buckets are warmed: see _warm_for
+        self.graphs = stage_graphs(model, settings.cuda_graphs, max_batch_tokens)
         self.intake = Intake(tokenizer, cfg.max_position_embeddings, cfg.vocab_size, kv_tokens)
         self.stats = RunStats()
         self.waiting = FairQueue()  # one queue: the engine takes requests in order
@@ -137,7 +139,7 @@ class Engine:
         plan = AttentionPlan.of(self.store, [seq.id for seq in batch.seqs], batch.starts, batch.counts)
 
         async def compute(work: StageWork):
-            return compute_stage(self.model, work)
+            return compute_stage(self.model, work, self.graphs)
 
         async def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return attend_with(plan, layer, q, k, v)

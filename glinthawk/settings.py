@@ -43,6 +43,9 @@ class StepSettings(_Settings):
     prefix_cache: bool = setting(
         True, "Keep the KV of a prompt prefix that several requests share once, and skip its prefill for each "
         "(outputs are the same either way).")
+    cuda_graphs: bool = setting(
+        False, "On CUDA, run decode steps through CUDA graphs captured per stage and bucketed batch size (fewer "
+        "kernel launches; no effect on a CPU). Off by default: not yet verified on GPU hardware.")
 
 
 @dataclass(frozen=True)

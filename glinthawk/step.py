@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from glinthawk.compute.graphs import StageGraphs, decode_only
 from glinthawk.compute.loader import Model
 from glinthawk.compute.logprobs import Sampled
 from glinthawk.compute.rope import Rotary, rotary
@@ -59,6 +60,7 @@ class StageWork:
     # (indices into ``params``) are constrained, and their allowed-token bitmasks.
     mask_rows: torch.Tensor | None = None
     masks: torch.Tensor | None = None
+    decode: bool = False  # every sequence runs one token (compute/graphs.py takes only these)
     future: asyncio.Future | None = field(default=None, repr=False)  # where a merger answers it
     seconds: float = 0.0  # its share of the compute job it ran in (set by the merger)
 
@@ -78,26 +80,30 @@ async def run_step(model: Model, batch: StepBatch | StageBatch, compute: Compute
     ``x``: those the stage before handed on (a stage after the first)."""
     layers = model.layer_range
     rot = rotary(model.inv_freq, batch.positions.to(model.device), model.dtype)
+    decode = decode_only(batch.counts)
     x, q, k, v = await compute(StageWork(layers.start, rot, token_ids=batch.token_ids if model.is_first else None,
-                                         x=x))
+                                         x=x, decode=decode))
     for layer in layers:
         out = await attend(layer, q, k, v)
         if layer + 1 < layers.stop:
-            x, q, k, v = await compute(StageWork(layer + 1, rot, x=x, attn_out=out))
+            x, q, k, v = await compute(StageWork(layer + 1, rot, x=x, attn_out=out, decode=decode))
     if not model.is_last:
-        return await compute(StageWork(layers.stop, rot, x=x, attn_out=out))
+        return await compute(StageWork(layers.stop, rot, x=x, attn_out=out, decode=decode))
     if not len(batch.sample_rows) and batch.score_rows is None:
         return Sampled.empty()
     params, seeds, steps = batch.sampling()
     return await compute(StageWork(layers.stop, rot, x=x, attn_out=out, sample_rows=batch.sample_rows,
                                    params=params, seeds=seeds, steps=steps, score_rows=batch.score_rows,
                                    score_tokens=batch.score_tokens, score_top=batch.score_top,
-                                   mask_rows=batch.mask_rows, masks=batch.masks))
+                                   mask_rows=batch.mask_rows, masks=batch.masks, decode=decode))
 
 
-def compute_stage(model: Model, work: StageWork) -> Any:
+def compute_stage(model: Model, work: StageWork, graphs: StageGraphs | None = None) -> Any:
     """Run one stage in this thread: (x, q, k, v) on the model's device; at the end of the
-    model the sampled tokens, at the end of a pipeline stage before it the hidden states."""
+    model the sampled tokens, at the end of a pipeline stage before it the hidden states.
+    ``graphs``: run it through CUDA graphs where they take it (decode-only jobs)."""
+    if graphs is not None and graphs.takes(work):
+        return graphs.compute(work)
     device = model.device
     attn_out = work.attn_out.to(device) if work.attn_out is not None else None
     if work.stage == model.config.num_layers:

@@ -60,12 +60,12 @@ def _engine_results(checkpoint, stream, max_batch_tokens: int, kv_tokens: int) -
 
 async def distributed(checkpoint, requests: Path, out: Path, *, nodes: int, micro_batches: int,
                       netem: NetEm | None = None, kv_tokens: int = 4096, max_batch_tokens: int = 64,
-                      kv_dtype: str = "auto"):
+                      kv_dtype: str = "auto", **tier1_settings):
     model, tokenizer = checkpoint
     tier2 = [Tier2Node(kv_tokens=kv_tokens, netem=netem, kv_dtype=kv_dtype) for _ in range(nodes)]
     ports = [await node.start("127.0.0.1", 0) for node in tier2]
     tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{p}" for p in ports], micro_batches=micro_batches,
-                      max_batch_tokens=max_batch_tokens, netem=netem)
+                      max_batch_tokens=max_batch_tokens, netem=netem, **tier1_settings)
     try:
         port = await tier1.start("127.0.0.1", 0)
         summary = await submit(requests, "127.0.0.1", port, out, progress=False)

@@ -23,6 +23,7 @@ from glinthawk.bench.context import BenchContext
 from glinthawk.bench.measure import Roofline, ratio, target
 from glinthawk.bench.runs import decode_summary, run_engine
 from glinthawk.bench.workloads import request_lines, token_prompts
+from glinthawk.compute.graphs import StageGraphs, stage_graphs
 
 DEVICES = ("cpu", "cuda")  # where the suite can run its model (--device)
 DEFAULTS, QUICK = knobs.ENGINE, knobs.ENGINE_QUICK
@@ -50,19 +51,21 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> tuple[float
 
 
 def measure_point(ctx: BenchContext, label: str, batch: int, prompt: int, new_tokens: int, roofline: Roofline,
-                  hf_model, max_batch_tokens: int) -> dict:
+                  hf_model, max_batch_tokens: int, cuda_graphs: bool = False) -> dict:
     model, tokenizer = ctx.load()
     prompts = token_prompts(batch, prompt, model.config.vocab_size, seed=1)
     lines = request_lines(prompts, new_tokens)
     kv_tokens = batch * (prompt + new_tokens)
-    ctx.echo(f"  {label}: glinthawk Engine, batch {batch}, prompt {prompt}, {new_tokens} new tokens")
+    graphs, captured = _captured_graphs(model, tokenizer, lines, kv_tokens, max_batch_tokens, batch, cuda_graphs)
+    ctx.echo(f"  {label}: glinthawk Engine, batch {batch}, prompt {prompt}, {new_tokens} new tokens"
+             + (" (CUDA graphs)" if graphs is not None else ""))
     ours = run_engine(model, tokenizer, lines, kv_tokens=kv_tokens, max_batch_tokens=max_batch_tokens,
-                      max_seqs=batch, roofline=roofline)
+                      max_seqs=batch, roofline=roofline, graphs=graphs)
     decode = decode_summary(ours.extra["steps"])
     row = {
         "point": label, "batch": batch, "prompt": prompt, "new_tokens": new_tokens,
         "context": prompt + new_tokens, "seconds": ours.seconds, "tok_s": ours.tokens_per_s,
-        **decode,
+        "cuda_graphs": graphs is not None, "graph_capture_seconds": captured, **decode,
     }
     row["fraction_of_roofline"] = ratio(row["decode_tok_s"], row["roofline_tok_s"])
     if hf_model is not None:
@@ -82,6 +85,18 @@ def measure_point(ctx: BenchContext, label: str, batch: int, prompt: int, new_to
     return row
 
 
+def _captured_graphs(model, tokenizer, lines: list[dict], kv_tokens: int, max_batch_tokens: int, batch: int,
+                     enabled: bool) -> tuple[StageGraphs | None, float | None]:
+    """CUDA graphs for the point (None off CUDA or unless ``enabled``), captured by a short run of
+    the same batch (2 new tokens), so the timed run replays them; and that run's seconds."""
+    graphs = stage_graphs(model, enabled, max_batch_tokens)
+    if graphs is None:
+        return None, None
+    short = [{**line, "max_tokens": 2} for line in lines]
+    return graphs, run_engine(model, tokenizer, short, kv_tokens=kv_tokens, max_batch_tokens=max_batch_tokens,
+                              max_seqs=batch, graphs=graphs).seconds
+
+
 def run(ctx: BenchContext) -> dict:
     knobs = ctx.knobs("engine", DEFAULTS, QUICK)
     model, tokenizer = ctx.load()
@@ -94,10 +109,11 @@ def run(ctx: BenchContext) -> dict:
     if hf_model is not None:
         hf_generate(hf_model, [w["prompt"] for w in warm], 2)
     rows = [measure_point(ctx, "throughput", knobs["batch"], knobs["prompt"], knobs["new_tokens"], roofline,
-                          hf_model, knobs["max_batch_tokens"])]
+                          hf_model, knobs["max_batch_tokens"], knobs["cuda_graphs"])]
     if knobs["long_batch"] > 0:
         rows.append(measure_point(ctx, "long-context", knobs["long_batch"], knobs["long_prompt"],
-                                  knobs["long_new_tokens"], roofline, hf_model, knobs["max_batch_tokens"]))
+                                  knobs["long_new_tokens"], roofline, hf_model, knobs["max_batch_tokens"],
+                                  knobs["cuda_graphs"]))
     main = rows[0]
     long_run = rows[1] if len(rows) > 1 else {}
     growth = ratio(long_run.get("ratio_ours_to_hf"), main.get("ratio_ours_to_hf"))

@@ -12,6 +12,7 @@ ENGINE = {
     "batch": 128, "prompt": 16, "new_tokens": 128,
     "long_batch": 2, "long_prompt": 2048, "long_new_tokens": 128,  # as many new tokens: only the context differs
     "max_batch_tokens": 2048, "hf": True,
+    "cuda_graphs": False,  # decode steps through CUDA graphs (--device cuda), captured before the timed run
 }
 ENGINE_QUICK = {"batch": 8, "prompt": 8, "new_tokens": 8, "long_batch": 2, "long_prompt": 128, "long_new_tokens": 4}
 

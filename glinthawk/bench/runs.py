@@ -9,6 +9,7 @@ from typing import Any
 
 from glinthawk.bench.measure import Roofline
 from glinthawk.bench.workloads import check_results, parse_requests
+from glinthawk.compute.graphs import StageGraphs
 from glinthawk.settings import StepSettings
 
 
@@ -41,12 +42,14 @@ def decode_rate(timeline: list[tuple[float, int, int]], sequences: int, total: i
 
 def run_engine(model, tokenizer, lines: list[dict], *, kv_tokens: int,
                max_batch_tokens: int = StepSettings.max_batch_tokens, max_seqs: int = StepSettings.max_seqs,
-               roofline: Roofline | None = None) -> RunResult:
-    """The single-process Engine on ``lines``; records each step (and its roofline floor)."""
+               roofline: Roofline | None = None, graphs: StageGraphs | None = None) -> RunResult:
+    """The single-process Engine on ``lines``; records each step (and its roofline floor).
+    ``graphs``: the CUDA graphs its decode steps run through (kept from an earlier run: captured)."""
     from glinthawk.engine import Engine
 
     engine = Engine(model, tokenizer, kv_tokens=kv_tokens, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs)
     engine.warm_all()  # outside the timed run, as the figures have always been measured
+    engine.graphs = graphs
     requests = parse_requests(lines)
     steps: list[dict] = []
     timeline: list[tuple[float, int, int]] = []

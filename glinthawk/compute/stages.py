@@ -12,7 +12,7 @@ at the same stage as one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -72,16 +72,19 @@ def final_stage(model: Model, x: torch.Tensor, attn_out: torch.Tensor, sample_ro
 
 
 def head_and_sample(model: Model, x: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int],
-                    steps: Sequence[int], masking: Masking | None = None) -> Sampled:
+                    steps: Sequence[int], masking: Masking | None = None,
+                    head_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Sampled:
     """Next tokens (int64 [rows], on the CPU) of the rows ``x`` [rows, hidden], ``head_rows``
     rows at a time (``sample`` draws per row, so chunks change nothing but memory), and the
     log-probs of those whose params ask for them; the rows ``masking`` names draw only among
-    the tokens their bitmask allows (structured output; log-probs stay the raw ones)."""
+    the tokens their bitmask allows (structured output; log-probs stay the raw ones).
+    ``head_fn``: what makes a chunk's logits (default ``layers.head``; graphs.py replays a graph)."""
     rows = head_rows(model)
+    head_fn = head_fn or (lambda chunk: head(model, chunk))
     tokens, scored = [], []
     for first in range(0, x.shape[0], rows):
         chunk = params[first:first + rows]
-        logits = head(model, x[first:first + rows])
+        logits = head_fn(x[first:first + rows])
         asked = [i for i, p in enumerate(chunk) if p.logprobs is not None]
         logprobs = log_softmax(logits[asked]) if asked else None  # before sampling: from the raw logits
         if masking is not None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from glinthawk.compute.graphs import StageGraphs
 from glinthawk.compute.loader import Model
 from glinthawk.compute.rope import Rotary
 from glinthawk.step import StageWork, compute_stage
@@ -48,10 +49,12 @@ class MergerStats:
 
 
 class StageMerger:
-    def __init__(self, model: Model, max_rows: int, own_thread: bool | None = None):
+    def __init__(self, model: Model, max_rows: int, own_thread: bool | None = None,
+                 graphs: StageGraphs | None = None):
         """``own_thread``: compute on a thread of its own rather than the event loop's (by
-        default as ``threads.computes_on_own_thread`` decides for the model's device)."""
-        self.model, self.max_rows = model, max_rows
+        default as ``threads.computes_on_own_thread`` decides for the model's device);
+        ``graphs``: the CUDA graphs decode-only jobs run through (compute/graphs.py)."""
+        self.model, self.max_rows, self.graphs = model, max_rows, graphs
         self.final = model.config.num_layers
         self.stats = MergerStats()
         self._pending: dict[int, list[StageWork]] = defaultdict(list)
@@ -185,7 +188,7 @@ class StageMerger:
                 work.seconds = elapsed * work.rows / max(rows, 1)
 
     def _outputs(self, stage: int, works: list[StageWork]) -> list:
-        result = compute_stage(self.model, works[0] if len(works) == 1 else _merged(works))
+        result = compute_stage(self.model, works[0] if len(works) == 1 else _merged(works), self.graphs)
         if stage == self.final:
             if len(works) == 1:
                 return [result]
@@ -226,6 +229,7 @@ def _merged(works: list[StageWork]) -> StageWork:
         score_top=[k for w in scored for k in w.score_top],
         mask_rows=torch.cat([w.mask_rows + offset for w, offset in masked]) if masked else None,
         masks=torch.cat([w.masks for w, _ in masked]) if masked else None,
+        decode=all(w.decode for w in works),
     )
 
 

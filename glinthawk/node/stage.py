@@ -19,6 +19,7 @@ import logging
 
 import torch
 
+from glinthawk.compute.graphs import stage_graphs
 from glinthawk.compute.layers import warm_up
 from glinthawk.compute.loader import Model
 from glinthawk.compute.logprobs import Sampled
@@ -76,7 +77,9 @@ class StageNode:
         return self.model.layer_range.start
 
     async def start(self, host: str, port: int) -> int:
-        self.merger = StageMerger(self.model, max_rows=self.settings.max_batch_tokens)
+        settings = self.settings
+        self.merger = StageMerger(self.model, max_rows=settings.max_batch_tokens,
+                                  graphs=stage_graphs(self.model, settings.cuda_graphs, settings.max_batch_tokens))
         self.merger.start()
         await self.merger.call(warm_up, self.model, self.settings.max_batch_tokens, self.settings.max_seqs)
         failures = await self.pool.connect_all()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from glinthawk.compute.graphs import stage_graphs
 from glinthawk.compute.layers import warm_up
 from glinthawk.compute.loader import Model
 from glinthawk.metrics import Tier1Metrics
@@ -116,7 +117,8 @@ class Tier1Node(ClientService):
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self, host: str, port: int) -> int:
         settings = self.settings
-        self.merger = StageMerger(self.model, max_rows=settings.max_batch_tokens)
+        self.merger = StageMerger(self.model, max_rows=settings.max_batch_tokens,
+                                  graphs=stage_graphs(self.model, settings.cuda_graphs, settings.max_batch_tokens))
         self.merger.start()
         await self.merger.call(warm_up, self.model, settings.max_batch_tokens, settings.max_seqs)
         self.micro_batch_list = [MicroBatch(self, self.model, self.tokenizer, settings.max_seqs,
