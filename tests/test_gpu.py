@@ -21,6 +21,7 @@ import torch
 from checkpoints import VARIANTS, load_reference
 from cluster_util import distributed, read_results, single_process, write_requests
 from engine_util import PROMPTS, request, run_engine
+from test_graphs import ROW_COUNTS, assert_same_result, stage_works
 from test_model_vs_transformers import check_float32_logits, check_reduced_precision_logits, hf_greedy
 
 pytestmark = [
@@ -192,3 +193,48 @@ def test_auto_device_puts_every_weight_on_cuda(model_dir, tiny_checkpoint):
         assert all(t.device.type == "cuda" for t in tensors), [t.device for t in tensors]
         assert model.device.type == "cuda" and model.dtype == TORCH_DTYPES[dtype]
         assert model.inv_freq.dtype == torch.float32
+
+
+# -- 5. CUDA graphs for decode steps (compute/graphs.py, --cuda-graphs) ----------------------
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("variant", ["llama_gqa", "qwen3"])
+def test_captured_stages_equal_the_same_stages_replayed_eagerly_cuda(variant, dtype, cuda_model):
+    """Every stage kind through real CUDA graphs against the same padded stage run eagerly
+    (``EagerReplay``): bit for bit; and against the unpadded stage: tokens equal, float32
+    outputs equal too (cuBLAS may pick another kernel for another row count in 16 bits)."""
+    from glinthawk.compute.graphs import EagerReplay, StageGraphs
+    from glinthawk.step import compute_stage
+
+    model, _ = cuda_model(variant, dtype)
+    captured, replayed = StageGraphs(model, 64), StageGraphs(model, 64, EagerReplay())
+    generator = torch.Generator().manual_seed(7)
+    for rows in ROW_COUNTS:
+        for work in stage_works(model, rows, generator):
+            assert_same_result(model, work, replayed, against=lambda w: compute_stage(model, w, captured))
+            if dtype == "float32":
+                assert_same_result(model, work, captured)
+    assert captured.capture.captures == len(captured.runners) > 0
+
+
+def test_engine_tokens_with_cuda_graphs_equal_tokens_without_cuda(cuda_model):
+    """The switch on and off, on the GPU: the same tokens (greedy, seeded, log-probs), with
+    prefill chunks sharing steps with decodes."""
+    model, tok = cuda_model("llama_gqa")
+    requests = [request(f"g{i}", p, max_tokens=16, temperature=0, ignore_eos=True) for i, p in enumerate(PROMPTS)]
+    requests += [request(f"s{i}", p, max_tokens=8, temperature=0.8, top_p=0.9, seed=i, logprobs=2, ignore_eos=True)
+                 for i, p in enumerate(PROMPTS)]
+    for kwargs in (dict(max_batch_tokens=4096), dict(max_batch_tokens=9, max_seqs=3)):
+        expected, _ = run_engine(model, tok, requests, **kwargs)
+        got, engine = run_engine(model, tok, requests, cuda_graphs=True, **kwargs)
+        assert engine.graphs is not None and engine.graphs.capture.captures > 0
+        assert {k: v["token_ids"] for k, v in got.items()} == {k: v["token_ids"] for k, v in expected.items()}
+
+
+def test_distributed_tier1_cuda_graphs_equals_single_process_cpu(checkpoint, cuda_model, tmp_path):
+    """Tier 1 on the GPU with --cuda-graphs, micro-batches merged: the CPU single process's tokens."""
+    requests = write_requests(tmp_path / "in.jsonl", {"temperature": 0})
+    expected = single_process(checkpoint, requests)
+    summary, out = asyncio.run(distributed(cuda_model("llama_gqa"), requests, tmp_path / "out.jsonl", nodes=2,
+                                           micro_batches=2, cuda_graphs=True))
+    assert summary.failed == 0
+    assert {k: v["token_ids"] for k, v in read_results(out).items()} == {k: v["token_ids"] for k, v in expected.items()}
