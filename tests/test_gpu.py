@@ -21,7 +21,7 @@ import torch
 from checkpoints import VARIANTS, load_reference
 from cluster_util import distributed, read_results, single_process, write_requests
 from engine_util import PROMPTS, request, run_engine
-from test_graphs import ROW_COUNTS, assert_same_result, stage_works
+from test_graphs import check_every_stage
 from test_model_vs_transformers import check_float32_logits, check_reduced_precision_logits, hf_greedy
 
 pytestmark = [
@@ -207,12 +207,9 @@ def test_captured_stages_equal_the_same_stages_replayed_eagerly_cuda(variant, dt
 
     model, _ = cuda_model(variant, dtype)
     captured, replayed = StageGraphs(model, 64), StageGraphs(model, 64, EagerReplay())
-    generator = torch.Generator().manual_seed(7)
-    for rows in ROW_COUNTS:
-        for work in stage_works(model, rows, generator):
-            assert_same_result(model, work, replayed, against=lambda w: compute_stage(model, w, captured))
-            if dtype == "float32":
-                assert_same_result(model, work, captured)
+    check_every_stage(model, replayed, seed=7, against=lambda work: compute_stage(model, work, captured))
+    if dtype == "float32":
+        check_every_stage(model, StageGraphs(model, 64), seed=8)
     assert captured.capture.captures == len(captured.runners) > 0
 
 

@@ -135,16 +135,21 @@ def assert_same_result(model, work: StageWork, graphs: StageGraphs, against=None
         assert a.shape == b.shape and torch.equal(a, b), (work.stage, a.shape)
 
 
+def check_every_stage(model, graphs: StageGraphs, seed: int, against=None) -> set[str]:
+    """``assert_same_result`` for every stage of ``model`` at every count of ``ROW_COUNTS``; the
+    stage kinds that ran through ``graphs``."""
+    generator = torch.Generator().manual_seed(seed)
+    for rows in ROW_COUNTS:
+        for work in stage_works(model, rows, generator):
+            assert_same_result(model, work, graphs, against)
+    return {key[0] for key in graphs.runners}
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_stage_padded_to_its_bucket_gives_the_unpadded_result(tiny_model, variant):
     model, _ = tiny_model(variant)
     graphs = StageGraphs(model, 64, EagerReplay())
-    generator = torch.Generator().manual_seed(1)
-    for rows in ROW_COUNTS:
-        for work in stage_works(model, rows, generator):
-            assert_same_result(model, work, graphs)
-    kinds = {key[0] for key in graphs.runners}
-    assert kinds == {"first", "layer", "post", "head"}
+    assert check_every_stage(model, graphs, seed=1) == {"first", "layer", "post", "head"}
     assert {key[2] for key in graphs.runners if key[0] == "layer"} == {1, 2, 4, 8, 16}
 
 
@@ -152,12 +157,7 @@ def test_every_stage_padded_to_its_bucket_gives_the_unpadded_result(tiny_model, 
 def test_pipeline_stages_padded_give_the_unpadded_result(four_layers, cut):
     """A stage that hands its hidden states on ("post" at its end) and one that starts from them ("entry")."""
     model = load_model(four_layers(), dtype="float32", device="cpu", layers=range(*cut))
-    graphs = StageGraphs(model, 32, EagerReplay())
-    generator = torch.Generator().manual_seed(2)
-    for rows in ROW_COUNTS:
-        for work in stage_works(model, rows, generator):
-            assert_same_result(model, work, graphs)
-    kinds = {key[0] for key in graphs.runners}
+    kinds = check_every_stage(model, StageGraphs(model, 32, EagerReplay()), seed=2)
     assert ("entry" in kinds) == (cut[0] > 0) and ("first" in kinds) == (cut[0] == 0) and "post" in kinds
 
 
