@@ -144,7 +144,7 @@ def input_file(input_path: str):
 @setting_options(StepSettings)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def generate(input_path, legacy_input, output_path, model_dir, dtype, device, kv_tokens, kv_memory, max_batch_tokens,
-             max_seqs, prefix_cache, progress) -> None:
+             max_seqs, prefix_cache, cuda_graphs, progress) -> None:
     """Generate in one process: prompts JSONL in, results JSONL out.
 
     PROMPTS.jsonl may be '-', or left out with stdin piped."""
@@ -158,7 +158,7 @@ def generate(input_path, legacy_input, output_path, model_dir, dtype, device, kv
     capacity = parse_kv_tokens(kv_memory, kv_tokens, model.config.kv_bytes_per_token(model.dtype.itemsize),
                                65536)
     engine = Engine(model, tokenizer, kv_tokens=capacity, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs,
-                    prefix_cache=prefix_cache, model_name=model_dir.name)
+                    prefix_cache=prefix_cache, cuda_graphs=cuda_graphs, model_name=model_dir.name)
     total = None if input_path == "-" else count_lines(input_path)
     try:
         with open_input(input_path) as stream, ResultWriter(output_path, total=total, progress=progress) as writer:

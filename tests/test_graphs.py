@@ -269,3 +269,24 @@ def test_the_engine_bench_captures_before_the_timed_run(tiny_model, monkeypatch)
     bench_run(model, tok, lines, kv_tokens=40, max_batch_tokens=64, max_seqs=4, graphs=graphs)
     assert graphs.capture.captures == captured and graphs.capture.replays > captured
     assert bench_engine._captured_graphs(model, tok, lines, 40, 64, 4, False) == (None, None)
+
+
+def test_the_switch_reaches_the_engine_from_glinthawk_generate(checkpoint, model_dir, tmp_path, monkeypatch):
+    """``glinthawk generate --cuda-graphs``: the engine is asked for graphs (on a CPU it gets none
+    unless a capture is given; here the eager one), and the tokens are those of the default."""
+    from click.testing import CliRunner
+
+    from glinthawk.cli import main
+
+    made: list = []
+    monkeypatch.setattr("glinthawk.engine.stage_graphs", _eager_replay_graphs(made))
+    requests = write_requests(tmp_path / "in.jsonl", {"temperature": 0})
+    outputs = {}
+    for switch in ("--no-cuda-graphs", "--cuda-graphs"):
+        out = tmp_path / f"{switch}.jsonl"
+        result = CliRunner().invoke(main, ["generate", str(requests), "-o", str(out), "--model", str(model_dir),
+                                           "--dtype", "float32", "--no-progress", switch])
+        assert result.exit_code == 0, result.output
+        outputs[switch] = {k: v["token_ids"] for k, v in read_results(out).items()}
+    assert made[0] is None and made[1] is not None and made[1].capture.replays > 0
+    assert outputs["--cuda-graphs"] == outputs["--no-cuda-graphs"]
