@@ -286,8 +286,8 @@ def test_local_cluster_picks_micro_batches_by_delay(model_dir):
 
 @pytest.mark.parametrize("delay_ms,micro_batches,tier1,tier2", [
     (0.0, None, 8, 2),  # one micro-batch in flight: the tiers take turns, Tier 1 gets every core
-    (10.0, None, 2, 2),  # several in flight (delay): they compute at once, an equal share each
-    (0.0, 4, 2, 2),
+    (10.0, None, 8, 2),  # several in flight (delay): Tier 2's attention is brief, Tier 1 still gets every core
+    (0.0, 4, 8, 2),
 ])
 def test_local_cluster_shares_the_cores(monkeypatch, tmp_path, delay_ms, micro_batches, tier1, tier2):
     import os
@@ -304,7 +304,7 @@ def test_local_cluster_shares_the_cores(monkeypatch, tmp_path, delay_ms, micro_b
     (2, 2, None, False, True),  # two Tier 2 nodes would wait behind that spinning worker
     (2, 3, None, False, True),
     (16, 1, None, False, False),  # 15 spinning Tier 1 workers leave one core for 8 Tier 2 threads, and back
-    (2, 1, 4, True, True),  # several in flight: one thread each, no worker holds a core
+    (2, 1, 4, True, True),  # several in flight: as with one (Tier 1 takes every core whatever the count)
 ])
 def test_local_cluster_spins_where_the_cores_allow(monkeypatch, tmp_path, cores, tier2_nodes, micro_batches,
                                                    tier1_long, tier2_long):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from glinthawk.net.netem import NetEm
-from glinthawk.node.pacing import MOST_IN_FLIGHT, Pacer, best_count, regroup_moves
+from glinthawk.node.pacing import MOST_IN_FLIGHT, SETTLED_STEPS, Pacer, best_count, regroup_moves
 
 from glinthawk.client import submit
 from glinthawk.node.tier1 import Tier1Node
@@ -16,34 +16,43 @@ FULL = {"available": 10_000, "max_rows": 64}  # more sequences waiting than the 
 BATCH_128 = {"available": 128, "max_rows": 256}  # every sequence already in flight
 
 
+def steps(pacer: Pacer, stages: list, rows: int, count: int = SETTLED_STEPS, **supply) -> Pacer:
+    for _ in range(count):
+        pacer.record(stages, rows, **supply)
+    return pacer
+
+
 def test_one_stage_follows_the_design_formula_when_micro_batches_are_full():
     pacer = Pacer(None)
-    pacer.record([[1.0, 3.0]], 64, **FULL)  # 1 + round trip / compute
+    steps(pacer, [[1.0, 3.0]], 64, count=SETTLED_STEPS - 1, **FULL)
+    assert pacer.count == 2  # the start count until enough steps are measured
+    steps(pacer, [[1.0, 3.0]], 64, count=1, **FULL)  # 1 + round trip / compute
     assert pacer.count == 4
-    for _ in range(40):  # the window forgets the old steps
-        pacer.record([[2.0, 1.0]], 64, **FULL)
+    steps(pacer, [[2.0, 1.0]], 64, **FULL)  # measured afresh at the new count
     assert pacer.count == 2
 
 
 def test_a_fixed_batch_is_not_cut_for_waits_a_split_cannot_pay_for():
     """With every sequence in flight, another micro-batch cuts the others smaller: at 10% waits
     (a loopback round trip) one stays, where "1 + wait / compute" rounded up said two."""
-    pacer = Pacer(None)
-    pacer.record([[1.0, 0.1]], 128, **BATCH_128)
+    pacer = steps(Pacer(None), [[1.0, 0.1]], 128, **BATCH_128)
     assert pacer.count == 1
-    pacer = Pacer(None)  # waits as long as the compute: several, though fewer than a full queue would take
-    pacer.record([[1.0, 1.0]], 128, **BATCH_128)
-    fixed_size = Pacer(None)
-    fixed_size.record([[1.0, 1.0]], 64, **FULL)
+    # waits as long as the compute: several, though fewer than a full queue would take
+    pacer = steps(Pacer(None), [[1.0, 1.0]], 128, **BATCH_128)
+    fixed_size = steps(Pacer(None), [[1.0, 1.0]], 64, **FULL)
     assert 2 <= pacer.count < MOST_IN_FLIGHT and fixed_size.count == 2
 
 
 def test_the_count_within_the_tolerance_of_the_best_and_without_it():
     # one stage: 1 s compute and 1 s waits a row-batch of 64, queue full: rate(m) = 64m / max(m, 2)
     assert best_count(1 / 64, 1 / 64, 1.0, 10_000, 64, 1, MOST_IN_FLIGHT) == 2
+    assert best_count(1 / 64, 1 / 64, 1.0, 10_000, 64, 1, MOST_IN_FLIGHT, current=1) == 2  # up: to the fewest
     # two stages, a chain of 4.5 s over a busiest stage of 2 s: 3 hides it all, 2 is within 15%
     args = (2 / 64, 3 / 64, 1.5, 10_000, 64, 2, MOST_IN_FLIGHT)
     assert (best_count(*args, tolerance=0.0), best_count(*args)) == (3, 2)
+    # from more, down only to what is within half the tolerance (2 is at 0.89 of the best): no
+    # regrouping back and forth on estimates near the boundary
+    assert (best_count(*args, current=3), best_count(*args, current=6)) == (3, 3)
     # all waiting: each one more adds as much, up to the ceiling (14 of 16 is within 15%), as long
     # as there are sequences for them
     all_waiting = (0.001 / 64, 0.001 / 64, 10.0, 10_000, 64, 1, MOST_IN_FLIGHT)
@@ -54,18 +63,17 @@ def test_the_count_within_the_tolerance_of_the_best_and_without_it():
 def test_stages_are_never_below_one_each():
     pacer = Pacer(None)
     pacer.at_least(3)
-    pacer.record([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]], 64, **FULL)
+    steps(pacer, [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]], 64, **FULL)
     assert pacer.count == 3
 
 
 def test_the_count_has_a_ceiling_and_a_given_count_is_kept():
     pacer = Pacer(None)
-    for _ in range(3):
-        pacer.record([[0.001, 1000.0]], 64, **FULL)
+    steps(pacer, [[0.001, 1000.0]], 64, **FULL)
     assert pacer.most == MOST_IN_FLIGHT and 14 <= pacer.count <= MOST_IN_FLIGHT
     fixed = Pacer(3)
     fixed.at_least(2)
-    fixed.record([[0.001, 10.0]], 64, **FULL)
+    steps(fixed, [[0.001, 10.0]], 64, **FULL)
     assert (fixed.count, fixed.most) == (3, 3)
 
 

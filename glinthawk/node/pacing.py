@@ -18,6 +18,7 @@ from collections import deque
 
 MOST_IN_FLIGHT = 16  # the automatic count's ceiling
 WINDOW_STEPS = 32  # steps the estimate is taken over (the latest, from every micro-batch)
+SETTLED_STEPS = 8  # steps measured at a count before it is judged
 SPLIT_TOLERANCE = 0.15  # see the module docstring; measured in docs/PERFORMANCE.md ("Delay at ordinary batch sizes")
 
 
@@ -31,6 +32,8 @@ class Pacer:
         self.count = fixed if fixed is not None else self.least + 1
         # per step: (compute along the chain, waits along it, the busiest stage's compute, rows)
         self._steps: deque[tuple[float, float, float, int]] = deque(maxlen=WINDOW_STEPS)
+        self._decided = False  # the start count is a guess: the first judgement is not held to it
+        self.basis = "nothing measured"  # what the latest change of count was judged from (for the log)
 
     def at_least(self, least: int) -> None:
         """The pipeline's stage count, once known: that many micro-batches at the least."""
@@ -41,24 +44,35 @@ class Pacer:
 
     def record(self, stages: list, rows: int, available: int, max_rows: int) -> None:
         """One step: its (compute seconds, waiting seconds, ...) at each stage, the first stage's
-        first, and its ``rows`` (sequences); ``available``: the sequences Tier 1 could run now
-        (running and waiting), ``max_rows``: what one micro-batch may hold."""
+        first, and its ``rows`` (tokens: compute per token is alike in prompt chunks and decodes, so
+        the prompts a run starts with do not inflate a decode's estimate); ``available``: the
+        sequences Tier 1 could run now (running and waiting), ``max_rows``: what one micro-batch
+        may hold."""
         if self.fixed is not None or not stages or rows < 1:
             return
         self._steps.append((sum(s[0] for s in stages), sum(s[1] for s in stages), max(s[0] for s in stages), rows))
         chain_compute, waits, busiest, total_rows = (sum(values) for values in zip(*self._steps))
-        if busiest > 0:
-            steps = len(self._steps)
-            self.count = best_count(busiest / total_rows, chain_compute / total_rows, waits / steps,
-                                    max(available, 1), max_rows, self.least, self.most)
+        steps = len(self._steps)
+        if busiest <= 0 or steps < SETTLED_STEPS:
+            return
+        count = best_count(busiest / total_rows, chain_compute / total_rows, waits / steps, max(available, 1),
+                           max_rows, self.least, self.most, current=self.count if self._decided else None)
+        self._decided = True
+        if count != self.count:  # judged afresh at the new count: what a step waits depends on it
+            self.basis = (f"a step of {total_rows / steps:.0f} tokens: {busiest / steps * 1e3:.1f} ms compute at "
+                          f"the busiest stage, {waits / steps * 1e3:.1f} ms waiting")
+            self.count = count
+            self._steps.clear()
 
 
 def best_count(busiest_per_row: float, chain_per_row: float, wait: float, available: int, max_rows: int,
-               least: int, most: int, tolerance: float = SPLIT_TOLERANCE) -> int:
+               least: int, most: int, tolerance: float = SPLIT_TOLERANCE, current: int | None = None) -> int:
     """The fewest micro-batches in ``least..most`` whose predicted rows per second are within
-    ``tolerance`` of the best count's. With ``m`` in flight each holds ``r`` rows (its share of
-    ``available``, at most ``max_rows``); a round takes the longer of the busiest stage's
-    compute for all of them and one micro-batch's chain (its compute along it plus ``wait``)."""
+    ``tolerance`` of the best count's; from a ``current`` count above that, down only to the
+    fewest within half the tolerance (a change regroups the running sequences). With ``m``
+    in flight each holds ``r`` rows (its share of ``available``, at most ``max_rows``); a round
+    takes the longer of the busiest stage's compute for all of them and one micro-batch's chain
+    (its compute along it plus ``wait``)."""
     def rate(m: int) -> float:
         running = min(m, available)  # more micro-batches than sequences leaves some empty
         rows = min(max_rows, available / running)
@@ -66,7 +80,12 @@ def best_count(busiest_per_row: float, chain_per_row: float, wait: float, availa
 
     rates = {m: rate(m) for m in range(least, most + 1)}
     best = max(rates.values())
-    return next(m for m, value in rates.items() if value >= (1 - tolerance) * best - 1e-12 * best)
+    fewest = next(m for m, value in rates.items() if value >= (1 - tolerance) * best)
+    if current not in rates or current <= fewest:
+        return fewest
+    # fewer only where they are clearly good enough: half the tolerance, so that estimates
+    # near the boundary do not move the count (and regroup the sequences) back and forth
+    return min(current, next(m for m, value in rates.items() if value >= (1 - tolerance / 2) * best))
 
 
 def regroup_moves(sizes: list[int], count: int, index: int) -> list[tuple[int, int]]:
