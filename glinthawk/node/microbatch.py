@@ -57,7 +57,7 @@ class Host(Protocol):
         """Hand a step's hidden states on to the next stage; its sampled tokens, and each later
         stage's (compute, wait) seconds (pipeline stages only)."""
 
-    def pace(self, stages: list[list[float]], rows: int) -> None:
+    def pace(self, stages: list[list[float]], tokens: int) -> None:
         """A step's (compute, wait) seconds at each stage, and its tokens (``pacing.Pacer``)."""
 
     def regroup(self, mb: "MicroBatch") -> None:

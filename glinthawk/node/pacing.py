@@ -30,7 +30,7 @@ class Pacer:
         self.fixed, self.least = fixed, max(1, least)
         self.most = fixed if fixed is not None else max(MOST_IN_FLIGHT, self.least)
         self.count = fixed if fixed is not None else self.least + 1
-        # per step: (compute along the chain, waits along it, the busiest stage's compute, rows)
+        # per step: (compute along the chain, waits along it, the busiest stage's compute, tokens)
         self._steps: deque[tuple[float, float, float, int]] = deque(maxlen=WINDOW_STEPS)
         self._decided = False  # the start count is a guess: the first judgement is not held to it
         self.basis = "nothing measured"  # what the latest change of count was judged from (for the log)
@@ -42,24 +42,24 @@ class Pacer:
             self.most = max(self.most, self.least)
             self.count = max(self.count, self.least + 1)
 
-    def record(self, stages: list, rows: int, available: int, max_rows: int) -> None:
+    def record(self, stages: list, tokens: int, available: int, max_rows: int) -> None:
         """One step: its (compute seconds, waiting seconds, ...) at each stage, the first stage's
-        first, and its ``rows`` (tokens: compute per token is alike in prompt chunks and decodes, so
-        the prompts a run starts with do not inflate a decode's estimate); ``available``: the
-        sequences Tier 1 could run now (running and waiting), ``max_rows``: what one micro-batch
-        may hold."""
-        if self.fixed is not None or not stages or rows < 1:
+        first, and its ``tokens`` (compute per token is alike in prompt chunks and decodes, so the
+        prompts a run starts with do not inflate a decode's estimate; a decode row is one token);
+        ``available``: the sequences Tier 1 could run now (running and waiting), ``max_rows``:
+        what one micro-batch may hold."""
+        if self.fixed is not None or not stages or tokens < 1:
             return
-        self._steps.append((sum(s[0] for s in stages), sum(s[1] for s in stages), max(s[0] for s in stages), rows))
-        chain_compute, waits, busiest, total_rows = (sum(values) for values in zip(*self._steps))
+        self._steps.append((sum(s[0] for s in stages), sum(s[1] for s in stages), max(s[0] for s in stages), tokens))
+        chain_compute, waits, busiest, total_tokens = (sum(values) for values in zip(*self._steps))
         steps = len(self._steps)
         if busiest <= 0 or steps < SETTLED_STEPS:
             return
-        count = best_count(busiest / total_rows, chain_compute / total_rows, waits / steps, max(available, 1),
+        count = best_count(busiest / total_tokens, chain_compute / total_tokens, waits / steps, max(available, 1),
                            max_rows, self.least, self.most, current=self.count if self._decided else None)
         self._decided = True
         if count != self.count:  # judged afresh at the new count: what a step waits depends on it
-            self.basis = (f"a step of {total_rows / steps:.0f} tokens: {busiest / steps * 1e3:.1f} ms compute at "
+            self.basis = (f"a step of {total_tokens / steps:.0f} tokens: {busiest / steps * 1e3:.1f} ms compute at "
                           f"the busiest stage, {waits / steps * 1e3:.1f} ms waiting")
             self.count = count
             self._steps.clear()
