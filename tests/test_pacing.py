@@ -85,18 +85,16 @@ def test_regrouping_moves_sequences_to_the_micro_batches_the_count_keeps():
     assert regroup_moves([60, 30, 22, 16], 4, 0) == [(1, 2), (2, 10), (3, 16)]  # each up to the share, 32
 
 
-async def test_with_injected_delay_tier1_keeps_several_micro_batches_in_flight(checkpoint, tmp_path):
-    """Round trips of 2 x 10 ms against well under a millisecond of compute a layer: one
-    micro-batch would leave Tier 1 idle nearly all the time."""
+async def run_two_tier(checkpoint, tmp_path, prepare, netem=None, **settings):
+    """The default requests through Tier 1 and two Tier 2 nodes in process (``prepare(tier1)``
+    before it starts); returns Tier 1 after the run, with the outputs checked against the
+    single process's."""
     model, tokenizer = checkpoint
     requests = write_requests(tmp_path / "in.jsonl", {"temperature": 0})
-    netem = NetEm(10.0, 0.0, None)
     tier2 = [Tier2Node(kv_tokens=4096, netem=netem) for _ in range(2)]
     ports = [await node.start("127.0.0.1", 0) for node in tier2]
-    tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{p}" for p in ports], netem=netem, max_seqs=2)
-    counts = []  # the count after each step (it falls to one as the last sequences finish)
-    record = tier1.pacer.record
-    tier1.pacer.record = lambda *args: (record(*args), counts.append(tier1.pacer.count))
+    tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{p}" for p in ports], netem=netem, **settings)
+    prepare(tier1)
     try:
         port = await tier1.start("127.0.0.1", 0)
         summary = await submit(requests, "127.0.0.1", port, tmp_path / "out.jsonl", progress=False)
@@ -105,10 +103,23 @@ async def test_with_injected_delay_tier1_keeps_several_micro_batches_in_flight(c
         for node in tier2:
             await node.close()
     assert summary.failed == 0
-    assert max(counts) > 2
-    assert sum(mb.fanout._round_trip_s is not None for mb in tier1.micro_batch_list) > 2  # they did step
     assert {k: v["token_ids"] for k, v in read_results(tmp_path / "out.jsonl").items()} == {
         k: v["token_ids"] for k, v in single_process(checkpoint, requests).items()}
+    return tier1
+
+
+async def test_with_injected_delay_tier1_keeps_several_micro_batches_in_flight(checkpoint, tmp_path):
+    """Round trips of 2 x 10 ms against well under a millisecond of compute a layer: one
+    micro-batch would leave Tier 1 idle nearly all the time."""
+    counts = []  # the count after each step (it falls to one as the last sequences finish)
+
+    def watch(tier1) -> None:
+        record = tier1.pacer.record
+        tier1.pacer.record = lambda *args: (record(*args), counts.append(tier1.pacer.count))
+
+    tier1 = await run_two_tier(checkpoint, tmp_path, watch, netem=NetEm(10.0, 0.0, None), max_seqs=2)
+    assert max(counts) > 2
+    assert sum(mb.fanout._round_trip_s is not None for mb in tier1.micro_batch_list) > 2  # they did step
 
 
 class _Switching(Pacer):
@@ -122,24 +133,12 @@ async def test_running_sequences_are_regrouped_when_the_count_changes(checkpoint
     """Every sequence is placed in the first micro-batch before any step; when the count grows,
     they are handed over between steps (their KV stays on its node), and the tokens are the
     single process's."""
-    model, tokenizer = checkpoint
-    requests = write_requests(tmp_path / "in.jsonl", {"temperature": 0})
-    tier2 = [Tier2Node(kv_tokens=4096) for _ in range(2)]
-    ports = [await node.start("127.0.0.1", 0) for node in tier2]
-    tier1 = Tier1Node(model, tokenizer, [f"127.0.0.1:{p}" for p in ports], max_seqs=256)
-    tier1.pacer = _Switching(None)
-    tier1.pacer.count = 1
-    try:
-        port = await tier1.start("127.0.0.1", 0)
-        summary = await submit(requests, "127.0.0.1", port, tmp_path / "out.jsonl", progress=False)
-    finally:
-        await tier1.close()
-        for node in tier2:
-            await node.close()
-    assert summary.failed == 0
+    def switching(tier1) -> None:
+        tier1.pacer = _Switching(None)
+        tier1.pacer.count = 1
+
+    tier1 = await run_two_tier(checkpoint, tmp_path, switching, max_seqs=256)
     assert [mb.fanout._round_trip_s is not None for mb in tier1.micro_batch_list[:4]] == [True, True, True, False]
-    assert {k: v["token_ids"] for k, v in read_results(tmp_path / "out.jsonl").items()} == {
-        k: v["token_ids"] for k, v in single_process(checkpoint, requests).items()}
 
 
 async def test_a_wait_does_not_count_this_nodes_own_compute():
