@@ -140,15 +140,18 @@ class LocalCluster:
     node's ``kv_memory`` or ``kv_tokens``) or ``NetemSettings`` (``delay_ms=10``), all
     defaulting as the nodes do. ``micro_batches="auto"``: Tier 1 measures the count (as a node
     does by default). ``micro_batches`` left out: 1 on a plain loopback (the
-    largest batch), 4 with injected delay.
+    largest batch), 4 with injected delay. ``tier1_threads``: Tier 1's torch threads (left out:
+    ``threads.CoreShares`` decides).
     """
 
     def __init__(self, model_dir: Path, tier2_nodes: int = LOCAL_TIER2_NODES, *, dtype: str = "auto",
                  device: str = "auto", micro_batches: int | str | None = None, log_dir: Path | None = None,
-                 secret_file: Path | None = None, stages: int | str | None = None, **settings: Any):
+                 secret_file: Path | None = None, stages: int | str | None = None, tier1_threads: int | None = None,
+                 **settings: Any):
         self.model_dir, self.tier2_nodes, self.dtype, self.device = model_dir, tier2_nodes, dtype, device
         self.stages = stage_layers(stages, model_layers(model_dir)) if stages is not None else [None]
         self.micro_batches, self.log_dir, self.secret_file = micro_batches, log_dir, secret_file
+        self.tier1_threads = tier1_threads  # None: CoreShares decides (every core with one stage)
         self.temporary_logs = log_dir is None  # a directory of our own: removed after a clean run
         self.tier1, self.tier2, self.netem = split(settings, Tier1Settings, Tier2Settings, NetemSettings)
         self.nodes: list[NodeProcess] = []
@@ -218,7 +221,7 @@ class LocalCluster:
     @property
     def shares(self) -> CoreShares:
         """Each node's threads and spin-wait (``glinthawk.threads``): all share this machine's cores."""
-        return CoreShares(len(self.stages), self.tier2_nodes, self.in_flight)
+        return CoreShares(len(self.stages), self.tier2_nodes, self.in_flight, self.tier1_threads)
 
     def threads_for(self, name: str) -> int:
         return self.shares.threads_for(name)

@@ -50,8 +50,8 @@ class Host:
 @dataclass(frozen=True)
 class LoopbackRun:
     """A ``glinthawk run`` configuration: every request submitted at once, all of one length. Each node
-    computes on one thread, as ``glinthawk run`` gives them with 2 or more micro-batches (with one, Tier 1
-    gets every core, which this model does not cover)."""
+    computes on one thread: Tier 2 nodes as ``glinthawk run`` gives them; Tier 1, which it gives every
+    core with one stage, held to one (``LocalCluster(tier1_threads=1)``) where this is checked."""
 
     tier2_nodes: int
     requests: int

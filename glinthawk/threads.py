@@ -61,11 +61,14 @@ def computes_on_own_thread(device_type: str) -> bool:
 @dataclass(frozen=True)
 class CoreShares:
     """Torch threads and spin-wait for each node of a ``LocalCluster``: all of them share this
-    machine's cores. ``in_flight``: Tier 1's micro-batches (None: it measures the count)."""
+    machine's cores. ``in_flight``: Tier 1's micro-batches (None: it measures the count);
+    ``tier1_threads``: Tier 1's threads where they are given (the planner's loopback check
+    models one thread a process)."""
 
     stages: int
     tier2_nodes: int
     in_flight: int | None
+    tier1_threads: int | None = None
 
     def threads_for(self, name: str) -> int:
         """Torch threads for node ``name``.
@@ -79,6 +82,8 @@ class CoreShares:
         2 Tier 2 nodes, 10 ms delay, 4 in flight: 358 tok/s against 297 with a share).
         """
         cores = os.cpu_count() or 1
+        if name == "tier1" and self.tier1_threads:
+            return self.tier1_threads
         if name == "tier1" and self.stages == 1:
             return cores
         return max(1, cores // (self.stages * (self.tier2_nodes + 1)))

@@ -297,6 +297,8 @@ def test_local_cluster_shares_the_cores(monkeypatch, tmp_path, delay_ms, micro_b
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     cluster = LocalCluster(tmp_path, tier2_nodes=3, delay_ms=delay_ms, micro_batches=micro_batches)
     assert (cluster.threads_for("tier1"), cluster.threads_for("tier2-0")) == (tier1, tier2)
+    held = LocalCluster(tmp_path, tier2_nodes=3, delay_ms=delay_ms, micro_batches=micro_batches, tier1_threads=1)
+    assert (held.threads_for("tier1"), held.threads_for("tier2-0")) == (1, tier2)
 
 
 @pytest.mark.parametrize("cores,tier2_nodes,micro_batches,tier1_long,tier2_long", [

@@ -34,6 +34,7 @@ def _run(run: LoopbackRun, work: Path) -> tuple[float, float]:
     seq = run.prompt_tokens + run.output_tokens
     with LocalCluster(Path(DEFAULT_MODEL), tier2_nodes=run.tier2_nodes, dtype="bfloat16", device="cpu",
                       micro_batches=run.micro_batches, kv_tokens=run.requests * seq, max_seqs=run.requests,
+                      tier1_threads=1,  # the model's one thread a process
                       delay_ms=run.delay_s * 1e3) as cluster:
         host, port = cluster.tier1_address
         with OthersRunning([node.process.pid for node in cluster.nodes]) as others:
