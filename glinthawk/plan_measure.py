@@ -93,7 +93,8 @@ def _running_threads(pid: int) -> int:
 def _step_at_batch_one(model, model_dir: Path) -> float:
     """The engine's fastest decode step for one sequence (of 16 + 32 tokens): the fixed cost on a core
     of its own, as the fastest of a kernel's runs is its speed (the slower ones lost the core a while)."""
-    from glinthawk.bench.common import request_lines, run_engine, token_prompts
+    from glinthawk.bench.runs import run_engine
+    from glinthawk.bench.workloads import request_lines, token_prompts
     from glinthawk.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(model_dir, extra_eos_ids=model.config.eos_token_ids)

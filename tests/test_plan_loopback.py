@@ -23,7 +23,7 @@ ROUNDS = 2  # each configuration: measure the host, then run it; the ratio is th
 def _run(run: LoopbackRun, work: Path) -> tuple[float, float]:
     """Generated tokens/s of ``run`` as ``glinthawk run`` does it (submit to the last result, the cluster
     up and loaded), and the other processes' threads running meanwhile."""
-    from glinthawk.bench.common import request_lines, token_prompts, write_jsonl
+    from glinthawk.bench.workloads import request_lines, token_prompts, write_jsonl
     from glinthawk.client import submit
     from glinthawk.cluster import LocalCluster
     from glinthawk.net.loop import run as run_async
