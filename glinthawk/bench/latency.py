@@ -19,7 +19,7 @@ from pathlib import Path
 
 from glinthawk.bench import knobs
 from glinthawk.bench.context import BenchContext
-from glinthawk.bench.latency_ordinary import ordinary_at, run_ordinary
+from glinthawk.bench.latency_ordinary import ordinary_report, run_ordinary
 from glinthawk.bench.measure import ratio, target
 from glinthawk.bench.nodes import run_two_tier_inprocess
 from glinthawk.bench.workloads import request_lines, token_prompts
@@ -69,7 +69,7 @@ def run(ctx: BenchContext) -> dict:
 
     best_at, auto_at = (lambda delay: _best_at(rows, delay)), (lambda delay: _auto_at(rows, delay))
     ordinary = run_ordinary(ctx, knobs, model) if knobs["ordinary_batch"] else []
-    at = (lambda delay: ordinary_at(ordinary, delay))
+    report = ordinary_report(knobs, ordinary)
 
     return {
         "config": {**knobs, "tier2_nodes": 1, "kv_tokens": kv_tokens,
@@ -80,24 +80,18 @@ def run(ctx: BenchContext) -> dict:
         "results": rows,
         "ordinary": ordinary,
         "summary": {**{f"best_ratio_at_{d}ms": best_at(d) for d in knobs["delays_ms"]},
-                    **{f"auto_ratio_at_{d}ms": auto_at(d) for d in knobs["delays_ms"]},
-                    **{f"ordinary_ratio_at_{d}ms": at(d) for d in knobs["ordinary_delays_ms"]}},
+                    **{f"auto_ratio_at_{d}ms": auto_at(d) for d in knobs["delays_ms"]}, **report["summary"]},
         "targets": {
             "10ms": target(">= 90% of the best 0 ms throughput at 10 ms (best micro-batch count)", best_at(10), 0.9),
             "50ms": target(">= 80% of the best 0 ms throughput at 50 ms (best micro-batch count)", best_at(50), 0.8),
-            "10ms_ordinary": target(f">= 90% of the best 0 ms throughput at 10 ms, batch {knobs['ordinary_batch']}, "
-                                    "the count measured by Tier 1", at(10), 0.9),
-            "50ms_ordinary": target(f">= 75% of the best 0 ms throughput at 50 ms, batch {knobs['ordinary_batch']}, "
-                                    "the count measured by Tier 1", at(50), 0.75),
+            **report["targets"],
         },
         "notes": ["the same requests at every point; tok/s = generated tokens / time of the whole submit",
                   "a target is n/a when its delay is not in delays_ms"],
         "table": ([("delay_ms", "delay ms"), ("in_flight", "in flight"), ("tok_s", "tok/s"),
                    ("ratio_to_0ms_same_in_flight", "vs 0ms same"), ("ratio_to_best_0ms", "vs best 0ms"),
                    ("tier1_busy", "Tier 1 busy"), ("micro_batches_per_job", "mb/job")], rows),
-        "more_tables": [([("delay_ms", "delay ms"), ("micro_batches", "micro-batches"),
-                          ("micro_batches_used", "measured"), ("tok_s", "tok/s"), ("ratio_to_best_0ms", "vs best 0ms"),
-                          ("bound_ratio", "bound"), ("tier1_threads", "T1 threads")], ordinary)] if ordinary else [],
+        "more_tables": report["tables"],
     }
 
 

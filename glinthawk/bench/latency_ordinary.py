@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from glinthawk.bench.context import BenchContext
-from glinthawk.bench.measure import ratio
+from glinthawk.bench.measure import ratio, target
 from glinthawk.bench.nodes import run_local_cluster
 from glinthawk.bench.workloads import request_lines, token_prompts
 from glinthawk.cluster import LocalCluster
@@ -49,3 +49,20 @@ def ordinary_at(rows: list[dict], delay: float) -> float | None:
     """The measured count's throughput at ``delay`` over the best 0 ms point of the same workload."""
     return next((r["ratio_to_best_0ms"] for r in rows if r["delay_ms"] == delay and r["micro_batches"] == "auto"),
                 None)
+
+
+def ordinary_report(knobs: dict, rows: list[dict]) -> dict:
+    """The part's summary entries, targets (the issue's: the measured count at batch 128) and table."""
+    batch = knobs["ordinary_batch"]
+    return {
+        "summary": {f"ordinary_ratio_at_{d}ms": ordinary_at(rows, d) for d in knobs["ordinary_delays_ms"]},
+        "targets": {
+            "10ms_ordinary": target(f">= 90% of the best 0 ms throughput at 10 ms, batch {batch}, the count measured "
+                                    "by Tier 1", ordinary_at(rows, 10), 0.9),
+            "50ms_ordinary": target(f">= 75% of the best 0 ms throughput at 50 ms, batch {batch}, the count measured "
+                                    "by Tier 1", ordinary_at(rows, 50), 0.75),
+        },
+        "tables": [([("delay_ms", "delay ms"), ("micro_batches", "micro-batches"), ("micro_batches_used", "measured"),
+                     ("tok_s", "tok/s"), ("ratio_to_best_0ms", "vs best 0ms"), ("bound_ratio", "bound"),
+                     ("tier1_threads", "T1 threads")], rows)] if rows else [],
+    }
