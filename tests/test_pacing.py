@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from glinthawk.net.netem import NetEm
-from glinthawk.node.pacing import MOST_IN_FLIGHT, SETTLED_STEPS, Pacer, best_count, regroup_moves
+from glinthawk.node.pacing import MEASURED_FOR, MOST_IN_FLIGHT, SETTLED_STEPS, Measured, Pacer, best_count, regroup_moves
 
 from glinthawk.client import submit
 from glinthawk.node.tier1 import Tier1Node
@@ -75,6 +75,56 @@ def test_the_count_has_a_ceiling_and_a_given_count_is_kept():
     fixed.at_least(2)
     steps(fixed, [[0.001, 10.0]], 64, **FULL)
     assert (fixed.count, fixed.most) == (3, 3)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def timed_steps(seconds: dict[int, float], count: int, stages: list | None = None, pacer: Pacer | None = None,
+                **supply) -> tuple[Pacer, list[int]]:
+    """``count`` decode steps of 64 rows, each taking ``seconds[count in flight]`` of the
+    pacer's clock; returns the pacer and its count after each step."""
+    clock = _Clock() if pacer is None else pacer.clock
+    pacer = pacer or Pacer(None, clock=clock)
+    counts = []
+    for _ in range(count):
+        clock.now += seconds[pacer.count]
+        pacer.record(stages or [[1.0, 1.0]], 64, **(supply or FULL), rows=64)
+        counts.append(pacer.count)
+    return pacer, counts
+
+
+def test_one_fewer_is_tried_and_kept_where_it_measures_as_fast():
+    """Waits as long as the compute predict two in flight; where the wait is Tier 2 computing on
+    Tier 1's own cores, two measure no faster than one, and one is kept."""
+    pacer, counts = timed_steps({1: 0.5, 2: 0.5}, 60)
+    assert counts[:9] == [2] * 9 and counts[-40:] == [1] * 40
+    assert best_count(1 / 64, 1 / 64, 1.0, 10_000, 64, 1, MOST_IN_FLIGHT, current=1) == 2  # what it overrode
+    assert "measured" in pacer.basis
+    # the run changes under the measurements: what was measured at two no longer holds
+    _, later = timed_steps({1: 0.5, 2: 0.5}, 1, pacer=pacer, available=5_000, max_rows=64)
+    assert later == [2]
+
+
+def test_the_predicted_count_is_kept_where_it_measures_faster():
+    pacer, counts = timed_steps({1: 1.0, 2: 0.5}, MEASURED_FOR)
+    assert 1 in counts  # tried once ...
+    tried = counts.index(1)
+    assert counts[tried + SETTLED_STEPS + 2:] == [2] * (len(counts) - tried - SETTLED_STEPS - 2)  # ... and left
+    assert pacer.measured[2].rate == 2 * pacer.measured[1].rate
+
+
+def test_measurements_are_compared_only_while_the_run_is_alike():
+    measured = Measured(rate=100.0, available=128, mix=1.0, at=10)
+    assert measured.comparable(Measured(50.0, 120, 1.05, 200))
+    assert not measured.comparable(Measured(50.0, 128, 16.0, 20))  # prompt chunks against decodes
+    assert not measured.comparable(Measured(50.0, 64, 1.0, 20))  # half the sequences have finished
+    assert not measured.comparable(Measured(50.0, 128, 1.0, 10 + MEASURED_FOR + 1))
 
 
 def test_regrouping_moves_sequences_to_the_micro_batches_the_count_keeps():

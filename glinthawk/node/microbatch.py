@@ -57,8 +57,8 @@ class Host(Protocol):
         """Hand a step's hidden states on to the next stage; its sampled tokens, and each later
         stage's (compute, wait) seconds (pipeline stages only)."""
 
-    def pace(self, stages: list[list[float]], tokens: int) -> None:
-        """A step's (compute, wait) seconds at each stage, and its tokens (``pacing.Pacer``)."""
+    def pace(self, stages: list[list[float]], tokens: int, rows: int) -> None:
+        """A step's (compute, wait) seconds at each stage, its tokens and rows (``pacing.Pacer``)."""
 
     def regroup(self, mb: "MicroBatch") -> None:
         """Between ``mb``'s steps: hand its sequences to others where the count has changed."""
@@ -218,7 +218,7 @@ class MicroBatch:
         if not self.model.is_last:  # a pipeline's first stage: the rest of the model is downstream
             next_tokens = await clock.hand_on(self.host.forward(self.id, batch, [route[1:] for route in routes],
                                                                 reserve, next_tokens))
-        self.host.pace(clock.stages, sum(batch.counts))
+        self.host.pace(clock.stages, sum(batch.counts), len(batch.counts))
         self.on_node.update(ids)  # every node of their route has reserved their room
         self.host.record_step(batch)
         finished = commit_step(batch, next_tokens, self.tokenizer)

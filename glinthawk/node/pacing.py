@@ -9,31 +9,62 @@ running short), another micro-batch only cuts the others smaller: their compute 
 waits do not. So the count is the one whose predicted rate, with each micro-batch holding its
 share of the sequences, is best; the fewest within SPLIT_TOLERANCE of it, since each split
 also costs smaller matmuls and a step's fixed work, which the prediction leaves out.
+
+The prediction cannot see everything: where Tier 2 computes on Tier 1's own cores (loopback),
+its attention looks like a wait that another micro-batch would hide, yet cannot run beside
+Tier 1. So the pacer also measures the tokens per second each count gets, tries one fewer
+once a count is settled, and keeps the prediction's choice only where what was measured at
+it is not clearly worse (``Measured``).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
+from dataclasses import dataclass
+from typing import Callable
 
 MOST_IN_FLIGHT = 16  # the automatic count's ceiling
 WINDOW_STEPS = 32  # steps the estimate is taken over (the latest, from every micro-batch)
 SETTLED_STEPS = 8  # steps measured at a count before it is judged
 SPLIT_TOLERANCE = 0.15  # see the module docstring; measured in docs/PERFORMANCE.md ("Delay at ordinary batch sizes")
+MEASURED_GAIN = 0.05  # a measured rate this much better (or worse) decides; less is noise on shared cores
+MEASURED_FOR = 256  # steps a measured rate stays comparable, at most (the run changes under it)
+SUPPLY_DRIFT = 0.25  # ... and while the sequences available stay within this fraction of what they were
+MIX_DRIFT = 0.15  # ... and the tokens a row (prompt chunks against decodes) within this fraction
+
+
+@dataclass
+class Measured:
+    """Tokens per second measured at one count, and what the run looked like then."""
+
+    rate: float
+    available: int
+    mix: float  # tokens per row: a step of prompt chunks does more per row than decodes
+    at: int  # the step it was taken at
+
+    def comparable(self, now: "Measured") -> bool:
+        return (now.at - self.at <= MEASURED_FOR and abs(now.available - self.available) <= SUPPLY_DRIFT * self.available
+                and abs(now.mix - self.mix) <= MIX_DRIFT * self.mix)
 
 
 class Pacer:
     """``fixed``: a count given by hand; None: the count follows the measurements, never below
     ``least`` (one a stage, or no stage would ever compute while another waits)."""
 
-    def __init__(self, fixed: int | None, least: int = 1):
-        self.fixed, self.least = fixed, max(1, least)
+    def __init__(self, fixed: int | None, least: int = 1, clock: Callable[[], float] = time.perf_counter):
+        self.fixed, self.least, self.clock = fixed, max(1, least), clock
         self.most = fixed if fixed is not None else max(MOST_IN_FLIGHT, self.least)
         self.count = fixed if fixed is not None else self.least + 1
-        # per step: (compute along the chain, waits along it, the busiest stage's compute, tokens)
-        self._steps: deque[tuple[float, float, float, int]] = deque(maxlen=WINDOW_STEPS)
+        # per step: (compute along the chain, waits along it, the busiest stage's compute, tokens, rows, when)
+        self._steps: deque[tuple[float, float, float, int, int, float]] = deque(maxlen=WINDOW_STEPS)
         self._decided = False  # the start count is a guess: the first judgement is not held to it
         self.basis = "nothing measured"  # what the latest change of count was judged from (for the log)
+        self.measured: dict[int, Measured] = {}  # the latest rate measured at each count
+        self._recorded = self._since_change = 0
+        self._tried: dict[int, int] = {}  # when each count was last tried as one fewer
+        self._trying_from: int | None = None  # the count a try of one fewer came from
 
     def at_least(self, least: int) -> None:
         """The pipeline's stage count, once known: that many micro-batches at the least."""
@@ -42,27 +73,84 @@ class Pacer:
             self.most = max(self.most, self.least)
             self.count = max(self.count, self.least + 1)
 
-    def record(self, stages: list, tokens: int, available: int, max_rows: int) -> None:
+    def record(self, stages: list, tokens: int, available: int, max_rows: int, rows: int | None = None) -> None:
         """One step: its (compute seconds, waiting seconds, ...) at each stage, the first stage's
-        first, and its ``tokens`` (compute per token is alike in prompt chunks and decodes, so the
-        prompts a run starts with do not inflate a decode's estimate; a decode row is one token);
+        first, its ``tokens`` and ``rows`` (sequences; compute per token is alike in prompt chunks
+        and decodes, so the prompts a run starts with do not inflate a decode's estimate);
         ``available``: the sequences Tier 1 could run now (running and waiting), ``max_rows``:
         what one micro-batch may hold."""
         if self.fixed is not None or not stages or tokens < 1:
             return
-        self._steps.append((sum(s[0] for s in stages), sum(s[1] for s in stages), max(s[0] for s in stages), tokens))
-        chain_compute, waits, busiest, total_tokens = (sum(values) for values in zip(*self._steps))
+        self._recorded += 1
+        self._since_change += 1
+        self._steps.append((sum(s[0] for s in stages), sum(s[1] for s in stages), max(s[0] for s in stages), tokens,
+                            rows or tokens, self.clock()))
+        chain_compute, waits, busiest, total_tokens, _, _ = (sum(values) for values in zip(*self._steps))
         steps = len(self._steps)
         if busiest <= 0 or steps < SETTLED_STEPS:
             return
-        count = best_count(busiest / total_tokens, chain_compute / total_tokens, waits / steps, max(available, 1),
-                           max_rows, self.least, self.most, current=self.count if self._decided else None)
+        now = self._measure(max(available, 1))
+        predicted = best_count(busiest / total_tokens, chain_compute / total_tokens, waits / steps, max(available, 1),
+                               max_rows, self.least, self.most, current=self.count if self._decided else None)
         self._decided = True
+        count, basis = self._judge(predicted, now)
         if count != self.count:  # judged afresh at the new count: what a step waits depends on it
-            self.basis = (f"a step of {total_tokens / steps:.0f} tokens: {busiest / steps * 1e3:.1f} ms compute at "
-                          f"the busiest stage, {waits / steps * 1e3:.1f} ms waiting")
+            self.basis = basis or (f"a step of {total_tokens / steps:.0f} tokens: {busiest / steps * 1e3:.1f} ms "
+                                   f"compute at the busiest stage, {waits / steps * 1e3:.1f} ms waiting")
             self.count = count
             self._steps.clear()
+            self._since_change = 0
+
+    def _measure(self, available: int) -> Measured | None:
+        """Tokens per second at the current count, over the steps since it settled (a round of
+        steps after a change is spent regrouping the sequences)."""
+        usable = min(len(self._steps), self._since_change - self.count)
+        if usable < SETTLED_STEPS:
+            return None
+        recent = list(self._steps)[-usable:]
+        seconds = recent[-1][5] - recent[0][5]
+        if seconds <= 0:
+            return None
+        tokens, rows = sum(step[3] for step in recent[1:]), sum(step[4] for step in recent)
+        measured = Measured(tokens / seconds, available, sum(step[3] for step in recent) / rows, self._recorded)
+        self.measured[self.count] = measured
+        return measured
+
+    def _judge(self, predicted: int, now: Measured | None) -> tuple[int, str]:
+        """The count to run next, and why (empty: as predicted). Where both were measured, more
+        micro-batches are kept only if clearly faster (``MEASURED_GAIN``): one rule both ways, so
+        the measurements never send the count back and forth."""
+        if self._trying_from is not None:
+            if now is None:
+                return self.count, ""  # trying one fewer: not measured yet
+            before, self._trying_from = self._trying_from, None
+            if self._known(before, now) and self._faster(before, self.count):
+                return before, self._why(before, self.count)
+        if predicted != self.count:
+            if now is not None and self._known(predicted, now):
+                more, fewer = max(predicted, self.count), min(predicted, self.count)
+                if self._faster(more, fewer) == (predicted < self.count):
+                    return self.count, ""  # measured there: no better
+            return predicted, ""
+        fewer = self.count - 1
+        if now is None or fewer < self.least:
+            return self.count, ""
+        if self._known(fewer, now):
+            return (self.count, "") if self._faster(self.count, fewer) else (fewer, self._why(fewer, self.count))
+        if self._recorded - self._tried.get(fewer, -MEASURED_FOR) < MEASURED_FOR:
+            return self.count, ""
+        self._tried[fewer], self._trying_from = self._recorded, self.count
+        return fewer, f"trying one fewer ({now.rate:.0f} tokens/s measured at {self.count})"
+
+    def _known(self, count: int, now: Measured) -> bool:
+        return count in self.measured and self.measured[count].comparable(now)
+
+    def _faster(self, more: int, fewer: int) -> bool:
+        """Whether ``more`` micro-batches measured clearly faster than ``fewer``."""
+        return self.measured[more].rate >= (1 + MEASURED_GAIN) * self.measured[fewer].rate
+
+    def _why(self, chosen: int, other: int) -> str:
+        return f"measured {self.measured[chosen].rate:.0f} tokens/s at {chosen}, {self.measured[other].rate:.0f} at {other}"
 
 
 def best_count(busiest_per_row: float, chain_per_row: float, wait: float, available: int, max_rows: int,

@@ -266,9 +266,9 @@ class Tier1Node(ClientService):
                 hidden: torch.Tensor):
         return self.downstream.forward(mb, handoff_header(mb, batch, routes, reserve), hidden, batch.masks)
 
-    def pace(self, stages: list[list[float]], tokens: int) -> None:
+    def pace(self, stages: list[list[float]], tokens: int, rows: int) -> None:
         running, before = sum(mb.size for mb in self.micro_batch_list), self.pacer.count
-        self.pacer.record(stages, tokens, running + len(self.waiting), self.settings.max_seqs)
+        self.pacer.record(stages, tokens, running + len(self.waiting), self.settings.max_seqs, rows)
         if self.pacer.count != before:
             log.info("micro-batches in flight: %d -> %d (%d sequences; %s)", before, self.pacer.count, running,
                      self.pacer.basis)
