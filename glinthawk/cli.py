@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
 from glinthawk.allocator import tune_malloc
+from glinthawk.cli_files import OUTPUT_HELP, check_output, check_resume, input_file, open_input, pick_input, where
 from glinthawk.cluster_options import run_cluster_option
 from glinthawk.net.netem import parse_size
 from glinthawk.options import (
@@ -41,27 +39,6 @@ def parse_kv_tokens(kv_memory: str | None, kv_tokens: int | None, bytes_per_toke
     return default
 
 
-def check_output(path: str) -> None:
-    """Fail before anything loads or starts when the results file cannot be opened (say, its directory is
-    missing) or another glinthawk process writes it. A file to --resume is left as it is, and none is left behind.
-    """
-    from glinthawk.outputs import OutputError, probe_output
-
-    try:
-        probe_output(path)
-    except OutputError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def open_input(path: str):
-    if path == "-":
-        return sys.stdin.buffer
-    try:
-        return open(path, "rb")
-    except OSError as exc:
-        raise click.ClickException(f"cannot read input file {path}: {exc.strerror}") from None
-
-
 @click.group()
 @click.version_option(package_name="glinthawk")
 def main() -> None:
@@ -75,22 +52,6 @@ def main() -> None:
     tune_malloc()
 
 
-OUTPUT_HELP = "Results JSONL ('-' for stdout)."
-
-
-def pick_input(input_path: str | None, legacy_input: str | None) -> str:
-    """The prompts file of ``generate``: the argument, as for run and submit, or the deprecated ``-i``.
-    Without either it reads a piped stdin, but refuses a terminal rather than wait there in silence."""
-    if input_path is not None and legacy_input is not None:
-        raise click.UsageError("give the prompts file once: as an argument (-i is its old spelling)")
-    if legacy_input is not None:
-        click.echo("glinthawk: -i/--input is deprecated; give the prompts file as an argument", err=True)
-        return legacy_input
-    if input_path is None and sys.stdin.isatty():
-        raise click.UsageError("no prompts file: give one (PROMPTS.jsonl), or '-' and pipe it to stdin")
-    return input_path or "-"
-
-
 def check_node_options(secret_file: Path | None, settings: dict) -> None:
     """What ``run`` hands its nodes, checked here first: a node refusing an option ended the run with
     the node's own usage text, under another command's name."""
@@ -101,35 +62,6 @@ def check_node_options(secret_file: Path | None, settings: dict) -> None:
             parse_size(settings["kv_memory"])
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--kv-memory") from None
-
-
-def _where(output_path: str) -> str:
-    return "stdout" if output_path == "-" else output_path
-
-
-def check_resume(output_path: str, resume: bool, input_path: str | None = None) -> None:
-    if resume and output_path == "-":
-        raise click.UsageError("--resume reads back the results file; give -o a file, not '-'")
-    if resume and input_path == "-":
-        raise click.UsageError("--resume finds a run by its prompts file; give the file, not '-'")
-
-
-@contextlib.contextmanager
-def input_file(input_path: str):
-    """The prompts file of ``run`` and ``submit``, '-' being stdin (as for ``generate``). Stdin is copied to
-    a temporary file first, removed afterwards: the client sends the file from the event loop that also
-    takes the results, where a read blocked on a slow pipe would stall both; the copy also gives the progress
-    bar its total. On a terminal '-' is refused rather than waiting there in silence."""
-    if input_path != "-":
-        yield input_path
-        return
-    if sys.stdin.isatty():
-        raise click.UsageError("'-' reads the prompts from stdin: pipe them in, or give the file")
-    with tempfile.TemporaryDirectory(prefix="glinthawk-stdin-") as directory:
-        copy = Path(directory) / "stdin.jsonl"
-        with open(copy, "wb") as out:
-            shutil.copyfileobj(sys.stdin.buffer, out)
-        yield str(copy)
 
 
 @main.command()
@@ -167,7 +99,7 @@ def generate(input_path, legacy_input, output_path, model_dir, dtype, device, kv
         raise click.ClickException(str(exc)) from None
     click.echo(
         f"{writer.done} done, {writer.failed} failed, {engine.stats.generated_tokens} tokens generated "
-        f"-> {_where(output_path)}",
+        f"-> {where(output_path)}",
         err=True,
     )
     if writer.failed:
@@ -192,7 +124,7 @@ def _run_submit(input_path: str, host: str, port: int, output_path: str, progres
         raise click.ClickException(f"{exc}\nResults that finished are in {output_path}; "
                                    "rerun with --resume to run the rest.") from None
     click.echo(f"{summary.done} done, {summary.failed} failed, {summary.generated_tokens} tokens generated "
-               f"-> {_where(output_path)}", err=True)
+               f"-> {where(output_path)}", err=True)
     if summary.unsent:
         raise click.ClickException("Tier 1 shut down before the whole file was sent; rerun with --resume")
     return summary.failed
