@@ -73,13 +73,15 @@ def check_node_options(secret_file: Path | None, settings: dict) -> None:
 @device_option
 @click.option("--kv-tokens", type=click.IntRange(min=1), default=None, help="KV cache capacity in tokens.")
 @click.option("--kv-memory", default=None, help="KV cache capacity as a size, e.g. 2GiB (default: 65536 tokens).")
+@setting_options(Tier2Settings, names=("kv_dtype",))
 @setting_options(StepSettings)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def generate(input_path, legacy_input, output_path, model_dir, dtype, device, kv_tokens, kv_memory, max_batch_tokens,
-             max_seqs, prefix_cache, cuda_graphs, progress) -> None:
+def generate(input_path, legacy_input, output_path, model_dir, dtype, device, kv_tokens, kv_memory, kv_dtype,
+             max_batch_tokens, max_seqs, prefix_cache, cuda_graphs, progress) -> None:
     """Generate in one process: prompts JSONL in, results JSONL out.
 
     PROMPTS.jsonl may be '-', or left out with stdin piped."""
+    from glinthawk.compute.kvcache import bytes_per_token, storage_dtype
     from glinthawk.engine import Engine
     from glinthawk.outputs import OutputError, ResultWriter, count_lines
     from glinthawk.requests import parse_stream
@@ -87,9 +89,10 @@ def generate(input_path, legacy_input, output_path, model_dir, dtype, device, kv
     input_path = pick_input(input_path, legacy_input)
     check_output(output_path)
     model, tokenizer = load_checkpoint(model_dir, dtype, device)
-    capacity = parse_kv_tokens(kv_memory, kv_tokens, model.config.kv_bytes_per_token(model.dtype.itemsize),
-                               65536)
-    engine = Engine(model, tokenizer, kv_tokens=capacity, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs,
+    cfg = model.config  # --kv-memory holds as many tokens as a Tier 2 node's of this --kv-dtype (scales included)
+    per_token = bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, storage_dtype(kv_dtype, model.dtype))
+    engine = Engine(model, tokenizer, kv_tokens=parse_kv_tokens(kv_memory, kv_tokens, per_token, 65536),
+                    kv_dtype=kv_dtype, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs,
                     prefix_cache=prefix_cache, cuda_graphs=cuda_graphs, model_name=model_dir.name)
     total = None if input_path == "-" else count_lines(input_path)
     try:
