@@ -180,8 +180,8 @@ def submit_command(input_path, to, output_path, progress, resume, secret_file) -
               help="Shared secret the nodes authenticate each other with (optional on loopback).")
 @click.option("--ray", "ray_address", default=None, metavar="auto|local|ADDRESS",
               help="Run the nodes as actors of a Ray cluster instead (auto: the one this machine belongs to; local: "
-                   "start one here); needs pip install 'glinthawk[ray]'. Given no KV size, each Tier 2 actor takes a "
-                   "share of its machine's memory.")
+                   "start one here); needs pip install 'glinthawk[ray]'. Each Tier 2 actor reserves the memory it "
+                   "uses from Ray; given no KV size, each gets the largest KV that Ray's machines hold.")
 def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, stages, micro_batches, log_dir,
                 progress, resume, secret_file, ray_address, **settings) -> None:
     """Start a two-tier cluster on loopback (N Tier 2 + 1 Tier 1), run the file through it, stop it.
