@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
 from glinthawk.allocator import tune_malloc
+from glinthawk.cli_files import OUTPUT_HELP, check_output, check_resume, input_file, open_input, pick_input, where
 from glinthawk.cluster_options import run_cluster_option
 from glinthawk.net.netem import parse_size
 from glinthawk.options import (
@@ -41,27 +39,6 @@ def parse_kv_tokens(kv_memory: str | None, kv_tokens: int | None, bytes_per_toke
     return default
 
 
-def check_output(path: str) -> None:
-    """Fail before anything loads or starts when the results file cannot be opened (say, its directory is
-    missing) or another glinthawk process writes it. A file to --resume is left as it is, and none is left behind.
-    """
-    from glinthawk.outputs import OutputError, probe_output
-
-    try:
-        probe_output(path)
-    except OutputError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def open_input(path: str):
-    if path == "-":
-        return sys.stdin.buffer
-    try:
-        return open(path, "rb")
-    except OSError as exc:
-        raise click.ClickException(f"cannot read input file {path}: {exc.strerror}") from None
-
-
 @click.group()
 @click.version_option(package_name="glinthawk")
 def main() -> None:
@@ -73,22 +50,6 @@ def main() -> None:
     Nodes on several machines: glinthawk-node (docs/DEPLOYMENT.md).
     """
     tune_malloc()
-
-
-OUTPUT_HELP = "Results JSONL ('-' for stdout)."
-
-
-def pick_input(input_path: str | None, legacy_input: str | None) -> str:
-    """The prompts file of ``generate``: the argument, as for run and submit, or the deprecated ``-i``.
-    Without either it reads a piped stdin, but refuses a terminal rather than wait there in silence."""
-    if input_path is not None and legacy_input is not None:
-        raise click.UsageError("give the prompts file once: as an argument (-i is its old spelling)")
-    if legacy_input is not None:
-        click.echo("glinthawk: -i/--input is deprecated; give the prompts file as an argument", err=True)
-        return legacy_input
-    if input_path is None and sys.stdin.isatty():
-        raise click.UsageError("no prompts file: give one (PROMPTS.jsonl), or '-' and pipe it to stdin")
-    return input_path or "-"
 
 
 def check_node_options(secret_file: Path | None, settings: dict) -> None:
@@ -103,35 +64,6 @@ def check_node_options(secret_file: Path | None, settings: dict) -> None:
             raise click.BadParameter(str(exc), param_hint="--kv-memory") from None
 
 
-def _where(output_path: str) -> str:
-    return "stdout" if output_path == "-" else output_path
-
-
-def check_resume(output_path: str, resume: bool, input_path: str | None = None) -> None:
-    if resume and output_path == "-":
-        raise click.UsageError("--resume reads back the results file; give -o a file, not '-'")
-    if resume and input_path == "-":
-        raise click.UsageError("--resume finds a run by its prompts file; give the file, not '-'")
-
-
-@contextlib.contextmanager
-def input_file(input_path: str):
-    """The prompts file of ``run`` and ``submit``, '-' being stdin (as for ``generate``). Stdin is copied to
-    a temporary file first, removed afterwards: the client sends the file from the event loop that also
-    takes the results, where a read blocked on a slow pipe would stall both; the copy also gives the progress
-    bar its total. On a terminal '-' is refused rather than waiting there in silence."""
-    if input_path != "-":
-        yield input_path
-        return
-    if sys.stdin.isatty():
-        raise click.UsageError("'-' reads the prompts from stdin: pipe them in, or give the file")
-    with tempfile.TemporaryDirectory(prefix="glinthawk-stdin-") as directory:
-        copy = Path(directory) / "stdin.jsonl"
-        with open(copy, "wb") as out:
-            shutil.copyfileobj(sys.stdin.buffer, out)
-        yield str(copy)
-
-
 @main.command()
 @click.argument("input_path", metavar="[PROMPTS.jsonl]", required=False)
 @click.option("-i", "--input", "legacy_input", default=None, hidden=True, help="Deprecated: the prompts file.")
@@ -141,13 +73,15 @@ def input_file(input_path: str):
 @device_option
 @click.option("--kv-tokens", type=click.IntRange(min=1), default=None, help="KV cache capacity in tokens.")
 @click.option("--kv-memory", default=None, help="KV cache capacity as a size, e.g. 2GiB (default: 65536 tokens).")
+@setting_options(Tier2Settings, names=("kv_dtype",))
 @setting_options(StepSettings)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def generate(input_path, legacy_input, output_path, model_dir, dtype, device, kv_tokens, kv_memory, max_batch_tokens,
-             max_seqs, prefix_cache, cuda_graphs, progress) -> None:
+def generate(input_path, legacy_input, output_path, model_dir, dtype, device, kv_tokens, kv_memory, kv_dtype,
+             max_batch_tokens, max_seqs, prefix_cache, cuda_graphs, progress) -> None:
     """Generate in one process: prompts JSONL in, results JSONL out.
 
     PROMPTS.jsonl may be '-', or left out with stdin piped."""
+    from glinthawk.compute.kvcache import bytes_per_token, storage_dtype
     from glinthawk.engine import Engine
     from glinthawk.outputs import OutputError, ResultWriter, count_lines
     from glinthawk.requests import parse_stream
@@ -155,9 +89,10 @@ def generate(input_path, legacy_input, output_path, model_dir, dtype, device, kv
     input_path = pick_input(input_path, legacy_input)
     check_output(output_path)
     model, tokenizer = load_checkpoint(model_dir, dtype, device)
-    capacity = parse_kv_tokens(kv_memory, kv_tokens, model.config.kv_bytes_per_token(model.dtype.itemsize),
-                               65536)
-    engine = Engine(model, tokenizer, kv_tokens=capacity, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs,
+    cfg = model.config  # --kv-memory holds as many tokens as a Tier 2 node's of this --kv-dtype (scales included)
+    per_token = bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, storage_dtype(kv_dtype, model.dtype))
+    engine = Engine(model, tokenizer, kv_tokens=parse_kv_tokens(kv_memory, kv_tokens, per_token, 65536),
+                    kv_dtype=kv_dtype, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs,
                     prefix_cache=prefix_cache, cuda_graphs=cuda_graphs, model_name=model_dir.name)
     total = None if input_path == "-" else count_lines(input_path)
     try:
@@ -167,7 +102,7 @@ def generate(input_path, legacy_input, output_path, model_dir, dtype, device, kv
         raise click.ClickException(str(exc)) from None
     click.echo(
         f"{writer.done} done, {writer.failed} failed, {engine.stats.generated_tokens} tokens generated "
-        f"-> {_where(output_path)}",
+        f"-> {where(output_path)}",
         err=True,
     )
     if writer.failed:
@@ -192,7 +127,7 @@ def _run_submit(input_path: str, host: str, port: int, output_path: str, progres
         raise click.ClickException(f"{exc}\nResults that finished are in {output_path}; "
                                    "rerun with --resume to run the rest.") from None
     click.echo(f"{summary.done} done, {summary.failed} failed, {summary.generated_tokens} tokens generated "
-               f"-> {_where(output_path)}", err=True)
+               f"-> {where(output_path)}", err=True)
     if summary.unsent:
         raise click.ClickException("Tier 1 shut down before the whole file was sent; rerun with --resume")
     return summary.failed
@@ -245,8 +180,8 @@ def submit_command(input_path, to, output_path, progress, resume, secret_file) -
               help="Shared secret the nodes authenticate each other with (optional on loopback).")
 @click.option("--ray", "ray_address", default=None, metavar="auto|local|ADDRESS",
               help="Run the nodes as actors of a Ray cluster instead (auto: the one this machine belongs to; local: "
-                   "start one here); needs pip install 'glinthawk[ray]'. Given no KV size, each Tier 2 actor takes a "
-                   "share of its machine's memory.")
+                   "start one here); needs pip install 'glinthawk[ray]'. Each Tier 2 actor reserves the memory it "
+                   "uses from Ray; given no KV size, each gets the largest KV that Ray's machines hold.")
 def run_command(input_path, output_path, model_dir, dtype, device, tier2_nodes, stages, micro_batches, log_dir,
                 progress, resume, secret_file, ray_address, **settings) -> None:
     """Start a two-tier cluster on loopback (N Tier 2 + 1 Tier 1), run the file through it, stop it.

@@ -4,7 +4,8 @@ It is the oracle the two-tier runtime is tested against and the monolithic basel
 benchmarks compare with, so it stays plain: continuous batching, chunked prefill under a
 token budget, admission by KV capacity. It admits (``scheduling.Intake``), plans, packs
 and steps (``step.run_step``) exactly as Tier 1 does, with the attention on its own KV
-store in place of the Tier 2 nodes.
+store in place of the Tier 2 nodes: the same ``KVStore`` and attention a Tier 2 node runs,
+keeping K/V as its ``--kv-dtype`` says (``kvcache.storage_dtype``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from glinthawk.compute.attention import AttentionPlan, attend_with
 from glinthawk.compute.graphs import stage_graphs
-from glinthawk.compute.kvcache import KVStore
+from glinthawk.compute.kvcache import KVStore, storage_dtype
 from glinthawk.compute.layers import warm_up
 from glinthawk.compute.loader import Model
 from glinthawk.requests import Request, RequestError
@@ -24,7 +25,7 @@ from glinthawk.results import error_line, result_line
 from glinthawk.prefix import PrefixCache
 from glinthawk.scheduling import FairQueue, Intake, RunStats
 from glinthawk.sequence import Sequence, commit_step, pack_step, plan_step
-from glinthawk.settings import StepSettings
+from glinthawk.settings import StepSettings, Tier2Settings
 from glinthawk.step import StageWork, compute_stage, run_now, run_step
 from glinthawk.tokenizer import Tokenizer
 
@@ -33,14 +34,16 @@ Emit = Callable[[dict], None]
 
 class Engine:
     def __init__(self, model: Model, tokenizer: Tokenizer, kv_tokens: int, model_name: str = "glinthawk",
-                 settings: StepSettings | None = None, **overrides):
-        """``settings``, or any of its fields as keywords (``max_seqs=8``)."""
+                 settings: StepSettings | None = None, kv_dtype: str = Tier2Settings.kv_dtype, **overrides):
+        """``settings``, or any of its fields as keywords (``max_seqs=8``); ``kv_dtype``: how the KV
+        store keeps K/V, as a Tier 2 node's ``--kv-dtype`` (auto: the model's dtype; int8)."""
         settings = dataclasses.replace(settings or StepSettings(), **overrides)
         max_batch_tokens, max_seqs = settings.max_batch_tokens, settings.max_seqs
         cfg = model.config
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.max_batch_tokens, self.max_seqs = max_batch_tokens, max_seqs
-        self.store = KVStore(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_tokens, model.dtype, model.device)
+        self.store = KVStore(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_tokens, model.dtype, model.device,
+                             kv_dtype=storage_dtype(kv_dtype, model.dtype))
         self.warmed = (0, 0)  # row counts (matmul, LM head) whose buckets are warmed: see _warm_for
         self.graphs = stage_graphs(model, settings.cuda_graphs, max_batch_tokens)
         self.intake = Intake(tokenizer, cfg.max_position_embeddings, cfg.vocab_size, kv_tokens)

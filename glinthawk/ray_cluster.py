@@ -11,8 +11,9 @@ Tier 1 asks Ray for a GPU when its device is CUDA; Tier 2 actors are spread over
 
 With pipeline stages, each stage is an actor of its own (a GPU each, on CUDA), started from the
 last so that each is given its next one's address (``--next``), and every stage's Tier 2 actors
-join that stage. A Tier 2 actor given no KV size takes a share of the memory Ray reports for its
-machine (``kv_memory_for``).
+join that stage. Each Tier 2 actor reserves what it will use of Ray's ``memory`` resource (its KV
+and its process: ``ray_memory``), so that Ray never places more on a machine than it has; given
+no KV size, they all get the largest that Ray's machines hold (``ray_memory.auto_kv_memory``).
 """
 
 from __future__ import annotations
@@ -29,36 +30,28 @@ from pathlib import Path
 from typing import Any, Awaitable, TypeVar
 
 from glinthawk.net.auth import SECRET_ENV
+from glinthawk.ray_memory import Tier2Size, machines_of, tier2_options, tier2_sizes, unplaced
+from glinthawk.settings import NetemSettings, Tier1Settings, Tier2Settings, split, to_args
 
 T = TypeVar("T")
 RAY_HINT = "--ray needs Ray: pip install 'glinthawk[ray]'"
 READY_TIMEOUT_S = 300.0
 JOIN_TIMEOUT_S = 120.0
-# Of the memory Ray reports for a machine (its "memory" resource: RAM less Ray's object store),
-# what its Tier 2 actors' KV may take together; the rest is left to a Tier 1 there and the OS.
-RAY_KV_FRACTION = 0.8
 
 
-def kv_memory_for(node_memory: float, actors_on_node: int, fraction: float = RAY_KV_FRACTION) -> int:
-    """Bytes of KV for one of ``actors_on_node`` Tier 2 actors on a machine for which Ray reports
-    ``node_memory`` bytes: its share of ``fraction`` of that, less what its process needs beside
-    the KV, counted as ``glinthawk plan`` does (a fixed GiB, and 4.5% more RSS than KV).
-    ValueError when that leaves nothing."""
-    from glinthawk.plan import GiB, TIER2_FIXED, TIER2_KV_OVERHEAD
+def stage_token_bytes(model_dir: Path, stages: list[range | None], dtype: str, kv_dtype: str) -> list[int]:
+    """A token's KV bytes on each stage's Tier 2 nodes (what --kv-tokens costs there): its layers' K and V as
+    a node keeps them, a --dtype left to auto counted as float32 (the widest auto picks, on Tier 1's machine)."""
+    import torch
 
-    share = fraction * node_memory / max(1, actors_on_node)
-    kv = int((share - TIER2_FIXED) / TIER2_KV_OVERHEAD)
-    if kv <= 0:
-        raise ValueError(f"Ray reports {node_memory / GiB:.1f} GiB of memory on a machine for {actors_on_node} "
-                         f"Tier 2 actor(s): {fraction:.0%} of it leaves no KV beside each process's "
-                         f"{TIER2_FIXED / GiB:g} GiB; give --kv-memory (or --kv-tokens), or run fewer Tier 2 nodes")
-    return kv
+    from glinthawk.compute.config import ModelConfig
+    from glinthawk.compute.kvcache import bytes_per_token, storage_dtype
+    from glinthawk.compute.loader import DTYPES
 
-
-def node_memory(ray) -> float:
-    """The memory Ray reports for the machine this actor (or driver) runs on."""
-    here = ray.get_runtime_context().get_node_id()
-    return next(float(node["Resources"].get("memory", 0)) for node in ray.nodes() if node["NodeID"] == here)
+    config = ModelConfig.from_file(Path(model_dir) / "config.json")
+    stored = storage_dtype(kv_dtype, DTYPES.get(dtype, torch.float32))
+    return [bytes_per_token(len(layers) if layers is not None else config.num_layers, config.num_kv_heads,
+                            config.head_dim, stored) for layers in stages]
 
 
 class RayMissing(RuntimeError):
@@ -77,14 +70,11 @@ class NodeProcess:
     """The body of a node actor: a glinthawk-node process on the actor's machine. The actor exits
     when the node does (unless it was told to stop), for Ray to restart it."""
 
-    def __init__(self, args: list[str], secret: str, kv_share: int | None = None):
-        """``kv_share``: a Tier 2 node given no KV size, one of (at most) that many on its machine."""
+    def __init__(self, args: list[str], secret: str):
         import ray
 
         from glinthawk.cluster import _die_with_parent
 
-        if kv_share is not None:
-            args = [*args, "--kv-memory", str(kv_memory_for(node_memory(ray), kv_share))]
         self.host = ray.util.get_node_ip_address()
         ready = Path(tempfile.mkdtemp(prefix="glinthawk-ray-")) / "ready"
         env = {**os.environ, SECRET_ENV: secret}
@@ -120,18 +110,24 @@ class RayCluster:
     """Tier 1 and ``tier2_nodes`` Tier 2 nodes as Ray actors on the Ray cluster at ``address``
     ("auto": the one this machine belongs to; "local": start one here, for trying it out); with
     ``stages`` (layer ranges, ``cluster.stage_layers``), a Tier 1 actor per stage, each with
-    ``tier2_nodes`` of its own. ``tier2_args`` without a KV size: each sized from its machine."""
+    ``tier2_nodes`` of its own. ``tier2`` without a KV size: each actor gets the largest that Ray's
+    machines hold (``ray_memory``)."""
 
-    def __init__(self, address: str, model_dir: Path, tier2_nodes: int, *, tier1_args: list[str],
-                 tier2_args: list[str], device: str = "auto", secret: bytes | None = None,
-                 stages: list[range] | None = None):
+    def __init__(self, address: str, model_dir: Path, tier2_nodes: int, *, dtype: str = "auto",
+                 device: str = "auto", tier1: Tier1Settings | None = None, tier2: Tier2Settings | None = None,
+                 netem: NetemSettings | None = None, secret: bytes | None = None, stages: list[range] | None = None,
+                 place_timeout_s: float = READY_TIMEOUT_S):
+        """``place_timeout_s``: how long Ray may take to place and start the Tier 2 actors."""
         self.address, self.model_dir, self.tier2_nodes = address, model_dir, tier2_nodes
-        self.tier1_args, self.tier2_args, self.device = tier1_args, tier2_args, device
+        self.dtype, self.device, self.place_timeout_s = dtype, device, place_timeout_s
+        self.tier1_settings, self.netem = tier1 or Tier1Settings(), netem or NetemSettings()
+        self.tier2_settings = tier2 or Tier2Settings()
         self.stages: list[range | None] = list(stages) if stages else [None]
         self.secret = secret.decode() if secret else secrets.token_hex(32)
         self.tier1: Any = None
         self.later: list[Any] = []  # the stages after the first, in order
         self.tier2: list[Any] = []  # every stage's, the first's first
+        self.reserved: list[int] = []  # the bytes of Ray memory each of self.tier2 reserved
         self.tier1_address: tuple[str, int] | None = None
 
     @classmethod
@@ -141,17 +137,20 @@ class RayCluster:
         """As ``LocalCluster`` takes them: ``settings`` are fields of Tier1Settings, Tier2Settings or
         NetemSettings (a name none has is a TypeError); ``stages`` a count or ranges (ValueError if wrong)."""
         from glinthawk.cluster import model_layers, stage_layers
-        from glinthawk.settings import NetemSettings, Tier1Settings, Tier2Settings, split, to_args
 
         tier1, tier2, netem = split(settings, Tier1Settings, Tier2Settings, NetemSettings)
         ranges = stage_layers(stages, model_layers(model_dir)) if stages is not None else None
-        return cls(address, model_dir, tier2_nodes, device=device, secret=secret, stages=ranges,
-                   tier1_args=["--dtype", dtype, "--device", device, *to_args(tier1), *to_args(netem)],
-                   tier2_args=[*(tier2.kv_args if tier2.sized else tier2.dtype_args), *to_args(netem)])
+        return cls(address, model_dir, tier2_nodes, dtype=dtype, device=device, tier1=tier1, tier2=tier2,
+                   netem=netem, secret=secret, stages=ranges)
 
     @property
     def sized(self) -> bool:
-        return any(arg in ("--kv-memory", "--kv-tokens") for arg in self.tier2_args)
+        """Whether the Tier 2 actors were given a KV size (else they get the largest Ray's machines hold)."""
+        return self.tier2_settings.sized
+
+    @property
+    def tier1_args(self) -> list[str]:
+        return ["--dtype", self.dtype, "--device", self.device, *to_args(self.tier1_settings), *to_args(self.netem)]
 
     def __enter__(self) -> "RayCluster":
         ray = import_ray()
@@ -176,17 +175,43 @@ class RayCluster:
             raise RuntimeError(f"the Ray cluster has {cpus:g} CPUs; {len(self.stages)} Tier 1 actor(s) with "
                                f"{self.tier2_nodes} Tier 2 actors each take one CPU apiece: add machines, or ask for "
                                "fewer --tier2-nodes (or --stages)")
-        share = None if self.sized else self._kv_share(ray)
+        sizes = self._tier2_sizes(ray)  # refused here, before any actor starts, if Ray's machines cannot hold them
         node = ray.remote(NodeProcess)
         addresses = self._start_stages(ray, node)
         host, port = addresses[0].rsplit(":", 1)
         self.tier1_address = (host, int(port))
-        self.tier2 = [node.options(num_cpus=1, max_restarts=-1, max_task_retries=-1,
-                                   scheduling_strategy="SPREAD").remote(
-            ["--role", "tier2", "--join", address, *self.tier2_args], self.secret, share)
-            for address in addresses for _ in range(self.tier2_nodes)]
-        self._get(ray, [actor.address.remote() for actor in self.tier2], "the Tier 2 actors")
+        for address, size in zip(addresses, sizes):
+            for _ in range(self.tier2_nodes):
+                self.tier2.append(node.options(**tier2_options(size.reserve)).remote(
+                    ["--role", "tier2", "--join", address, *size.args, *to_args(self.netem)], self.secret))
+                self.reserved.append(size.reserve)
+        self._until_placed(ray)
         asyncio.run(self._until_joined())
+
+    def _tier2_sizes(self, ray) -> list[Tier2Size]:
+        """Each stage's Tier 2 KV options and Ray memory; RuntimeError in one line if the machines cannot hold them."""
+        kv = self.tier2_settings
+        try:
+            token_bytes = (stage_token_bytes(self.model_dir, self.stages, self.dtype, kv.kv_dtype)
+                           if kv.kv_tokens is not None else [0] * len(self.stages))  # only --kv-tokens needs them
+            return tier2_sizes(kv, machines_of(ray.nodes()), len(self.stages) * self.tier2_nodes, token_bytes)
+        except ValueError as exc:
+            raise RuntimeError(str(exc)) from None
+
+    def _until_placed(self, ray) -> None:
+        """Wait for every Tier 2 actor to start. Ray leaves an actor whose memory no machine has free
+        pending for ever: after ``place_timeout_s`` those are killed and named, with the memory they miss."""
+        refs = [actor.address.remote() for actor in self.tier2]
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.place_timeout_s)
+        if pending:
+            late = [i for i, ref in enumerate(refs) if ref in pending]
+            reserve = max(self.reserved[i] for i in late)
+            for i in reversed(late):  # gone now: close() would wait on each for an answer it never gets
+                ray.kill(self.tier2.pop(i), no_restart=True)
+                self.reserved.pop(i)
+            free = ray.available_resources().get("memory", 0)
+            raise RuntimeError(unplaced(len(late), len(refs), reserve, free, self.place_timeout_s))
+        self._get(ray, refs, "the Tier 2 actors")  # one that failed to start, in one line
 
     def _start_stages(self, ray, node) -> list[str]:
         """Start Tier 1 (each stage, from the last: each is given its next one's address); their addresses."""
@@ -203,17 +228,6 @@ class RayCluster:
             addresses.insert(0, self._get(ray, self.later[0].address.remote(), what))
         self.tier1 = self.later.pop(0)
         return addresses
-
-    def _kv_share(self, ray) -> int:
-        """How many Tier 2 actors a machine holds at most (SPREAD deals them out evenly), checked
-        against the smallest machine's memory here, so a KV size that cannot be is refused in one line."""
-        machines = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
-        share = -(-len(self.stages) * self.tier2_nodes // max(1, len(machines)))
-        try:
-            kv_memory_for(min(float(n["Resources"].get("memory", 0)) for n in machines), share)
-        except ValueError as exc:
-            raise RuntimeError(str(exc)) from None
-        return share
 
     @staticmethod
     def _get(ray, refs, what: str):

@@ -82,7 +82,7 @@ class Tier2Settings(_Settings):
 
     @property
     def sized(self) -> bool:
-        """Whether a KV size was given (else the default, or on Ray a share of the machine's memory)."""
+        """Whether a KV size was given (else the default, or on Ray the largest that Ray's machines hold)."""
         return self.kv_tokens is not None or self.kv_memory is not None
 
     @property

@@ -114,6 +114,20 @@ def test_engine_cuda_greedy_equals_cpu(tiny_model, cuda_model):
         assert engine.store.keys.device.type == "cuda"
 
 
+def test_engine_cuda_over_an_int8_store_agrees_with_the_cpu_engine_over_one(tiny_model, cuda_model):
+    """--kv-dtype int8 in the single process on CUDA (the torch attention paths over int8 rows): the
+    store is int8 on the GPU, and the first greedy tokens are the CPU engine's over an int8 store."""
+    cpu_model, tok = tiny_model("llama_gqa")
+    gpu_model, _ = cuda_model("llama_gqa")
+    requests = [request(f"q{i}", p, max_tokens=8, temperature=0, ignore_eos=True) for i, p in enumerate(PROMPTS)]
+    expected, _ = run_engine(cpu_model, tok, requests, kv_dtype="int8")
+    got, engine = run_engine(gpu_model, tok, requests, kv_dtype="int8")
+    assert engine.store.keys.device.type == "cuda" and engine.store.keys.dtype == torch.int8
+    assert all(len(line["token_ids"]) == 8 for line in got.values())
+    assert {cid: line["token_ids"][:3] for cid, line in got.items()} == {
+        cid: line["token_ids"][:3] for cid, line in expected.items()}  # int8 rounding may split a near tie later
+
+
 def test_engine_cuda_seeded_sampling_runs_and_repeats(cuda_model):
     """Sampling filters on CUDA logits: every request gets its tokens, and a rerun the same ones."""
     model, tok = cuda_model("llama_gqa")

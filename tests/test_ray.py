@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from glinthawk.client import fetch_status
 from glinthawk.net.auth import SECRET_ENV
+from glinthawk.settings import Tier1Settings, Tier2Settings
 
 from cluster_util import read_results, single_process
 from test_faults import FAULT_PROMPTS, mixed_requests, tokens_by_id, wait_for_lines
@@ -50,8 +53,9 @@ def test_a_killed_tier2_actor_is_restarted_by_ray_and_used_again(checkpoint, mod
 
     requests = mixed_requests(tmp_path / "in.jsonl")
     expected = tokens_by_id(single_process(checkpoint, requests))
-    tier1 = ["--dtype", "float32", "--micro-batches", "2", "--max-seqs", "2", "--max-batch-tokens", "64"]
-    with RayCluster("local", model_dir, 2, tier1_args=tier1, tier2_args=["--kv-tokens", "4096"]) as cluster:
+    tier1 = Tier1Settings(micro_batches=2, max_seqs=2, max_batch_tokens=64)
+    kv = Tier2Settings(kv_tokens=4096)
+    with RayCluster("local", model_dir, 2, dtype="float32", tier1=tier1, tier2=kv) as cluster:
         host, port = cluster.tier1_address
         env = {**os.environ, SECRET_ENV: cluster.secret}
         submit = [sys.executable, "-m", "glinthawk", "submit", "--to", f"{host}:{port}", "--no-progress"]
@@ -100,47 +104,88 @@ def test_run_on_ray_in_stages_equals_a_single_process(checkpoint, model_dir, tmp
 
 
 def test_the_python_api_runs_on_ray_in_stages_with_kv_sized_from_memory(checkpoint, model_dir, tmp_path):
-    """LLM(ray=..., stages=2) with no KV size: every stage's Tier 2 actors size their KV from the
-    memory Ray reports for their machine, and the output is a local cluster's."""
+    """LLM(ray=..., stages=2) with no KV size: every stage's Tier 2 actor reserves, of Ray's memory
+    resource, the KV it holds and its process (Ray's accounting shows just that held), the largest
+    its machine holds for two; and the output is a local cluster's."""
     ray = pytest.importorskip("ray")
     from glinthawk import LLM, SamplingParams
     from glinthawk.compute.config import ModelConfig
     from glinthawk.compute.kvcache import bytes_per_token
-    from glinthawk.ray_cluster import kv_memory_for, node_memory
+    from glinthawk.ray_memory import kv_memory_for, reservation
 
     prompts = ["The quick brown fox", "Tier two holds the key value cache"]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     with LLM(model_dir, ray="local", stages=2, tier2_nodes=1, dtype="float32") as llm:
         on_ray = [output.outputs[0].token_ids for output in llm.generate(prompts, params)]
         status = asyncio.run(fetch_status(*llm._cluster.tier1_address, secret=llm._cluster.secret.encode()))
-        memory = node_memory(ray)  # one machine: the driver's is the actors'
+        reserved, memory = list(llm._cluster.reserved), ray.cluster_resources()["memory"]  # one machine
+        held = _memory_held(ray, sum(reserved))
     with LLM(model_dir, tier2_nodes=1, dtype="float32", kv_tokens=4096) as llm:
         local = [output.outputs[0].token_ids for output in llm.generate(prompts, params)]
     assert on_ray == local and all(len(ids) == 8 for ids in on_ray)
+    kv = kv_memory_for(memory, 2)  # both Tier 2 actors on this machine: an even share of its 80%
+    assert reserved == [reservation(kv)] * 2 and held == sum(reserved)
     config = ModelConfig.from_file(model_dir / "config.json")
     for layers, nodes in [(status["layers"], status["tier2"]), *((s["layers"], s["tier2"]) for s in status["stages"])]:
         per_token = bytes_per_token(layers[1] - layers[0], config.num_kv_heads, config.head_dim, torch.float32)
-        assert [node["kv_tokens"] for node in nodes] == [kv_memory_for(memory, 2) // per_token]
+        assert [node["kv_tokens"] for node in nodes] == [kv // per_token]  # the KV it reserved, in whole tokens
 
 
-def test_a_ray_tier2_actor_takes_a_share_of_its_machines_memory():
+def _memory_held(ray, expected: float) -> float:
+    """Ray's memory resource held by actors, once it reads ``expected`` (its view of what is free
+    lags the actors' start a little), or as it reads after 60 s."""
+    deadline = time.monotonic() + 60
+    while True:
+        held = ray.cluster_resources()["memory"] - ray.available_resources().get("memory", 0)
+        if held == expected or time.monotonic() > deadline:
+            return held
+        time.sleep(0.1)
+
+
+def test_run_on_ray_refuses_a_kv_size_no_machine_holds_before_starting_anything(model_dir, tmp_path):
+    pytest.importorskip("ray")
+    requests = mixed_requests(tmp_path / "in.jsonl")
+    run = subprocess.run([sys.executable, "-m", "glinthawk", "run", str(requests), "-o", str(tmp_path / "out.jsonl"),
+                          "--ray", "local", "--tier2-nodes", "1", "--model", str(model_dir), "--kv-memory", "64TiB",
+                          "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1
+    assert re.fullmatch(r"Error: the Ray cluster could not run it: each Tier 2 actor reserves 68486\.1 GiB of Ray's "
+                        r"memory resource \(its KV and 1 GiB for its process\) and a CPU: Ray's machines hold 0 of the "
+                        r"1; give a smaller --kv-memory \(or --kv-tokens\), fewer Tier 2 nodes, or more machines",
+                        run.stderr.strip().splitlines()[-1]), run.stderr
+    assert "cluster up" not in run.stderr
+
+
+def test_a_tier2_actor_ray_cannot_place_is_named_with_the_memory_it_misses(model_dir):
+    """Other work holds all but 1 GiB of Ray's memory: the Tier 2 actor (a 1 GiB KV reserves over
+    2 GiB) stays pending, and after the wait it is given the run stops, saying what it misses."""
+    ray = pytest.importorskip("ray")
     from glinthawk.plan import GiB
-    from glinthawk.ray_cluster import RAY_KV_FRACTION, kv_memory_for
+    from glinthawk.ray_cluster import RayCluster
+    from glinthawk.ray_memory import reservation
 
-    alone = kv_memory_for(64 * GiB, 1)
-    assert alone == int((RAY_KV_FRACTION * 64 * GiB - GiB) / 1.045)
-    assert kv_memory_for(64 * GiB, 4) == int((RAY_KV_FRACTION * 16 * GiB - GiB) / 1.045) < alone
-    assert kv_memory_for(64 * GiB, 1, fraction=0.5) < alone
-    with pytest.raises(ValueError, match=r"Ray reports 4\.0 GiB of memory on a machine for 4 Tier 2 actor\(s\).*give "
-                                         r"--kv-memory \(or --kv-tokens\), or run fewer Tier 2 nodes"):
-        kv_memory_for(4 * GiB, 4)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        other = ray.util.placement_group([{"memory": ray.cluster_resources()["memory"] - GiB}])
+        ray.get(other.ready())  # placed: it holds that memory now
+        cluster = RayCluster("local", model_dir, 1, dtype="float32", tier2=Tier2Settings(kv_memory="1GiB"),
+                             place_timeout_s=5)
+        with pytest.raises(RuntimeError) as refused:
+            cluster.__enter__()
+        need = reservation(GiB) / GiB
+        assert str(refused.value) == (
+            f"1 of 1 Tier 2 actor(s) did not start within 5 s: they need {need:.1f} GiB of Ray's memory resource "
+            f"({need:.1f} GiB each) and Ray has 1.0 GiB of it free on all machines together; free some (other work "
+            "holds it), or give a smaller --kv-memory or fewer Tier 2 nodes")
+    finally:
+        ray.shutdown()
 
 
 def test_ray_options_leave_the_kv_size_to_each_machine_only_when_none_is_given(model_dir):
     from glinthawk.ray_cluster import RayCluster
 
-    auto = RayCluster.from_options("local", model_dir, 2, stages=2, kv_dtype="int8")
-    assert not auto.sized and auto.tier2_args[:2] == ["--kv-dtype", "int8"]
+    auto = RayCluster.from_options("local", model_dir, 2, stages=2, kv_dtype="int8", delay_ms=5)
+    assert not auto.sized and auto.tier2_settings.kv_dtype == "int8" and auto.netem.delay_ms == 5
     assert [(r.start, r.stop) for r in auto.stages] == [(0, 1), (1, 2)]  # the test model's 2 layers
     assert RayCluster.from_options("local", model_dir, 2, kv_memory="2GiB").sized
     with pytest.raises(ValueError, match="--stages 9: give 1 to 2 stages"):

@@ -11,9 +11,10 @@ import torch
 from cluster_util import PROMPTS, distributed, read_results, write_requests
 from glinthawk.cluster import LocalCluster
 from glinthawk.clusterfile import ClusterFileError, load_cluster_file, local_cluster_kwargs, node_args
+from glinthawk.compute.kvcache import KV_STORAGE
 from glinthawk.net.connection import open_connection
 from glinthawk.net.handshake import client_handshake
-from glinthawk.node.tier2 import KV_STORAGE, Tier2Node
+from glinthawk.node.tier2 import Tier2Node
 from glinthawk.settings import KV_DTYPES, Tier2Settings
 
 GEOMETRY = {"num_layers": 6, "num_kv_heads": 2, "head_dim": 32, "dtype": "bfloat16"}  # the bundled model's

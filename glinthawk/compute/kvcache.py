@@ -33,6 +33,18 @@ import torch
 from glinthawk.compute import kvquant
 
 
+# --kv-dtype (Tier 2 nodes and the single-process engine alike): how a store keeps K/V
+# (None: in the dtype the model computes in).
+KV_STORAGE = {"auto": None, "int8": torch.int8}
+
+
+def storage_dtype(kv_dtype: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a store keeps K/V in for ``--kv-dtype kv_dtype`` with a model computing in ``dtype``."""
+    if kv_dtype not in KV_STORAGE:
+        raise ValueError(f"--kv-dtype must be one of {', '.join(KV_STORAGE)}, got {kv_dtype!r}")
+    return KV_STORAGE[kv_dtype] or dtype
+
+
 class KVCapacityError(RuntimeError):
     """A reservation asked for more tokens than the store has free."""
 

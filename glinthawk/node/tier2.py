@@ -32,7 +32,8 @@ import logging
 import torch
 
 from glinthawk.compute.attention import AttentionPlan, attend_with, check_shapes
-from glinthawk.compute.kvcache import KVCapacityError, KVStore, UnknownSequenceError, bytes_per_token
+from glinthawk.compute.kvcache import (KVCapacityError, KVStore, UnknownSequenceError, bytes_per_token,
+                                       storage_dtype)
 from glinthawk.compute.loader import DTYPES
 from glinthawk.metrics import Tier2Metrics
 from glinthawk.net.codec import ProtocolError
@@ -48,9 +49,6 @@ log = logging.getLogger("glinthawk.tier2")
 # that keeps naming new micro-batches).
 _MAX_PLANS = 1024
 LEAVE_GRACE_S = 40.0  # beyond that, how long it waits for Tier 1's LEFT (moving them takes time too)
-
-# --kv-dtype: how the store keeps K/V (None: in the dtype Tier 1 computes in).
-KV_STORAGE = {"auto": None, "int8": torch.int8}
 
 
 class _Session:
@@ -72,8 +70,7 @@ class Tier2Node:
         end of the connection to it, and the port bound)."""
         if (kv_memory is None) == (kv_tokens is None):
             raise ValueError("give exactly one of kv_memory (bytes) or kv_tokens")
-        if kv_dtype not in KV_STORAGE:
-            raise ValueError(f"--kv-dtype must be one of {', '.join(KV_STORAGE)}, got {kv_dtype!r}")
+        storage_dtype(kv_dtype, torch.float32)  # refuses a name it has no storage for now, not at the handshake
         self.kv_memory, self.kv_tokens, self.netem, self.secret = kv_memory, kv_tokens, netem, secret
         self.join, self.advertise, self.drain_timeout_s = join, advertise, drain_timeout_s
         self.kv_dtype = kv_dtype
@@ -160,7 +157,7 @@ class Tier2Node:
             raise ProtocolError(f"HELLO from Tier 1 lacks a valid KV geometry ({exc!r})") from None
         if min(layers, kv_heads, head_dim) <= 0:
             raise ProtocolError("HELLO from Tier 1 has a non-positive KV geometry")
-        kv_dtype = KV_STORAGE[self.kv_dtype] or dtype
+        kv_dtype = storage_dtype(self.kv_dtype, dtype)
         per_token = bytes_per_token(layers, kv_heads, head_dim, kv_dtype)  # an int8 store's scales included
         tokens = self.kv_tokens if self.kv_tokens is not None else self.kv_memory // per_token
         if tokens <= 0:
