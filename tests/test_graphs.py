@@ -239,6 +239,39 @@ def test_engine_tokens_with_graphs_equal_tokens_without(tiny_model, monkeypatch)
     assert Engine(model, tok, kv_tokens=64).graphs is None  # the switch off: no graphs
 
 
+class _FailingEveryOther(EagerReplay):
+    """A capture that fails every other time, as CUDA's does for an op it cannot capture."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts = 0
+
+    def __call__(self, fn, inputs):
+        self.attempts += 1
+        if self.attempts % 2 == 0:
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+        return super().__call__(fn, inputs)
+
+
+def test_a_stage_whose_capture_fails_runs_eagerly_with_one_warning(tiny_model, monkeypatch, caplog):
+    model, tok = tiny_model("llama_gqa")
+    requests = [request(f"g{i}", p, max_tokens=8, temperature=0, ignore_eos=True) for i, p in enumerate(PROMPTS)]
+    failing = _FailingEveryOther()
+    monkeypatch.setattr("glinthawk.engine.stage_graphs",
+                        lambda model, enabled, max_rows, capture=None:
+                        StageGraphs(model, max_rows, failing) if enabled else None)
+    expected, _ = run_engine(model, tok, requests)
+    with caplog.at_level("DEBUG", logger="glinthawk.graphs"):
+        got, engine = run_engine(model, tok, requests, cuda_graphs=True)
+    assert got == expected
+    eager = [key for key, runner in engine.graphs.runners.items() if runner is None]
+    assert eager and len(eager) < len(engine.graphs.runners)
+    assert failing.attempts == len(engine.graphs.runners)  # a failed stage is not captured again at every step
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "runs without graphs" in warnings[0].getMessage()
+    assert "\n" not in warnings[0].getMessage()
+
+
 def test_tier1_tokens_with_graphs_equal_the_single_process(checkpoint, tmp_path, monkeypatch):
     """Tier 1 merges micro-batches at one stage into one job (its rows vary): through graphs,
     the two tiers still give the single process's tokens."""

@@ -15,11 +15,14 @@ inputs, picking the sampled rows, and the whole sampler (Python over each row's 
 Only decode-only jobs (one new token per sequence) take graphs; prefill chunks are large,
 bound by the GPU's arithmetic, and run eagerly as before. The capture itself is a strategy
 (``CudaGraphCapture`` on a GPU, ``EagerReplay`` elsewhere), so the copy-in/copy-out path
-runs in the CPU tests. Untested on GPU hardware so far: ``cuda_graphs`` is off by default.
+runs in the CPU tests. A stage whose capture fails (an op CUDA cannot capture, memory) runs
+eagerly from then on, with one warning: graphs are a speed-up, never a reason to stop a run.
+Untested on GPU hardware so far: ``cuda_graphs`` is off by default.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -32,6 +35,8 @@ from glinthawk.compute.stages import head_and_sample, layer_stage
 
 if TYPE_CHECKING:
     from glinthawk.step import StageWork
+
+log = logging.getLogger("glinthawk.graphs")
 
 Tensors = tuple[torch.Tensor, ...]
 StageFn = Callable[..., Tensors]
@@ -149,7 +154,7 @@ class StageGraphs:
         self.model = model
         self.max_rows = bucket(max_rows)
         self.capture = capture if capture is not None else CudaGraphCapture()
-        self.runners: dict[tuple, GraphRunner] = {}
+        self.runners: dict[tuple, GraphRunner | None] = {}  # None: its capture failed, it runs eagerly
         self._inputs: dict[tuple, StaticInput] = {}
 
     def takes(self, work: StageWork) -> bool:
@@ -185,11 +190,22 @@ class StageGraphs:
         rows = bucket(tensors[0].shape[0])
         shapes = tuple((t.dtype, tuple(t.shape[1:])) for t in tensors)
         key = (kind, layer, rows, shapes)
-        runner = self.runners.get(key)
-        if runner is None:
-            inputs = [self._input(rows, index, t) for index, t in enumerate(tensors)]
-            runner = self.runners[key] = GraphRunner(stage_fn(self.model, kind, layer), inputs, self.capture)
-        return runner(*tensors)
+        if key not in self.runners:
+            self.runners[key] = self._runner(kind, layer, rows, tensors)
+        runner = self.runners[key]
+        return runner(*tensors) if runner is not None else stage_fn(self.model, kind, layer)(*tensors)
+
+    def _runner(self, kind: str, layer: int | None, rows: int, tensors: Sequence[torch.Tensor]) -> GraphRunner | None:
+        inputs = [self._input(rows, index, t) for index, t in enumerate(tensors)]
+        try:
+            return GraphRunner(stage_fn(self.model, kind, layer), inputs, self.capture)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            first = not any(runner is None for runner in self.runners.values())
+            (log.warning if first else log.debug)(
+                "CUDA graph capture failed for stage %s%s at %d rows (%s); it runs without graphs (turn them off "
+                "with --no-cuda-graphs to skip the attempts)", kind, "" if layer is None else f" {layer}", rows,
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return None
 
     def _input(self, rows: int, index: int, like: torch.Tensor) -> StaticInput:
         """The static buffer for argument ``index`` at ``rows``: one per shape, shared by every
