@@ -94,21 +94,28 @@ def timed_steps(seconds: dict[int, float], count: int, stages: list | None = Non
     counts = []
     for _ in range(count):
         clock.now += seconds[pacer.count]
-        pacer.record(stages or [[1.0, 1.0]], 64, **(supply or FULL), rows=64)
+        pacer.record(stages or [[1.0, 0.8]], 64, **(supply or FULL), rows=64)
         counts.append(pacer.count)
     return pacer, counts
 
 
 def test_one_fewer_is_tried_and_kept_where_it_measures_as_fast():
-    """Waits as long as the compute predict two in flight; where the wait is Tier 2 computing on
+    """Waits of 0.8 of the compute predict two in flight; where the wait is Tier 2 computing on
     Tier 1's own cores, two measure no faster than one, and one is kept."""
     pacer, counts = timed_steps({1: 0.5, 2: 0.5}, 60)
     assert counts[:9] == [2] * 9 and counts[-40:] == [1] * 40
-    assert best_count(1 / 64, 1 / 64, 1.0, 10_000, 64, 1, MOST_IN_FLIGHT, current=1) == 2  # what it overrode
+    assert best_count(1 / 64, 1 / 64, 0.8, 10_000, 64, 1, MOST_IN_FLIGHT, current=1) == 2  # what it overrode
     assert "measured" in pacer.basis
     # the run changes under the measurements: what was measured at two no longer holds
     _, later = timed_steps({1: 0.5, 2: 0.5}, 1, pacer=pacer, available=5_000, max_rows=64)
     assert later == [2]
+
+
+def test_waits_longer_than_the_compute_are_not_second_guessed():
+    """Waits three times the compute cannot be this machine's own work: no count is tried
+    against the prediction, even where the counts would measure alike."""
+    _, counts = timed_steps({count: 0.5 for count in range(1, MOST_IN_FLIGHT + 1)}, 100, stages=[[1.0, 3.0]])
+    assert counts[SETTLED_STEPS:] == [4] * (100 - SETTLED_STEPS)
 
 
 def test_the_predicted_count_is_kept_where_it_measures_faster():

@@ -13,8 +13,8 @@ also costs smaller matmuls and a step's fixed work, which the prediction leaves 
 The prediction cannot see everything: where Tier 2 computes on Tier 1's own cores (loopback),
 its attention looks like a wait that another micro-batch would hide, yet cannot run beside
 Tier 1. So the pacer also measures the tokens per second each count gets, tries one fewer
-once a count is settled, and keeps the prediction's choice only where what was measured at
-it is not clearly worse (``Measured``).
+once a count is settled where the waits are shorter than the compute, and keeps the
+prediction's choice only where what was measured at it is not clearly worse (``Measured``).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class Pacer:
         predicted = best_count(busiest / total_tokens, chain_compute / total_tokens, waits / steps, max(available, 1),
                                max_rows, self.least, self.most, current=self.count if self._decided else None)
         self._decided = True
-        count, basis = self._judge(predicted, now)
+        count, basis = self._judge(predicted, now, unexplained=waits < busiest)
         if count != self.count:  # judged afresh at the new count: what a step waits depends on it
             self.basis = basis or (f"a step of {total_tokens / steps:.0f} tokens: {busiest / steps * 1e3:.1f} ms "
                                    f"compute at the busiest stage, {waits / steps * 1e3:.1f} ms waiting")
@@ -102,10 +102,10 @@ class Pacer:
             self._since_change = 0
 
     def _measure(self, available: int) -> Measured | None:
-        """Tokens per second at the current count, over the steps since it settled (a round of
-        steps after a change is spent regrouping the sequences)."""
-        usable = min(len(self._steps), self._since_change - self.count)
-        if usable < SETTLED_STEPS:
+        """Tokens per second at the current count, over the steps since it settled: the first two
+        rounds after a change regroup the sequences and refill the pipeline, and measure neither count."""
+        usable = min(len(self._steps), self._since_change - 2 * self.count)
+        if usable < max(SETTLED_STEPS, 2 * self.count):
             return None
         recent = list(self._steps)[-usable:]
         seconds = recent[-1][5] - recent[0][5]
@@ -116,10 +116,12 @@ class Pacer:
         self.measured[self.count] = measured
         return measured
 
-    def _judge(self, predicted: int, now: Measured | None) -> tuple[int, str]:
+    def _judge(self, predicted: int, now: Measured | None, unexplained: bool) -> tuple[int, str]:
         """The count to run next, and why (empty: as predicted). Where both were measured, more
         micro-batches are kept only if clearly faster (``MEASURED_GAIN``): one rule both ways, so
-        the measurements never send the count back and forth."""
+        the measurements never send the count back and forth. One fewer is tried only where the
+        waits are shorter than the compute (``unexplained``): there they may be work on this
+        machine's cores; waits longer than that are the network, and a try would only cost."""
         if self._trying_from is not None:
             if now is None:
                 return self.count, ""  # trying one fewer: not measured yet
@@ -137,7 +139,7 @@ class Pacer:
             return self.count, ""
         if self._known(fewer, now):
             return (self.count, "") if self._faster(self.count, fewer) else (fewer, self._why(fewer, self.count))
-        if self._recorded - self._tried.get(fewer, -MEASURED_FOR) < MEASURED_FOR:
+        if not unexplained or self._recorded - self._tried.get(fewer, -MEASURED_FOR) < MEASURED_FOR:
             return self.count, ""
         self._tried[fewer], self._trying_from = self._recorded, self.count
         return fewer, f"trying one fewer ({now.rate:.0f} tokens/s measured at {self.count})"
