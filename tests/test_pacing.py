@@ -28,7 +28,9 @@ def test_one_stage_follows_the_design_formula_when_micro_batches_are_full():
     assert pacer.count == 2  # the start count until enough steps are measured
     steps(pacer, [[1.0, 3.0]], 64, count=1, **FULL)  # 1 + round trip / compute
     assert pacer.count == 4
-    steps(pacer, [[2.0, 1.0]], 64, **FULL)  # measured afresh at the new count
+    steps(pacer, [[2.0, 1.0]], 64, count=2 * 4 + SETTLED_STEPS - 1, **FULL)  # measured afresh at the new count,
+    assert pacer.count == 4  # and its rate too (after two rounds at it) before it is left
+    steps(pacer, [[2.0, 1.0]], 64, count=1, **FULL)
     assert pacer.count == 2
 
 
@@ -124,6 +126,19 @@ def test_the_predicted_count_is_kept_where_it_measures_faster():
     tried = counts.index(1)
     assert counts[tried + SETTLED_STEPS + 2:] == [2] * (len(counts) - tried - SETTLED_STEPS - 2)  # ... and left
     assert pacer.measured[2].rate == 2 * pacer.measured[1].rate
+
+
+def test_counts_measured_within_noise_of_each_other_do_not_go_round_in_a_circle(monkeypatch):
+    """A prediction that goes 4 -> 3 -> 2 -> 4 (waits measured lower with more in flight), over
+    counts that measure 107, 104 and 100 tokens/s: each step down is within noise, the step up
+    is not. The count settles instead of regrouping the sequences for ever."""
+    from glinthawk.node import pacing
+
+    monkeypatch.setattr(pacing, "best_count", lambda *args, current=None, **kwargs: {4: 3, 3: 2, 2: 4}[current or 2])
+    rates = {2: 100.0, 3: 104.0, 4: 107.0}
+    _, counts = timed_steps({count: 64 / rate for count, rate in rates.items()}, 200)
+    changes = sum(a != b for a, b in zip(counts, counts[1:]))
+    assert changes <= 4 and len(set(counts[-100:])) == 1
 
 
 def test_measurements_are_compared_only_while_the_run_is_alike():

@@ -12,9 +12,9 @@ also costs smaller matmuls and a step's fixed work, which the prediction leaves 
 
 The prediction cannot see everything: where Tier 2 computes on Tier 1's own cores (loopback),
 its attention looks like a wait that another micro-batch would hide, yet cannot run beside
-Tier 1. So the pacer also measures the tokens per second each count gets, tries one fewer
-once a count is settled where the waits are shorter than the compute, and keeps the
-prediction's choice only where what was measured at it is not clearly worse (``Measured``).
+Tier 1. So the pacer also measures the tokens per second each count gets (``Measured``),
+leaves a count only once it is measured, tries one fewer where the waits are shorter than
+the compute, and between two counts both measured moves only to the better one.
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ class Pacer:
         now = self._measure(max(available, 1))
         predicted = best_count(busiest / total_tokens, chain_compute / total_tokens, waits / steps, max(available, 1),
                                max_rows, self.least, self.most, current=self.count if self._decided else None)
+        count, basis = self._judge(predicted, now, unexplained=waits < busiest, first=not self._decided)
         self._decided = True
-        count, basis = self._judge(predicted, now, unexplained=waits < busiest)
         if count != self.count:  # judged afresh at the new count: what a step waits depends on it
             self.basis = basis or (f"a step of {total_tokens / steps:.0f} tokens: {busiest / steps * 1e3:.1f} ms "
                                    f"compute at the busiest stage, {waits / steps * 1e3:.1f} ms waiting")
@@ -116,29 +116,28 @@ class Pacer:
         self.measured[self.count] = measured
         return measured
 
-    def _judge(self, predicted: int, now: Measured | None, unexplained: bool) -> tuple[int, str]:
-        """The count to run next, and why (empty: as predicted). Where both were measured, more
-        micro-batches are kept only if clearly faster (``MEASURED_GAIN``): one rule both ways, so
-        the measurements never send the count back and forth. One fewer is tried only where the
-        waits are shorter than the compute (``unexplained``): there they may be work on this
-        machine's cores; waits longer than that are the network, and a try would only cost."""
+    def _judge(self, predicted: int, now: Measured | None, unexplained: bool, first: bool) -> tuple[int, str]:
+        """The count to run next, and why (empty: as predicted). Where both counts were measured,
+        the count moves only to one that measured better (``_better``). One fewer is tried only
+        where the waits are shorter than the compute (``unexplained``): there they may be work on
+        this machine's cores; waits longer than that are the network, where a try only costs."""
         if self._trying_from is not None:
             if now is None:
                 return self.count, ""  # trying one fewer: not measured yet
             before, self._trying_from = self._trying_from, None
-            if self._known(before, now) and self._faster(before, self.count):
-                return before, self._why(before, self.count)
+            if self._known(before, now) and self._better(before):
+                return before, self._why(before)
         if predicted != self.count:
-            if now is not None and self._known(predicted, now):
-                more, fewer = max(predicted, self.count), min(predicted, self.count)
-                if self._faster(more, fewer) == (predicted < self.count):
-                    return self.count, ""  # measured there: no better
+            if now is None:  # after the start guess, a count is measured before it is left
+                return (predicted, "") if first else (self.count, "")
+            if self._known(predicted, now):
+                return (predicted, "") if self._better(predicted) else (self.count, "")
             return predicted, ""
         fewer = self.count - 1
         if now is None or fewer < self.least:
             return self.count, ""
         if self._known(fewer, now):
-            return (self.count, "") if self._faster(self.count, fewer) else (fewer, self._why(fewer, self.count))
+            return (fewer, self._why(fewer)) if self._better(fewer) else (self.count, "")
         if not unexplained or self._recorded - self._tried.get(fewer, -MEASURED_FOR) < MEASURED_FOR:
             return self.count, ""
         self._tried[fewer], self._trying_from = self._recorded, self.count
@@ -147,12 +146,16 @@ class Pacer:
     def _known(self, count: int, now: Measured) -> bool:
         return count in self.measured and self.measured[count].comparable(now)
 
-    def _faster(self, more: int, fewer: int) -> bool:
-        """Whether ``more`` micro-batches measured clearly faster than ``fewer``."""
-        return self.measured[more].rate >= (1 + MEASURED_GAIN) * self.measured[fewer].rate
+    def _better(self, other: int) -> bool:
+        """Whether ``other`` micro-batches measured better than the current count: more only where
+        ``MEASURED_GAIN`` faster, fewer where at least as fast. Between the two the count stays,
+        so measurements within noise of each other never send it round in a circle."""
+        mine, theirs = self.measured[self.count].rate, self.measured[other].rate
+        return theirs >= (1 + MEASURED_GAIN) * mine if other > self.count else theirs >= mine
 
-    def _why(self, chosen: int, other: int) -> str:
-        return f"measured {self.measured[chosen].rate:.0f} tokens/s at {chosen}, {self.measured[other].rate:.0f} at {other}"
+    def _why(self, chosen: int) -> str:
+        return (f"measured {self.measured[chosen].rate:.0f} tokens/s at {chosen}, "
+                f"{self.measured[self.count].rate:.0f} at {self.count}")
 
 
 def best_count(busiest_per_row: float, chain_per_row: float, wait: float, available: int, max_rows: int,
