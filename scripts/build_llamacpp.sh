@@ -35,8 +35,15 @@ grep -q glinthawk "$bench_src" || sed -i \
     's|^    llama_backend_free();$|&\n    common_log_pause(common_log_main()); // glinthawk: flush the table before exit|' \
     "$bench_src"
 grep -q glinthawk "$bench_src" || { echo "could not patch $bench_src: is it llama-cpp-python $version's?" >&2; exit 1; }
+command -v cmake >/dev/null && command -v c++ >/dev/null \
+    || { echo "the build needs cmake and a C++ compiler: apt-get install cmake g++ (ninja-build optional)" >&2; exit 1; }
+generator=()
+command -v ninja >/dev/null && generator=(-G Ninja)
 start=$(date +%s)
-cmake -S "$dir/llama.cpp" -B "$dir/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-    -DLLAMA_CURL=OFF -DGGML_CUDA=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >"$dir/cmake.log"
-cmake --build "$dir/build" -j"${JOBS:-2}" --target llama-batched-bench >"$dir/build.log"
+# No network code: LLAMA_CURL is deprecated in this llama.cpp (kept for older ones); downloads go through OpenSSL.
+cmake -S "$dir/llama.cpp" -B "$dir/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    -DGGML_CUDA=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
+    >"$dir/cmake.log" 2>&1 || { echo "cmake failed: see $dir/cmake.log" >&2; exit 1; }
+cmake --build "$dir/build" -j"${JOBS:-2}" --target llama-batched-bench >"$dir/build.log" 2>&1 \
+    || { echo "the build failed: see $dir/build.log" >&2; exit 1; }
 echo "built $dir/build/bin/llama-batched-bench in $(( $(date +%s) - start )) s (llama.cpp from llama-cpp-python $version)"

@@ -54,9 +54,15 @@ def test_command_for_a_workload():
     assert base.command(128, 16, 128) == [
         "/b/llama-batched-bench", "-m", "/m.gguf", "-c", str(128 * 144), "-b", "2048", "-npp", "16", "-ntg", "127",
         "-npl", "128", "-t", "2", "-tb", "2", "-ctk", "bf16", "-ctv", "bf16"]
-    fp32 = Baseline(Path("/b"), Path("/m.gguf"), "float32", threads=1, max_batch_tokens=512, extra=("-fa", "off"))
-    assert fp32.command(64, 8, 32)[3:] == ["-c", str(64 * 40), "-b", "512", "-npp", "8", "-ntg", "31", "-npl", "64",
-                                           "-t", "1", "-tb", "1", "-ctk", "f32", "-ctv", "f32", "-fa", "off"]
+    fp32 = Baseline(Path("/b"), Path("/m.gguf"), "float32", threads=1, max_batch_tokens=512)
+    assert fp32.command(64, 8, 32, ("-fa", "off"))[3:] == [
+        "-c", str(64 * 40), "-b", "512", "-npp", "8", "-ntg", "31", "-npl", "64", "-t", "1", "-tb", "1",
+        "-ctk", "f32", "-ctv", "f32", "-fa", "off"]
+
+
+def test_variants_of_the_args_knob():
+    assert llamacpp.variants("-fa on;-fa off") == (("-fa", "on"), ("-fa", "off"))
+    assert llamacpp.variants("") == ((),) and llamacpp.variants("-ub 2048") == (("-ub", "2048"),)
 
 
 def test_measure_counts_generated_tokens_over_the_whole_run(tmp_path):
@@ -69,6 +75,21 @@ def test_measure_counts_generated_tokens_over_the_whole_run(tmp_path):
     assert row["llamacpp_reported_tok_s"] == 630.03 and row["llamacpp_decode_tok_s"] == 552.11
     assert row["llamacpp_seconds"] == 4.774 and row["llamacpp_prefill_seconds"] == 1.181
     assert "-ntg 31 -npl 64" in row["llamacpp_command"] and row["llamacpp_settings"]["n_threads"] == 2
+
+
+def test_measure_keeps_the_fastest_variant(tmp_path):
+    slow, fast = tmp_path / "slow.txt", tmp_path / "fast.txt"
+    slow.write_text(SAMPLE)
+    fast.write_text(SAMPLE.replace("|    4.774 |", "|    2.000 |"))
+    script = f'case "$*" in *"-fa off"*) cat {fast};; *"-fa bad"*) exit 3;; *) cat {slow};; esac'
+    base = Baseline(fake_binary(tmp_path, script), tmp_path / "m.gguf", "float32", 2, 2048,
+                    variants=(("-fa", "on"), ("-fa", "off"), ("-fa", "bad")))
+    row = base.measure(64, 16, 32)
+    assert row["llamacpp_args"] == "-fa off" and row["llamacpp_seconds"] == 2.0
+    assert row["llamacpp_tok_s"] == pytest.approx(64 * 32 / 2.0) and row["llamacpp_command"].endswith("-fa off")
+    tried = row["llamacpp_variants"]
+    assert [v["llamacpp_args"] for v in tried] == ["-fa on", "-fa off", "-fa bad"]
+    assert tried[0]["llamacpp_seconds"] == 4.774 and "exited 3" in tried[2]["llamacpp_error"]
 
 
 def test_measure_reports_a_failed_run_without_raising(tmp_path):

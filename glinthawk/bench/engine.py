@@ -86,7 +86,7 @@ def measure_point(ctx: BenchContext, label: str, batch: int, prompt: int, new_to
         row["ratio_ours_to_hf"] = ratio(row["tok_s"], row["hf_tok_s"])
         row["decode_ratio_ours_to_hf"] = ratio(row["decode_tok_s"], hf_decode)
     if llama is not None:
-        ctx.echo(f"  {label}: llama.cpp {llamacpp.BINARY}")
+        ctx.echo(f"  {label}: llama.cpp {llamacpp.BINARY}, {len(llama.variants)} option set(s)")
         row.update(llama.measure(batch, prompt, new_tokens))
         if "llamacpp_error" in row:
             ctx.echo(f"  {label}: llama.cpp failed, no ratio to it: {row['llamacpp_error']}")
@@ -153,7 +153,8 @@ TABLE = [("point", "point"), ("batch", "batch"), ("prompt", "prompt"), ("new_tok
          ("roofline_tok_s", "roofline tok/s"), ("fraction_of_roofline", "of roofline"),
          ("hf_tok_s", "HF tok/s"), ("hf_decode_tok_s", "HF decode tok/s"),
          ("ratio_ours_to_hf", "ours/HF"), ("greedy_agreement", "same tokens"),
-         ("llamacpp_tok_s", "llama.cpp tok/s"), ("ratio_ours_to_llamacpp", "ours/llama.cpp")]
+         ("llamacpp_tok_s", "llama.cpp tok/s"), ("llamacpp_args", "llama.cpp options"),
+         ("ratio_ours_to_llamacpp", "ours/llama.cpp")]
 
 
 def _targets(knobs: dict, main: dict, growth: float | None) -> dict:
@@ -188,7 +189,9 @@ def _notes(device: str, hf: bool, llama: llamacpp.Baseline | None) -> list[str]:
             f"llamacpp_tok_s = batch*new / llama-batched-bench's 'T s' (its prefill + new-1 decode steps, "
             f"-ntg new-1: its prefill yields the first token's logits; model load and warm-up excluded, no sampling); "
             f"llamacpp_reported_tok_s is its 'S t/s' column, which counts prompt tokens too; "
-            f"llamacpp_decode_tok_s its 'S_TG t/s'; weights and KV cache {llamacpp.GGUF_TYPES[llama.dtype]}")
+            f"llamacpp_decode_tok_s its 'S_TG t/s'; weights and KV cache {llamacpp.GGUF_TYPES[llama.dtype]}; "
+            f"the fastest of its option sets {' / '.join(' '.join(v) or 'defaults' for v in llama.variants)} "
+            f"(llamacpp_args; each in llamacpp_variants)")
     return notes
 
 
@@ -196,7 +199,8 @@ def _llamacpp_config(llama: llamacpp.Baseline | None) -> dict | None:
     if llama is None:
         return None
     return {"binary": str(llama.binary), "gguf": str(llama.gguf), "type": llamacpp.GGUF_TYPES[llama.dtype],
-            "threads": llama.threads, "extra_args": list(llama.extra), "sources": str(llamacpp.source_dir(llama.binary))}
+            "threads": llama.threads, "variants": [" ".join(v) for v in llama.variants],
+            "sources": str(llamacpp.source_dir(llama.binary))}
 
 
 def plot(result: dict, figure) -> None:

@@ -14,7 +14,7 @@ ENGINE = {
     "max_batch_tokens": 2048, "hf": True,
     "cuda_graphs": False,  # decode steps through CUDA graphs (--device cuda), captured before the timed run
     "llamacpp": "auto",  # llama-batched-bench as a baseline: auto (scripts/build_llamacpp.sh's, if built), off, PATH
-    "llamacpp_args": "",  # more llama-batched-bench options, e.g. "-fa off"
+    "llamacpp_args": "-fa on;-fa off",  # its option sets to try, ";" between: the fastest is the baseline
 }
 ENGINE_QUICK = {"batch": 8, "prompt": 8, "new_tokens": 8, "long_batch": 2, "long_prompt": 128, "long_new_tokens": 4,
                 "llamacpp": "off"}  # its GGUF conversion alone takes longer than a quick run
