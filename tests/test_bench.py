@@ -36,7 +36,7 @@ ROW_FIELDS = {
     "prefix": ["tok_s_without", "tok_s_with", "speedup", "peak_kv_tokens_without", "peak_kv_tokens_with", "kv_ratio",
                "identical_outputs"],
 }
-TARGETS = {"limits": set(), "engine": {"roofline", "vs_hf", "long_context"},
+TARGETS = {"limits": set(), "engine": {"roofline", "vs_hf", "long_context", "vs_llamacpp"},
            "kernels": {"attention", "attention_int8", "linear"},
            "cluster": {"vs_single"}, "latency": {"10ms", "50ms", "10ms_ordinary", "50ms_ordinary"},
            "memory": {"tier1_flat", "tier2_bound"}, "capacity": {"ratio_2048", "int8_batch"}, "pipeline": {"auto_count"},
@@ -173,3 +173,12 @@ def test_render_table_aligns_columns():
     text = render_table([("a", "alpha"), ("b", "b")], [{"a": 1.5, "b": None}, {"a": 12345.0, "b": "x"}])
     lines = text.splitlines()
     assert len(lines) == 4 and len({len(line) for line in lines}) == 1
+
+
+def test_bench_shapes_and_their_cache_markers():
+    from glinthawk.bench.checkpoint import BENCH_MODEL, SHAPES, SMOLLM2_MODEL
+
+    assert SHAPES == {"llama-125m": BENCH_MODEL, "smollm2-135m": SMOLLM2_MODEL}
+    assert 134e6 < SMOLLM2_MODEL.params() < 135e6  # SmolLM2-135M: 134.5M parameters, embeddings tied
+    # an untied spec's marker is what it was before `tied` existed, so cached checkpoints still match
+    assert "tied" not in BENCH_MODEL.marker() and SMOLLM2_MODEL.marker()["tied"] is True

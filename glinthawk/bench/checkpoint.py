@@ -1,5 +1,6 @@
 """The benchmark checkpoint: a random Llama of a fixed shape and seed, built with transformers
-on first use and cached (``GLINTHAWK_BENCH_CACHE``, else ~/.cache/glinthawk-bench)."""
+on first use and cached (``GLINTHAWK_BENCH_CACHE``, else ~/.cache/glinthawk-bench). Torch-free
+at import: ``glinthawk bench --help`` lists the shapes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
-import torch
 
 
 @dataclass(frozen=True)
@@ -27,15 +27,28 @@ class ModelSpec:
     vocab: int
     max_positions: int = 16384
     seed: int = 0
+    tied: bool = False  # the LM head is the embedding table
+
+    def marker(self) -> dict:
+        """What the cached checkpoint's bench-spec.json holds; ``tied`` only where set, so checkpoints
+        cached before the field existed still match."""
+        fields = asdict(self)
+        if not self.tied:
+            del fields["tied"]
+        return fields
 
     def params(self) -> int:
         head_dim = self.hidden // self.heads
         per_layer = (self.hidden * (self.heads + 2 * self.kv_heads) * head_dim + self.heads * head_dim * self.hidden
                      + 3 * self.hidden * self.intermediate + 2 * self.hidden)
-        return self.layers * per_layer + 2 * self.vocab * self.hidden + self.hidden
+        return self.layers * per_layer + (1 if self.tied else 2) * self.vocab * self.hidden + self.hidden
 
 
 BENCH_MODEL = ModelSpec("llama-125m", hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048, vocab=32000)
+# SmolLM2-135M's shape (random weights): a wide vocabulary against a narrow, deep body.
+SMOLLM2_MODEL = ModelSpec("smollm2-135m", hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152,
+                          max_positions=8192, tied=True)
+SHAPES = {spec.name: spec for spec in (BENCH_MODEL, SMOLLM2_MODEL)}  # glinthawk bench --shape
 QUICK_MODEL = ModelSpec("llama-tiny", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512,
                         max_positions=4096)
 BOS_ID, EOS_ID, FIRST_PLAIN_ID = 1, 2, 3
@@ -54,7 +67,7 @@ def bench_checkpoint(spec: ModelSpec, root: Path | None = None) -> Path:
     root = Path(root or cache_root())
     directory = root / spec.name
     marker = directory / "bench-spec.json"
-    wanted = asdict(spec)
+    wanted = spec.marker()
     if marker.exists():
         try:
             if json.loads(marker.read_text()) == wanted:
@@ -62,6 +75,7 @@ def bench_checkpoint(spec: ModelSpec, root: Path | None = None) -> Path:
         except (OSError, json.JSONDecodeError):
             pass
     try:
+        import torch
         import transformers
     except ImportError:
         raise click.ClickException(
@@ -75,7 +89,7 @@ def bench_checkpoint(spec: ModelSpec, root: Path | None = None) -> Path:
             vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
             num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
             max_position_embeddings=spec.max_positions, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-            pad_token_id=None, rms_norm_eps=1e-5, tie_word_embeddings=False,
+            pad_token_id=None, rms_norm_eps=1e-5, tie_word_embeddings=spec.tied,
         )
         torch.manual_seed(spec.seed)
         transformers.LlamaForCausalLM(config).eval().save_pretrained(staging)

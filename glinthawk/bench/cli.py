@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from glinthawk.bench import SUITES, knobs
+from glinthawk.bench.checkpoint import BENCH_MODEL, SHAPES
 
 # What the [bench] extra installs: matplotlib draws SUITE.png, transformers is the engine suite's baseline.
 BENCH_EXTRA = ("matplotlib", "transformers")
@@ -48,12 +49,15 @@ class _BenchCommand(click.Command):
                    "tiers); `all` runs those two.")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Benchmark this checkpoint instead of the generated random Llama-125M.")
+@click.option("--shape", type=click.Choice(list(SHAPES)), default=BENCH_MODEL.name, show_default=True,
+              help="Shape of the generated random checkpoint: the Llama-125M, or SmolLM2-135M's (hidden 576, "
+                   "30 layers, tied embeddings). Ignored with --model or --quick.")
 @click.option("--repeats", type=click.IntRange(min=1), default=None,
               help="Best-of-N repeats for micro-benchmarks (default 7, 2 with --quick).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch threads here and in the node processes started (OMP_NUM_THREADS); default: torch's.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override a suite knob (see below).")
-def bench(suite, quick, out_dir, dtype, device, model_dir, repeats, threads, settings) -> None:
+def bench(suite, quick, out_dir, dtype, device, model_dir, shape, repeats, threads, settings) -> None:
     """Run benchmark SUITE (or all of them): print a table, write OUT/SUITE.json and OUT/SUITE.png."""
     _require_bench_extra()
     import torch
@@ -86,7 +90,7 @@ def bench(suite, quick, out_dir, dtype, device, model_dir, repeats, threads, set
     if dtype == "auto":
         dtype = auto_dtype(torch.device(device))
     ctx = BenchContext(out_dir=out_dir, quick=quick, dtype=dtype, device=device, repeats=repeats,
-                       model_dir=model_dir, overrides=overrides)
+                       model_dir=model_dir, shape=shape, overrides=overrides)
     for name in names:
         run_suite(name, ctx)
 

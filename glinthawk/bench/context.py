@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from glinthawk.bench.checkpoint import BENCH_MODEL, QUICK_MODEL, ModelSpec, bench_checkpoint
+from glinthawk.bench.checkpoint import BENCH_MODEL, QUICK_MODEL, SHAPES, ModelSpec, bench_checkpoint
 
 
 @dataclass
@@ -24,13 +24,14 @@ class BenchContext:
     device: str = "cpu"  # where the model runs: "cpu" or "cuda" (suites that support it)
     repeats: int | None = None
     model_dir: Path | None = None  # None: the generated benchmark checkpoint
+    shape: str = BENCH_MODEL.name  # that checkpoint's shape, a key of SHAPES (--quick: the tiny one)
     overrides: dict[str, str] = field(default_factory=dict)  # "key" or "suite.key" -> raw value
     echo: Callable[[str], None] = field(default=lambda message: click.echo(message, err=True))
     _loaded: dict = field(default_factory=dict, repr=False)
 
     @property
     def spec(self) -> ModelSpec:
-        return QUICK_MODEL if self.quick else BENCH_MODEL
+        return QUICK_MODEL if self.quick else SHAPES[self.shape]
 
     @property
     def best_of(self) -> int:

@@ -13,8 +13,11 @@ ENGINE = {
     "long_batch": 2, "long_prompt": 2048, "long_new_tokens": 128,  # as many new tokens: only the context differs
     "max_batch_tokens": 2048, "hf": True,
     "cuda_graphs": False,  # decode steps through CUDA graphs (--device cuda), captured before the timed run
+    "llamacpp": "auto",  # llama-batched-bench as a baseline: auto (scripts/build_llamacpp.sh's, if built), off, PATH
+    "llamacpp_args": "-fa on;-fa off",  # its option sets to try, ";" between: the fastest is the baseline
 }
-ENGINE_QUICK = {"batch": 8, "prompt": 8, "new_tokens": 8, "long_batch": 2, "long_prompt": 128, "long_new_tokens": 4}
+ENGINE_QUICK = {"batch": 8, "prompt": 8, "new_tokens": 8, "long_batch": 2, "long_prompt": 128, "long_new_tokens": 4,
+                "llamacpp": "off"}  # its GGUF conversion alone takes longer than a quick run
 
 KERNELS = {"contexts": [256, 512, 1024, 2048, 4096, 8192], "attn_batch": 64,
            "tokens": [1, 8, 32, 64, 128, 256, 512], "sample_rows": 128}
