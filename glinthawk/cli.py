@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from glinthawk.allocator import tune_malloc
+from glinthawk.compute import unbuilt_warning
 from glinthawk.cli_files import OUTPUT_HELP, check_output, check_resume, input_file, open_input, pick_input, where
 from glinthawk.cluster_options import run_cluster_option
 from glinthawk.net.netem import parse_size
@@ -50,6 +51,8 @@ def main() -> None:
     Nodes on several machines: glinthawk-node (docs/DEPLOYMENT.md).
     """
     tune_malloc()
+    if warning := unbuilt_warning():
+        click.echo(f"warning: {warning}", err=True)
 
 
 def check_node_options(secret_file: Path | None, settings: dict) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from glinthawk.allocator import tune_malloc
+from glinthawk.compute import unbuilt_warning
 from glinthawk.cluster_options import node_cluster_options
 from glinthawk.logs import configure as configure_logging
 from glinthawk.metrics import serve as serve_metrics
@@ -75,6 +76,8 @@ def main(role, listen, ready_file, log_level, log_format, metrics_port, threads,
     """Run a Glinthawk node: Tier 1 (weights, scheduling) or Tier 2 (KV cache + attention)."""
     configure_logging(log_level, log_format)
     tune_malloc()
+    if warning := unbuilt_warning():
+        log.warning(warning)
     host, port = parse_address(listen)
     if threads is not None:
         use_threads(threads)
