@@ -136,7 +136,7 @@ class Baseline:
     threads: int
     max_batch_tokens: int
     # Knob llamacpp_args: option sets tried one after another, the fastest kept. Its best flash-attention
-    # setting depends on the cache type and CPU (on one host: on for bf16, off 40% faster for f32).
+    # setting depends on the cache type and the CPU (figures in docs/PERFORMANCE.md).
     variants: tuple[tuple[str, ...], ...] = ((),)
 
     def command(self, batch: int, prompt: int, new_tokens: int, extra: tuple[str, ...] = ()) -> list[str]:
@@ -180,7 +180,7 @@ class Baseline:
 def variants(setting: str) -> tuple[tuple[str, ...], ...]:
     """Knob ``llamacpp_args``: option sets separated by ``;`` (``"-fa on;-fa off"``); "" is one run of
     llama.cpp's defaults."""
-    return tuple(tuple(shlex.split(part)) for part in setting.split(";")) or ((),)
+    return tuple(tuple(shlex.split(part)) for part in setting.split(";"))
 
 
 def prepare(setting: str, checkpoint: Path, dtype: str, device: str, threads: int, max_batch_tokens: int,
