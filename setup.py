@@ -17,6 +17,6 @@ setup(
         Extension(f"glinthawk.compute.{name}", sources=[f"glinthawk/compute/{name}.c"],
                   depends=["glinthawk/compute/_kernels.h", "glinthawk/compute/_openmp.h", "glinthawk/compute/_kvint8.h"], extra_compile_args=FLAGS,
                   optional=True)
-        for name in ("_attention", "_elementwise", "_sampling")
+        for name in ("_attention", "_elementwise", "_matmul", "_sampling")
     ]
 )

@@ -414,7 +414,8 @@ def test_cpu_matmuls_see_only_bucketed_row_counts(tiny_model, monkeypatch, dtype
     from glinthawk.compute import matmul
 
     model, tok = tiny_model(VARIANT, dtype)
-    assert model.layers[0].gate_up.is_mkldnn == matmul.packs(torch.empty(0, dtype=model.dtype))
+    gate_up = model.layers[0].gate_up
+    assert gate_up.is_mkldnn == matmul.packs(torch.empty(gate_up.shape, dtype=model.dtype))
     calls = record_matmuls(monkeypatch, model)
     engine = Engine(model, tok, kv_tokens=4096, max_batch_tokens=37, max_seqs=3)
     assert not calls  # nothing is warmed before the run shows its batch sizes

@@ -16,6 +16,8 @@ import torch
 from checkpoints import VARIANTS
 from engine_util import PROMPTS, SHARDED_VARIANT, prompt_logits, request, run_engine
 
+from glinthawk.compute import matmul
+
 VARIANT_NAMES = list(VARIANTS)
 
 # float32: our logits and transformers' agree to this fraction of the largest |logit|.
@@ -59,7 +61,7 @@ def test_variants_exercise_what_they_claim(tiny_checkpoint, tiny_model):
     cfg = tiny_model("llama3_tied_mqa")[0].config
     assert (cfg.rope.type, cfg.num_kv_heads, cfg.tie_word_embeddings) == ("llama3", 1, True)
     model = tiny_model("llama3_tied_mqa")[0]
-    head = model.lm_head.to_dense() if model.lm_head.is_mkldnn else model.lm_head  # packed on the CPU
+    head = matmul.unpack(model.lm_head)  # packed on the CPU
     assert torch.equal(head, model.embed_tokens)
     assert tiny_model("llama_head_dim")[0].config.head_dim == 32 != 64 // 4
     assert tiny_model("qwen2_bias")[0].layers[0].qkv_bias is not None

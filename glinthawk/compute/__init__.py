@@ -2,7 +2,7 @@
 
 import importlib.util
 
-C_KERNELS = ("_elementwise", "_attention", "_sampling")  # built at install time where a C compiler is present
+C_KERNELS = ("_elementwise", "_attention", "_matmul", "_sampling")  # built at install time where a C compiler is present
 
 
 def unbuilt_kernels() -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""The C kernels' bindings: the one place that hands tensors to ``_elementwise``,
+"""The C kernels' bindings: the one place that hands tensors to ``_elementwise``, ``_matmul``,
 ``_sampling`` and ``_attention``.
 
 The kernels take raw addresses and trust them, so a wrong tensor would be a crash or
@@ -31,6 +31,10 @@ try:
     from glinthawk.compute import _sampling
 except ImportError:
     _sampling = None
+try:
+    from glinthawk.compute import _matmul
+except ImportError:
+    _matmul = None
 
 _BUILT = _elementwise or _attention or _sampling
 # The dtypes the C kernels take, by the codes every extension exports from _kernels.h.
@@ -41,6 +45,7 @@ INT8 = None if _BUILT is None else _BUILT.INT8
 _INT64, _INT32, _BF16 = (torch.int64,), (torch.int32,), (torch.bfloat16,)
 _FLOAT32, _FLOAT64 = (torch.float32,), (torch.float64,)
 _SLICE_BYTES = 2 * 8  # a slice: (first, last) work items, int64
+PANEL = 0 if _matmul is None else _matmul.PANEL  # output columns per panel of a _matmul weight
 
 
 def address(kernel: str, name: str, tensor: torch.Tensor, dtypes: Collection[torch.dtype],
@@ -148,6 +153,33 @@ def mask_logits(logits: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor) -
                              address("mask_logits", "rows", rows, _INT64), n, vocab,
                              address("mask_logits", "masks", masks, _INT32, (n, words)), words,
                              C_DTYPE_CODES[logits.dtype])
+
+
+# -- _matmul ---------------------------------------------------------------------------
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 weight [n, k] (n a multiple of PANEL) laid out as _matmul's panels, in a
+    tensor of the same shape: [n / PANEL, k, PANEL] in memory."""
+    n, k = dims("pack_panels", "weight", weight, 2)
+    weight_at = address("pack_panels", "weight", weight, _FLOAT32)
+    if n % PANEL:
+        raise ValueError(f"pack_panels: argument 'weight' must have a multiple of {PANEL} rows, got {n}")
+    out = torch.empty_like(weight)
+    _matmul.pack_panels(weight_at, out.data_ptr(), n, k)
+    return out
+
+
+def panel_linear(x: torch.Tensor, panels: torch.Tensor, threads: int) -> torch.Tensor:
+    """x [m, k] times the transpose of a weight [n, k] that ``pack_panels`` laid out, over up
+    to ``threads`` of torch's OpenMP workers: float32 [m, n]."""
+    m, k = dims("panel_linear", "x", x, 2)
+    n = dims("panel_linear", "panels", panels, 2)[0]
+    x_at = address("panel_linear", "x", x, _FLOAT32)
+    panels_at = address("panel_linear", "panels", panels, _FLOAT32, (n, k))
+    out = torch.empty(m, n, dtype=torch.float32)
+    if m:
+        _matmul.linear(x_at, panels_at, out.data_ptr(), m, n, k, max(1, threads))
+    return out
 
 
 # -- _sampling ------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Linear layers: on the CPU, oneDNN with each weight packed once at load time.
+"""Linear layers: on the CPU, each weight packed once at load time, for oneDNN or our own kernel.
 
 ``F.linear`` on the CPU leaves oneDNN (bf16) or MKL (float32) to reorder the weight into
 its blocked layout on every call, and MKL takes a slow generic path on non-Intel CPUs.
@@ -6,6 +6,10 @@ Reordering once (``pack``) and multiplying with ``torch.ops.mkldnn._linear_point
 (what torch.compile's CPU backend emits for the same job) is faster, with bf16 results equal
 bit for bit (figures in docs/PERFORMANCE.md). Elsewhere (CUDA, float16, a torch without
 oneDNN) weights stay plain tensors.
+
+float32 weights on a CPU with AVX-512F go to ``_matmul`` instead (``PanelWeight``): at decode
+sizes, with each step streaming the weights from memory, oneDNN leaves half the FMA peak
+unused there (figures in docs/PERFORMANCE.md, "float32 matmuls").
 
 oneDNN keeps a primitive, with scratch memory, for every input shape it sees, so on the
 CPU ``linear`` pads the rows to a few fixed counts (``padded_rows``) and resident memory
@@ -18,9 +22,36 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from glinthawk.compute import cbind
+from glinthawk.threads import hook_openmp
+
+try:  # built at install time when a C compiler is present
+    from glinthawk.compute import _matmul
+except ImportError:
+    _matmul = None
+
+# Whether float32 CPU weights go to _matmul: its CPU runs it, and its slices run on torch's
+# OpenMP workers (alone on the calling thread it would lose to oneDNN's team).
+PANELS = _matmul is not None and _matmul.supported() and hook_openmp(_matmul)
+
+
+class PanelWeight(torch.Tensor):
+    """A float32 weight [out, in] laid out for ``_matmul`` (``cbind.pack_panels``): its shape,
+    dtype and size are the plain weight's, its element order is not, so only ``linear`` reads it."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+
+def panels(weight: torch.Tensor) -> bool:
+    """Whether ``pack`` lays ``weight`` out for ``_matmul`` (see ``PANELS``; output rows a multiple of its panel)."""
+    return (PANELS and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+            and weight.shape[0] % cbind.PANEL == 0 and not weight.is_mkldnn)
+
 
 def packs(weight: torch.Tensor) -> bool:
-    """Whether ``pack`` will pack ``weight`` (CPU, float32 or bfloat16, oneDNN at hand)."""
+    """Whether ``pack`` will pack ``weight`` for oneDNN (CPU, float32 or bfloat16, oneDNN at hand, not ``panels``)."""
+    if panels(weight):
+        return False
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     if weight.dtype == torch.bfloat16:
@@ -29,9 +60,21 @@ def packs(weight: torch.Tensor) -> bool:
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` [out, in] in oneDNN's layout for ``linear`` (an opaque tensor with the same
-    shape and dtype, and no data pointer), or ``weight`` itself where ``packs`` says no."""
+    """``weight`` [out, in] laid out for ``linear``: a ``PanelWeight`` where ``panels`` says so,
+    else in oneDNN's layout (an opaque tensor with the same shape and dtype, and no data
+    pointer), or ``weight`` itself where ``packs`` says no."""
+    if panels(weight):
+        return cbind.pack_panels(weight).as_subclass(PanelWeight)
     return torch.ops.mkldnn._reorder_linear_weight(weight) if packs(weight) else weight
+
+
+def unpack(weight: torch.Tensor) -> torch.Tensor:
+    """The plain weight [out, in] that ``pack`` laid out (a copy where it was packed)."""
+    if type(weight) is PanelWeight:
+        rows, depth = weight.shape
+        plain = weight.as_subclass(torch.Tensor).view(rows // cbind.PANEL, depth, cbind.PANEL)
+        return plain.permute(0, 2, 1).reshape(rows, depth)
+    return weight.to_dense() if weight.is_mkldnn else weight
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -45,6 +88,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _multiply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if type(weight) is PanelWeight:
+        out = cbind.panel_linear(x.contiguous(), weight, torch.get_num_threads())
+        return out if bias is None else out.add_(bias)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
