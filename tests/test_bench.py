@@ -18,6 +18,7 @@ from glinthawk.bench.context import parse_knob
 from glinthawk.bench.measure import Roofline
 from glinthawk.bench.report import render_table
 from glinthawk.bench.runs import decode_rate
+from glinthawk.compute import matmul
 from glinthawk.compute.loader import fast_bfloat16_cpu
 
 # Per suite: fields every result row (or the named rows) must carry, ratios first.
@@ -76,6 +77,7 @@ def test_quick_suite_writes_json_and_plot(suite, tmp_path, bench_cache):
     for key in ("cpu_model", "logical_cores", "usable_cores", "torch_threads", "ram_bytes", "load_average"):
         assert key in machine, key
     assert machine["logical_cores"] >= 1 and machine["torch_threads"] >= 1 and machine["ram_bytes"] > 0
+    assert machine["float32_cpu_matmul"] == ("glinthawk _matmul" if matmul.PANELS else "oneDNN")
     for key in ("python", "torch", "numpy", "transformers"):
         assert data["versions"][key], key
     config = data["config"]

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from glinthawk.compute import unbuilt_kernels
+from glinthawk.compute import matmul, unbuilt_kernels
 from glinthawk.compute.loader import cpu_info
 from glinthawk.threads import THREAD_VARIABLES
 
@@ -35,6 +35,7 @@ def machine_facts() -> dict[str, Any]:
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
         "c_kernels_unbuilt": list(unbuilt_kernels()),  # non-empty: attention and sampling ran on torch's slower paths
+        "float32_cpu_matmul": "glinthawk _matmul" if matmul.PANELS else "oneDNN",
         "cuda": torch.cuda.is_available(),
         "gpu_model": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
