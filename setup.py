@@ -1,5 +1,5 @@
 """Builds the optional C kernels (decode and bf16 prefill attention; RMSNorm, RoPE and
-argmax; sampling); everything else is in pyproject.toml.
+argmax; sampling; float32 linear layers); everything else is in pyproject.toml.
 
 The extensions are optional: without a C compiler the install still succeeds and torch's
 ops do the same work (slower; the same results but for float rounding, which can move a

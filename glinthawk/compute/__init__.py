@@ -12,8 +12,9 @@ def unbuilt_kernels() -> tuple[str, ...]:
 
 def unbuilt_warning() -> str | None:
     """One line to show where C kernels were not built: a run then silently takes torch's much
-    slower CPU paths for attention and sampling (a fifth to a third of the engine's throughput, measured)."""
+    slower CPU paths for attention and sampling (a fifth to a third of the engine's throughput,
+    measured), and oneDNN for float32 matmuls on AVX-512F."""
     if not (missing := unbuilt_kernels()):
         return None
-    return (f"glinthawk's C kernels ({', '.join(missing)}) are not built, so CPU attention and sampling run on "
-            "slower torch paths; reinstall with a C compiler present (pip install -e . builds them)")
+    return (f"glinthawk's C kernels ({', '.join(missing)}) are not built, so CPU attention, sampling and float32 "
+            "matmuls run on slower paths; reinstall with a C compiler present (pip install -e . builds them)")

@@ -15,7 +15,6 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <immintrin.h>
 #include <stdint.h>
 
 #include "_kernels.h"
@@ -25,6 +24,7 @@
 #define PREFETCH_STEPS 64  /* steps of k ahead that each panel's rows are prefetched */
 
 #if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
 #define HAVE_AVX512_PATH 1
 #define AVX512 __attribute__((target("avx512f")))
 
