@@ -1,10 +1,10 @@
 /* float32 linear layers at decode sizes, on CPUs with AVX-512F.
  *
- * At 64-128 rows and weights cold in memory (a decode step streams every layer's weights
- * once), oneDNN's packed float32 matmul reaches about half the FMA peak of this class of
- * host; this plain register-tiled loop, with the weights laid out once in 32-column panels
- * and prefetched ahead, reaches 1.1-1.5x oneDNN there and matches it at prefill sizes
- * (figures in docs/PERFORMANCE.md, "float32 matmuls"). Each output element sums over k in
+ * At 64-128 rows with the weights cold in memory (a decode step streams every layer's
+ * weights once), oneDNN's packed float32 matmul leaves much of the FMA peak unused; this
+ * plain register-tiled loop, with the weights laid out once in 32-column panels and
+ * prefetched ahead, is faster there and as fast at prefill sizes (figures in
+ * docs/PERFORMANCE.md, "float32 matmuls on AVX-512F"). Each output element sums over k in
  * order, whatever the batch and its split: a row's result does not depend on its batch.
  *
  * Panels: a weight [n][k] (n a multiple of PANEL) as [n / PANEL][k][PANEL], so one step of k
@@ -21,7 +21,7 @@
 #include "_openmp.h"
 
 #define PANEL 32           /* output columns per panel: two 512-bit vectors */
-#define PREFETCH_STEPS 64  /* steps of k ahead that each panel's rows are prefetched */
+#define PREFETCH_STEPS 64  /* how many steps of k ahead the panel is prefetched */
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>

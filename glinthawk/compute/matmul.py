@@ -8,8 +8,8 @@ bit for bit (figures in docs/PERFORMANCE.md). Elsewhere (CUDA, float16, a torch 
 oneDNN) weights stay plain tensors.
 
 float32 weights on a CPU with AVX-512F go to ``_matmul`` instead (``PanelWeight``): at decode
-sizes, with each step streaming the weights from memory, oneDNN leaves half the FMA peak
-unused there (figures in docs/PERFORMANCE.md, "float32 matmuls").
+sizes, with each step streaming the weights from memory, oneDNN leaves much of the FMA peak
+unused there (figures in docs/PERFORMANCE.md, "float32 matmuls on AVX-512F").
 
 oneDNN keeps a primitive, with scratch memory, for every input shape it sees, so on the
 CPU ``linear`` pads the rows to a few fixed counts (``padded_rows``) and resident memory
