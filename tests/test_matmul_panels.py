@@ -92,3 +92,18 @@ def test_unpack_gives_back_the_plain_weight(dtype):
     for rows in (40, 64):
         weight = torch.randn(rows, 24).to(dtype)
         assert torch.equal(matmul.unpack(matmul.pack(weight)), weight)
+
+
+@needs_panels
+def test_the_kernels_suite_times_both_backends_on_the_same_weights(tiny_model):
+    from glinthawk.bench import matmul_cold
+
+    model, _ = tiny_model("llama_gqa", "bfloat16")  # the suite's model in any dtype: its weights go to float32
+    row = matmul_cold.cold_matmul_point(model, 8, 1 << 20, repeats=1)
+    layer = model.layers[0]
+    weights = sum(w.numel() for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down))
+    assert row["kernel"] == matmul_cold.KERNEL and row["rows"] == 8
+    assert row["copies"] == max(2, (1 << 20) // (4 * weights))
+    assert row["seconds"] > 0 and row["onednn_seconds"] > 0
+    assert row["speed_ratio_to_onednn"] == pytest.approx(row["onednn_seconds"] / row["seconds"])
+    assert row["flops_per_s"] == pytest.approx(2 * 8 * row["copies"] * weights / row["seconds"])

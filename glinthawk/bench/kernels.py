@@ -13,13 +13,15 @@
   logits over the model's vocabulary, per kind of request (greedy, temperature, top-p,
   top-k), against the torch expressions that sample where the C loop is not built (CUDA,
   no C compiler), run on the same logits; figure of merit = that speed-up.
+- float32 linear layers on AVX-512F (``_matmul``) at ``matmul_rows`` rows, their weights cold
+  in memory (``bench.matmul_cold``), against oneDNN in the same run; figure of merit = that speed-up.
 """
 
 from __future__ import annotations
 
 import torch
 
-from glinthawk.bench import knobs, limits
+from glinthawk.bench import knobs, limits, matmul_cold
 from glinthawk.bench.context import BenchContext
 from glinthawk.bench.measure import best_of, ratio, target
 from glinthawk.compute import sampling
@@ -122,7 +124,9 @@ def run(ctx: BenchContext) -> dict:
                                   "just after each point",
                      "layer_stage": f"matmul peak in {ctx.dtype} (limits.matmul_peak), likewise around each point",
                      "sampling": "the torch expressions of sampling.py on the same logits (the path where the C "
-                                 "sampler is not built), same run"},
+                                 "sampler is not built), same run",
+                     "float32 matmul": "oneDNN's packed matmul on the same weights and rows, alternated in the same "
+                                       "run (absent where _matmul does not run)"},
         "results": rows,
         "summary": {"read_bandwidth": _mean(r["read_bandwidth_around"] for r in attn),
                     "matmul_peak": _mean(r["matmul_peak_around"] for r in layer),
@@ -178,6 +182,9 @@ def _points(ctx: BenchContext, knobs: dict, model, repeats: int) -> list[dict]:
     for name in SAMPLERS:
         ctx.echo(f"  sampling, {knobs['sample_rows']} rows, {name}")
         rows.append(sampling_point(model, knobs["sample_rows"], name, repeats))
+    for count in knobs["matmul_rows"] if matmul_cold.available() else []:
+        ctx.echo(f"  float32 matmul, {count} rows, weights cold: ours and oneDNN")
+        rows.append(matmul_cold.cold_matmul_point(model, count, knobs["matmul_cycle_mib"] << 20, repeats))
     return rows
 
 
@@ -193,6 +200,8 @@ def _table(rows: list[dict]) -> list[dict]:
     sampled = [r for r in rows if r["kernel"] == "sampling"]
     table += [{"kernel": "sampling", "size": f"{r['rows']} rows, {r['sampler']}", "rate": r["speed_ratio_to_torch"],
                "unit": "x torch's", "ms": r["seconds"] * 1e3} for r in sampled]
+    table += [{"kernel": "fp32 matmul", "size": f"{r['rows']} rows, cold", "rate": r["speed_ratio_to_onednn"],
+               "unit": "x oneDNN's", "ms": r["seconds"] * 1e3} for r in rows if r["kernel"] == matmul_cold.KERNEL]
     return table
 
 

@@ -20,8 +20,10 @@ ENGINE_QUICK = {"batch": 8, "prompt": 8, "new_tokens": 8, "long_batch": 2, "long
                 "llamacpp": "off"}  # its GGUF conversion alone takes longer than a quick run
 
 KERNELS = {"contexts": [256, 512, 1024, 2048, 4096, 8192], "attn_batch": 64,
-           "tokens": [1, 8, 32, 64, 128, 256, 512], "sample_rows": 128}
-KERNELS_QUICK = {"contexts": [32, 64, 128], "attn_batch": 4, "tokens": [1, 8, 64], "sample_rows": 8}
+           "tokens": [1, 8, 32, 64, 128, 256, 512], "sample_rows": 128,
+           "matmul_rows": [64, 128], "matmul_cycle_mib": 512}  # float32 weights cycled over more than a cache holds
+KERNELS_QUICK = {"contexts": [32, 64, 128], "attn_batch": 4, "tokens": [1, 8, 64], "sample_rows": 8,
+                 "matmul_rows": [8], "matmul_cycle_mib": 4}
 
 CLUSTER = {"batch": 64, "prompt": 16, "new_tokens": 32, "tier2_nodes": [1, 2, 3], "micro_batches": 1,
            "max_batch_tokens": 2048, "mode": "processes"}
