@@ -144,13 +144,15 @@ VARIANT(head128_i8, 128, INT8)
 VARIANT(head_any_i8, dim, INT8)
 
 /* Ask for rows t..t+n-1 of a [length, row_bytes] slab ahead of use: with compute between
- * the loads, the core alone keeps too few cache misses in flight to stream at full speed. */
+ * the loads, the core alone keeps too few cache misses in flight to stream at full speed.
+ * Into every cache level (locality 3): the non-temporal hint stalled the loop on an Intel
+ * Xeon, at half the bytes/s (docs/PERFORMANCE.md, "Decode attention's prefetch hint"). */
 #define PREFETCH_TILES 4
 static inline void prefetch_rows(const void *slab, int64_t t, int n, int row_bytes, int64_t length) {
     if (t >= length) return;
     const int64_t rows = length - t < n ? length - t : n;
     const char *first = (const char *)slab + t * row_bytes;
-    for (int64_t offset = 0; offset < rows * row_bytes; offset += 64) __builtin_prefetch(first + offset, 0, 0);
+    for (int64_t offset = 0; offset < rows * row_bytes; offset += 64) __builtin_prefetch(first + offset, 0, 3);
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
