@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from glinthawk.bench.measure import best_of, ratio
-from glinthawk.compute import cbind, matmul
+from glinthawk.compute import matmul
 
 KERNEL = "float32 matmul (cold weights)"
 
@@ -25,7 +25,7 @@ def cold_matmul_point(model, rows: int, cycle_bytes: int, repeats: int) -> dict:
     plain = [matmul.unpack(w).float() for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
     copies = max(2, cycle_bytes // sum(w.numel() * 4 for w in plain))
     inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in plain}
-    packers = {"ours": lambda w: cbind.pack_panels(w).as_subclass(matmul.PanelWeight),
+    packers = {"ours": matmul.panel_weight,
                "onednn": torch.ops.mkldnn._reorder_linear_weight}
     weights = {name: [pack(w.clone()) for _ in range(copies) for w in plain] for name, pack in packers.items()}
     best = {name: float("inf") for name in weights}

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from glinthawk.compute import thread_policy
+from glinthawk.threads import hook_openmp
 
 try:  # built at install time when a C compiler is present
     from glinthawk.compute import _elementwise
@@ -46,6 +47,9 @@ _INT64, _INT32, _BF16 = (torch.int64,), (torch.int32,), (torch.bfloat16,)
 _FLOAT32, _FLOAT64 = (torch.float32,), (torch.float64,)
 _SLICE_BYTES = 2 * 8  # a slice: (first, last) work items, int64
 PANEL = 0 if _matmul is None else _matmul.PANEL  # output columns per panel of a _matmul weight
+# Whether _matmul runs here: built, its CPU has AVX-512F, and its slices go to torch's OpenMP
+# workers (alone on the calling thread it would lose to oneDNN's team).
+MATMUL = _matmul is not None and _matmul.supported() and hook_openmp(_matmul)
 
 
 def address(kernel: str, name: str, tensor: torch.Tensor, dtypes: Collection[torch.dtype],

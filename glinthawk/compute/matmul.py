@@ -23,16 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from glinthawk.compute import cbind
-from glinthawk.threads import hook_openmp
 
-try:  # built at install time when a C compiler is present
-    from glinthawk.compute import _matmul
-except ImportError:
-    _matmul = None
-
-# Whether float32 CPU weights go to _matmul: its CPU runs it, and its slices run on torch's
-# OpenMP workers (alone on the calling thread it would lose to oneDNN's team).
-PANELS = _matmul is not None and _matmul.supported() and hook_openmp(_matmul)
+PANELS = cbind.MATMUL  # whether float32 CPU weights go to _matmul
 
 
 class PanelWeight(torch.Tensor):
@@ -40,6 +32,11 @@ class PanelWeight(torch.Tensor):
     dtype and size are the plain weight's, its element order is not, so only ``linear`` reads it."""
 
     __torch_function__ = torch._C._disabled_torch_function_impl
+
+
+def panel_weight(weight: torch.Tensor) -> PanelWeight:
+    """``weight`` laid out for ``_matmul`` whatever ``panels`` says (the benchmark compares it with oneDNN)."""
+    return cbind.pack_panels(weight).as_subclass(PanelWeight)
 
 
 def panels(weight: torch.Tensor) -> bool:
@@ -64,7 +61,7 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     else in oneDNN's layout (an opaque tensor with the same shape and dtype, and no data
     pointer), or ``weight`` itself where ``packs`` says no."""
     if panels(weight):
-        return cbind.pack_panels(weight).as_subclass(PanelWeight)
+        return panel_weight(weight)
     return torch.ops.mkldnn._reorder_linear_weight(weight) if packs(weight) else weight
 
 
