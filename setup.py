@@ -8,6 +8,8 @@ sampled token at a filter's edge).
 
 from setuptools import Extension, setup
 
+# Included by the .c files (a change to one rebuilds them).
+HEADERS = ["_kernels.h", "_openmp.h", "_decode_kernels.h", "_kvint8.h", "_prefill.h"]
 # Reassociation lets the sums vectorise; no -ffast-math, which would set flush-to-zero for
 # the whole process on some toolchains.
 FLAGS = ["-O3", "-std=c11", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
@@ -15,7 +17,7 @@ FLAGS = ["-O3", "-std=c11", "-fno-math-errno", "-fassociative-math", "-fno-signe
 setup(
     ext_modules=[
         Extension(f"glinthawk.compute.{name}", sources=[f"glinthawk/compute/{name}.c"],
-                  depends=["glinthawk/compute/_kernels.h", "glinthawk/compute/_openmp.h", "glinthawk/compute/_kvint8.h"], extra_compile_args=FLAGS,
+                  depends=[f"glinthawk/compute/{header}" for header in HEADERS], extra_compile_args=FLAGS,
                   optional=True)
         for name in ("_attention", "_elementwise", "_matmul", "_sampling")
     ]
