@@ -179,7 +179,7 @@ class LocalCluster:
         addresses = ",".join(wait_ready(node) for node in self.nodes[first:])
         layers = self.stages[index]
         args = ["--role", "tier1", "--model", str(self.model_dir), "--tier2", addresses, "--dtype", self.dtype,
-                "--device", self.device, *to_args(dataclasses.replace(self.tier1, micro_batches=self.in_flight))]
+                "--device", self.device, *to_args(self.tier1_settings)]
         if layers is not None:
             args += ["--layers", f"{layers.start}:{layers.stop}"]
         if next_stage is not None:
@@ -212,6 +212,12 @@ class LocalCluster:
             return self.micro_batches
         base = 4 if self.netem.delay_ms or self.netem.jitter_ms else 1
         return base if len(self.stages) == 1 else max(base, len(self.stages) + 1)
+
+    @property
+    def tier1_settings(self) -> Tier1Settings:
+        """Each stage's settings: the count in flight, and how many stages these shared cores run at once."""
+        concurrent = self.tier1.concurrent_stages or (self.shares.concurrent_stages() if len(self.stages) > 1 else None)
+        return dataclasses.replace(self.tier1, micro_batches=self.in_flight, concurrent_stages=concurrent)
 
     @property
     def tier1_address(self) -> tuple[str, int]:

@@ -53,6 +53,10 @@ class Tier1Settings(StepSettings):
     micro_batches: int | None = setting(
         None, "Micro-batches in flight, each may span every Tier 2 node (default: as many as measured compute and "
         "round-trip times call for, at least one per pipeline stage).", minimum=1)
+    concurrent_stages: int | None = setting(
+        None, "Where the pipeline's stages share one machine's cores (glinthawk run starts them so): how many of "
+        "them compute at once, its cores over a stage's threads. The measured micro-batch count then plans for that "
+        "many computing stages, not one a stage (default: every stage has a device of its own).", minimum=1)
     max_waiting: int = setting(4096, "Requests queued for KV room before clients are read no further.", minimum=1)
     heartbeat_s: float = setting(2.0, "Seconds between PINGs to each Tier 2 node.", minimum=0.01,
                                  flag="--heartbeat-interval")

@@ -88,6 +88,10 @@ class CoreShares:
             return cores
         return max(1, cores // (self.stages * (self.tier2_nodes + 1)))
 
+    def concurrent_stages(self) -> int:
+        """How many Tier 1 stages compute at once on these cores: the cores over a stage's threads."""
+        return max(1, min(self.stages, (os.cpu_count() or 1) // self.threads_for("tier1")))
+
     def spin_rounds_for(self, name: str) -> int:
         """libgomp spin-wait rounds for node ``name``.
 

@@ -301,6 +301,33 @@ def test_local_cluster_shares_the_cores(monkeypatch, tmp_path, delay_ms, micro_b
     assert (held.threads_for("tier1"), held.threads_for("tier2-0")) == (1, tier2)
 
 
+@pytest.mark.parametrize("cores,stages,expected", [
+    (2, 3, 2),  # a thread a stage (each beside its Tier 2 node) on 2 cores: two compute at once
+    (2, 2, 2),
+    (16, 3, 3),  # 2 threads a stage on 16 cores: all three
+])
+def test_core_shares_count_the_stages_that_compute_at_once(monkeypatch, cores, stages, expected):
+    import os
+
+    from glinthawk.threads import CoreShares
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert CoreShares(stages, tier2_nodes=1, in_flight=None).concurrent_stages() == expected
+
+
+def test_local_cluster_tells_its_stages_how_many_compute_at_once(monkeypatch, model_dir):
+    import os
+
+    from glinthawk.cluster import LocalCluster
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    staged = LocalCluster(model_dir, tier2_nodes=1, stages=2, micro_batches="auto")
+    assert (staged.tier1_settings.concurrent_stages, staged.tier1_settings.micro_batches) == (2, None)
+    assert LocalCluster(model_dir, tier2_nodes=1, micro_batches="auto").tier1_settings.concurrent_stages is None
+    given = LocalCluster(model_dir, tier2_nodes=1, stages=2, micro_batches="auto", concurrent_stages=1)
+    assert given.tier1_settings.concurrent_stages == 1  # the user's figure wins
+
+
 @pytest.mark.parametrize("cores,tier2_nodes,micro_batches,tier1_long,tier2_long", [
     (2, 1, None, True, True),  # Tier 1's one worker spins; the Tier 2 node runs on the core its loop frees
     (2, 2, None, False, True),  # two Tier 2 nodes would wait behind that spinning worker

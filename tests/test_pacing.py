@@ -69,6 +69,25 @@ def test_stages_are_never_below_one_each():
     assert pacer.count == 3
 
 
+def test_stages_on_shared_cores_plan_for_the_stages_that_compute_at_once():
+    """Three stages of equal compute on cores that run two of them at once: three in flight would
+    queue the third on a busy core, so two are enough, and the floor is two, not one a stage."""
+    three_stages = [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]
+    shared = Pacer(None, concurrent=2)
+    shared.at_least(3)
+    assert shared.least == 2 and shared.count == 3  # the start guess: one more than the floor
+    steps(shared, three_stages, 64, **FULL)
+    assert shared.count == 2 and "shared cores" in shared.basis
+    # the same stages, each on a device of its own: one a stage
+    own = Pacer(None, concurrent=3)
+    own.at_least(3)
+    steps(own, three_stages, 64, **FULL)
+    assert own.count == 3
+    # a single stage is unaffected: its chain is its own compute
+    single = steps(Pacer(None, concurrent=2), [[1.0, 3.0]], 64, **FULL)
+    assert single.count == steps(Pacer(None), [[1.0, 3.0]], 64, **FULL).count == 4
+
+
 def test_the_count_has_a_ceiling_and_a_given_count_is_kept():
     pacer = Pacer(None)
     steps(pacer, [[0.001, 1000.0]], 64, **FULL)

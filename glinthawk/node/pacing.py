@@ -51,10 +51,14 @@ class Measured:
 
 class Pacer:
     """``fixed``: a count given by hand; None: the count follows the measurements, never below
-    ``least`` (one a stage, or no stage would ever compute while another waits)."""
+    ``least`` (one a stage, or no stage would ever compute while another waits). ``concurrent``:
+    where the stages share a machine's cores, how many compute at once (None: all of them); no
+    more micro-batches than that are needed to keep the cores busy, and the shared cores, not
+    the busiest stage, set the pace."""
 
-    def __init__(self, fixed: int | None, least: int = 1, clock: Callable[[], float] = time.perf_counter):
-        self.fixed, self.least, self.clock = fixed, max(1, least), clock
+    def __init__(self, fixed: int | None, least: int = 1, clock: Callable[[], float] = time.perf_counter,
+                 concurrent: int | None = None):
+        self.fixed, self.least, self.clock, self.concurrent = fixed, max(1, least), clock, concurrent
         self.most = fixed if fixed is not None else max(MOST_IN_FLIGHT, self.least)
         self.count = fixed if fixed is not None else self.least + 1
         # per step: (compute along the chain, waits along it, the busiest stage's compute, tokens, rows, when)
@@ -66,9 +70,10 @@ class Pacer:
         self._tried: dict[int, int] = {}  # when each count was last tried as one fewer
         self._trying_from: int | None = None  # the count a try of one fewer came from
 
-    def at_least(self, least: int) -> None:
-        """The pipeline's stage count, once known: that many micro-batches at the least."""
-        self.least = max(1, least)
+    def at_least(self, stages: int) -> None:
+        """The pipeline's stage count, once known: that many micro-batches at the least (as many as
+        compute at once, where the stages share cores)."""
+        self.least = max(1, min(stages, self.concurrent or stages))
         if self.fixed is None:
             self.most = max(self.most, self.least)
             self.count = max(self.count, self.least + 1)
@@ -90,13 +95,16 @@ class Pacer:
         if busiest <= 0 or steps < SETTLED_STEPS:
             return
         now = self._measure(max(available, 1))
+        if self.concurrent:  # stages on shared cores go no faster than their compute spread over them
+            busiest = max(busiest, chain_compute / self.concurrent)
         predicted = best_count(busiest / total_tokens, chain_compute / total_tokens, waits / steps, max(available, 1),
                                max_rows, self.least, self.most, current=self.count if self._decided else None)
         count, basis = self._judge(predicted, now, unexplained=waits < busiest, first=not self._decided)
         self._decided = True
         if count != self.count:  # judged afresh at the new count: what a step waits depends on it
+            where = "the busiest stage or the shared cores" if self.concurrent else "the busiest stage"
             self.basis = basis or (f"a step of {total_tokens / steps:.0f} tokens: {busiest / steps * 1e3:.1f} ms "
-                                   f"compute at the busiest stage, {waits / steps * 1e3:.1f} ms waiting")
+                                   f"compute at {where}, {waits / steps * 1e3:.1f} ms waiting")
             self.count = count
             self._steps.clear()
             self._since_change = 0
