@@ -52,7 +52,8 @@ class StepSettings(_Settings):
 class Tier1Settings(StepSettings):
     micro_batches: int | None = setting(
         None, "Micro-batches in flight, each may span every Tier 2 node (default: as many as measured compute and "
-        "round-trip times call for, at least one per pipeline stage).", minimum=1)
+        "round-trip times call for, at least one per pipeline stage, or per stage that computes at once where they "
+        "share cores).", minimum=1)
     concurrent_stages: int | None = setting(
         None, "Where the pipeline's stages share one machine's cores (glinthawk run starts them so): how many of "
         "them compute at once, its cores over a stage's threads. The measured micro-batch count then plans for that "
