@@ -73,14 +73,19 @@ AVX512VNNI static inline __m512i sum_each_epi32(const __m512i v[TILE]) {
                             _mm512_shuffle_i32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-/* The group's q rows as int16 (q16, row-major) with a float scale per row. */
+/* The group's q rows as int16 (q16, row-major) with a float scale per row; dim a multiple of 16. */
 AVX512VNNI static inline void q_as_int16(const float *restrict q, int group, int dim, int16_t *restrict q16,
                                          float *restrict q_scales) {
     for (int r = 0; r < group; r++) {
-        float amax = 0.0f;
-        for (int d = 0; d < dim; d++) amax = fabsf(q[r * dim + d]) > amax ? fabsf(q[r * dim + d]) : amax;
+        const float *row = q + r * dim;
+        __m512 lanes = _mm512_setzero_ps();
+        for (int d = 0; d < dim; d += 16) lanes = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(row + d)), lanes);
+        const float amax = _mm512_reduce_max_ps(lanes);
         const float scale = amax > 0.0f ? amax / 32767.0f : 1.0f;
-        for (int d = 0; d < dim; d++) q16[r * dim + d] = (int16_t)rintf(q[r * dim + d] / scale);
+        const __m512 divisor = _mm512_set1_ps(scale);
+        for (int d = 0; d < dim; d += 16)  /* to nearest, ties to even, as rintf */
+            _mm256_storeu_si256((__m256i *)(q16 + r * dim + d),
+                                _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(row + d), divisor))));
         q_scales[r] = scale;
     }
 }
@@ -110,23 +115,39 @@ AVX512VNNI static inline __attribute__((always_inline)) void int8_tile_scores(
     }
 }
 
-/* Row r's weights (probability times the token's value scale, from `scores`) as int16 in
- * pairs (t, t+1) of `pairs`: weights[r * stride + j] holds tokens 2j (low) and 2j + 1 (high,
- * 0 past length); w_scales[r] turns them back into floats. */
-AVX512VNNI static inline void int16_weights(const float *scores, int64_t length, int group, uint16_t *weights,
-                                            int64_t stride, float *w_scales) {
+/* The largest of s[0..length-1]. The plain loop does not vectorise: without
+ * -ffinite-math-only a float maximum is no reduction GCC may reorder. */
+AVX512VNNI static inline float max_of(const float *s, int64_t length) {
+    const __m512 lowest = _mm512_set1_ps(-INFINITY);
+    __m512 lanes = lowest;
+    int64_t t = 0;
+    for (; t + 16 <= length; t += 16) lanes = _mm512_max_ps(_mm512_loadu_ps(s + t), lanes);
+    if (t < length)
+        lanes = _mm512_max_ps(_mm512_mask_loadu_ps(lowest, (__mmask16)((1u << (length - t)) - 1), s + t), lanes);
+    return _mm512_reduce_max_ps(lanes);
+}
+
+/* Row r's weights (its softmax times each token's value scale, from the `scores`) as int16
+ * in pairs (t, t+1) of `pairs`: weights[r * stride + j] holds tokens 2j (low) and 2j + 1
+ * (high, 0 past length); w_scales[r] turns them back into floats and holds the softmax's
+ * division, so each row takes three passes (maximum; e^x, sum and value scale; rounding). */
+AVX512VNNI static inline void int16_weights(float *scores, int64_t length, int group, const uint16_t *value_scales,
+                                            uint16_t *weights, int64_t stride, float *w_scales) {
     for (int r = 0; r < group; r++) {
-        const float *s = scores + r * length;
-        __m512 lanes = _mm512_setzero_ps();  /* one chain of compares would wait on each */
-        int64_t t = 0;
-        for (; t + 16 <= length; t += 16) lanes = _mm512_max_ps(lanes, _mm512_loadu_ps(s + t));
-        float highest = _mm512_reduce_max_ps(lanes);
-        for (; t < length; t++) highest = s[t] > highest ? s[t] : highest;
-        const float scale = highest > 0.0f ? highest / 32767.0f : 1.0f, inverse = 1.0f / scale;
+        float *restrict s = scores + r * length;
+        const float highest = max_of(s, length);
+        float total = 0.0f;
+        for (int64_t t = 0; t < length; t++) {
+            const float e = exp_nonpositive(s[t] - highest);
+            total += e;
+            s[t] = e * bf16_to_float(value_scales[t]);
+        }
+        const float largest = max_of(s, length);
+        const float scale = largest > 0.0f ? largest / 32767.0f : 1.0f, inverse = 1.0f / scale;
         uint16_t *row = weights + 2 * r * stride;
-        for (t = 0; t < length; t++) row[t] = (uint16_t)(int16_t)rintf(s[t] * inverse);  /* <= 32767.5 */
+        for (int64_t t = 0; t < length; t++) row[t] = (uint16_t)(int16_t)rintf(s[t] * inverse);  /* <= 32767.5 */
         row[length] = 0;  /* an odd last token pairs with a zero weight */
-        w_scales[r] = scale;
+        w_scales[r] = scale / total;
     }
 }
 
@@ -205,11 +226,9 @@ AVX512VNNI static inline __attribute__((always_inline)) void attend_head_vnni(
                                     _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(k + (t0 + j) * dim + 32 * c))));
         int8_tile_scores(q16, q_scales, tile, key_scales, t0, n, chunks, group, scale, scores, length);
     }
-    softmax_rows(scores, length, group);
-    scale_rows(scores, length, group, value_scales);
     const int64_t stride = (length + 2) / 2;  /* pairs per row of weights, with the zero pad */
     uint16_t *weights = (uint16_t *)tile;
-    int16_weights(scores, length, group, weights, stride, w_scales);
+    int16_weights(scores, length, group, value_scales, weights, stride, w_scales);
     const int most = chunks <= 2 ? 4 : 2;  /* query heads per pass over V: up to 16 accumulators */
     for (int r = 0; r < group;) {
         const int rows = group - r < most ? group - r : most;
