@@ -124,14 +124,15 @@ static int decode_items(const void *args, int64_t first_item, int64_t last_item)
     int64_t longest = 1;
     for (int64_t item = first_item; item < last_item; item++)
         if (a->lengths[item / a->kv_heads] > longest) longest = a->lengths[item / a->kv_heads];
-    /* scores, then a buffer for converted K/V rows or bf16 probabilities, whichever is larger
+    /* scores, then a buffer for converted K/V rows, bf16 probabilities or int8 q planes, whichever is larger
      * (plus, for the int8 kernel, the group's int16 q rows, two scales per row and alignment:
      * see attend_head_vnni), then float32 copies of the group's q and out rows when q is not
      * float32 */
     const size_t group_floats = (size_t)group * a->dim;
-    const size_t buffer = ((size_t)BLOCK * a->dim > (size_t)group * (longest + 2) ? (size_t)BLOCK * a->dim
-                                                                                  : (size_t)group * (longest + 2))
-                          + group_floats + 2 * (size_t)group + 16;
+    const size_t rows = (size_t)BLOCK * a->dim, weights = (size_t)group * (longest + 2);
+    const size_t q_planes = (size_t)group * (17 + 2 * (size_t)a->dim) + 16;  /* the int8 kernel's transposed q.K */
+    const size_t largest = rows > weights ? (rows > q_planes ? rows : q_planes) : (weights > q_planes ? weights : q_planes);
+    const size_t buffer = largest + group_floats + 2 * (size_t)group + 16;
     const size_t scores = (size_t)group * (size_t)longest;
     float *scratch = malloc(sizeof(float) * (scores + buffer + (a->q_dtype == FLOAT32 ? 0 : 2 * group_floats)));
     if (scratch == NULL) return -1;

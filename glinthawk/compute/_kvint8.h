@@ -13,7 +13,9 @@
  * score (K) or its probability (V), once per token, not once per element. With AVX512_VNNI
  * the q.K pass runs on vpdpwssd: q rounded to int16 (2^-16 of its row's largest entry, far
  * below the keys' own rounding) against the keys sign-extended to int16, 32 products per
- * instruction, summed exactly in int32 (|sum| <= 32767 * 127 * 256 < 2^31). p.V likewise
+ * instruction, summed exactly in int32 (|sum| <= 32767 * 127 * 256 < 2^31); at head_dim 64
+ * and 128 it runs on vpdpbusd over the keys as stored instead, 16 keys transposed at a time
+ * (int8_tile_scores_t), with the same exact sums. p.V likewise
  * takes each row's weights (probability times value scale) as int16 against the values
  * sign-extended, two tokens per int32 lane as the bf16 kernel pairs them, and adds the int32
  * sums into float32 every FLUSH_PAIRS pairs. Converting V to float32 instead took three
@@ -127,6 +129,102 @@ AVX512VNNI static inline float max_of(const float *s, int64_t length) {
     return _mm512_reduce_max_ps(lanes);
 }
 
+/* q.K from the int8 keys as stored, for head_dim 64 or 128 (`blocks` of 64 dims): no int16
+ * copy of the keys and no reduction tree per key. q16 = 256 h + l (h its signed high byte, l
+ * its unsigned low byte); vpdpbusd multiplies unsigned by signed bytes, so h.k is taken as
+ * h.(k + 128) less 128 * sum(h), and l.k directly. |sum| < 2^31 for up to 128 dims: each
+ * product of (k + 128) and h is at most 255 * 128. */
+#define PLANES 8 /* vectors a row of q takes per 64-dim block: 4 of high bytes, then 4 of low */
+
+/* The group's int16 q rows as planes[(r * blocks + b) * PLANES + e] (e < 4: high bytes, else
+ * low): in 128-bit lane L, four times the dword of dims 4 (4L + e) .. 4 (4L + e) + 3 of block
+ * b, what the transposed keys (int8_tile_scores_t) hold in lane L of their vector e.
+ * high_sums[r]: the sum of row r's high bytes. */
+AVX512VNNI static inline void q_planes(const int16_t *q16, int group, int blocks, void *planes, int32_t *high_sums) {
+    const int dim = 64 * blocks;
+    for (int r = 0; r < group; r++) {
+        __m512i sum = _mm512_setzero_si512();
+        for (int b = 0; b < blocks; b++) {
+            const __m512i first = _mm512_loadu_si512(q16 + r * dim + 64 * b);
+            const __m512i second = _mm512_loadu_si512(q16 + r * dim + 64 * b + 32);
+            const __m512i high_words[2] = {_mm512_srai_epi16(first, 8), _mm512_srai_epi16(second, 8)};
+            sum = _mm512_add_epi32(sum, _mm512_madd_epi16(_mm512_add_epi16(high_words[0], high_words[1]),
+                                                          _mm512_set1_epi16(1)));
+            const __m512i bytes[2] = {
+                _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi16_epi8(high_words[0])),
+                                   _mm512_cvtepi16_epi8(high_words[1]), 1),
+                _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi16_epi8(first)), _mm512_cvtepi16_epi8(second),
+                                   1)};
+            char *out = (char *)planes + (size_t)(r * blocks + b) * PLANES * 64;
+            for (int e = 0; e < 4; e++) {
+                const __m512i pick = _mm512_add_epi32(_mm512_set1_epi32(e), _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4,
+                                                                                                  8, 8, 8, 8, 12, 12, 12, 12));
+                _mm512_storeu_si512(out + 64 * e, _mm512_permutexvar_epi32(pick, bytes[0]));
+                _mm512_storeu_si512(out + 64 * (4 + e), _mm512_permutexvar_epi32(pick, bytes[1]));
+            }
+        }
+        high_sums[r] = _mm512_reduce_add_epi32(sum);
+    }
+}
+
+/* int8_tile_scores' contract from the int8 keys themselves: each 64-dim block of the 16 keys
+ * is transposed in two steps, so that vector 4q + e holds, in lane L, dword 4L + e of keys
+ * 4q..4q+3; the four lanes of a quad's sums are added at the end, once per 16 keys.
+ * sums: 16 int32 a row of scratch. */
+AVX512VNNI static inline __attribute__((always_inline)) void int8_tile_scores_t(
+        const void *planes, const int32_t *high_sums, const float *q_scales, const int8_t *k,
+        const uint16_t *key_scales, int64_t t0, int n, const int blocks, int group, float scale, float *scores,
+        int64_t length, int32_t *sums) {
+    const int dim = 64 * blocks;
+    const __mmask16 live = (__mmask16)((1u << n) - 1);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int b = 0; b < blocks; b++) {
+        __m512i rows[TILE], pairs[TILE], u[TILE];
+        for (int j = 0; j < TILE; j++)
+            rows[j] = j < n ? _mm512_loadu_si512(k + (t0 + j) * dim + 64 * b) : _mm512_setzero_si512();
+        for (int i = 0; i < TILE / 2; i++) {
+            pairs[2 * i] = _mm512_unpacklo_epi32(rows[2 * i], rows[2 * i + 1]);
+            pairs[2 * i + 1] = _mm512_unpackhi_epi32(rows[2 * i], rows[2 * i + 1]);
+        }
+        for (int q = 0; q < 4; q++) {
+            u[4 * q] = _mm512_unpacklo_epi64(pairs[4 * q], pairs[4 * q + 2]);
+            u[4 * q + 1] = _mm512_unpackhi_epi64(pairs[4 * q], pairs[4 * q + 2]);
+            u[4 * q + 2] = _mm512_unpacklo_epi64(pairs[4 * q + 1], pairs[4 * q + 3]);
+            u[4 * q + 3] = _mm512_unpackhi_epi64(pairs[4 * q + 1], pairs[4 * q + 3]);
+        }
+        for (int r = 0; r < group; r++) {
+            const char *plane = (const char *)planes + (size_t)(r * blocks + b) * PLANES * 64;
+            __m512i quad[4];
+            for (int q = 0; q < 4; q++) {
+                __m512i acc = _mm512_setzero_si512();
+                for (int e = 0; e < 4; e++)
+                    acc = _mm512_dpbusd_epi32(acc, _mm512_xor_si512(u[4 * q + e], flip), _mm512_loadu_si512(plane + 64 * e));
+                acc = _mm512_slli_epi32(acc, 8);
+                for (int e = 0; e < 4; e++)
+                    acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(plane + 64 * (4 + e)), u[4 * q + e]);
+                quad[q] = acc;
+            }
+            /* lane M of the total: keys 4M..4M+3, quad M's four lanes added */
+            const __m512i low = _mm512_add_epi32(_mm512_shuffle_i32x4(quad[0], quad[1], 0x44),
+                                                 _mm512_shuffle_i32x4(quad[0], quad[1], 0xEE));
+            const __m512i high = _mm512_add_epi32(_mm512_shuffle_i32x4(quad[2], quad[3], 0x44),
+                                                  _mm512_shuffle_i32x4(quad[2], quad[3], 0xEE));
+            const __m512i total = _mm512_add_epi32(_mm512_shuffle_i32x4(low, high, 0x88),
+                                                   _mm512_shuffle_i32x4(low, high, 0xDD));
+            int32_t *sum = sums + 16 * r;
+            _mm512_storeu_si512(sum, b == 0 ? total : _mm512_add_epi32(_mm512_loadu_si512(sum), total));
+        }
+    }
+    const __m512 token_scales = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, key_scales + t0)), 16));
+    for (int r = 0; r < group; r++) {
+        const __m512i exact = _mm512_sub_epi32(_mm512_loadu_si512(sums + 16 * r), _mm512_set1_epi32(high_sums[r] * 32768));
+        _mm512_mask_storeu_ps(scores + r * length + t0, live,
+                              _mm512_mul_ps(_mm512_cvtepi32_ps(exact),
+                                            _mm512_mul_ps(token_scales, _mm512_set1_ps(scale * q_scales[r]))));
+    }
+}
+
 /* Row r's weights (its softmax times each token's value scale, from the `scores`) as int16
  * in pairs (t, t+1) of `pairs`: weights[r * stride + j] holds tokens 2j (low) and 2j + 1
  * (high, 0 past length); w_scales[r] turns them back into floats and holds the softmax's
@@ -217,7 +315,18 @@ AVX512VNNI static inline __attribute__((always_inline)) void attend_head_vnni(
     float *q_scales = buffer + group * dim / 2, *w_scales = q_scales + group;
     int16_t *tile = (int16_t *)(buffer + (group * dim / 2 + 2 * group + 15) / 16 * 16);
     q_as_int16(q, group, dim, q16, q_scales);
-    for (int64_t t0 = 0; t0 < length; t0 += TILE) {
+    if (chunks == 2 || chunks == 4) {  /* head_dim 64 or 128: q.K on the keys as stored */
+        int32_t *sums = (int32_t *)tile, *high_sums = sums + 16 * group;  /* decode_items sizes these */
+        void *planes = high_sums + (group + 15) / 16 * 16;
+        q_planes(q16, group, chunks / 2, planes, high_sums);
+        for (int64_t t0 = 0; t0 < length; t0 += TILE) {
+            const int n = length - t0 < TILE ? (int)(length - t0) : TILE;
+            prefetch_rows(k, t0 + PREFETCH_TILES * TILE, TILE, dim, length);
+            int8_tile_scores_t(planes, high_sums, q_scales, k, key_scales, t0, n, chunks / 2, group, scale, scores,
+                               length, sums);
+        }
+    }
+    for (int64_t t0 = 0; t0 < length && chunks != 2 && chunks != 4; t0 += TILE) {
         const int n = length - t0 < TILE ? (int)(length - t0) : TILE;
         prefetch_rows(k, t0 + PREFETCH_TILES * TILE, TILE, dim, length);
         for (int j = 0; j < n; j++)
