@@ -303,8 +303,8 @@ AVX512VNNI static inline __attribute__((always_inline)) void accumulate_int8_pai
 
 /* attend_head's contract for an int8 slab, dim = 32 * chunks. buffer (decode_items sizes
  * it): the group's int16 q rows, their scales and the weights' scales, then from the next
- * 64-byte boundary the K tile as int16 (TILE * dim), later the int16 weights (group *
- * (length + 2)). */
+ * 64-byte boundary the K tile as int16 (TILE * dim; at head_dim 64 and 128 the transposed
+ * q.K's sums and q planes instead), later the int16 weights (group * (length + 2)). */
 AVX512VNNI static inline __attribute__((always_inline)) void attend_head_vnni(
         const float *restrict q, float *restrict out, const void *keys, const void *values,
         const uint16_t *key_scales, const uint16_t *value_scales, int64_t length, const int chunks, int group,
