@@ -131,7 +131,8 @@ static int decode_items(const void *args, int64_t first_item, int64_t last_item)
     const size_t group_floats = (size_t)group * a->dim;
     const size_t rows = (size_t)BLOCK * a->dim, weights = (size_t)group * (longest + 2);
     const size_t q_planes = (size_t)group * (17 + 2 * (size_t)a->dim) + 16;  /* the int8 kernel's transposed q.K */
-    const size_t largest = rows > weights ? (rows > q_planes ? rows : q_planes) : (weights > q_planes ? weights : q_planes);
+    const size_t largest =
+        rows > weights ? (rows > q_planes ? rows : q_planes) : (weights > q_planes ? weights : q_planes);
     const size_t buffer = largest + group_floats + 2 * (size_t)group + 16;
     const size_t scores = (size_t)group * (size_t)longest;
     float *scratch = malloc(sizeof(float) * (scores + buffer + (a->q_dtype == FLOAT32 ? 0 : 2 * group_floats)));

@@ -198,7 +198,8 @@ AVX512VNNI static inline __attribute__((always_inline)) void int8_tile_scores_t(
             for (int q = 0; q < 4; q++) {
                 __m512i acc = _mm512_setzero_si512();
                 for (int e = 0; e < 4; e++)
-                    acc = _mm512_dpbusd_epi32(acc, _mm512_xor_si512(u[4 * q + e], flip), _mm512_loadu_si512(plane + 64 * e));
+                    acc = _mm512_dpbusd_epi32(acc, _mm512_xor_si512(u[4 * q + e], flip),
+                                              _mm512_loadu_si512(plane + 64 * e));
                 acc = _mm512_slli_epi32(acc, 8);
                 for (int e = 0; e < 4; e++)
                     acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(plane + 64 * (4 + e)), u[4 * q + e]);
@@ -218,7 +219,8 @@ AVX512VNNI static inline __attribute__((always_inline)) void int8_tile_scores_t(
     const __m512 token_scales = _mm512_castsi512_ps(
         _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, key_scales + t0)), 16));
     for (int r = 0; r < group; r++) {
-        const __m512i exact = _mm512_sub_epi32(_mm512_loadu_si512(sums + 16 * r), _mm512_set1_epi32(high_sums[r] * 32768));
+        const __m512i exact =
+            _mm512_sub_epi32(_mm512_loadu_si512(sums + 16 * r), _mm512_set1_epi32(high_sums[r] * 32768));
         _mm512_mask_storeu_ps(scores + r * length + t0, live,
                               _mm512_mul_ps(_mm512_cvtepi32_ps(exact),
                                             _mm512_mul_ps(token_scales, _mm512_set1_ps(scale * q_scales[r]))));

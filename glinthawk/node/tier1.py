@@ -104,7 +104,8 @@ class Tier1Node(ClientService):
         self.throughput = Throughput(lambda: self.generated_tokens)
         self.merger: StageMerger | None = None
         self.micro_batch_list: list[MicroBatch] = []
-        self.pacer = Pacer(self.settings.micro_batches, concurrent=self.settings.concurrent_stages)  # how many take sequences
+        # how many of them take sequences
+        self.pacer = Pacer(self.settings.micro_batches, concurrent=self.settings.concurrent_stages)
         self._room = asyncio.Event()  # set when a client's handler may read more input
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.AbstractServer | None = None
