@@ -317,20 +317,18 @@ AVX512VNNI static inline __attribute__((always_inline)) void attend_head_vnni(
     float *q_scales = buffer + group * dim / 2, *w_scales = q_scales + group;
     int16_t *tile = (int16_t *)(buffer + (group * dim / 2 + 2 * group + 15) / 16 * 16);
     q_as_int16(q, group, dim, q16, q_scales);
-    if (chunks == 2 || chunks == 4) {  /* head_dim 64 or 128: q.K on the keys as stored */
-        int32_t *sums = (int32_t *)tile, *high_sums = sums + 16 * group;  /* decode_items sizes these */
-        void *planes = high_sums + (group + 15) / 16 * 16;
-        q_planes(q16, group, chunks / 2, planes, high_sums);
-        for (int64_t t0 = 0; t0 < length; t0 += TILE) {
-            const int n = length - t0 < TILE ? (int)(length - t0) : TILE;
-            prefetch_rows(k, t0 + PREFETCH_TILES * TILE, TILE, dim, length);
-            int8_tile_scores_t(planes, high_sums, q_scales, k, key_scales, t0, n, chunks / 2, group, scale, scores,
-                               length, sums);
-        }
-    }
-    for (int64_t t0 = 0; t0 < length && chunks != 2 && chunks != 4; t0 += TILE) {
+    const int transposed = chunks == 2 || chunks == 4;  /* head_dim 64 or 128: q.K on the keys as stored */
+    int32_t *sums = (int32_t *)tile, *high_sums = sums + 16 * group;  /* decode_items sizes these */
+    void *planes = high_sums + (group + 15) / 16 * 16;
+    if (transposed) q_planes(q16, group, chunks / 2, planes, high_sums);
+    for (int64_t t0 = 0; t0 < length; t0 += TILE) {
         const int n = length - t0 < TILE ? (int)(length - t0) : TILE;
         prefetch_rows(k, t0 + PREFETCH_TILES * TILE, TILE, dim, length);
+        if (transposed) {
+            int8_tile_scores_t(planes, high_sums, q_scales, k, key_scales, t0, n, chunks / 2, group, scale, scores,
+                               length, sums);
+            continue;
+        }
         for (int j = 0; j < n; j++)
             for (int c = 0; c < chunks; c++)
                 _mm512_storeu_si512(tile + j * dim + 32 * c,
