@@ -203,7 +203,6 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-
 static PyMethodDef methods[] = {
     {"decode_attention", decode_attention, METH_VARARGS, "Fused decode attention over slices of work items."},
     {"use_openmp", use_openmp, METH_VARARGS, "Run slices as parallel regions of this OpenMP runtime."},
