@@ -113,11 +113,12 @@ def run(ctx: BenchContext) -> dict:
                 "kv_tokens": knob["max_seqs"] * (knob["prefix"] + knob["suffix"] + knob["new_tokens"])}
     shape = (knob["requests"], knob["prefix"], knob["suffix"], knob["new_tokens"], vocab)
     _run(model, tokenizer, workload(4, *shape[1:], shared=True), settings, True)  # warm up
-    rows = [_compare(model, tokenizer, workload(*shape, shared=shared), settings, ctx.best_of, name)
+    repeats = ctx.repeats or knob["repeats"]  # whole runs of minutes: --repeats, or the suite's own few
+    rows = [_compare(model, tokenizer, workload(*shape, shared=shared), settings, repeats, name)
             for shared, name in ((True, "shared prefix"), (False, "no shared prefix"))]
     n = knob["n"]
     choices, separate = with_choices(workload(max(1, knob["requests"] // n), *shape[1:], shared=False), n)
-    rows.append(_compare(model, tokenizer, choices, settings, ctx.best_of, f"n={n} vs {n} requests", separate))
+    rows.append(_compare(model, tokenizer, choices, settings, repeats, f"n={n} vs {n} requests", separate))
     shared, distinct, sampled = rows
     kv_bytes = model.config.kv_bytes_per_token(model.embed_tokens.element_size())
     return {
@@ -141,7 +142,7 @@ def run(ctx: BenchContext) -> dict:
                   "generate as many tokens; identical_outputs: the fraction of requests whose tokens are equal "
                   "(float32: all; bfloat16: the prefix's K/V computed in another batch may round differently and "
                   "flip a near-tie)",
-                  f"best of {ctx.best_of} repeats, each running both back to back",
+                  f"best of {repeats} repeats, each running both back to back",
                   f"n={n}: requests // n prompts of no shared prefix, sampled (temperature 0.8, seeded); the "
                   "baseline runs each as n separate requests seeded as its choices are, without the cache"],
         "table": ([("workload", "workload"), ("requests", "requests"), ("tok_s_without", "tok/s without"),

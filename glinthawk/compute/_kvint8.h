@@ -117,18 +117,6 @@ AVX512VNNI static inline __attribute__((always_inline)) void int8_tile_scores(
     }
 }
 
-/* The largest of s[0..length-1]. The plain loop does not vectorise: without
- * -ffinite-math-only a float maximum is no reduction GCC may reorder. */
-AVX512VNNI static inline float max_of(const float *s, int64_t length) {
-    const __m512 lowest = _mm512_set1_ps(-INFINITY);
-    __m512 lanes = lowest;
-    int64_t t = 0;
-    for (; t + 16 <= length; t += 16) lanes = _mm512_max_ps(_mm512_loadu_ps(s + t), lanes);
-    if (t < length)
-        lanes = _mm512_max_ps(_mm512_mask_loadu_ps(lowest, (__mmask16)((1u << (length - t)) - 1), s + t), lanes);
-    return _mm512_reduce_max_ps(lanes);
-}
-
 /* q.K from the int8 keys as stored, for head_dim 64 or 128 (`blocks` of 64 dims): no int16
  * copy of the keys and no reduction tree per key. q16 = 256 h + l (h its signed high byte, l
  * its unsigned low byte); vpdpbusd multiplies unsigned by signed bytes, so h.k is taken as
@@ -230,24 +218,36 @@ AVX512VNNI static inline __attribute__((always_inline)) void int8_tile_scores_t(
 /* Row r's weights (its softmax times each token's value scale, from the `scores`) as int16
  * in pairs (t, t+1) of `pairs`: weights[r * stride + j] holds tokens 2j (low) and 2j + 1
  * (high, 0 past length); w_scales[r] turns them back into floats and holds the softmax's
- * division, so each row takes three passes (maximum; e^x, sum and value scale; rounding). */
+ * division, so each row takes three passes (maximum; e^x, its sum, value scale and the
+ * weights' maximum; rounding). */
 AVX512VNNI static inline void int16_weights(float *scores, int64_t length, int group, const uint16_t *value_scales,
                                             uint16_t *weights, int64_t stride, float *w_scales) {
     for (int r = 0; r < group; r++) {
         float *restrict s = scores + r * length;
-        const float highest = max_of(s, length);
-        float total = 0.0f;
-        for (int64_t t = 0; t < length; t++) {
-            const float e = exp_nonpositive(s[t] - highest);
-            total += e;
-            s[t] = e * bf16_to_float(value_scales[t]);
+        const __m512 highest = _mm512_set1_ps(max_of(s, length));
+        __m512 total = _mm512_setzero_ps(), largest = _mm512_setzero_ps();
+        for (int64_t t = 0; t < length; t += 16) {
+            const __mmask16 live = lanes_before(t, length);
+            const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t),
+                                                                                     highest)));
+            const __m512 value_scale = _mm512_castsi512_ps(  /* bf16 to float: its bits, 16 places up */
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, value_scales + t)), 16));
+            const __m512 weight = _mm512_mul_ps(e, value_scale);
+            total = _mm512_add_ps(total, e);
+            largest = _mm512_max_ps(largest, weight);
+            _mm512_mask_storeu_ps(s + t, live, weight);
         }
-        const float largest = max_of(s, length);
-        const float scale = largest > 0.0f ? largest / 32767.0f : 1.0f, inverse = 1.0f / scale;
+        const float top = _mm512_reduce_max_ps(largest);
+        const float scale = top > 0.0f ? top / 32767.0f : 1.0f;
+        const __m512 inverse = _mm512_set1_ps(1.0f / scale);
         uint16_t *row = weights + 2 * r * stride;
-        for (int64_t t = 0; t < length; t++) row[t] = (uint16_t)(int16_t)rintf(s[t] * inverse);  /* <= 32767.5 */
+        for (int64_t t = 0; t < length; t += 16) {  /* rounded to nearest, as rintf: <= 32767 */
+            const __mmask16 live = lanes_before(t, length);
+            const __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, s + t), inverse));
+            _mm256_mask_storeu_epi16(row + t, live, _mm512_cvtepi32_epi16(rounded));
+        }
         row[length] = 0;  /* an odd last token pairs with a zero weight */
-        w_scales[r] = scale / total;
+        w_scales[r] = scale / _mm512_reduce_add_ps(total);
     }
 }
 
