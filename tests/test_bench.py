@@ -184,3 +184,16 @@ def test_bench_shapes_and_their_cache_markers():
     assert 134e6 < SMOLLM2_MODEL.params() < 135e6  # SmolLM2-135M: 134.5M parameters, embeddings tied
     # an untied spec's marker is what it was before `tied` existed, so cached checkpoints still match
     assert "tied" not in BENCH_MODEL.marker() and SMOLLM2_MODEL.marker()["tied"] is True
+
+
+def test_pipeline_rounds_take_the_median_and_start_one_count_later_each():
+    from glinthawk.bench.pipeline import _row, round_order
+    from glinthawk.bench.runs import RunResult
+
+    counts = ["auto", 1, 2, 4]
+    assert [round_order(counts, r)[0] for r in range(5)] == ["auto", 1, 2, 4, "auto"]
+    assert all(sorted(map(str, round_order(counts, r))) == sorted(map(str, counts)) for r in range(4))
+    runs = [RunResult(1.0, tokens, 8, extra={"micro_batches_used": used})
+            for tokens, used in ((100, 2), (300, 3), (200, 4))]
+    row = _row(3, 10, "auto", runs)
+    assert row["tok_s"] == 200 and row["rounds_tok_s"] == [100, 300, 200] and row["used"] == "2, 3, 4"

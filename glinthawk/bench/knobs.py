@@ -51,7 +51,8 @@ CAPACITY_QUICK = {"contexts": [32, 64, 128], "two_tier_batch": [8, 4, 2], "new_t
                   **CAPACITY_INT8_QUICK}
 
 PIPELINE = {"batch": 64, "prompt": 16, "new_tokens": 32, "stages": [1, 2, 3], "micro_batches": [1, 2, 4, 6],
-            "delay_ms": [0, 10], "tier2_nodes": 1, "max_batch_tokens": 2048}
+            "delay_ms": [0, 10], "tier2_nodes": 1, "max_batch_tokens": 2048,
+            "rounds": 1}  # > 1: every count that many times, in turn, each figure the median (11 min a round)
 PIPELINE_QUICK = {"batch": 8, "prompt": 8, "new_tokens": 4, "stages": [1, 2], "micro_batches": [2], "delay_ms": [10]}
 
 STRUCTURED = {"requests": 128, "max_tokens": 96, "max_batch_tokens": 2048}

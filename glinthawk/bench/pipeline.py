@@ -3,15 +3,19 @@ against the best one picked by hand.
 
 Each configuration is ``glinthawk run --stages S`` (LocalCluster: a Tier 1 process per
 stage, each with its own Tier 2 nodes), with and without injected delay; only the submit is
-timed. Every stage count runs once with the count Tier 1 measures (``node/pacing.py``) and
-once with each hand-picked count; the figure is the automatic run's throughput over the
-best hand-picked one's, from the same run. On a machine with fewer cores than processes
-the stages compete for them, so only ratios mean anything.
+timed. Every stage count runs with the count Tier 1 measures (``node/pacing.py``) and with
+each hand-picked count, ``rounds`` times in turn (each round starting one count later); each
+figure is the median of its rounds, and the figure is the automatic count's over the best
+hand-picked one's, from the same run. One round sets one sample of the automatic count
+against the best of four samples, which a host's run-to-run spread alone holds under 1. On a
+machine with fewer cores than processes the stages compete for them, so only ratios mean
+anything.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -31,19 +35,20 @@ def run(ctx: BenchContext) -> dict:
     lines = request_lines(token_prompts(batch, prompt, model.config.vocab_size, seed=4), new)
     kv_tokens = batch * (prompt + new)
     stage_counts = [s for s in knobs["stages"] if s <= model.config.num_layers]
+    counts = ["auto", *knobs["micro_batches"]]
     rows = []
     for delay in knobs["delay_ms"]:
         for stages in stage_counts:
-            for count in ["auto", *knobs["micro_batches"]]:
-                ctx.echo(f"  {stages} stage(s), {delay} ms delay, micro-batches {count}")
-                with tempfile.TemporaryDirectory(prefix="glinthawk-bench-pipeline-") as tmp:
-                    result = run_local_cluster(ctx.checkpoint(), lines, Path(tmp), dtype=ctx.dtype,
-                                               tier2_nodes=knobs["tier2_nodes"], kv_tokens=kv_tokens,
-                                               micro_batches=count, max_batch_tokens=knobs["max_batch_tokens"],
-                                               max_seqs=batch, delay_ms=delay, stages=stages)
-                rows.append({"stages": stages, "delay_ms": delay, "micro_batches": count,
-                             "micro_batches_used": result.extra["micro_batches_used"],
-                             "tok_s": result.tokens_per_s, "seconds": result.seconds})
+            runs: dict = {count: [] for count in counts}
+            for round_ in range(knobs["rounds"]):
+                for count in round_order(counts, round_):
+                    ctx.echo(f"  {stages} stage(s), {delay} ms delay, micro-batches {count}, round {round_ + 1}")
+                    with tempfile.TemporaryDirectory(prefix="glinthawk-bench-pipeline-") as tmp:
+                        runs[count].append(run_local_cluster(
+                            ctx.checkpoint(), lines, Path(tmp), dtype=ctx.dtype, tier2_nodes=knobs["tier2_nodes"],
+                            kv_tokens=kv_tokens, micro_batches=count, max_batch_tokens=knobs["max_batch_tokens"],
+                            max_seqs=batch, delay_ms=delay, stages=stages))
+            rows += [_row(stages, delay, count, results) for count, results in runs.items()]
     for row in rows:
         same = [r for r in rows if (r["stages"], r["delay_ms"]) == (row["stages"], row["delay_ms"])]
         best = max((r["tok_s"] for r in same if r["micro_batches"] != "auto"), default=None)
@@ -66,9 +71,25 @@ def run(ctx: BenchContext) -> dict:
                   "compete for them, so more stages cannot be faster here; compare counts within a stage count",
                   f"{knobs['tier2_nodes']} Tier 2 node(s) per stage"],
         "table": ([("stages", "stages"), ("delay_ms", "delay ms"), ("micro_batches", "micro-batches"),
-                   ("micro_batches_used", "used"), ("tok_s", "tok/s"), ("ratio_to_best_hand_picked", "vs best hand-picked"),
+                   ("used", "used"), ("tok_s", "tok/s"), ("ratio_to_best_hand_picked", "vs best hand-picked"),
                    ("ratio_to_one_stage", "vs 1 stage")], rows),
     }
+
+
+def round_order(counts: list, round_: int) -> list:
+    """The counts in the order round ``round_`` runs them: each round starts one later, so no
+    count always runs first (a host's load drifts within a round)."""
+    shift = round_ % len(counts)
+    return counts[shift:] + counts[:shift]
+
+
+def _row(stages: int, delay: float, count, results: list) -> dict:
+    """One configuration's figures: the median of its rounds' throughput, and each round's."""
+    return {"stages": stages, "delay_ms": delay, "micro_batches": count,
+            "micro_batches_used": [r.extra["micro_batches_used"] for r in results],
+            "used": ", ".join(str(r.extra["micro_batches_used"]) for r in results),
+            "tok_s": statistics.median(r.tokens_per_s for r in results),
+            "rounds_tok_s": [r.tokens_per_s for r in results], "seconds": [r.seconds for r in results]}
 
 
 def plot(result: dict, figure) -> None:

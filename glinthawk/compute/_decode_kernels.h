@@ -202,8 +202,8 @@ AVX512 static inline float exp_row(float *restrict s, int64_t length) {
     __m512 total = _mm512_setzero_ps();
     for (int64_t t = 0; t < length; t += 16) {
         const __mmask16 live = lanes_before(t, length);
-        const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t),
-                                                                                 highest)));
+        const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t), highest);
+        const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive16(x));
         total = _mm512_add_ps(total, e);
         _mm512_mask_storeu_ps(s + t, live, e);
     }

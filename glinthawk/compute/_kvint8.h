@@ -228,8 +228,8 @@ AVX512VNNI static inline void int16_weights(float *scores, int64_t length, int g
         __m512 total = _mm512_setzero_ps(), largest = _mm512_setzero_ps();
         for (int64_t t = 0; t < length; t += 16) {
             const __mmask16 live = lanes_before(t, length);
-            const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t),
-                                                                                     highest)));
+            const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t), highest);
+            const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive16(x));
             const __m512 value_scale = _mm512_castsi512_ps(  /* bf16 to float: its bits, 16 places up */
                 _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, value_scales + t)), 16));
             const __m512 weight = _mm512_mul_ps(e, value_scale);
