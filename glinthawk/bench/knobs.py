@@ -52,14 +52,14 @@ CAPACITY_QUICK = {"contexts": [32, 64, 128], "two_tier_batch": [8, 4, 2], "new_t
 
 PIPELINE = {"batch": 64, "prompt": 16, "new_tokens": 32, "stages": [1, 2, 3], "micro_batches": [1, 2, 4, 6],
             "delay_ms": [0, 10], "tier2_nodes": 1, "max_batch_tokens": 2048,
-            "rounds": 1}  # > 1: every count that many times, in turn, each figure the median (11 min a round)
+            "rounds": 1}  # > 1: every count that many times, in turn, each figure the median
 PIPELINE_QUICK = {"batch": 8, "prompt": 8, "new_tokens": 4, "stages": [1, 2], "micro_batches": [2], "delay_ms": [10]}
 
 STRUCTURED = {"requests": 128, "max_tokens": 96, "max_batch_tokens": 2048}
 STRUCTURED_QUICK = {"requests": 128, "max_tokens": 64}
 
 PREFIX = {"requests": 512, "prefix": 1024, "suffix": 64, "new_tokens": 64, "max_seqs": 256, "max_batch_tokens": 2048,
-          "n": 8, "repeats": 2}  # each repeat runs every workload twice, 5-10 min where bf16 multiplies slowly
+          "n": 8, "repeats": 2}  # each repeat runs every workload twice: minutes where bf16 multiplies slowly
 PREFIX_QUICK = {"requests": 32, "prefix": 256, "suffix": 16, "new_tokens": 8, "max_seqs": 32}
 
 # What ``glinthawk bench --help`` lists and ``--set`` accepts, suite by suite.

@@ -173,9 +173,9 @@ AVX512 static inline float max_of(const float *s, int64_t length) {
     return _mm512_reduce_max_ps(lanes);
 }
 
-/* exp_nonpositive on 16 lanes, in fused multiply-adds: -std=c11 lets GCC contract none of
- * the scalar form's, and the exp loop was a sixth of the int8 kernel. Same polynomial, with
- * the two-part ln 2 kept apart (the scalar form's reassociation merges it). */
+/* exp_nonpositive on 16 lanes, in fused multiply-adds (-std=c11 lets GCC contract none of
+ * the scalar form's). Same polynomial, with the two-part ln 2 kept apart (the scalar form's
+ * reassociation merges it). */
 AVX512 static inline __m512 exp_nonpositive16(__m512 x) {
     const __m512 lowest = _mm512_set1_ps(-87.0f);
     const __mmask16 live = _mm512_cmp_ps_mask(x, lowest, _CMP_GE_OQ);  /* not NaN, not below -87 */
