@@ -9,7 +9,7 @@ sampled token at a filter's edge).
 from setuptools import Extension, setup
 
 # Included by the .c files (a change to one rebuilds them).
-HEADERS = ["_kernels.h", "_openmp.h", "_decode_kernels.h", "_kvint8.h", "_prefill.h"]
+HEADERS = ["_kernels.h", "_openmp.h", "_decode_kernels.h", "_kvint8.h", "_prefill.h", "_softmax16.h"]
 # Reassociation lets the sums vectorise; no -ffast-math, which would set flush-to-zero for
 # the whole process on some toolchains.
 FLAGS = ["-O3", "-std=c11", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
