@@ -59,6 +59,12 @@ static int int8_vnni_cpu_ok(void) {
            __builtin_cpu_supports("avx512vl");
 }
 
+/* Rows t..t+15's bf16 scales as float32 (a bf16's bits, 16 places up), 0 where not `live`. */
+AVX512VNNI static inline __m512 scale_lanes(const uint16_t *scales, int64_t t, __mmask16 live) {
+    const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, scales + t));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+}
+
 /* Lane j of the result = the sum of v[j]'s 16 int32 lanes (sum_each's tree, on integers). */
 AVX512VNNI static inline __m512i sum_each_epi32(const __m512i v[TILE]) {
     __m512i pairs[8], quads[4], halves[2];
@@ -100,8 +106,7 @@ AVX512VNNI static inline __attribute__((always_inline)) void int8_tile_scores(
         int64_t length) {
     const int dim = 32 * chunks;
     const __mmask16 live = (__mmask16)((1u << n) - 1);
-    const __m512 token_scales = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, key_scales + t0)), 16));
+    const __m512 token_scales = scale_lanes(key_scales, t0, live);
     for (int r = 0; r < group; r++) {
         __m512i qr[MAX_DIM / 32], dots[TILE];
         for (int c = 0; c < chunks; c++) qr[c] = _mm512_loadu_si512(q16 + r * dim + 32 * c);
@@ -204,8 +209,7 @@ AVX512VNNI static inline __attribute__((always_inline)) void int8_tile_scores_t(
             _mm512_storeu_si512(sum, b == 0 ? total : _mm512_add_epi32(_mm512_loadu_si512(sum), total));
         }
     }
-    const __m512 token_scales = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, key_scales + t0)), 16));
+    const __m512 token_scales = scale_lanes(key_scales, t0, live);
     for (int r = 0; r < group; r++) {
         const __m512i exact =
             _mm512_sub_epi32(_mm512_loadu_si512(sums + 16 * r), _mm512_set1_epi32(high_sums[r] * 32768));
@@ -228,11 +232,8 @@ AVX512VNNI static inline void int16_weights(float *scores, int64_t length, int g
         __m512 total = _mm512_setzero_ps(), largest = _mm512_setzero_ps();
         for (int64_t t = 0; t < length; t += 16) {
             const __mmask16 live = lanes_before(t, length);
-            const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t), highest);
-            const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive16(x));
-            const __m512 value_scale = _mm512_castsi512_ps(  /* bf16 to float: its bits, 16 places up */
-                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, value_scales + t)), 16));
-            const __m512 weight = _mm512_mul_ps(e, value_scale);
+            const __m512 e = exp_lanes(s, t, length, highest);
+            const __m512 weight = _mm512_mul_ps(e, scale_lanes(value_scales, t, live));
             total = _mm512_add_ps(total, e);
             largest = _mm512_max_ps(largest, weight);
             _mm512_mask_storeu_ps(s + t, live, weight);

@@ -41,16 +41,20 @@ AVX512 static inline __m512 exp_nonpositive16(__m512 x) {
     return _mm512_maskz_mul_ps(live, poly, two_n);
 }
 
+/* e^(s[t] - highest) of lanes t..t+15, 0 in those at or past `length`. */
+AVX512 static inline __m512 exp_lanes(const float *s, int64_t t, int64_t length, __m512 highest) {
+    const __mmask16 live = lanes_before(t, length);
+    return _mm512_maskz_mov_ps(live, exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t), highest)));
+}
+
 /* e^(s[t] - the row's largest) of t < length into s, and their sum. */
 AVX512 static inline float exp_row(float *restrict s, int64_t length) {
     const __m512 highest = _mm512_set1_ps(max_of(s, length));
     __m512 total = _mm512_setzero_ps();
     for (int64_t t = 0; t < length; t += 16) {
-        const __mmask16 live = lanes_before(t, length);
-        const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t), highest);
-        const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive16(x));
+        const __m512 e = exp_lanes(s, t, length, highest);
         total = _mm512_add_ps(total, e);
-        _mm512_mask_storeu_ps(s + t, live, e);
+        _mm512_mask_storeu_ps(s + t, lanes_before(t, length), e);
     }
     return _mm512_reduce_add_ps(total);
 }
