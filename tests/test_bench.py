@@ -196,4 +196,5 @@ def test_pipeline_rounds_take_the_median_and_start_one_count_later_each():
     runs = [RunResult(1.0, tokens, 8, extra={"micro_batches_used": used})
             for tokens, used in ((100, 2), (300, 3), (200, 4))]
     row = _row(3, 10, "auto", runs)
-    assert row["tok_s"] == 200 and row["rounds_tok_s"] == [100, 300, 200] and row["used"] == "2, 3, 4"
+    assert row["tok_s"] == 200 and row["rounds_tok_s"] == [100, 300, 200] and row["micro_batches_used"] == [2, 3, 4]
+    assert render_table([("micro_batches_used", "used")], [row]).splitlines()[-1].strip() == "2, 3, 4"

@@ -40,6 +40,8 @@ def fmt(value: Any) -> str:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):  # one figure a round or a point: "4, 3, 3"
+        return ", ".join(fmt(item) for item in value)
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
